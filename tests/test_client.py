@@ -1,0 +1,147 @@
+"""e2vd.client: transport and error mapping against a real Unix-socket HTTP server (unix_http_server),
+and the real daemon (`e2vd serve` with the tiny stand-in) for results end to end."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from e2vd import Client
+from e2vd.client import ClientError, DaemonTimeout, DaemonUnreachable, Recognition
+from unix_http_server import LABELS, TinyDaemon
+
+
+# -- transport, against the small server ------------------------------------------------------
+
+def test_recognize_sends_file_bytes_and_returns_typed_result(wav_file: Path) -> None:
+    with TinyDaemon() as d, Client(d.socket) as c:
+        r = c.recognize(wav_file)
+        assert isinstance(r, Recognition)
+        assert r.labels == LABELS and len(r.scores) == 9
+        assert r.top.label == "happy" and r.top.score == pytest.approx(0.84)
+        assert r.duration_s == wav_file.stat().st_size  # the server echoes the body length
+        assert r.embedding is None and r.model == "tiny-test"
+        assert r.timing_ms == {"queue": 0.1, "infer": 1.0}
+        assert r.ranked()[0].label == "happy"
+        method, path, query, _ = d.requests[-1]
+        assert (method, path, query) == ("POST", "/v1/recognize", {"granularity": "utterance", "embedding": "0"})
+
+
+def test_recognize_bytes_and_embedding_as_numpy(wav_bytes: bytes) -> None:
+    with TinyDaemon() as d, Client(d.socket) as c:
+        u = c.recognize(wav_bytes, embedding=True)
+        f = c.recognize(bytearray(wav_bytes), granularity="frame", embedding=True)
+    assert u.duration_s == len(wav_bytes)
+    assert isinstance(u.embedding, np.ndarray) and u.embedding.dtype == np.float32 and u.embedding.shape == (4,)
+    assert f.embedding.shape == (3, 4)
+    assert "embedding" in u.to_dict() and "embedding" not in u.to_dict(embedding=False)
+
+
+def test_calls_reuse_one_connection(wav_bytes: bytes) -> None:
+    with TinyDaemon() as d, Client(d.socket) as c:
+        c.health()
+        for _ in range(5):
+            c.recognize(wav_bytes)
+        c.status()
+        c.warmup(60)
+        assert d.connections == 1 and c.connections_opened == 1
+        assert len(d.requests) == 8
+
+
+def test_reconnects_when_daemon_closed_the_connection(wav_bytes: bytes) -> None:
+    with TinyDaemon(mode="close_after") as d, Client(d.socket) as c:
+        for _ in range(3):
+            assert c.recognize(wav_bytes).duration_s == len(wav_bytes)
+        # Each answer is followed by a silent close; every later call found the old connection dead.
+        assert d.connections == 3
+        assert [r[1] for r in d.requests] == ["/v1/recognize"] * 3  # nothing was sent twice to a live daemon
+
+
+def test_hangup_without_answer_retried_once_then_reported(wav_bytes: bytes) -> None:
+    with TinyDaemon(mode="hangup") as d, Client(d.socket) as c:
+        with pytest.raises(DaemonUnreachable, match="closed the connection without answering"):
+            c.recognize(wav_bytes)
+        assert len(d.requests) == 2  # idempotent: sent once more on a fresh connection, not more
+
+
+def test_non_idempotent_request_is_not_resent() -> None:
+    with TinyDaemon(mode="hangup") as d, Client(d.socket) as c:
+        with pytest.raises(DaemonUnreachable):
+            c._request("POST", "/v1/warmup", b"", idempotent=False)
+        assert len(d.requests) == 1
+
+
+def test_timeout_is_reported_as_daemon_timeout() -> None:
+    with TinyDaemon(mode="silent", silence_s=2.0) as d, Client(d.socket, timeout=0.3) as c:
+        with pytest.raises(DaemonTimeout, match="no answer .* within 0.3 s"):
+            c.health()
+
+
+def test_daemon_errors_become_client_errors() -> None:
+    with TinyDaemon() as d, Client(d.socket) as c:
+        with pytest.raises(ClientError) as bad:
+            c.recognize(b"not audio at all")
+        assert (bad.value.status, bad.value.code, bad.value.rejected) == (400, "bad_audio", True)
+        assert "cannot decode" in bad.value.message
+        with pytest.raises(ClientError) as busy:
+            c.recognize(b"busy")
+        assert (busy.value.status, busy.value.code, busy.value.retry_after) == (503, "busy", 1.0)
+        with pytest.raises(ClientError) as boom:
+            c.recognize(b"boom")
+        assert boom.value.code == "internal" and not boom.value.rejected
+        with pytest.raises(ClientError) as nf:
+            c._request("GET", "/nope", None, idempotent=True)
+        assert nf.value.status == 404
+        assert c.health() == {"status": "ready"}  # the connection is still usable
+        assert d.connections == 1
+
+
+def test_missing_socket_says_how_to_start_it() -> None:
+    path = os.path.join(tempfile.mkdtemp(prefix="e2vd-t-"), "none.sock")
+    with pytest.raises(DaemonUnreachable) as e:
+        Client(path).health()
+    assert "systemctl enable --now e2vd.socket" in str(e.value) and path in str(e.value)
+
+
+def test_refused_socket_says_nothing_listens() -> None:
+    path = os.path.join(tempfile.mkdtemp(prefix="e2vd-t-"), "dead.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)  # bound but never listening: connect() is refused, like a daemon that died
+    try:
+        with pytest.raises(DaemonUnreachable, match="nothing listens") as e:
+            Client(path).status()
+        assert "systemctl enable --now e2vd.socket" in str(e.value)
+    finally:
+        s.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")
+def test_permission_denied_names_the_group() -> None:
+    with TinyDaemon() as d:
+        os.chmod(d.socket, 0o660)
+        os.chmod(os.path.dirname(d.socket), 0o755)
+        code = ("import sys; sys.path.insert(0, sys.argv[2]); from e2vd.client import Client, DaemonUnreachable\n"
+                "try: Client(sys.argv[1]).health()\n"
+                "except DaemonUnreachable as e: print(e); sys.exit(3)\n")
+        root = str(Path(__file__).resolve().parent.parent)
+        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                               sys.executable, "-c", code, d.socket, root],
+                              capture_output=True, text=True, timeout=60)
+    if proc.returncode not in (3,) and "Permission denied" in proc.stderr and "python" in proc.stderr.lower():
+        pytest.skip(f"user nobody cannot run this interpreter here: {proc.stderr[-200:]}")
+    assert proc.returncode == 3, proc.stderr
+    assert "permission denied" in proc.stdout and "usermod -aG e2vd" in proc.stdout
+
+
+def test_default_socket_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("E2VD_SOCKET", "/tmp/somewhere.sock")
+    assert Client().socket == "/tmp/somewhere.sock"
+    monkeypatch.delenv("E2VD_SOCKET")
+    assert Client().socket == "/run/e2vd/e2vd.sock"
+    assert Client("/x.sock").socket == "/x.sock"
