@@ -1,0 +1,319 @@
+"""Audio bytes -> 16 kHz mono float32 samples, with limits and errors an operator can act on.
+
+`decode(data)` reads anything libsndfile reads (WAV, FLAC, OGG Vorbis/Opus, MP3, AIFF, ...) from
+memory — no temporary file, no ffmpeg, no torchaudio. `from_samples(samples, rate)` applies the
+same checks to an array the caller already holds. Both return an `Audio`.
+
+Channels are downmixed by averaging (funasr's own loader hands stereo to the model as
+interleaved samples, which doubles the duration and mixes channels sample by sample — wrong).
+
+Resampling: libsoxr through python-soxr, quality "HQ" (20-bit precision, passband to 91 % of
+Nyquist, linear phase), output length ceil(n * 16000 / rate). That is exactly what
+`librosa.resample(..., res_type="soxr_hq")` does, and librosa is what funasr itself falls back to
+when torchaudio is absent (as in this project, which must not install torchaudio): scores from
+e2vd therefore match funasr's own `AutoModel.generate` on the same mono non-16 kHz file.
+Emotion2vec's scores move with the resampler (its features come straight from the waveform),
+so the choice is pinned here and tested for equality with librosa. Measured on a 5 s speech-like
+clip (`python bench/resamplers.py`): soxr "VHQ" differs from "HQ" by < 7e-4 peak (RMS 0.1 % of
+the signal's); torchaudio's default windowed-sinc Resample (Hann, 6 zero crossings, rolloff
+0.99; what funasr uses when torchaudio is installed) and scipy's resample_poly differ by ~1e-2
+peak (RMS ~1.5 % of the signal's), mostly near the band edge.
+
+Limits and errors: every problem raises `AudioError(code, message)` (a ValueError) whose message
+names the problem and what to do. Codes: "bad_audio" (empty, not audio, truncated or damaged,
+NaN/inf samples, no samples, sample rate below 4 kHz), "too_short" (< 25 ms: emotion2vec's
+convolutional front end needs 400 samples at 16 kHz to produce one frame), "too_long" (more
+than `max_seconds`; checked from the header before decoding when the header states a length,
+and enforced again while decoding, so a lying header cannot make us decode more).
+Truncation: libsndfile silently accepts a WAV whose data chunk is shorter than its header says
+and reads what is there, and reads a cut Ogg stream as 0 frames; both are detected here from the
+container itself. A cut FLAC fails inside libsndfile while decoding; a cut MP3 decodes fewer
+frames than its Xing/Info header states (tolerance: 2 MPEG frames or 2 %, since MP3 lengths
+without such a header are estimates).
+"""
+from __future__ import annotations
+
+import io
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+SAMPLE_RATE = 16000
+"""Output sample rate in Hz (emotion2vec's input rate)."""
+MIN_SECONDS = 0.025
+"""Shortest accepted audio in seconds (400 samples at 16 kHz: one frame of the conv front end)."""
+MIN_SOURCE_RATE = 4000
+"""Lowest accepted source sample rate in Hz (below telephone band speech is gone)."""
+RESAMPLE_QUALITY = "HQ"
+"""python-soxr quality recipe; "HQ" is librosa's default `soxr_hq`, see the module docstring."""
+ERROR_CODES = frozenset({"bad_audio", "too_long", "too_short"})
+
+_FORMATS = "a WAV, FLAC, OGG (Vorbis/Opus) or MP3 file"
+_CONVERT = "`ffmpeg -i INPUT -ac 1 -ar 16000 OUTPUT.wav`"
+_BLOCK_FRAMES = 1 << 16
+_MP3_FRAME = 1152
+
+
+class AudioError(ValueError):
+    """Audio that cannot be used; `.code` is one of ERROR_CODES, `.message` equals `str(err)`."""
+
+    def __init__(self, code: str, message: str) -> None:
+        if code not in ERROR_CODES:
+            raise ValueError(f"unknown audio error code {code!r}; expected one of {sorted(ERROR_CODES)}")
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Audio:
+    """Decoded audio ready for the model.
+
+    samples: float32, mono, 16 kHz, 1-D, C-contiguous.
+    duration_s: duration of the source audio in seconds (source frames / source rate).
+    source_rate: the source sample rate in Hz. source_channels: channels before downmixing.
+    """
+
+    samples: np.ndarray
+    duration_s: float
+    source_rate: int
+    source_channels: int
+
+
+def decode(data: bytes, max_seconds: float = 30.0) -> Audio:
+    """Decode an audio file held in memory (`bytes`, `bytearray` or `memoryview`).
+
+    Raises AudioError for empty, unreadable, truncated, non-finite, too short (< 25 ms) or too
+    long (> `max_seconds` seconds) audio. `max_seconds` must be positive (math.inf: no limit).
+    """
+    _check_limit(max_seconds)
+    data = bytes(data)
+    if not data:
+        raise AudioError("bad_audio", f"The audio is empty (0 bytes). Send the bytes of {_FORMATS}.")
+    kind = _container(data)
+    problem = _container_truncation(data, kind)
+    if problem:
+        raise AudioError("bad_audio", f"The {kind} file is truncated: {problem}. Send the complete file.")
+    try:
+        handle = sf.SoundFile(io.BytesIO(data))
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
+        raise AudioError("bad_audio", _unreadable(data, kind, err)) from None
+    with handle:
+        fmt = handle.format or kind
+        rate, channels, declared = int(handle.samplerate), int(handle.channels), int(handle.frames)
+        _check_rate(rate, f"The {fmt} file")
+        if declared > 0 and declared / rate > max_seconds:
+            raise AudioError("too_long", _too_long(declared / rate, max_seconds, "from its header"))
+        limit = math.floor(max_seconds * rate) + 1 if math.isfinite(max_seconds) else None
+        blocks: list[np.ndarray] = []
+        total = 0
+        while limit is None or total < limit:
+            want = _BLOCK_FRAMES if limit is None else min(_BLOCK_FRAMES, limit - total)
+            try:
+                block = handle.read(want, dtype="float32", always_2d=True)
+            except (sf.LibsndfileError, RuntimeError) as err:
+                where = f" after {total / rate:.3f} s" if total else ""
+                raise AudioError("bad_audio", (
+                    f"The {fmt} file is truncated or damaged: decoding failed{where} "
+                    f"({_lib_reason(err)}). Send the complete file, or re-encode it, "
+                    f"e.g. {_CONVERT}.")) from None
+            if len(block) == 0:
+                break
+            blocks.append(block)
+            total += len(block)
+    if limit is not None and total >= limit:
+        raise AudioError("too_long", _too_long(total / rate, max_seconds, "at least, while decoding"))
+    if declared > 0 and declared - total > _shortfall_tolerance(fmt, declared):
+        raise AudioError("bad_audio", (
+            f"The {fmt} file is truncated: its header announces {declared / rate:.3f} s but only "
+            f"{total / rate:.3f} s could be decoded. Send the complete file."))
+    frames = np.concatenate(blocks) if blocks else np.zeros((0, channels), dtype=np.float32)
+    return _finish(frames, rate, f"The {fmt} file")
+
+
+def from_samples(samples: np.ndarray, rate: int, max_seconds: float = 30.0) -> Audio:
+    """Check, downmix and resample samples already in memory, with the same errors as `decode`.
+
+    `samples` is 1-D (mono) or 2-D shaped (frames, channels) like soundfile returns. Floats are
+    taken as they are (full scale 1.0); integer samples are scaled to [-1, 1) by their dtype
+    (int8/int16/int32 signed, uint8 offset by 128). `rate` is the sample rate in Hz.
+    """
+    _check_limit(max_seconds)
+    what = "The samples"
+    arr = np.asarray(samples)
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    elif arr.ndim != 2:
+        raise AudioError("bad_audio", f"{what} have shape {arr.shape}; pass a 1-D array (mono) or "
+                                      f"a 2-D array shaped (frames, channels).")
+    if arr.shape[1] > 64:
+        raise AudioError("bad_audio", f"{what} have shape {arr.shape}, i.e. {arr.shape[1]} channels; "
+                                      f"pass (frames, channels) — transpose a (channels, frames) array.")
+    arr = _to_float32(arr, what)
+    if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)):
+        raise AudioError("bad_audio", f"The sample rate must be a whole number of Hz, got {rate!r}.")
+    rate = int(rate)
+    _check_rate(rate, what)
+    if len(arr) / rate > max_seconds:
+        raise AudioError("too_long", _too_long(len(arr) / rate, max_seconds, ""))
+    return _finish(arr, rate, what)
+
+
+def _finish(frames: np.ndarray, rate: int, what: str) -> Audio:
+    """Reject empty/short/non-finite audio, downmix (frames, channels) float32 and resample."""
+    n, channels = frames.shape
+    if n == 0:
+        raise AudioError("bad_audio", f"{what} holds no audio samples (0 frames). "
+                                      f"Send audio of at least {MIN_SECONDS * 1000:.0f} ms.")
+    duration = n / rate
+    if duration < MIN_SECONDS:
+        raise AudioError("too_short", (
+            f"{what} is {duration * 1000:.1f} ms long; at least {MIN_SECONDS * 1000:.0f} ms is "
+            f"needed. Send a longer recording."))
+    finite = np.isfinite(frames)
+    if not finite.all():
+        bad = np.flatnonzero(~finite.all(axis=1))
+        raise AudioError("bad_audio", (
+            f"{what} contains {int((~finite).sum())} NaN or infinite sample values (first at "
+            f"{bad[0] / rate:.3f} s). Fix or re-export the recording; a float WAV written from a "
+            f"failed computation is the usual cause."))
+    mono = frames[:, 0] if channels == 1 else frames.mean(axis=1, dtype=np.float32)
+    return Audio(samples=_resample(mono, rate), duration_s=duration,
+                 source_rate=rate, source_channels=channels)
+
+
+def _resample(mono: np.ndarray, rate: int) -> np.ndarray:
+    """Resample 1-D float32 to SAMPLE_RATE with soxr HQ; length ceil(n * 16000 / rate) like librosa."""
+    mono = np.ascontiguousarray(mono, dtype=np.float32)
+    if rate == SAMPLE_RATE:
+        return mono
+    out = soxr.resample(mono, rate, SAMPLE_RATE, quality=RESAMPLE_QUALITY)
+    size = math.ceil(len(mono) * SAMPLE_RATE / rate)
+    if len(out) < size:
+        out = np.pad(out, (0, size - len(out)))
+    return np.ascontiguousarray(out[:size], dtype=np.float32)
+
+
+def _to_float32(arr: np.ndarray, what: str) -> np.ndarray:
+    if arr.dtype.kind == "f":
+        return arr.astype(np.float32, copy=False)
+    if arr.dtype.kind == "i" and arr.dtype.itemsize in (1, 2, 4):
+        return (arr.astype(np.float32) / float(2 ** (8 * arr.dtype.itemsize - 1))).astype(np.float32)
+    if arr.dtype == np.uint8:
+        return ((arr.astype(np.float32) - 128.0) / 128.0).astype(np.float32)
+    raise AudioError("bad_audio", f"{what} have dtype {arr.dtype}; pass float32/float64 in [-1, 1] "
+                                  f"or int16/int32 PCM.")
+
+
+def _check_limit(max_seconds: float) -> None:
+    if not (isinstance(max_seconds, (int, float)) and max_seconds > 0):
+        raise ValueError(f"max_seconds must be a positive number of seconds, got {max_seconds!r}")
+
+
+def _check_rate(rate: int, what: str) -> None:
+    if rate < MIN_SOURCE_RATE:
+        raise AudioError("bad_audio", (
+            f"{what} has a sample rate of {rate} Hz; at least {MIN_SOURCE_RATE} Hz is needed for "
+            f"speech. Check how it was recorded or exported."))
+
+
+def _too_long(seconds: float, max_seconds: float, how: str) -> str:
+    how = f" ({how})" if how else ""
+    return (f"The audio is {seconds:.1f} s long{how}; the limit is {max_seconds:g} s (inference cost "
+            f"grows with the square of the length). Cut it into pieces of at most {max_seconds:g} s, "
+            f"e.g. `sox IN.wav OUT.wav trim 0 {max_seconds:g} : newfile : restart`, or raise max_seconds.")
+
+
+def _shortfall_tolerance(fmt: str, declared: int) -> int:
+    """Frames an MP3 may decode short of its announced length (lengths are estimates); 0 elsewhere."""
+    return max(2 * _MP3_FRAME, declared // 50) if fmt == "MP3" else 0
+
+
+def _container(data: bytes) -> str:
+    """A human name for the container, from its magic bytes ("audio" when unknown)."""
+    if data[:4] in (b"RIFF", b"RIFX", b"RF64"):
+        return "WAV"
+    if data[:4] == b"fLaC":
+        return "FLAC"
+    if data[:4] == b"OggS":
+        return "OGG"
+    if data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0):
+        return "MP3"
+    if data[:4] == b"FORM":
+        return "AIFF"
+    return "audio"
+
+
+def _container_truncation(data: bytes, kind: str) -> str | None:
+    """Why a WAV or Ogg container is cut short, or None. libsndfile accepts both silently."""
+    if kind == "WAV" and data[:4] == b"RIFF":
+        return _wav_truncation(data)
+    if kind == "OGG":
+        return _ogg_truncation(data)
+    return None
+
+
+def _wav_truncation(data: bytes) -> str | None:
+    if len(data) < 12:
+        return f"it ends after {len(data)} bytes, inside the RIFF header"
+    if data[8:12] != b"WAVE":
+        return None
+    offset = 12
+    while offset + 8 <= len(data):
+        chunk, size = data[offset:offset + 4], struct.unpack_from("<I", data, offset + 4)[0]
+        if chunk == b"data":
+            available = len(data) - offset - 8
+            if size != 0xFFFFFFFF and available < size:  # 0xFFFFFFFF: streamed, length unknown
+                return (f"its header announces {size} bytes of audio data but only {available} "
+                        f"bytes follow ({100 * available / size:.0f} %)")
+            return None
+        offset += 8 + size + (size & 1)
+    return f"it ends after {len(data)} bytes, before the audio data begins (no complete 'data' chunk)"
+
+
+def _ogg_truncation(data: bytes) -> str | None:
+    """Walk the Ogg pages: the last page must be complete and carry the end-of-stream flag."""
+    offset, last_flags = 0, None
+    while offset < len(data):
+        if data[offset:offset + 4] != b"OggS":
+            return None  # trailing junk or not a plain Ogg stream: leave the verdict to libsndfile
+        if offset + 27 > len(data):
+            return f"its last Ogg page header is cut off at byte {len(data)}"
+        segments = data[offset + 26]
+        if offset + 27 + segments > len(data):
+            return f"its last Ogg page header is cut off at byte {len(data)}"
+        body = sum(data[offset + 27:offset + 27 + segments])
+        end = offset + 27 + segments + body
+        if end > len(data):
+            return f"its last Ogg page needs {end - len(data)} more bytes"
+        last_flags, offset = data[offset + 5], end
+    if last_flags is not None and not last_flags & 0x04:
+        return "its last Ogg page is not marked end-of-stream (the file was cut at a page boundary)"
+    return None
+
+
+def _lib_reason(err: BaseException) -> str:
+    """libsndfile's own words, without soundfile's "Error opening <_io.BytesIO ...>:" prefix."""
+    text = (getattr(err, "error_string", None) or str(err)).strip().rstrip(".")
+    if text.startswith("Error : "):
+        text = text[len("Error : "):]
+    return "libsndfile: " + text
+
+
+def _unreadable(data: bytes, kind: str, err: BaseException) -> str:
+    reason = _lib_reason(err)
+    if kind != "audio":
+        return (f"The {kind} file cannot be decoded ({reason}); it is truncated or damaged. Send the "
+                f"complete file, or re-encode it, e.g. {_CONVERT}.")
+    if data[4:8] == b"ftyp":
+        found = "an MP4/M4A (AAC) file"
+    elif data[:4] == b"\x1aE\xdf\xa3":
+        found = "a WebM/Matroska file"
+    else:
+        found = f"not an audio file ({len(data)} bytes starting with {data[:12]!r})"
+    return (f"The data is {found}, which libsndfile cannot read ({reason}). Send {_FORMATS}; "
+            f"convert other formats first, e.g. {_CONVERT}.")

@@ -1,0 +1,256 @@
+"""e2vd.audio on real files written by soundfile: formats, downmix, resampling, every error path."""
+from __future__ import annotations
+
+import io
+import math
+import struct
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from conftest import speechlike
+from e2vd.audio import MIN_SECONDS, SAMPLE_RATE, Audio, AudioError, decode, from_samples
+
+
+def encode(seconds: float = 1.0, sr: int = 16000, channels: int = 1, fmt: str = "WAV",
+           subtype: str | None = None, data: np.ndarray | None = None, seed: int = 0) -> bytes:
+    """Bytes of a speech-like clip written by soundfile in memory."""
+    buf = io.BytesIO()
+    x = speechlike(seconds, sr, channels, seed) if data is None else data
+    sf.write(buf, x, sr, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
+def error(data: bytes, **kw) -> AudioError:
+    with pytest.raises(AudioError) as info:
+        decode(data, **kw)
+    err = info.value
+    assert str(err) == err.message
+    return err
+
+
+# --- formats --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt,subtype,tol", [
+    ("WAV", "PCM_16", 1e-4), ("WAV", "FLOAT", 0.0), ("FLAC", "PCM_24", 1e-6),
+    ("OGG", "VORBIS", None), ("OGG", "OPUS", None), ("MP3", "MPEG_LAYER_III", None),
+])
+def test_formats_decode_to_16k_mono(fmt, subtype, tol):
+    sr = 48000 if subtype == "OPUS" else 16000  # Opus only takes 8/12/16/24/48 kHz; test 48 kHz
+    src = speechlike(1.5, sr)
+    audio = decode(encode(data=src, sr=sr, fmt=fmt, subtype=subtype))
+    assert isinstance(audio, Audio)
+    assert audio.samples.dtype == np.float32 and audio.samples.ndim == 1
+    assert audio.samples.flags.c_contiguous
+    assert audio.source_rate == sr and audio.source_channels == 1
+    assert audio.duration_s == pytest.approx(1.5, abs=0.001)
+    assert len(audio.samples) == pytest.approx(1.5 * SAMPLE_RATE, abs=1)
+    if tol is not None:
+        np.testing.assert_allclose(audio.samples, src[:, 0], atol=tol)
+    else:  # lossy codecs: the decoded signal still correlates with the source
+        ref = from_samples(src, sr).samples
+        n = min(len(ref), len(audio.samples))
+        lag = int(np.argmax(np.correlate(audio.samples[:4000], ref[:2000], "valid")))
+        corr = np.corrcoef(audio.samples[lag:n], ref[:n - lag])[0, 1]
+        assert corr > 0.9, (fmt, subtype, lag, corr)
+
+
+def test_memoryview_and_bytearray_accepted(wav_bytes):
+    a = decode(wav_bytes)
+    np.testing.assert_array_equal(decode(bytearray(wav_bytes)).samples, a.samples)
+    np.testing.assert_array_equal(decode(memoryview(wav_bytes)).samples, a.samples)
+
+
+def test_fixture_file_is_2s_16k(wav_bytes):
+    audio = decode(wav_bytes)
+    assert audio.duration_s == 2.0 and len(audio.samples) == 32000
+
+
+# --- downmix and resampling -----------------------------------------------------------------------
+
+def test_stereo_is_averaged_not_interleaved():
+    left = speechlike(1.0, 16000, seed=1)[:, 0]
+    right = speechlike(1.0, 16000, seed=2)[:, 0] * 0.5
+    audio = decode(encode(data=np.stack([left, right], axis=1), fmt="WAV", subtype="FLOAT"))
+    assert audio.source_channels == 2 and len(audio.samples) == 16000
+    np.testing.assert_allclose(audio.samples, (left + right) / 2, atol=1e-7)
+
+
+def test_six_channels_downmixed():
+    audio = decode(encode(1.0, channels=6, fmt="FLAC"))
+    assert audio.source_channels == 6 and audio.samples.shape == (16000,)
+
+
+@pytest.mark.parametrize("sr", [8000, 22050, 44100, 48000])
+def test_resampling_equals_librosa_soxr_hq(sr):
+    """funasr without torchaudio resamples with librosa's default soxr_hq: e2vd must match it."""
+    librosa = pytest.importorskip("librosa")
+    data = encode(2.0, sr=sr, fmt="WAV", subtype="FLOAT")
+    audio = decode(data)
+    x, _ = sf.read(io.BytesIO(data), dtype="float32")
+    expected = librosa.resample(x, orig_sr=sr, target_sr=SAMPLE_RATE)
+    assert audio.samples.shape == expected.shape == (math.ceil(len(x) * SAMPLE_RATE / sr),)
+    np.testing.assert_allclose(audio.samples, expected, atol=1e-6)
+
+
+def test_resampling_keeps_a_tone_and_removes_aliases():
+    sr = 44100
+    t = np.arange(sr) / sr
+    tone = 0.5 * np.sin(2 * np.pi * 1000 * t) + 0.5 * np.sin(2 * np.pi * 12000 * t)  # 12 kHz > 8 kHz Nyquist
+    out = from_samples(tone.astype(np.float32), sr).samples
+    spectrum = np.abs(np.fft.rfft(out[2000:-2000] * np.hanning(len(out) - 4000)))
+    freqs = np.fft.rfftfreq(len(out) - 4000, 1 / SAMPLE_RATE)
+    peak = freqs[np.argmax(spectrum)]
+    assert abs(peak - 1000) < 5
+    alias = spectrum[np.abs(freqs - 4000) < 50].max()  # 12 kHz would fold to 4 kHz
+    assert alias < spectrum.max() * 1e-3
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+def test_empty_input():
+    err = error(b"")
+    assert err.code == "bad_audio" and "empty" in err.message and "WAV" in err.message
+
+
+@pytest.mark.parametrize("data", [
+    b"hello, this is plain text and not audio\n" * 50,
+    b"<html><body>502 Bad Gateway</body></html>",
+    b"\x00" * 4096,
+    np.random.default_rng(7).bytes(20000),
+    b"RIFX" + b"\x00" * 3,
+])
+def test_not_audio(data):
+    err = error(data)
+    assert err.code == "bad_audio"
+    assert "libsndfile" in err.message and "ffmpeg -i" in err.message  # how to convert, not "install"
+    assert "not installed" not in err.message and "BytesIO" not in err.message
+
+
+def test_m4a_is_named():
+    err = error(b"\x00\x00\x00\x20ftypM4A " + b"\x00" * 200)
+    assert err.code == "bad_audio" and "MP4/M4A" in err.message
+
+
+def test_wav_cut_mid_data_is_detected():
+    """libsndfile alone reads a cut WAV without complaint; e2vd checks the data chunk size."""
+    data = encode(2.0)
+    cut = data[: len(data) // 2]
+    assert sf.info(io.BytesIO(cut)).frames > 0  # the silent acceptance we guard against
+    err = error(cut)
+    assert err.code == "bad_audio" and "truncated" in err.message
+    assert "64000 bytes" in err.message and "complete file" in err.message
+
+
+def test_wav_cut_inside_header():
+    data = encode(1.0)
+    for n in (4, 11, 20, 40):
+        err = error(data[:n])
+        assert err.code == "bad_audio" and "truncated" in err.message, (n, err.message)
+
+
+def test_wav_with_trailing_chunk_and_streaming_size_accepted():
+    data = encode(1.0)
+    assert decode(data + b"LIST" + struct.pack("<I", 4) + b"INFO").duration_s == 1.0
+    i = data.index(b"data")
+    streamed = data[: i + 4] + struct.pack("<I", 0xFFFFFFFF) + data[i + 8:]
+    assert decode(streamed).duration_s == 1.0
+
+
+@pytest.mark.parametrize("fmt,subtype", [("FLAC", "PCM_16"), ("OGG", "VORBIS"), ("MP3", "MPEG_LAYER_III")])
+def test_compressed_cut_in_half_is_detected(fmt, subtype):
+    data = encode(3.0, fmt=fmt, subtype=subtype)
+    err = error(data[: len(data) // 2])
+    assert err.code == "bad_audio" and "truncated" in err.message, err.message
+
+
+def test_ogg_cut_at_page_boundary():
+    data = encode(3.0, fmt="OGG", subtype="VORBIS")
+    last = data.rindex(b"OggS")
+    err = error(data[:last])
+    assert err.code == "bad_audio" and "end-of-stream" in err.message
+
+
+def test_header_only_wav_has_no_samples():
+    err = error(encode(data=np.zeros((0, 1), np.float32)))
+    assert err.code == "bad_audio" and "no audio samples" in err.message
+
+
+def test_too_short():
+    ok = encode(data=speechlike(MIN_SECONDS, 16000))
+    assert len(decode(ok).samples) == 400
+    err = error(encode(data=speechlike(0.010, 16000)))
+    assert err.code == "too_short" and "10.0 ms" in err.message and "25 ms" in err.message
+    assert error(encode(data=speechlike(0.024, 44100), sr=44100)).code == "too_short"
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_samples(bad):
+    x = speechlike(1.0, 16000)
+    x[8000, 0] = bad
+    err = error(encode(data=x, fmt="WAV", subtype="FLOAT"))
+    assert err.code == "bad_audio" and "NaN or infinite" in err.message and "0.500 s" in err.message
+
+
+def test_too_long_from_header_and_limit_is_inclusive():
+    data = encode(3.0, sr=8000)
+    assert decode(data, max_seconds=3.0).duration_s == 3.0
+    err = error(data, max_seconds=2.5)
+    assert err.code == "too_long" and "3.0 s" in err.message and "2.5 s" in err.message
+    assert "header" in err.message and "max_seconds" in err.message
+
+
+def test_too_long_when_header_understates():
+    """A header that lies (or streams) cannot make decode read past the limit."""
+    data = encode(3.0, sr=8000)
+    i = data.index(b"data")
+    streamed = data[: i + 4] + struct.pack("<I", 0xFFFFFFFF) + data[i + 8:]
+    assert error(streamed, max_seconds=1.0).code == "too_long"
+
+
+def test_default_limit_is_30s():
+    assert error(encode(31.0, sr=8000)).code == "too_long"
+
+
+def test_sample_rate_too_low():
+    err = error(encode(1.0, sr=2000))
+    assert err.code == "bad_audio" and "2000 Hz" in err.message
+
+
+def test_bad_max_seconds_is_a_programming_error(wav_bytes):
+    with pytest.raises(ValueError):
+        decode(wav_bytes, max_seconds=0)
+
+
+def test_unknown_code_rejected():
+    with pytest.raises(ValueError):
+        AudioError("nope", "x")
+    assert isinstance(AudioError("too_long", "x"), ValueError)
+
+
+# --- from_samples ---------------------------------------------------------------------------------
+
+def test_from_samples_matches_decode():
+    x = speechlike(1.0, 22050, channels=2)
+    a = from_samples(x, 22050)
+    b = decode(encode(data=x, sr=22050, fmt="WAV", subtype="FLOAT"))
+    np.testing.assert_array_equal(a.samples, b.samples)
+    assert (a.duration_s, a.source_rate, a.source_channels) == (b.duration_s, 22050, 2)
+
+
+def test_from_samples_int16_scaled():
+    x = (speechlike(0.5, 16000)[:, 0] * 32767).astype(np.int16)
+    out = from_samples(x, 16000).samples
+    np.testing.assert_allclose(out, x / 32768.0, atol=1e-7)
+
+
+def test_from_samples_errors():
+    assert pytest.raises(AudioError, from_samples, np.zeros(100, np.float32), 16000).value.code == "too_short"
+    assert pytest.raises(AudioError, from_samples, np.zeros(0, np.float32), 16000).value.code == "bad_audio"
+    assert pytest.raises(AudioError, from_samples, np.full(1600, np.nan, np.float32), 16000).value.code == "bad_audio"
+    assert pytest.raises(AudioError, from_samples, np.zeros(16000 * 31, np.float32), 16000).value.code == "too_long"
+    transposed = pytest.raises(AudioError, from_samples, np.zeros((2, 16000), np.float32), 16000).value
+    assert "transpose" in transposed.message
+    assert pytest.raises(AudioError, from_samples, np.zeros(1600, np.float32), 16000.5).value.code == "bad_audio"
+    assert pytest.raises(AudioError, from_samples, np.zeros(1600, complex), 16000).value.code == "bad_audio"
