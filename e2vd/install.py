@@ -1,0 +1,282 @@
+"""`e2vd install` / `e2vd uninstall`: put e2vd's systemd units in place for this installation.
+
+The unit templates are the files in the repository's ``systemd/`` directory (installed as data
+files under ``<prefix>/share/e2vd/systemd`` by a wheel).  They name ``/usr/local/bin/e2vd``; the
+installer writes them with the ``e2vd`` of the Python running it, and when that Python or its
+venv lives under /root or /home (pyenv does), it swaps ``ProtectHome=yes`` for
+``ProtectHome=tmpfs`` plus ``BindReadOnlyPaths=`` of exactly those directories, because a
+``DynamicUser=`` service cannot otherwise reach them (203/EXEC).
+
+Install (idempotent): create the socket's group, write the four units, write a default
+/etc/e2vd/e2vd.toml when there is none (never overwrites), ``daemon-reload``, enable (and start,
+unless ``--no-start``) e2vd.socket and e2vd-warmup.timer.  Uninstall: stop and disable, remove
+the units; the config, the model cache and the group stay unless ``--purge``.
+"""
+from __future__ import annotations
+
+import argparse
+import grp
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+UNITS = ("e2vd.socket", "e2vd.service", "e2vd-warmup.service", "e2vd-warmup.timer")
+ENABLE = ("e2vd.socket", "e2vd-warmup.timer")
+TEMPLATE_COMMAND = "/usr/local/bin/e2vd"
+UNIT_DIR = "etc/systemd/system"
+CONFIG_PATH = "etc/e2vd/e2vd.toml"
+# StateDirectory=/CacheDirectory= of e2vd.service; with DynamicUser= the data lives in private/.
+DATA_DIRS = ("var/cache/e2vd", "var/cache/private/e2vd", "var/lib/e2vd", "var/lib/private/e2vd")
+# ProtectHome=yes hides these; anything the service must run from below them needs a bind.
+HOME_ROOTS = (Path("/root"), Path("/home"), Path("/run/user"))
+
+DEFAULT_CONFIG = """\
+# /etc/e2vd/e2vd.toml - settings of the e2vd daemon (written by `e2vd install`, never overwritten).
+# Every key may also be set as E2VD_<KEY> in the service's environment
+# (systemctl edit e2vd.service -> [Service] Environment=E2VD_IDLE_TIMEOUT=600).
+# The values shown are the defaults; uncomment a line to change it, then: systemctl restart e2vd
+#
+# Model: a ModelScope id (downloaded once into cache_dir) or an absolute local directory.
+# A local directory must be readable by the service's dynamic user and must not lie under
+# /root or /home (the service cannot see them).
+# model = "iic/emotion2vec_plus_large"
+# device = "auto"            # auto, cpu or cuda:N
+# dtype = "fp32"             # fp32, fp16 or bf16
+# min_free_mb = 2048         # auto only picks a GPU with this much free memory
+# busy_policy = "refuse"     # when no GPU has room: refuse or cpu
+#
+# Lifecycle (seconds): exit after idle_timeout with nothing to do; `e2vd warmup` may keep the
+# daemon warm for at most max_hold; a silent connection is closed after connection_timeout.
+# idle_timeout = 300
+# max_hold = 43200
+# connection_timeout = 30
+# drain_timeout = 60
+# unavailable_grace = 60
+#
+# Requests
+# max_seconds = 30           # longest audio accepted
+# max_body_bytes = 50000000
+# queue_size = 64
+# max_batch = 8
+#
+# cache_dir = "/var/cache/e2vd"
+# log_level = "INFO"
+"""
+
+
+class InstallError(RuntimeError):
+    """Installing or uninstalling failed; the message says what and what to do."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this installation lives: how to run `e2vd` and what a sandboxed unit must see."""
+
+    command: str                                  # absolute path of the `e2vd` script, or "python -m e2vd"
+    read_only_paths: tuple[Path, ...] = field(default=())   # under /root or /home, to bind read-only
+    pythonpath: str | None = None                 # a source checkout that pip never installed
+
+    @classmethod
+    def detect(cls, executable: str | None = None) -> "Layout":
+        """The layout of the Python running this code (or of `executable`, a venv's python)."""
+        exe = Path(executable or sys.executable)
+        script = exe.parent / "e2vd"
+        command = str(script) if os.access(script, os.X_OK) else f"{exe} -m e2vd"
+        import e2vd
+
+        package = Path(e2vd.__file__).resolve().parent
+        needed = [Path(sys.prefix), Path(sys.base_prefix), exe.parent.parent, exe.resolve().parent.parent, package]
+        # Run from a checkout without `pip install`: the service (cwd /) must be told where e2vd is.
+        found = subprocess.run([str(exe), "-c", "import e2vd"], cwd="/", capture_output=True,
+                               env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}).returncode == 0
+        return cls(command, _outermost([p.resolve() for p in needed if _under_home(p.resolve())]),
+                   None if found else str(package.parent))
+
+
+def _under_home(path: Path) -> bool:
+    return any(path == h or h in path.parents for h in HOME_ROOTS)
+
+
+def _outermost(paths: list[Path]) -> tuple[Path, ...]:
+    """`paths` without duplicates and without those inside another one, sorted."""
+    unique = sorted(set(paths))
+    return tuple(p for p in unique if not any(q != p and q in p.parents for q in unique))
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the operator chose on the command line."""
+
+    group: str = "e2vd"
+    warmup_calendar: str = "Mon..Fri 08:55"
+    warmup_until: str = "18:00"
+
+
+def template_dir() -> Path:
+    """The directory holding the unit templates: the source tree's systemd/, else the wheel's data."""
+    for d in (Path(__file__).resolve().parent.parent / "systemd", Path(sys.prefix) / "share" / "e2vd" / "systemd"):
+        if all((d / u).is_file() for u in UNITS):
+            return d
+    raise InstallError("the unit templates (e2vd.socket, e2vd.service, ...) are not installed; "
+                       "reinstall e2vd (pip install e2vd) or run from a source checkout")
+
+
+def _set_key(text: str, key: str, value: str, unit: str) -> str:
+    """Replace the single `key=...` line of a unit's text (the template must have exactly one)."""
+    pattern = re.compile(rf"^{re.escape(key)}=.*$", re.M)
+    if len(pattern.findall(text)) != 1:
+        raise InstallError(f"template {unit} must have exactly one {key}= line; the systemd/ files are damaged")
+    return pattern.sub(lambda _m: f"{key}={value}", text)
+
+
+def validate(options: Options) -> None:
+    """Raise InstallError naming the bad option and the fix."""
+    if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,30}", options.group):
+        raise InstallError(f"--group {options.group!r} is not a valid group name (lower case, digits, _ and -)")
+    m = re.fullmatch(r"(\d{1,2}):(\d{2})", options.warmup_until)
+    if not m or int(m[1]) > 23 or int(m[2]) > 59:
+        raise InstallError(f"--warmup-until {options.warmup_until!r} is not a time of day; use HH:MM, e.g. 18:00")
+    if shutil.which("systemd-analyze"):
+        cp = subprocess.run(["systemd-analyze", "calendar", options.warmup_calendar], capture_output=True, text=True)
+        if cp.returncode != 0:
+            raise InstallError(f"--warmup-calendar {options.warmup_calendar!r} is not a systemd calendar "
+                               f"expression ({cp.stderr.strip()}); see `man systemd.time`, e.g. 'Mon..Fri 08:55'")
+
+
+def render_units(layout: Layout, options: Options, templates: Path | None = None) -> dict[str, str]:
+    """The four unit files' text for this layout and these options, keyed by unit name."""
+    d = templates or template_dir()
+    units = {u: (d / u).read_text() for u in UNITS}
+    for name in ("e2vd.service", "e2vd-warmup.service"):
+        text = units[name].replace(f"ExecStart={TEMPLATE_COMMAND} ", f"ExecStart={layout.command} ")
+        if layout.read_only_paths:
+            binds = " ".join(str(p) for p in layout.read_only_paths)
+            text = _set_key(text, "ProtectHome", "tmpfs", name)
+            text = text.replace("ProtectHome=tmpfs\n", "ProtectHome=tmpfs\n# this installation's Python lives "
+                                "below a home directory: make exactly that visible\n"
+                                f"BindReadOnlyPaths={binds}\n")
+        if layout.pythonpath:
+            text = text.replace("\nExecStart=", f"\nEnvironment=PYTHONPATH={layout.pythonpath}\nExecStart=", 1)
+        units[name] = text
+    units["e2vd-warmup.service"] = re.sub(r" --until \S+$", f" --until {options.warmup_until}",
+                                          units["e2vd-warmup.service"], count=1, flags=re.M)
+    units["e2vd-warmup.service"] = _set_key(units["e2vd-warmup.service"], "SupplementaryGroups",
+                                            options.group, "e2vd-warmup.service")
+    units["e2vd.socket"] = _set_key(units["e2vd.socket"], "SocketGroup", options.group, "e2vd.socket")
+    units["e2vd-warmup.timer"] = _set_key(units["e2vd-warmup.timer"], "OnCalendar", options.warmup_calendar,
+                                          "e2vd-warmup.timer")
+    return units
+
+
+def _write(path: Path, text: str, mode: int = 0o644) -> bool:
+    """Write `text` to `path` if it differs; return whether it changed."""
+    if path.is_file() and path.read_text() == text:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".e2vd-tmp")
+    tmp.write_text(text)
+    tmp.chmod(mode)
+    tmp.replace(path)
+    return True
+
+
+def _run(argv: list[str]) -> None:
+    cp = subprocess.run(argv, capture_output=True, text=True)
+    if cp.returncode != 0:
+        raise InstallError(f"`{' '.join(argv)}` failed (exit {cp.returncode}): {cp.stderr.strip()}")
+
+
+def _group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+def install(options: Options, *, start: bool = True, root: Path = Path("/"), layout: Layout | None = None,
+            say=print) -> None:
+    """Install the units (see the module docstring).  With `root` other than /, only files are
+    written (an offline image: `systemctl --root` enables, no group, nothing started)."""
+    validate(options)
+    layout = layout or Layout.detect()
+    live = root == Path("/")
+    if live and not _group_exists(options.group):
+        _run(["groupadd", "--system", options.group])
+        say(f"created system group {options.group} (members may use the socket: usermod -aG {options.group} USER)")
+    for name, text in render_units(layout, options).items():
+        path = root / UNIT_DIR / name
+        say(f"{'wrote' if _write(path, text) else 'unchanged'} {path}")
+    config = root / CONFIG_PATH
+    if config.exists():
+        say(f"kept existing {config}")
+    else:
+        _write(config, DEFAULT_CONFIG)
+        say(f"wrote default {config}")
+    if not live:
+        _run(["systemctl", f"--root={root}", "enable", *ENABLE])
+        say(f"enabled {', '.join(ENABLE)} in {root}")
+        return
+    _run(["systemctl", "daemon-reload"])
+    _run(["systemctl", "enable", *(["--now"] if start else []), *ENABLE])
+    say(f"enabled{' and started' if start else ''} {', '.join(ENABLE)}")
+    if layout.read_only_paths:
+        say(f"note: the units bind {', '.join(map(str, layout.read_only_paths))} read-only (Python lives there)")
+
+
+def uninstall(*, purge: bool = False, root: Path = Path("/"), say=print) -> None:
+    """Stop, disable and remove the units; with `purge` also the config, the model cache and the group."""
+    live = root == Path("/")
+    socket_unit = root / UNIT_DIR / "e2vd.socket"
+    group = Options.group   # the group of the installed socket, or the default after a plain uninstall
+    if socket_unit.is_file():
+        m = re.search(r"^SocketGroup=(\S+)$", socket_unit.read_text(), re.M)
+        group = m[1] if m else group
+    if live:
+        subprocess.run(["systemctl", "disable", "--now", *ENABLE], capture_output=True)
+        subprocess.run(["systemctl", "stop", "e2vd.service", "e2vd-warmup.service"], capture_output=True)
+    else:
+        subprocess.run(["systemctl", f"--root={root}", "disable", *ENABLE], capture_output=True)
+    for name in UNITS:
+        path = root / UNIT_DIR / name
+        if path.exists():
+            path.unlink()
+            say(f"removed {path}")
+    if live:
+        _run(["systemctl", "daemon-reload"])
+        subprocess.run(["systemctl", "reset-failed", *UNITS], capture_output=True)
+    if not purge:
+        say(f"kept {root / CONFIG_PATH} and the model cache {root / 'var/cache/e2vd'} (--purge removes them)")
+        return
+    for rel in ("etc/e2vd", *DATA_DIRS):
+        path = root / rel
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+            say(f"removed {path}")
+        elif path.is_dir():
+            shutil.rmtree(path)
+            say(f"removed {path}")
+    if live and _group_exists(group):
+        _run(["groupdel", group])
+        say(f"removed group {group}")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of `e2vd install` and `e2vd uninstall` (args from e2vd.cli's parser)."""
+    if os.geteuid() != 0:
+        print(f"e2vd {args.command}: must run as root (it writes /etc/systemd/system and manages the "
+              f"e2vd group); try: sudo {sys.argv[0] if sys.argv else 'e2vd'} {args.command}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "install":
+            install(Options(args.group, args.warmup_calendar, args.warmup_until), start=not args.no_start)
+        else:
+            uninstall(purge=args.purge)
+    except InstallError as exc:
+        print(f"e2vd {args.command}: {exc}", file=sys.stderr)
+        return 2 if "--" in str(exc) else 1
+    return 0

@@ -1,0 +1,117 @@
+"""`e2vd install` / `e2vd uninstall`: offline into a scratch root (no root needed), and for real
+as root inside a throw-away systemd (tests/sdbox.py)."""
+from __future__ import annotations
+
+import os
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import sdbox
+from e2vd import install
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = str(Path(sys.executable))          # the venv's python, as the operator would run it
+ENV = {"PYTHONPATH": str(ROOT)}         # e2vd from this checkout (pip may not have installed it)
+
+
+def _install(root: Path, **opts: str) -> list[str]:
+    lines: list[str] = []
+    install.install(install.Options(**opts), root=root, say=lines.append)
+    return lines
+
+
+def test_offline_install_writes_units_config_and_enables(tmp_path: Path) -> None:
+    out = _install(tmp_path, group="speech", warmup_calendar="Mon..Sat 07:30", warmup_until="17:15")
+    units = tmp_path / "etc/systemd/system"
+    assert sorted(p.name for p in units.glob("e2vd*")) == sorted(install.UNITS)
+    assert "SocketGroup=speech" in (units / "e2vd.socket").read_text()
+    assert "OnCalendar=Mon..Sat 07:30" in (units / "e2vd-warmup.timer").read_text()
+    warm = (units / "e2vd-warmup.service").read_text()
+    assert "warmup --until 17:15\n" in warm and "SupplementaryGroups=speech" in warm
+    assert (units / "sockets.target.wants/e2vd.socket").is_symlink()
+    assert (units / "timers.target.wants/e2vd-warmup.timer").is_symlink()
+    assert tomllib.loads((tmp_path / "etc/e2vd/e2vd.toml").read_text()) == {}, "defaults are comments"
+    assert any(line.startswith("wrote default") for line in out)
+
+
+def test_install_is_idempotent_and_never_overwrites_the_config(tmp_path: Path) -> None:
+    _install(tmp_path)
+    config = tmp_path / "etc/e2vd/e2vd.toml"
+    config.write_text('model = "/srv/models/e2v"\n')
+    before = {p: p.read_bytes() for p in (tmp_path / "etc/systemd/system").rglob("*") if p.is_file()}
+    out = _install(tmp_path)
+    assert config.read_text() == 'model = "/srv/models/e2v"\n'
+    assert {p: p.read_bytes() for p in before} == before
+    assert [l for l in out if l.startswith(("wrote", "unchanged"))] == \
+        [f"unchanged {tmp_path}/etc/systemd/system/{u}" for u in install.UNITS]
+
+
+def test_uninstall_keeps_config_and_cache_unless_purge(tmp_path: Path) -> None:
+    _install(tmp_path)
+    cache = tmp_path / "var/cache/private/e2vd/models"
+    cache.mkdir(parents=True)
+    install.uninstall(root=tmp_path, say=lambda _l: None)
+    assert not list((tmp_path / "etc/systemd/system").rglob("e2vd*"))
+    assert (tmp_path / "etc/e2vd/e2vd.toml").exists() and cache.exists()
+    install.uninstall(root=tmp_path, purge=True, say=lambda _l: None)
+    assert not (tmp_path / "etc/e2vd").exists() and not cache.exists()
+
+
+@pytest.mark.parametrize("opts, named", [({"warmup_calendar": "Mon..Fri 25:99"}, "--warmup-calendar"),
+                                         ({"warmup_until": "6pm"}, "--warmup-until"),
+                                         ({"group": "Bad Group"}, "--group")])
+def test_bad_options_are_named(tmp_path: Path, opts: dict, named: str) -> None:
+    with pytest.raises(install.InstallError, match=named):
+        _install(tmp_path, **opts)
+    assert not (tmp_path / "etc").exists(), "nothing is written when an option is bad"
+
+
+def test_layout_binds_python_below_home_and_nothing_else() -> None:
+    layout = install.Layout.detect()
+    base = Path(sys.base_prefix).resolve()
+    if any(h == base or h in base.parents for h in install.HOME_ROOTS):
+        assert base in layout.read_only_paths
+    assert all(any(h == p or h in p.parents for h in install.HOME_ROOTS) for p in layout.read_only_paths)
+    units = install.render_units(layout, install.Options())
+    expected = "ProtectHome=tmpfs" if layout.read_only_paths else "ProtectHome=yes"
+    assert expected in units["e2vd.service"] and expected in units["e2vd-warmup.service"]
+
+
+# --------------------------------------------------------------- for real, in a box
+@pytest.fixture(scope="module")
+def box():
+    reason = sdbox.unavailable_reason()
+    if reason:
+        pytest.skip(f"no throw-away systemd: {reason}")
+    b = sdbox.Box.start(f"inst-{os.getpid()}")
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+@pytest.mark.systemd
+def test_install_and_uninstall_in_a_real_systemd(box: sdbox.Box) -> None:
+    e2vd = [PY, "-m", "e2vd"]
+    out = box.run(e2vd + ["install"], env=ENV).stdout
+    assert "created system group e2vd" in out
+    assert box.run(["systemctl", "is-active", "e2vd.socket", "e2vd-warmup.timer"]).stdout.split() == ["active"] * 2
+    assert box.run(["stat", "-c", "%a %U %G %F", "/run/e2vd/e2vd.sock"]).stdout.strip() == "660 root e2vd socket"
+    assert box.run(["systemctl", "is-active", "e2vd.service"], check=False).stdout.strip() == "inactive"
+    assert box.run(["systemctl", "is-enabled", "e2vd.socket"]).stdout.strip() == "enabled"
+
+    again = box.run(e2vd + ["install"], env=ENV).stdout
+    assert "created" not in again and again.count("unchanged") == 4 and "kept existing" in again
+
+    box.run(e2vd + ["uninstall"], env=ENV)
+    assert not box.root.joinpath("run/e2vd/e2vd.sock").exists()
+    assert box.run(["systemctl", "is-enabled", "e2vd.socket"], check=False).returncode != 0
+    assert box.root.joinpath("etc/e2vd/e2vd.toml").exists()
+    assert box.run(["getent", "group", "e2vd"], check=False).returncode == 0
+
+    box.run(e2vd + ["uninstall", "--purge"], env=ENV)
+    assert not box.root.joinpath("etc/e2vd").exists()
+    assert box.run(["getent", "group", "e2vd"], check=False).returncode == 2
