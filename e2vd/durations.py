@@ -65,7 +65,7 @@ def parse_clock(text: str) -> _dt.time:
         raise ValueError(f"bad time {text!r}: use 24-hour HH:MM, e.g. 18:00")
     hour, minute, second = int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
     if hour > 23 or minute > 59 or second > 59:
-        raise ValueError(f"bad time {text!r}: hours 0-23, minutes and seconds 0-59, e.g. 18:00")
+        raise ValueError(f"bad time {text!r}: use 24-hour HH:MM (hours 0-23, minutes 0-59), e.g. 18:00")
     return _dt.time(hour, minute, second)
 
 

@@ -1,0 +1,305 @@
+"""The `e2vd` command's client side (recognize, status, warmup): output, files written and exit codes,
+against a real Unix-socket HTTP server (unix_http_server) and, in test_cli_daemon.py, the real daemon."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import write_audio
+from e2vd import cli
+from e2vd.client import Recognition
+from e2vd.durations import format_duration, parse_clock, parse_duration, seconds_until
+from unix_http_server import LABELS, TinyDaemon
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def clips(tmp_path: Path) -> list[Path]:
+    return [write_audio(tmp_path / f"c{i}.wav", seconds=1.0 + i, seed=i) for i in range(3)]
+
+
+# -- pure helpers -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("30m", 1800), ("9h", 32400), ("1h30m", 5400),
+                                           ("2.5", 2.5), ("0", 0), ("1d", 86400), (" 45 s ", 45)])
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "abc", "9x", "-5", "30m1h", "1h1h", "nan", "inf", "h"])
+def test_parse_duration_rejects_with_example(text: str) -> None:
+    with pytest.raises(ValueError, match="e.g.|>= 0"):
+        parse_duration(text)
+
+
+def test_clock_and_seconds_until() -> None:
+    assert parse_clock("18:00") == dt.time(18, 0) and parse_clock("7:05:09") == dt.time(7, 5, 9)
+    for bad in ("24:00", "18:60", "6pm", "18"):
+        with pytest.raises(ValueError, match="HH:MM"):
+            parse_clock(bad)
+    tz = dt.timezone(dt.timedelta(hours=2))
+    now = dt.datetime(2026, 11, 25, 9, 0, 0, tzinfo=tz)
+    assert seconds_until(dt.time(18, 0), now) == 9 * 3600
+    assert seconds_until(dt.time(8, 0), now) == -3600
+    assert format_duration(32400) == "9 h 0 min" and format_duration(75) == "1 min 15 s"
+
+
+def test_seconds_until_across_dst_change() -> None:
+    zoneinfo = pytest.importorskip("zoneinfo")
+    try:
+        berlin = zoneinfo.ZoneInfo("Europe/Berlin")
+    except zoneinfo.ZoneInfoNotFoundError:
+        pytest.skip("no tz database here")
+    now = dt.datetime(2026, 3, 29, 1, 0, tzinfo=berlin)  # clocks jump 02:00 -> 03:00 this night
+    assert seconds_until(dt.time(4, 0), now) == 2 * 3600  # 3 wall-clock hours, 2 real ones
+
+
+def test_embedding_paths() -> None:
+    assert cli.embedding_paths("out.npy", ["a.wav"]) == [Path("out.npy")]
+    assert cli.embedding_paths("d/out", ["a.wav"]) == [Path("d/out.npy")]
+    assert cli.embedding_paths("out.npy", ["x/a.wav", "b.flac"]) == [Path("out-a.npy"), Path("out-b.npy")]
+    assert cli.embedding_paths("out.npy", ["x/a.wav", "y/a.wav"]) == [Path("out-1-a.npy"), Path("out-2-a.npy")]
+
+
+def test_table_lists_every_label_top_first() -> None:
+    scores = [0.05, 0.01, 0.02, 0.62, 0.2, 0.03, 0.04, 0.02, 0.01]
+    r = Recognition.from_json({"labels": LABELS, "scores": scores, "duration_s": 2.0, "model": "m",
+                               "model_labels": LABELS, "timing_ms": {"queue": 1.0, "infer": 9.0}})
+    text = cli.format_table("clip.wav", r)
+    lines = text.splitlines()
+    assert lines[0].startswith("clip.wav: happy 62.0%") and "2.00 s of audio" in lines[0] and "10 ms" in lines[0]
+    assert [ln.split()[0] for ln in lines[1:]] == ["happy", "neutral", "angry", "sad", "other",
+                                                   "fearful", "surprised", "disgusted", "unknown"]
+    assert "62.0% " + "\u2588" * 14 in lines[1]  # 0.62 * 24 = 14.9 blocks: 14 full + a part
+    assert "#" * 15 in cli.format_table("clip.wav", r, unicode=False)
+
+
+# A real `systemctl show` answer, captured from systemd 252 booted in a throw-away box (sdbox.sh).
+SHOW_SAMPLE = """MainPID=0
+StatusText=
+Result=success
+Id=e2vd.service
+LoadState=not-found
+ActiveState=inactive
+SubState=dead
+ActiveEnterTimestamp=
+
+Listen=/run/systemd/journal/socket (Datagram)
+Listen=/run/systemd/journal/stdout (Stream)
+Result=success
+Id=systemd-journald.socket
+LoadState=loaded
+ActiveState=active
+SubState=listening
+ActiveEnterTimestamp=Wed 2026-11-25 21:38:11 UTC
+"""
+
+
+def test_parse_systemctl_show() -> None:
+    units = cli.parse_systemctl_show(SHOW_SAMPLE)
+    assert set(units) == {"e2vd.service", "systemd-journald.socket"}
+    svc, sock = units["e2vd.service"], units["systemd-journald.socket"]
+    assert not svc.loaded and not svc.active and svc.get("MainPID") == "0"
+    assert sock.active and sock.listen == ["/run/systemd/journal/socket (Datagram)",
+                                           "/run/systemd/journal/stdout (Stream)"]
+    lines = cli._describe_units(units)
+    assert "not installed" in lines[0] and "sudo e2vd install" in lines[0]
+
+
+def test_describe_units_running_and_idle() -> None:
+    running = cli.parse_systemctl_show(
+        "Id=e2vd.service\nLoadState=loaded\nActiveState=active\nSubState=running\nMainPID=42\n"
+        "StatusText=ready: cpu, 3 requests served\nActiveEnterTimestamp=Wed 2026-11-25 09:00:00 UTC\n\n"
+        "Id=e2vd.socket\nLoadState=loaded\nActiveState=active\nSubState=running\nListen=/run/e2vd/e2vd.sock (Stream)\n")
+    text = "\n".join(cli._describe_units(running))
+    assert "e2vd.service: active (running), PID 42" in text and "3 requests served" in text
+    idle = cli.parse_systemctl_show(
+        "Id=e2vd.service\nLoadState=loaded\nActiveState=inactive\nSubState=dead\nResult=success\n\n"
+        "Id=e2vd.socket\nLoadState=loaded\nActiveState=active\nSubState=listening\nListen=/run/e2vd/e2vd.sock (Stream)\n")
+    text = "\n".join(cli._describe_units(idle))
+    assert "inactive (dead)" in text and "the next request starts the daemon" in text
+
+
+# -- recognize against the small server -------------------------------------------------------
+
+def test_recognize_table_for_several_files_over_one_connection(clips: list[Path], capsys) -> None:
+    with TinyDaemon() as d:
+        code, out, err = run(["recognize", *map(str, clips), "--socket", d.socket], capsys)
+        assert code == 0, err
+        assert d.connections == 1 and [r[1] for r in d.requests] == ["/v1/recognize"] * 3
+    for c in clips:
+        assert f"{c}: happy 84.0%" in out
+    assert out.count("neutral") == 3 and err == ""
+
+
+def test_recognize_json_lines(clips: list[Path], capsys) -> None:
+    with TinyDaemon() as d:
+        code, out, err = run(["recognize", str(clips[0]), str(clips[1]), "--json", "--socket", d.socket], capsys)
+    assert code == 0
+    docs = [json.loads(line) for line in out.splitlines()]
+    assert [doc["file"] for doc in docs] == [str(clips[0]), str(clips[1])]
+    assert docs[0]["labels"] == LABELS and docs[0]["top"]["label"] == "happy"
+    assert docs[1]["duration_s"] == clips[1].stat().st_size
+
+
+def test_recognize_embedding_files(clips: list[Path], tmp_path: Path, capsys) -> None:
+    with TinyDaemon() as d:
+        code, _, err = run(["recognize", str(clips[0]), "--embedding", str(tmp_path / "e.npy"),
+                            "--socket", d.socket], capsys)
+        assert code == 0 and np.load(tmp_path / "e.npy").shape == (4,)
+        assert "wrote embedding (4,)" in err
+        code, out, _ = run(["recognize", str(clips[0]), str(clips[1]), "--granularity", "frame", "--json",
+                            "--embedding", str(tmp_path / "f.npy"), "--socket", d.socket], capsys)
+    assert code == 0
+    for c in clips[:2]:
+        assert np.load(tmp_path / f"f-{c.stem}.npy").shape == (3, 4)
+    doc = json.loads(out.splitlines()[0])
+    assert doc["embedding_file"] == str(tmp_path / f"f-{clips[0].stem}.npy") and "embedding" not in doc
+
+
+def test_recognize_rejected_file_exit_4_others_still_done(clips: list[Path], tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"not audio, just text")
+    with TinyDaemon() as d:
+        code, out, err = run(["recognize", str(clips[0]), str(bad), str(clips[1]), "--socket", d.socket], capsys)
+    assert code == cli.EXIT_REJECTED
+    assert f"{bad}: cannot decode" in err and "bad_audio, HTTP 400" in err and "libsndfile" in err
+    assert f"{clips[0]}: happy" in out and f"{clips[1]}: happy" in out
+
+
+def test_recognize_server_error_exit_5(tmp_path: Path, capsys) -> None:
+    boom = tmp_path / "boom.wav"
+    boom.write_bytes(b"boom")
+    with TinyDaemon() as d:
+        code, _, err = run(["recognize", str(boom), "--json", "--socket", d.socket], capsys)
+    assert code == cli.EXIT_SERVER and "journalctl -u e2vd" in err
+
+
+def test_recognize_missing_file_exit_2_sends_nothing(clips: list[Path], tmp_path: Path, capsys) -> None:
+    with TinyDaemon() as d:
+        code, out, err = run(["recognize", str(clips[0]), str(tmp_path / "nope.wav"), str(tmp_path),
+                              "--socket", d.socket], capsys)
+        assert d.connections == 0
+    assert code == cli.EXIT_USAGE and out == ""
+    assert "nope.wav: no such file" in err and "is a directory" in err and "nothing was sent" in err
+
+
+def test_recognize_unreachable_exit_3_with_fix(clips: list[Path], capsys) -> None:
+    path = os.path.join(tempfile.mkdtemp(prefix="e2vd-t-"), "none.sock")
+    code, out, err = run(["recognize", str(clips[0]), "--socket", path], capsys)
+    assert code == cli.EXIT_UNREACHABLE and out == ""
+    assert path in err and "systemctl enable --now e2vd.socket" in err
+
+
+def test_recognize_via_environment_socket_in_subprocess(clips: list[Path]) -> None:
+    """The real entry point (`python -m e2vd`), socket from $E2VD_SOCKET, output on a pipe."""
+    with TinyDaemon() as d:
+        env = {**os.environ, "E2VD_SOCKET": d.socket}
+        proc = subprocess.run([sys.executable, "-m", "e2vd", "recognize", str(clips[0])], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{clips[0]}: happy 84.0%" in proc.stdout and proc.stderr == ""  # no progress line on a pipe
+
+
+# -- waking indicator -------------------------------------------------------------------------
+
+def test_waking_line_only_on_a_terminal() -> None:
+    master, slave = os.openpty()
+    tty = os.fdopen(slave, "w")
+    try:
+        with cli.Waking("waking the e2vd daemon", stream=tty, delay=0.0):
+            time.sleep(0.35)
+        tty.close()
+        shown = b""
+        while True:  # a pty hands data over asynchronously: read until the closed end reports EIO
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        if not tty.closed:
+            tty.close()
+        os.close(master)
+    shown = shown.decode()
+    assert "waking the e2vd daemon" in shown and shown.endswith("\r\x1b[K")
+    r, w = os.pipe()
+    with os.fdopen(w, "w") as pipe:
+        with cli.Waking("waking", stream=pipe, delay=0.0) as waking:
+            assert not waking.enabled
+            time.sleep(0.2)
+    with os.fdopen(r) as f:
+        assert f.read() == ""
+
+
+# -- status and warmup against the small server -----------------------------------------------
+
+def test_status_with_socket_asks_that_daemon(capsys) -> None:
+    with TinyDaemon() as d:
+        code, out, _ = run(["status", "--socket", d.socket], capsys)
+        assert code == 0 and f"daemon on {d.socket}:" in out
+        assert "model: tiny-test" in out and "memory.param_bytes: 1.0 MiB" in out
+        code, out, _ = run(["status", "--socket", d.socket, "--json"], capsys)
+        doc = json.loads(out)
+        assert doc["daemon"]["status"]["model"] == "tiny-test" and "systemd" in doc
+        assert [r[1] for r in d.requests] == ["/v1/status", "/v1/status"]
+
+
+def test_status_never_connects_without_systemd_or_socket(capsys) -> None:
+    units = cli.systemd_units()
+    if not isinstance(units, str):
+        pytest.skip("systemd runs here; the sdbox tests cover status with systemd")
+    code, out, _ = run(["status"], capsys)
+    assert code == cli.EXIT_UNREACHABLE
+    assert "systemd: not available" in out and "--socket PATH" in out
+
+
+def test_status_socket_unreachable_exit_3(capsys) -> None:
+    path = os.path.join(tempfile.mkdtemp(prefix="e2vd-t-"), "none.sock")
+    code, out, _ = run(["status", "--socket", path], capsys)
+    assert code == cli.EXIT_UNREACHABLE and "unreachable" in out and "systemctl enable --now e2vd.socket" in out
+
+
+def test_warmup_hold_and_until(capsys) -> None:
+    with TinyDaemon() as d:
+        code, out, _ = run(["warmup", "--hold", "9h", "--socket", d.socket], capsys)
+        assert code == 0 and "e2vd is warm" in out and "9 h 0 min" in out
+        assert d.requests[-1][:3] == ("POST", "/v1/warmup", {"hold": "32400"})
+        code, out, _ = run(["warmup", "--socket", d.socket], capsys)
+        assert code == 0 and d.requests[-1][2] == {}
+        in_a_while = (dt.datetime.now() + dt.timedelta(minutes=2)).strftime("%H:%M")
+        if in_a_while > dt.datetime.now().strftime("%H:%M"):  # not across midnight
+            code, out, _ = run(["warmup", "--until", in_a_while, "--socket", d.socket], capsys)
+            assert code == 0
+            assert 60 <= float(d.requests[-1][2]["hold"]) <= 120
+        n = len(d.requests)
+        earlier = (dt.datetime.now() - dt.timedelta(minutes=2)).strftime("%H:%M")
+        if earlier < dt.datetime.now().strftime("%H:%M"):
+            code, _, err = run(["warmup", "--until", earlier, "--socket", d.socket], capsys)
+            assert code == 0 and "already passed today" in err and len(d.requests) == n
+        code, _, err = run(["warmup", "--hold", "9x", "--socket", d.socket], capsys)
+        assert code == cli.EXIT_USAGE and "bad duration '9x'" in err and len(d.requests) == n
+
+
+def test_warmup_unreachable_exit_3(capsys) -> None:
+    path = os.path.join(tempfile.mkdtemp(prefix="e2vd-t-"), "none.sock")
+    code, _, err = run(["warmup", "--hold", "1m", "--socket", path], capsys)
+    assert code == cli.EXIT_UNREACHABLE and "systemctl enable --now e2vd.socket" in err
