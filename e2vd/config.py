@@ -1,0 +1,279 @@
+"""Daemon settings: defaults < config file < E2VD_* environment < overrides (command-line flags).
+
+The config file is TOML with flat keys (the field names of `Settings`), read from, in order of
+preference: the `config_path` argument (`e2vd serve --config`), `$E2VD_CONFIG`, or
+`/etc/e2vd/e2vd.toml`. A missing default file is fine (defaults apply); a missing file that was
+named explicitly is an error. Example:
+
+    model = "/srv/models/emotion2vec_plus_large"
+    device = "cuda:1"
+    idle_timeout = "10m"      # or 600
+    busy_policy = "cpu"
+
+Every key can also be set as `E2VD_<KEY>` in the environment (E2VD_IDLE_TIMEOUT=600,
+E2VD_QUANTIZE=yes); an empty value counts as unset. Overrides are a mapping from key to value,
+where None means "not given" (argparse's default) and strings are parsed like environment values.
+
+Value forms: durations (idle_timeout, max_hold, connection_timeout, drain_timeout,
+unavailable_grace) are seconds as a number, or a string like "90s", "30m", "9h", "1h30m";
+booleans are true/false (TOML) or 1/0, true/false, yes/no, on/off (environment); log_level is
+DEBUG, INFO, WARNING, ERROR or CRITICAL in any case (stored upper-case).
+
+Every problem raises ConfigError at start, naming where the value came from (the file and key,
+the environment variable, or the command-line option) and what is accepted. Unknown keys are
+errors too (with a "did you mean" hint), so a typo cannot silently leave a default in force.
+Environment variables starting with E2VD_ that are not settings are errors as well, except
+E2VD_CONFIG and the harness variables E2VD_SDBOX_*, E2VD_TEST_* and E2VD_BENCH_*.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from e2vd.durations import parse_duration
+
+DEFAULT_CONFIG_PATH = "/etc/e2vd/e2vd.toml"
+CONFIG_ENV = "E2VD_CONFIG"
+ENV_PREFIX = "E2VD_"
+IGNORED_ENV_PREFIXES = ("E2VD_SDBOX_", "E2VD_TEST_", "E2VD_BENCH_")
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+DTYPES = ("fp32", "fp16", "bf16")
+BUSY_POLICIES = ("refuse", "cpu")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DURATION_KEYS = frozenset({"idle_timeout", "max_hold", "connection_timeout", "drain_timeout",
+                           "unavailable_grace"})
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names its source and the accepted values."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the daemon can be configured with. Times are in seconds, sizes in bytes/MB."""
+
+    socket: str = "/run/e2vd/e2vd.sock"          # Unix socket path when not socket-activated
+    model: str = "iic/emotion2vec_plus_large"    # ModelScope id or absolute model directory
+    device: str = "auto"                         # auto | cpu | cuda | cuda:N
+    dtype: str = "fp32"                          # fp32 | fp16 | bf16 (half types on GPU only)
+    quantize: bool = False                       # INT8 dynamic quantization (CPU)
+    min_free_mb: int = 2048                      # GPU free memory needed to use it, MB
+    busy_policy: str = "refuse"                  # GPU below min_free_mb: refuse | cpu
+    idle_timeout: float = 300.0                  # exit after this long with nothing to do
+    max_hold: float = 43200.0                    # cap on a warmup's keep-warm hold
+    max_seconds: float = 30.0                    # longest audio accepted
+    max_body_bytes: int = 50_000_000             # largest request body accepted
+    queue_size: int = 64                         # requests waiting for the worker, then 503 busy
+    max_batch: int = 8                           # clips per inference batch
+    connection_timeout: float = 30.0             # a silent connection is closed after this
+    drain_timeout: float = 60.0                  # SIGTERM: time to finish in-flight work
+    unavailable_grace: float = 60.0              # model failed to load: answer 503 this long, then exit
+    cache_dir: str = "/var/cache/e2vd"           # model download cache
+    log_level: str = "INFO"                      # DEBUG | INFO | WARNING | ERROR | CRITICAL
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def env_name(key: str) -> str:
+    """The environment variable for a setting: `idle_timeout` -> `E2VD_IDLE_TIMEOUT`."""
+    return ENV_PREFIX + key.upper()
+
+
+def config_file_path(config_path: str | None = None, env: Mapping[str, str] | None = None) -> tuple[str, bool]:
+    """The config file to read and whether it was named explicitly (argument or $E2VD_CONFIG)."""
+    env = os.environ if env is None else env
+    if config_path:
+        return str(config_path), True
+    if env.get(CONFIG_ENV):
+        return env[CONFIG_ENV], True
+    return DEFAULT_CONFIG_PATH, False
+
+
+def load_settings(overrides: Mapping[str, object] | None = None, env: Mapping[str, str] | None = None,
+                  config_path: str | None = None) -> Settings:
+    """Settings from defaults < config file < E2VD_* environment (`env`, default os.environ) <
+    `overrides`. Raises ConfigError for an unreadable or invalid file, unknown keys and bad values."""
+    env = os.environ if env is None else env
+    values: dict[str, object] = {}
+    path, explicit = config_file_path(config_path, env)
+    for key, raw in read_config_file(path, required=explicit).items():
+        values[key] = _convert(key, raw, f"{path}: key {key!r}", from_text=False)
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV or name.startswith(IGNORED_ENV_PREFIXES):
+            continue
+        key = name[len(ENV_PREFIX):].lower()
+        if key not in FIELDS:
+            raise ConfigError(f"Unknown environment variable {name}{_hint(key, env=True)}. "
+                              f"Settings are {', '.join(env_name(k) for k in FIELDS)} "
+                              f"(and {CONFIG_ENV} for the config file); unset it or fix the name.")
+        if raw.strip() == "":
+            continue
+        values[key] = _convert(key, raw, f"environment variable {name}", from_text=True)
+    for key, raw in (overrides or {}).items():
+        if raw is None:
+            continue
+        if key not in FIELDS:
+            raise ConfigError(f"Unknown setting {key!r} given on the command line{_hint(key)}; "
+                              f"known settings: {', '.join(FIELDS)}.")
+        values[key] = _convert(key, raw, f"command-line option --{key.replace('_', '-')}",
+                               from_text=isinstance(raw, str))
+    return Settings(**values)
+
+
+def read_config_file(path: str, required: bool = False) -> dict[str, object]:
+    """The flat key/value table of a TOML config file; {} when it is absent and not `required`.
+    Checks that keys are known and values are not tables; values are converted by load_settings."""
+    try:
+        with open(path, "rb") as fh:
+            table = tomllib.load(fh)
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"Config file {path} does not exist. Create it, or point "
+                              f"--config / ${CONFIG_ENV} at an existing file.") from None
+        return {}
+    except PermissionError:
+        raise ConfigError(f"Config file {path} cannot be read by uid {os.getuid()} (permission "
+                          f"denied). Make it readable: chmod 644 {path}.") from None
+    except IsADirectoryError:
+        raise ConfigError(f"Config file {path} is a directory; give the path of a TOML file.") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"Config file {path} is not valid TOML: {err}. Fix the syntax "
+                          f"(flat `key = value` lines; strings in double quotes).") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"Config file {path} is not valid UTF-8 text ({err}).") from None
+    for key, value in table.items():
+        if key not in FIELDS:
+            raise ConfigError(f"{path}: unknown key {key!r}{_hint(key)}. Known keys: "
+                              f"{', '.join(FIELDS)}.")
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{path}: key {key!r} holds a {'table' if isinstance(value, dict) else 'list'}; "
+                              f"the config file takes flat `key = value` lines only (no [sections]).")
+    return table
+
+
+def _hint(key: str, env: bool = False) -> str:
+    candidates = [k for k in FIELDS]
+    match = difflib.get_close_matches(key.replace("-", "_").lower(), candidates, n=1, cutoff=0.7)
+    if not match:
+        return ""
+    return f" (did you mean {env_name(match[0]) if env else repr(match[0])}?)"
+
+
+def _convert(key: str, raw: object, source: str, from_text: bool) -> object:
+    """Convert and validate one value for `key`; `source` names where it came from for errors."""
+    kind = FIELDS[key].type
+    try:
+        if kind == "bool":
+            value: object = _to_bool(raw, from_text)
+        elif kind == "int":
+            value = _to_int(raw, from_text)
+        elif kind == "float":
+            value = _to_float(raw, from_text, duration=key in DURATION_KEYS)
+        else:
+            if not isinstance(raw, str):
+                raise ValueError(f"expected a string, got {_show(raw)}")
+            value = raw.strip()
+        _CHECKS.get(key, lambda v: None)(value)
+    except ValueError as err:
+        raise ConfigError(f"Bad value for {source}: {err}.") from None
+    if key == "log_level":
+        value = str(value).upper()
+    return value
+
+
+def _show(raw: object) -> str:
+    return f"{type(raw).__name__} {raw!r}"
+
+
+def _to_bool(raw: object, from_text: bool) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if from_text and isinstance(raw, str):
+        text = raw.strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+    accepted = "1/0, true/false, yes/no, on/off" if from_text else "true or false (no quotes)"
+    raise ValueError(f"expected a boolean ({accepted}), got {_show(raw)}")
+
+
+def _to_int(raw: object, from_text: bool) -> int:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    if from_text and isinstance(raw, str):
+        text = raw.strip().replace("_", "")
+        if re.fullmatch(r"[+-]?\d+", text):
+            return int(text)
+    raise ValueError(f"expected a whole number, got {_show(raw)}")
+
+
+def _to_float(raw: object, from_text: bool, duration: bool) -> float:
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        value = float(raw)
+    elif isinstance(raw, str) and (from_text or duration):
+        text = raw.strip()
+        try:
+            value = parse_duration(text) if duration else float(text)
+        except ValueError:
+            forms = "seconds as a number, or a duration like 90s, 30m, 9h, 1h30m" if duration else "a number"
+            raise ValueError(f"expected {forms}, got {_show(raw)}") from None
+    else:
+        forms = "seconds as a number, or a duration string like \"30m\"" if duration else "a number"
+        raise ValueError(f"expected {forms}, got {_show(raw)}")
+    if not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {_show(raw)}")
+    return value
+
+
+def _at_least(minimum: float, unit: str = "") -> Callable[[object], None]:
+    def check(value: object) -> None:
+        if value < minimum:  # type: ignore[operator]
+            raise ValueError(f"must be >= {minimum:g}{unit}, got {value!r}")
+    return check
+
+
+def _positive(unit: str = "") -> Callable[[object], None]:
+    def check(value: object) -> None:
+        if value <= 0:  # type: ignore[operator]
+            raise ValueError(f"must be > 0{unit}, got {value!r}")
+    return check
+
+
+def _one_of(choices: tuple[str, ...], fold: bool = False) -> Callable[[object], None]:
+    def check(value: object) -> None:
+        if (str(value).upper() if fold else value) not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}; got {value!r}")
+    return check
+
+
+def _non_empty(value: object) -> None:
+    if not value:
+        raise ValueError("must not be empty")
+
+
+def _device(value: object) -> None:
+    if not DEVICE_PATTERN.fullmatch(str(value)):
+        raise ValueError(f"must be auto, cpu, cuda or cuda:N (N = GPU index, e.g. cuda:0); got {value!r}")
+
+
+_CHECKS: dict[str, Callable[[object], None]] = {
+    "socket": _non_empty, "model": _non_empty, "cache_dir": _non_empty,
+    "device": _device, "dtype": _one_of(DTYPES), "busy_policy": _one_of(BUSY_POLICIES),
+    "log_level": _one_of(LOG_LEVELS, fold=True),
+    "min_free_mb": _at_least(0, " MB"),
+    "idle_timeout": _at_least(0, " seconds"), "max_hold": _at_least(0, " seconds"),
+    "drain_timeout": _at_least(0, " seconds"), "unavailable_grace": _at_least(0, " seconds"),
+    "connection_timeout": _positive(" seconds"), "max_seconds": _positive(" seconds"),
+    "max_body_bytes": _positive(" bytes"), "queue_size": _at_least(1), "max_batch": _at_least(1),
+}

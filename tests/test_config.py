@@ -1,0 +1,175 @@
+"""e2vd.config with real TOML files in tmp_path and explicit env dicts (never os.environ)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+
+from e2vd.config import DEFAULT_CONFIG_PATH, ConfigError, Settings, env_name, load_settings
+
+
+def toml(tmp_path: Path, text: str, name: str = "e2vd.toml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def fails(**kw) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_settings(**kw)
+    return str(info.value)
+
+
+def test_defaults_match_the_contract(tmp_path):
+    s = load_settings(env={}, config_path=toml(tmp_path, ""))
+    assert s == Settings()
+    assert (s.socket, s.model, s.device, s.dtype, s.idle_timeout, s.max_seconds) == (
+        "/run/e2vd/e2vd.sock", "iic/emotion2vec_plus_large", "auto", "fp32", 300.0, 30.0)
+    assert (s.max_body_bytes, s.connection_timeout, s.min_free_mb, s.busy_policy) == (
+        50_000_000, 30.0, 2048, "refuse")
+    assert DEFAULT_CONFIG_PATH == "/etc/e2vd/e2vd.toml"
+
+
+def test_missing_default_file_is_fine():
+    if os.path.exists(DEFAULT_CONFIG_PATH):
+        pytest.skip(f"{DEFAULT_CONFIG_PATH} exists on this machine")
+    assert load_settings(env={}) == Settings()
+
+
+def test_precedence_defaults_file_env_overrides(tmp_path):
+    path = toml(tmp_path, 'model = "/m/file"\ndevice = "cpu"\nidle_timeout = 60\nqueue_size = 5\n')
+    env = {"E2VD_DEVICE": "cuda:1", "E2VD_IDLE_TIMEOUT": "120", "E2VD_MAX_BATCH": "2"}
+    s = load_settings({"idle_timeout": 7.5, "socket": None}, env=env, config_path=path)
+    assert s.model == "/m/file"           # file
+    assert s.queue_size == 5              # file
+    assert s.device == "cuda:1"           # env beats file
+    assert s.max_batch == 2               # env
+    assert s.idle_timeout == 7.5          # override beats env and file
+    assert s.socket == Settings.socket    # None override = not given
+
+
+def test_config_path_from_env_and_argument(tmp_path):
+    a = toml(tmp_path, 'model = "/a"\n', "a.toml")
+    b = toml(tmp_path, 'model = "/b"\n', "b.toml")
+    assert load_settings(env={"E2VD_CONFIG": a}).model == "/a"
+    assert load_settings(env={"E2VD_CONFIG": a}, config_path=b).model == "/b"
+
+
+def test_missing_explicit_file_is_an_error(tmp_path):
+    missing = str(tmp_path / "nope.toml")
+    assert missing in fails(env={}, config_path=missing)
+    msg = fails(env={"E2VD_CONFIG": missing})
+    assert missing in msg and "does not exist" in msg
+
+
+def test_every_key_settable_from_file_and_env(tmp_path):
+    """Round trip: each non-default value written to TOML and to E2VD_<KEY> comes back."""
+    changed = dict(socket="/tmp/x.sock", model="/srv/m", device="cuda:0", dtype="bf16", quantize=True,
+                   min_free_mb=100, busy_policy="cpu", idle_timeout=1.5, max_hold=2.0, max_seconds=3.0,
+                   max_body_bytes=4, queue_size=5, max_batch=6, connection_timeout=7.0, drain_timeout=8.0,
+                   unavailable_grace=9.0, cache_dir="/c", log_level="DEBUG")
+    assert set(changed) == {f.name for f in dataclasses.fields(Settings)}
+    lines = []
+    for k, v in changed.items():
+        lines.append(f"{k} = " + ("true" if v is True else f'"{v}"' if isinstance(v, str) else str(v)))
+    assert load_settings(env={}, config_path=toml(tmp_path, "\n".join(lines))) == Settings(**changed)
+    env = {env_name(k): ("yes" if v is True else str(v)) for k, v in changed.items()}
+    assert load_settings(env=env, config_path=toml(tmp_path, "", "empty.toml")) == Settings(**changed)
+
+
+def test_env_forms(tmp_path):
+    empty = toml(tmp_path, "")
+    s = load_settings(env={"E2VD_QUANTIZE": "off", "E2VD_IDLE_TIMEOUT": "5m", "E2VD_MAX_HOLD": "9h",
+                           "E2VD_LOG_LEVEL": "warning", "E2VD_MAX_BODY_BYTES": "1_000",
+                           "E2VD_MODEL": "", "E2VD_SDBOX_ROOT": "/tmp/x"}, config_path=empty)
+    assert (s.quantize, s.idle_timeout, s.max_hold, s.log_level, s.max_body_bytes) == (
+        False, 300.0, 32400.0, "WARNING", 1000)
+    assert s.model == Settings.model  # empty = unset
+
+
+def test_duration_strings_in_file(tmp_path):
+    s = load_settings(env={}, config_path=toml(tmp_path, 'idle_timeout = "10m"\ndrain_timeout = 1.5\n'))
+    assert (s.idle_timeout, s.drain_timeout) == (600.0, 1.5)
+
+
+def test_cli_string_overrides_are_parsed(tmp_path):
+    s = load_settings({"idle_timeout": "90s", "quantize": "true", "device": "cpu"}, env={},
+                      config_path=toml(tmp_path, ""))
+    assert (s.idle_timeout, s.quantize, s.device) == (90.0, True, "cpu")
+
+
+@pytest.mark.parametrize("text,needles", [
+    ('idle_timout = 5\n', ["unknown key 'idle_timout'", "did you mean 'idle_timeout'"]),
+    ('idle-timeout = 5\n', ["unknown key 'idle-timeout'", "did you mean 'idle_timeout'"]),
+    ('[e2vd]\nmodel = "x"\n', ["unknown key 'e2vd'"]),
+    ('model = ["a"]\n', ["key 'model' holds a list", "flat"]),
+    ('idle_timeout = -1\n', ["key 'idle_timeout'", ">= 0 seconds", "-1"]),
+    ('idle_timeout = "soon"\n', ["key 'idle_timeout'", "30m"]),
+    ('min_free_mb = 1.5\n', ["key 'min_free_mb'", "whole number"]),
+    ('min_free_mb = true\n', ["key 'min_free_mb'", "whole number"]),
+    ('quantize = "yes"\n', ["key 'quantize'", "true or false"]),
+    ('device = "gpu"\n', ["key 'device'", "auto, cpu, cuda or cuda:N"]),
+    ('dtype = "fp8"\n', ["key 'dtype'", "fp32, fp16, bf16"]),
+    ('busy_policy = "wait"\n', ["key 'busy_policy'", "refuse, cpu"]),
+    ('log_level = "LOUD"\n', ["key 'log_level'", "DEBUG, INFO"]),
+    ('queue_size = 0\n', ["key 'queue_size'", ">= 1"]),
+    ('max_seconds = 0\n', ["key 'max_seconds'", "> 0"]),
+    ('max_seconds = nan\n', ["key 'max_seconds'", "finite"]),
+    ('model = ""\n', ["key 'model'", "empty"]),
+    ('model = 5\n', ["key 'model'", "string"]),
+    ('model = "x\n', ["not valid TOML", "line 1"]),
+])
+def test_file_errors_name_file_key_and_accepted_values(tmp_path, text, needles):
+    path = toml(tmp_path, text)
+    msg = fails(env={}, config_path=path)
+    assert path in msg
+    for needle in needles:
+        assert needle in msg, (needle, msg)
+
+
+@pytest.mark.parametrize("env,needles", [
+    ({"E2VD_IDLE_TIMOUT": "5"}, ["did you mean E2VD_IDLE_TIMEOUT?", "Unknown environment variable E2VD_IDLE_TIMOUT "]),
+    ({"E2VD_FOO": "1"}, ["E2VD_FOO", "E2VD_SOCKET", "E2VD_CONFIG"]),
+    ({"E2VD_QUANTIZE": "maybe"}, ["E2VD_QUANTIZE", "yes/no"]),
+    ({"E2VD_QUEUE_SIZE": "ten"}, ["E2VD_QUEUE_SIZE", "whole number", "'ten'"]),
+    ({"E2VD_CONNECTION_TIMEOUT": "0"}, ["E2VD_CONNECTION_TIMEOUT", "> 0"]),
+    ({"E2VD_DEVICE": "cuda:x"}, ["E2VD_DEVICE", "cuda:N"]),
+    ({"E2VD_MAX_SECONDS": "inf"}, ["E2VD_MAX_SECONDS", "finite"]),
+])
+def test_env_errors_name_the_variable(tmp_path, env, needles):
+    msg = fails(env=env, config_path=toml(tmp_path, ""))
+    for needle in needles:
+        assert needle in msg, (needle, msg)
+
+
+def test_override_errors_name_the_option(tmp_path):
+    msg = fails(overrides={"idle_timeout": -3.0}, env={}, config_path=toml(tmp_path, ""))
+    assert "--idle-timeout" in msg and ">= 0" in msg
+    msg = fails(overrides={"idel_timeout": 3}, env={}, config_path=toml(tmp_path, ""))
+    assert "'idel_timeout'" in msg and "did you mean 'idle_timeout'" in msg
+
+
+def test_directory_and_unreadable_file(tmp_path):
+    assert "is a directory" in fails(env={}, config_path=str(tmp_path))
+    path = Path(toml(tmp_path, 'model = "x"\n'))
+    path.chmod(0)
+    try:
+        if os.access(path, os.R_OK):
+            pytest.skip("running as root: permission bits do not stop reading")
+        msg = fails(env={}, config_path=str(path))
+        assert "permission denied" in msg and "chmod" in msg
+    finally:
+        path.chmod(0o644)
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_reference_keys_exist():
+    """DESIGN §3 names these keys; they must stay."""
+    names = {f.name for f in dataclasses.fields(Settings)}
+    assert {"model", "device", "dtype", "idle_timeout", "max_hold", "max_seconds", "max_body_bytes",
+            "queue_size", "connection_timeout", "socket"} <= names
