@@ -20,6 +20,8 @@ from typing import Any, Callable, Sequence, TextIO
 EXIT_OK, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_REJECTED, EXIT_SERVER = 0, 2, 3, 4, 5
 
 SERVICE, SOCKET_UNIT = "e2vd.service", "e2vd.socket"
+#: Seconds `e2vd warmup` waits for the model by default (e2vd-warmup.service allows 600).
+WARMUP_TIMEOUT = 590.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hold", metavar="DURATION", help="keep warm this long, e.g. 90s, 30m, 9h")
     g.add_argument("--until", metavar="HH:MM", help="keep warm until this local time today")
     w.add_argument("--timeout", type=float, default=None, metavar="S",
-                   help="seconds to wait for the model to load (default 300)")
+                   help="seconds to wait for the model to load (default 590)")
 
     i = sub.add_parser("install", help="install and start the systemd units (root)")
     i.add_argument("--group", default="e2vd")
@@ -425,6 +427,10 @@ def _describe_daemon(st: dict[str, Any]) -> list[str]:
 
     def fmt(key: str, value: Any) -> str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if key.endswith("_deadline"):  # Unix time
+                left = value - time.time()
+                return (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+                        + (f" (in {format_duration(left)})" if left > 0 else ""))
             if key.endswith("_bytes"):
                 return f"{value / 2**20:.1f} MiB"
             if key.endswith(("_s", "_seconds")) or key in ("uptime", "idle_in", "warm_for"):
@@ -518,6 +524,8 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     except ValueError as e:
         _err(f"warmup: {e}")
         return EXIT_USAGE
+    if args.timeout is None:
+        args.timeout = WARMUP_TIMEOUT
     with _client(args) as client:
         try:
             with Waking("waking the e2vd daemon and loading the model"):
@@ -528,17 +536,25 @@ def cmd_warmup(args: argparse.Namespace) -> int:
         except ClientError as e:
             _err(f"warmup failed: {_explain(e)}")
             return EXIT_REJECTED if e.rejected else EXIT_SERVER
+        try:
+            st = client.status()  # only to name the model and device in the message
+        except (DaemonUnreachable, ClientError):
+            st = {}
     msg = "e2vd is warm"
-    model = answer.get("model")
-    if model:
-        msg += f" (model {model}" + (f" on {answer['device']}" if answer.get("device") else "") + ")"
+    if st.get("model"):
+        msg += f": model {st['model']}" + (f" on {st['device']}" if st.get("device") else "")
+    if isinstance(answer.get("load_seconds"), (int, float)):
+        msg += f" (loaded in {answer['load_seconds']:.1f} s)"
     if hold:
-        granted = answer.get("hold_s", answer.get("hold"))
+        granted = answer.get("hold_s")
+        deadline = answer.get("keep_warm_deadline")
+        if not isinstance(deadline, (int, float)):
+            deadline = time.time() + hold
+        until = time.strftime("%H:%M", time.localtime(deadline))
         if isinstance(granted, (int, float)) and granted + 1 < hold:
-            msg += (f"; keeping it warm for {format_duration(granted)} only: the daemon caps holds at "
-                    f"its max_hold (asked for {format_duration(hold)})")
+            msg += (f"; keeping it warm for {format_duration(granted)} only (until {until}): the daemon "
+                    f"caps holds at its max_hold, asked for {format_duration(hold)}")
         else:
-            until = time.strftime("%H:%M", time.localtime(time.time() + hold))
             msg += f"; keeping it warm for {format_duration(hold)} (until {until})"
     print(msg)
     return EXIT_OK

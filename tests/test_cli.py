@@ -281,15 +281,16 @@ def test_status_socket_unreachable_exit_3(capsys) -> None:
 def test_warmup_hold_and_until(capsys) -> None:
     with TinyDaemon() as d:
         code, out, _ = run(["warmup", "--hold", "9h", "--socket", d.socket], capsys)
-        assert code == 0 and "e2vd is warm" in out and "9 h 0 min" in out
-        assert d.requests[-1][:3] == ("POST", "/v1/warmup", {"hold": "32400"})
+        assert code == 0 and "e2vd is warm: model tiny-test on cpu" in out and "9 h 0 min" in out
+        assert [r[:3] for r in d.requests] == [("POST", "/v1/warmup", {"hold": "32400"}), ("GET", "/v1/status", {})]
+        assert d.connections == 1
         code, out, _ = run(["warmup", "--socket", d.socket], capsys)
-        assert code == 0 and d.requests[-1][2] == {}
+        assert code == 0 and d.requests[-2][:3] == ("POST", "/v1/warmup", {})
         in_a_while = (dt.datetime.now() + dt.timedelta(minutes=2)).strftime("%H:%M")
         if in_a_while > dt.datetime.now().strftime("%H:%M"):  # not across midnight
             code, out, _ = run(["warmup", "--until", in_a_while, "--socket", d.socket], capsys)
             assert code == 0
-            assert 60 <= float(d.requests[-1][2]["hold"]) <= 120
+            assert 60 <= float(d.requests[-2][2]["hold"]) <= 120
         n = len(d.requests)
         earlier = (dt.datetime.now() - dt.timedelta(minutes=2)).strftime("%H:%M")
         if earlier < dt.datetime.now().strftime("%H:%M"):
