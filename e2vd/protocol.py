@@ -1,0 +1,289 @@
+"""The HTTP API of the daemon: routes, query options, error codes and the OpenAPI document.
+
+This module is the one source for what the daemon speaks (DESIGN §3); `e2vd.server` dispatches
+on `ROUTES`, parses options with `parse_options` and answers errors with `error_body`, and
+`GET /v1/openapi.json` serves `openapi()`. It imports nothing heavy and has no I/O.
+
+Error responses always have the shape ``{"error": {"code": str, "message": str}}``. The codes of
+DESIGN §3 (bad_audio, too_large, too_long, too_short, bad_option, busy, model_unavailable,
+internal) are extended with HTTP-level codes (bad_request, not_found, method_not_allowed,
+timeout, length_required), each listed in `ERRORS` with its status.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl
+
+API_VERSION = "1"
+
+# code -> (HTTP status, what it means; shown in the OpenAPI document)
+ERRORS: dict[str, tuple[int, str]] = {
+    "bad_audio": (400, "The body is not audio libsndfile can read (wav, flac, ogg, mp3), or its samples are unusable."),
+    "bad_option": (400, "A query option is unknown, repeated or has a bad value."),
+    "bad_request": (400, "The HTTP request itself is malformed (request line, headers, Content-Length, short body)."),
+    "not_found": (404, "No such route; see GET /v1/openapi.json."),
+    "method_not_allowed": (405, "The route exists but not for this method; the Allow header lists the methods."),
+    "timeout": (408, "The request was not received completely within connection_timeout seconds."),
+    "length_required": (411, "The body must be sent with Content-Length; chunked uploads are not supported."),
+    "too_large": (413, "The body (or a header) is larger than the daemon accepts (max_body_bytes)."),
+    "too_long": (422, "The audio is longer than max_seconds."),
+    "too_short": (422, "The audio is too short to analyse."),
+    "internal": (500, "The daemon failed unexpectedly; the journal has the details."),
+    "busy": (503, "The inference queue is full; retry after Retry-After seconds."),
+    "model_unavailable": (503, "The model could not be loaded (the message says why); the daemon exits after a grace period."),
+}
+
+# Retry-After seconds sent with 503 busy.
+BUSY_RETRY_AFTER_S = 1
+
+
+class ApiError(Exception):
+    """An error answer: `code` (a key of ERRORS), `message` for the operator, optional Retry-After."""
+
+    def __init__(self, code: str, message: str, *, retry_after: int | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        if code not in ERRORS:
+            raise ValueError(f"unknown error code {code!r}")
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+        self.headers = dict(headers or {})
+
+    @property
+    def status(self) -> int:
+        """The HTTP status of this error."""
+        return ERRORS[self.code][0]
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body of this error."""
+        return error_body(self.code, self.message)
+
+
+def error_body(code: str, message: str) -> dict[str, Any]:
+    """The error schema of DESIGN §3: ``{"error": {"code": code, "message": message}}``."""
+    return {"error": {"code": code, "message": message}}
+
+
+# --- query options ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Option:
+    """One query option: `kind` is "enum", "bool" or "seconds" (a finite number >= 0)."""
+
+    name: str
+    kind: str
+    default: Any
+    description: str
+    choices: tuple[str, ...] = ()
+
+    def parse(self, raw: str) -> Any:
+        """Convert the raw query value; raises ApiError("bad_option") naming the accepted values."""
+        if self.kind == "enum":
+            if raw not in self.choices:
+                raise ApiError("bad_option", f"{self.name}={raw!r} is not accepted; use one of: "
+                               + ", ".join(self.choices))
+            return raw
+        if self.kind == "bool":
+            value = raw.strip().lower()
+            if value in ("1", "true", "yes"):
+                return True
+            if value in ("0", "false", "no"):
+                return False
+            raise ApiError("bad_option", f"{self.name}={raw!r} is not accepted; use {self.name}=1 or {self.name}=0")
+        if self.kind == "seconds":
+            try:
+                value = float(raw.replace(" ", "+"))  # an unescaped '+' in 1e+06 arrives as a space
+            except ValueError:
+                value = math.nan
+            if not math.isfinite(value) or value < 0:
+                raise ApiError("bad_option", f"{self.name}={raw!r} is not accepted; give seconds as a number "
+                               f">= 0, e.g. {self.name}=32400 for 9 hours")
+            return value
+        raise AssertionError(f"unknown option kind {self.kind!r}")
+
+
+GRANULARITY = Option("granularity", "enum", "utterance",
+                     "utterance: one result for the clip; frame: the embedding per 20 ms frame (50 Hz).",
+                     ("utterance", "frame"))
+EMBEDDING = Option("embedding", "bool", False, "1 to include the embedding in the result (D floats, or T x D for frame).")
+HOLD = Option("hold", "seconds", 0.0, "Keep the model loaded at least this many seconds from now (capped by max_hold).")
+
+
+def parse_options(query: str, options: tuple[Option, ...]) -> dict[str, Any]:
+    """Parse a URL query string against `options`; returns every option's value (defaults filled in).
+
+    Unknown, repeated or malformed options raise ApiError("bad_option") with a message naming the
+    accepted options, so a typo never silently falls back to a default.
+    """
+    known = {o.name: o for o in options}
+    values: dict[str, Any] = {o.name: o.default for o in options}
+    seen: set[str] = set()
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query), max_num_fields=32)
+    except ValueError as exc:
+        raise ApiError("bad_option", f"the query string {query!r} is malformed ({exc}); "
+                       "use name=value pairs joined by &") from None
+    for name, raw in pairs:
+        if name not in known:
+            accepted = ", ".join(known) if known else "none"
+            raise ApiError("bad_option", f"unknown option {name!r}; this route accepts: {accepted}")
+        if name in seen:
+            raise ApiError("bad_option", f"option {name!r} is given twice; give it once")
+        seen.add(name)
+        values[name] = known[name].parse(raw)
+    return values
+
+
+# --- routes ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Route:
+    """One endpoint: `handler` names the server method that answers it."""
+
+    method: str
+    path: str
+    handler: str
+    summary: str
+    options: tuple[Option, ...] = ()
+    body: bool = False
+    errors: tuple[str, ...] = field(default=())
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("POST", "/v1/recognize", "recognize",
+          "Recognise the emotion in the audio file sent as the body (wav, flac, ogg, mp3).",
+          (GRANULARITY, EMBEDDING), body=True,
+          errors=("bad_audio", "bad_option", "bad_request", "timeout", "length_required", "too_large",
+                  "too_long", "too_short", "busy", "model_unavailable", "internal")),
+    Route("GET", "/v1/health", "health",
+          "Answers at once, also while the model loads: {\"status\": \"loading\"|\"ready\"}.",
+          errors=("model_unavailable",)),
+    Route("GET", "/v1/status", "status",
+          "State, model, device, dtype, memory, queue depth, requests served, uptime and deadlines."),
+    Route("POST", "/v1/warmup", "warmup",
+          "Keep the model loaded for `hold` seconds (capped by max_hold); returns when it is ready.",
+          (HOLD,), errors=("bad_option", "model_unavailable")),
+    Route("GET", "/v1/openapi.json", "openapi", "This document."),
+)
+
+
+def find_route(method: str, path: str) -> Route:
+    """The route for `method` and `path` (no query); raises ApiError not_found / method_not_allowed."""
+    candidates = [r for r in ROUTES if r.path == path]
+    if not candidates:
+        raise ApiError("not_found", f"no route {path!r}; the routes are "
+                       + ", ".join(f"{r.method} {r.path}" for r in ROUTES))
+    for route in candidates:
+        if route.method == method:
+            return route
+    allow = ", ".join(r.method for r in candidates)
+    raise ApiError("method_not_allowed", f"{path} accepts {allow}, not {method}",
+                   headers={"Allow": allow})
+
+
+# --- OpenAPI -----------------------------------------------------------------------------------
+
+_LABELS = ["angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised", "unknown"]
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object", "required": ["error"],
+        "properties": {"error": {
+            "type": "object", "required": ["code", "message"],
+            "properties": {"code": {"type": "string", "enum": list(ERRORS)},
+                           "message": {"type": "string", "description": "What went wrong and what to do."}}}},
+    },
+    "Recognition": {
+        "type": "object",
+        "required": ["labels", "scores", "top", "model_labels", "duration_s", "model", "timing_ms"],
+        "properties": {
+            "labels": {"type": "array", "items": {"type": "string", "enum": _LABELS}, "minItems": 9, "maxItems": 9},
+            "scores": {"type": "array", "items": {"type": "number"}, "minItems": 9, "maxItems": 9,
+                       "description": "Same order as labels; they sum to 1."},
+            "top": {"type": "object", "properties": {"label": {"type": "string"}, "score": {"type": "number"}}},
+            "model_labels": {"type": "array", "items": {"type": "string"},
+                             "description": "The model's own label strings (tokens.txt)."},
+            "duration_s": {"type": "number", "description": "Audio duration in seconds."},
+            "embedding": {"type": "array", "description": "Only with embedding=1: D floats, or T x D (50 Hz) for frame."},
+            "model": {"type": "string"},
+            "timing_ms": {"type": "object", "properties": {
+                "queue": {"type": "number", "description": "Milliseconds waiting for the worker (includes model load on a cold start)."},
+                "infer": {"type": "number", "description": "Milliseconds of inference (of the whole batch)."}}},
+        },
+    },
+    "Health": {"type": "object", "properties": {"status": {"type": "string", "enum": ["loading", "ready"]}}},
+    "Status": {
+        "type": "object",
+        "description": "Deadlines are Unix times in seconds (null when none); *_in_s are seconds from now.",
+        "properties": {
+            "state": {"type": "string", "enum": ["loading", "ready", "unavailable", "stopping"]},
+            "model": {"type": "string"}, "device": {"type": ["string", "null"]}, "dtype": {"type": "string"},
+            "memory": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "queue_depth": {"type": "integer"}, "connections": {"type": "integer"},
+            "requests_served": {"type": "integer"}, "uptime_s": {"type": "number"},
+            "load_seconds": {"type": ["number", "null"]},
+            "idle_timeout_s": {"type": "number"},
+            "idle_deadline": {"type": ["number", "null"]}, "idle_exit_in_s": {"type": ["number", "null"]},
+            "keep_warm_deadline": {"type": ["number", "null"]},
+            "error": {"type": ["string", "null"], "description": "Why the model is unavailable."},
+            "pid": {"type": "integer"}, "version": {"type": "string"},
+        },
+    },
+    "Warmup": {
+        "type": "object",
+        "properties": {"status": {"type": "string", "enum": ["ready"]},
+                       "hold_s": {"type": "number", "description": "Hold granted (capped by max_hold)."},
+                       "keep_warm_deadline": {"type": ["number", "null"]},
+                       "load_seconds": {"type": ["number", "null"]}},
+    },
+}
+
+_OK_SCHEMA = {"recognize": "Recognition", "health": "Health", "status": "Status", "warmup": "Warmup"}
+
+
+def _option_schema(option: Option) -> dict[str, Any]:
+    if option.kind == "enum":
+        return {"type": "string", "enum": list(option.choices), "default": option.default}
+    if option.kind == "bool":
+        return {"type": "integer", "enum": [0, 1], "default": int(option.default)}
+    return {"type": "number", "minimum": 0, "default": option.default}
+
+
+def openapi(version: str = "0") -> dict[str, Any]:
+    """The OpenAPI 3.1 document of every route, option and error in this module."""
+    paths: dict[str, Any] = {}
+    for route in ROUTES:
+        ok: dict[str, Any] = {"description": "OK"}
+        if route.handler in _OK_SCHEMA:
+            ok["content"] = {"application/json": {"schema": {"$ref": f"#/components/schemas/{_OK_SCHEMA[route.handler]}"}}}
+        else:
+            ok["content"] = {"application/json": {"schema": {"type": "object"}}}
+        responses: dict[str, Any] = {"200": ok}
+        for code in route.errors:
+            status = str(ERRORS[code][0])
+            entry = responses.setdefault(status, {"description": "", "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
+            entry["description"] = "; ".join(filter(None, [entry["description"], f"{code}: {ERRORS[code][1]}"]))
+        op: dict[str, Any] = {
+            "operationId": route.handler, "summary": route.summary, "responses": responses,
+            "parameters": [{"name": o.name, "in": "query", "required": False, "description": o.description,
+                            "schema": _option_schema(o)} for o in route.options],
+        }
+        if route.body:
+            op["requestBody"] = {"required": True, "description": "The audio file's bytes, sent with Content-Length.",
+                                 "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                                             "audio/*": {"schema": {"type": "string", "format": "binary"}}}}
+        paths.setdefault(route.path, {})[route.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "e2vd", "version": version,
+                 "description": "Emotion2Vec+ speech emotion recognition over HTTP/1.1 on a Unix socket. "
+                                "Errors: {\"error\": {\"code\", \"message\"}}; codes: "
+                                + ", ".join(f"{c} ({s})" for c, (s, _) in ERRORS.items()) + "."},
+        "servers": [{"url": "http://e2vd", "description": "curl --unix-socket /run/e2vd/e2vd.sock http://e2vd/v1/..."}],
+        "paths": paths,
+        "components": {"schemas": _SCHEMAS},
+    }

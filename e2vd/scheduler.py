@@ -1,0 +1,230 @@
+"""One inference worker thread fed by a bounded queue, with dynamic batching.
+
+funasr's `generate()` is not thread-safe, so every model call (and the model load itself) runs on
+the one worker thread started by `Scheduler.start`. Connection threads decode audio, `submit` a
+`Job` and wait for it. When several jobs are queued at once the worker takes up to `max_batch`
+of them and runs each group with equal options through `engine.recognize_batch` (which batches
+only what it can prove equal to one-by-one). A full queue is refused at once (ApiError "busy").
+
+The scheduler knows nothing about HTTP or the process lifecycle; it exposes `state`, `pending`
+(queued + running jobs, for the idle clock) and `served`.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from e2vd.protocol import BUSY_RETRY_AFTER_S, ApiError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from e2vd.audio import Audio
+    from e2vd.engine import Engine, Recognition
+
+log = logging.getLogger("e2vd")
+
+LOADING, READY, UNAVAILABLE = "loading", "ready", "unavailable"
+
+
+@dataclass
+class Job:
+    """One recognition request. After `done` is set, exactly one of `result` / `error` is set."""
+
+    audio: "Audio"
+    granularity: str = "utterance"
+    embedding: bool = False
+    enqueued: float = field(default_factory=time.monotonic)
+    done: threading.Event = field(default_factory=threading.Event)
+    result: "Recognition | None" = None
+    error: ApiError | None = None
+    queue_ms: float = 0.0   # from submit to the start of its batch (includes a cold model load)
+    infer_ms: float = 0.0   # wall time of the batch it ran in
+    batch_size: int = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the worker has finished this job; False on timeout."""
+        return self.done.wait(timeout)
+
+
+class Scheduler:
+    """Owns the engine and the single worker thread.
+
+    `load` is called on the worker thread and returns the engine; if it raises, the scheduler
+    becomes UNAVAILABLE with `error` set to the exception's message, and every queued or later
+    job fails with "model_unavailable".
+    """
+
+    def __init__(self, load: Callable[[], "Engine"], *, queue_size: int = 64, max_batch: int = 8,
+                 on_state: Callable[[str], None] | None = None) -> None:
+        if queue_size < 1 or max_batch < 1:
+            raise ValueError("queue_size and max_batch must be >= 1")
+        self._load = load
+        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
+        self.max_batch = max_batch
+        self._on_state = on_state
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._served = 0
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.settled = threading.Event()   # set once the model is loaded or has failed
+        self.state = LOADING
+        self.engine: "Engine | None" = None
+        self.error: str | None = None
+
+    # --- observers (any thread) ---
+    @property
+    def pending(self) -> int:
+        """Jobs submitted and not yet finished (queued + running)."""
+        with self._lock:
+            return self._pending
+
+    @property
+    def served(self) -> int:
+        """Jobs finished (with a result or an error) since start."""
+        with self._lock:
+            return self._served
+
+    @property
+    def queue_size(self) -> int:
+        return self._queue.maxsize
+
+    # --- control ---
+    def start(self) -> None:
+        """Start the worker thread; it loads the model first, then serves jobs."""
+        self._thread = threading.Thread(target=self._run, name="e2vd-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Ask the worker to finish its current batch and exit; waits up to `timeout` seconds."""
+        self._stop.set()
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, audio: "Audio", granularity: str = "utterance", embedding: bool = False) -> Job:
+        """Queue a job; raises ApiError busy (queue full) or model_unavailable (load failed)."""
+        if self.state == UNAVAILABLE:
+            raise self._unavailable()
+        job = Job(audio, granularity, embedding)
+        with self._lock:
+            self._pending += 1
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            with self._lock:
+                self._pending -= 1
+            raise ApiError("busy", f"the inference queue is full ({self._queue.maxsize} requests waiting); "
+                           f"retry in {BUSY_RETRY_AFTER_S} s or raise queue_size",
+                           retry_after=BUSY_RETRY_AFTER_S) from None
+        return job
+
+    # --- worker thread ---
+    def _unavailable(self) -> ApiError:
+        return ApiError("model_unavailable", f"the model could not be loaded: {self.error}")
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        if self._on_state is not None:
+            try:
+                self._on_state(state)
+            except Exception:  # a broken observer must not kill the worker
+                log.exception("state observer failed")
+
+    def _finish(self, job: Job) -> None:
+        with self._lock:
+            self._pending -= 1
+            self._served += 1
+        job.done.set()
+
+    def _run(self) -> None:
+        try:
+            self.engine = self._load()
+        except BaseException as exc:  # noqa: BLE001 - any load failure makes the model unavailable
+            self.error = str(exc) or type(exc).__name__
+            self._set_state(UNAVAILABLE)
+            self.settled.set()
+            self._fail_queued()
+            return
+        self._set_state(READY)
+        self.settled.set()
+        while not self._stop.is_set():
+            batch = self._take_batch()
+            if batch:
+                self._run_batch(batch)
+
+    def _fail_queued(self) -> None:
+        """After a failed load: fail every queued job, now and as they arrive, until stopped."""
+        while not self._stop.is_set():
+            job = self._queue.get()
+            if job is None:
+                continue
+            job.error = self._unavailable()
+            self._finish(job)
+
+    def _take_batch(self) -> list[Job]:
+        first = self._queue.get()
+        if first is None:
+            return []
+        batch = [first]
+        while len(batch) < self.max_batch:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self._stop.set()
+                break
+            batch.append(job)
+        return batch
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        groups: dict[tuple[str, bool], list[Job]] = {}
+        for job in batch:
+            groups.setdefault((job.granularity, job.embedding), []).append(job)
+        for (granularity, embedding), jobs in groups.items():
+            start = time.monotonic()
+            for job in jobs:
+                job.queue_ms = (start - job.enqueued) * 1000.0
+                job.batch_size = len(jobs)
+            try:
+                results = self._infer(jobs, granularity, embedding)
+            except Exception:
+                log.exception("batch of %d failed; retrying one by one", len(jobs))
+                results = None
+            infer_ms = (time.monotonic() - start) * 1000.0
+            if results is not None:
+                for job, result in zip(jobs, results):
+                    job.result, job.infer_ms = result, infer_ms
+                    self._finish(job)
+            else:
+                for job in jobs:
+                    self._run_one(job, granularity, embedding)
+
+    def _infer(self, jobs: list[Job], granularity: str, embedding: bool) -> list[Any]:
+        assert self.engine is not None
+        results = self.engine.recognize_batch([j.audio for j in jobs], granularity=granularity, embedding=embedding)
+        if len(results) != len(jobs):
+            raise RuntimeError(f"recognize_batch returned {len(results)} results for {len(jobs)} clips")
+        return list(results)
+
+    def _run_one(self, job: Job, granularity: str, embedding: bool) -> None:
+        start = time.monotonic()
+        try:
+            job.result = self._infer([job], granularity, embedding)[0]
+        except ValueError as exc:  # AudioError is a ValueError with .code
+            code = getattr(exc, "code", "bad_audio")
+            job.error = ApiError(code if code in ("bad_audio", "too_long", "too_short") else "bad_audio", str(exc))
+        except Exception as exc:
+            log.exception("inference failed")
+            job.error = ApiError("internal", f"inference failed ({type(exc).__name__}: {exc}); "
+                                 "the journal has the traceback")
+        job.infer_ms = (time.monotonic() - start) * 1000.0
+        job.batch_size = 1
+        self._finish(job)

@@ -1,0 +1,92 @@
+"""e2vd.protocol: option parsing, routing and the OpenAPI document (pure functions, no I/O)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from e2vd import protocol
+from e2vd.protocol import ERRORS, ROUTES, ApiError, find_route, openapi, parse_options
+
+RECOGNIZE = find_route("POST", "/v1/recognize").options
+WARMUP = find_route("POST", "/v1/warmup").options
+
+
+def test_design_error_codes_and_statuses():
+    expected = {"bad_audio": 400, "bad_option": 400, "too_large": 413, "too_long": 422, "too_short": 422,
+                "busy": 503, "model_unavailable": 503, "internal": 500}
+    for code, status in expected.items():
+        assert ERRORS[code][0] == status
+
+
+def test_recognize_defaults():
+    assert parse_options("", RECOGNIZE) == {"granularity": "utterance", "embedding": False}
+
+
+@pytest.mark.parametrize("query, expected", [
+    ("granularity=frame", {"granularity": "frame", "embedding": False}),
+    ("embedding=1", {"granularity": "utterance", "embedding": True}),
+    ("embedding=true&granularity=utterance", {"granularity": "utterance", "embedding": True}),
+    ("embedding=0", {"granularity": "utterance", "embedding": False}),
+])
+def test_recognize_options(query, expected):
+    assert parse_options(query, RECOGNIZE) == expected
+
+
+@pytest.mark.parametrize("query, needle", [
+    ("granularity=word", "utterance, frame"),
+    ("embedding=maybe", "embedding=1"),
+    ("granularty=frame", "unknown option 'granularty'"),
+    ("embedding=1&embedding=0", "given twice"),
+    ("granularity", "malformed"),
+    ("granularity=", "utterance, frame"),
+    ("&&=", "malformed"),
+])
+def test_bad_recognize_options_name_the_fix(query, needle):
+    with pytest.raises(ApiError) as info:
+        parse_options(query, RECOGNIZE)
+    assert info.value.code == "bad_option" and info.value.status == 400
+    assert needle in info.value.message
+
+
+@pytest.mark.parametrize("raw, value", [("0", 0.0), ("32400", 32400.0), ("1.5", 1.5), ("1e+06", 1e6), ("1e 06", 1e6)])
+def test_hold_seconds(raw, value):
+    assert parse_options(f"hold={raw}", WARMUP)["hold"] == value
+
+
+@pytest.mark.parametrize("raw", ["-1", "nan", "inf", "9h", ""])
+def test_bad_hold(raw):
+    with pytest.raises(ApiError) as info:
+        parse_options(f"hold={raw}", WARMUP)
+    assert info.value.code == "bad_option" and "seconds" in info.value.message
+
+
+def test_find_route_errors():
+    with pytest.raises(ApiError) as info:
+        find_route("GET", "/v2/nothing")
+    assert info.value.code == "not_found" and info.value.status == 404 and "/v1/recognize" in info.value.message
+    with pytest.raises(ApiError) as info:
+        find_route("GET", "/v1/recognize")
+    assert info.value.code == "method_not_allowed" and info.value.status == 405
+    assert info.value.headers == {"Allow": "POST"}
+
+
+def test_api_error_rejects_unknown_codes():
+    with pytest.raises(ValueError):
+        ApiError("oops", "x")
+    err = ApiError("busy", "full", retry_after=1)
+    assert err.body() == {"error": {"code": "busy", "message": "full"}} and err.status == 503
+
+
+def test_openapi_covers_every_route_option_and_error():
+    doc = json.loads(json.dumps(openapi("9.9")))  # JSON-serialisable
+    assert doc["openapi"].startswith("3.") and doc["info"]["version"] == "9.9"
+    for route in ROUTES:
+        op = doc["paths"][route.path][route.method.lower()]
+        assert [p["name"] for p in op["parameters"]] == [o.name for o in route.options]
+        for code in route.errors:
+            assert code in op["responses"][str(ERRORS[code][0])]["description"]
+    assert doc["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"] == list(ERRORS)
+    frame = doc["paths"]["/v1/recognize"]["post"]["parameters"][0]
+    assert frame["schema"]["enum"] == ["utterance", "frame"]
+    assert protocol.BUSY_RETRY_AFTER_S >= 1
