@@ -470,8 +470,11 @@ def cmd_status(args: argparse.Namespace) -> int:
                                                            for u in units.values()}}
         lines.extend(_describe_units(units))
         svc = units.get(SERVICE)
-        # Only a running service is asked: connecting to the socket of a stopped one would start it.
-        ask_daemon = ask_daemon or (svc is not None and svc.active and svc.get("SubState") == "running")
+        # Only a live process is asked (running, or loading its model): connecting to the socket
+        # of a stopped service would start it. A daemon that exits between `systemctl show` and
+        # our connect is restarted by that connect; the window is a few milliseconds.
+        ask_daemon = ask_daemon or (svc is not None and (svc.get("ActiveState"), svc.get("SubState"))
+                                    in (("active", "running"), ("activating", "start")))
         if svc is None or not svc.loaded:
             code = EXIT_UNREACHABLE if not ask_daemon else EXIT_OK
     if ask_daemon:
