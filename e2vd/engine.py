@@ -1,0 +1,577 @@
+"""The model: resolve, validate, load and run emotion2vec+ with funasr's own `Emotion2vec` class.
+
+This is the only runtime module that imports funasr or modelscope. What it does differently from
+funasr's `AutoModel`, and why:
+
+* It imports only ``funasr.models.emotion2vec.model`` (0.5 s), not the whole funasr package
+  (~400 modules, ~10 s), and leaves ``sys.modules`` as it found it so that a later
+  ``from funasr import AutoModel`` in the same process still gets the complete package.
+* It checks the model directory before loading: funasr silently runs with *random weights* when
+  ``model.pt`` is missing, and mislabels results when ``tokens.txt`` is odd.
+* It memory-maps the checkpoint (``torch.load(weights_only=True, mmap=True)``) and assigns the
+  weights to a model built on the ``meta`` device: the ~1.3 GB optimizer state of the real
+  ``model.pt`` is never read, nothing is deep-copied, nothing is randomly initialised first.
+* It runs the very same forward pass as ``Emotion2vec.inference`` (waveform layer norm, no padding
+  mask, mean over frames, ``proj``, softmax) on samples it gets from `e2vd.audio`, so results equal
+  ``AutoModel.generate`` on the same samples (tests/test_engine.py proves it).
+
+`Engine` is not thread-safe: call it from one thread (the daemon's inference worker).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import importlib.util
+import io
+import logging
+import os
+import re
+import socket
+import sys
+import threading
+import time
+import types
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from e2vd.audio import Audio, AudioError, decode
+
+log = logging.getLogger(__name__)
+
+#: English labels, in the model's order (tokens.txt of emotion2vec+; "<unk>" is "unknown").
+LABELS: tuple[str, ...] = (
+    "angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised", "unknown",
+)
+DEFAULT_MODEL = "iic/emotion2vec_plus_large"
+#: ModelScope revision (git tag) of iic/emotion2vec_plus_large that e2vd is pinned to: the tag
+#: FunASR users pin (``model_revision="v2.0.5"``); a new upstream upload cannot change results.
+DEFAULT_REVISION = "v2.0.5"
+#: Frames per second of the model's output (320x convolutional down-sampling of 16 kHz audio).
+FRAME_RATE_HZ = 50
+SAMPLE_RATE = 16000
+GRANULARITIES = ("utterance", "frame")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+HUB_PROBE_TIMEOUT_S = 3.0
+_MODEL_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_IMPORT_LOCK = threading.Lock()
+
+
+class ModelError(RuntimeError):
+    """The model cannot be resolved, validated or loaded; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Top:
+    """The highest-scoring label and its score (0..1)."""
+
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Recognition:
+    """One clip's result.
+
+    `scores` are softmax probabilities in the order of `labels` (sum 1). `embedding` is the
+    encoder output: mean over frames (D,) for "utterance", or (T, D) at 50 frames/s for "frame";
+    None unless asked for. `duration_s` is the decoded audio's length in seconds.
+    """
+
+    labels: list[str]
+    scores: list[float]
+    model_labels: list[str]
+    duration_s: float
+    embedding: np.ndarray | None = None
+
+    @property
+    def top(self) -> Top:
+        """The label with the highest score."""
+        best = int(np.argmax(self.scores))
+        return Top(self.labels[best], self.scores[best])
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict: labels, scores, top, model_labels, duration_s (+ embedding as lists)."""
+        out: dict[str, Any] = {
+            "labels": list(self.labels),
+            "scores": [float(s) for s in self.scores],
+            "top": {"label": self.top.label, "score": float(self.top.score)},
+            "model_labels": list(self.model_labels),
+            "duration_s": float(self.duration_s),
+        }
+        if self.embedding is not None:
+            out["embedding"] = self.embedding.tolist()
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Importing funasr's model class without importing all of funasr
+
+
+def new_emotion2vec(model_conf: dict[str, Any], vocab_size: int) -> torch.nn.Module:
+    """Instantiate funasr's `Emotion2vec(model_conf=..., vocab_size=...)`, importing little of funasr.
+
+    ``import funasr`` runs ``funasr/__init__.py``, which imports every funasr module (~10 s). The
+    class only needs ``funasr.models.emotion2vec.*``, ``funasr.register`` and
+    ``funasr.utils.load_utils``. Those are imported under a temporary, empty ``funasr`` package
+    whose ``__path__`` is the real one, and the model is built inside that window too (its blocks
+    import ``funasr.models.emotion2vec.timm_modules`` lazily). Afterwards every ``funasr*`` entry
+    added to ``sys.modules`` is removed again, so a later ``import funasr`` runs the real package
+    from scratch. funasr's import-time print ("Notice: ffmpeg is not installed ...") is swallowed
+    and the root logger's handlers and level are kept. Construction honours the caller's
+    ``torch.device(...)`` context and random seed.
+    """
+    loaded = sys.modules.get("funasr")
+    if loaded is not None and not getattr(loaded, "__e2vd_stub__", False):
+        with _quiet_import():  # the full funasr is already imported: use it as it is
+            cls = importlib.import_module("funasr.models.emotion2vec.model").Emotion2vec
+            return cls(model_conf=model_conf, vocab_size=vocab_size)
+    with _IMPORT_LOCK, _light_funasr(), _quiet_import():
+        cls = importlib.import_module("funasr.models.emotion2vec.model").Emotion2vec
+        return cls(model_conf=model_conf, vocab_size=vocab_size)
+
+
+@contextlib.contextmanager
+def _light_funasr():
+    """Within the block, ``funasr`` is an empty package: importing a submodule skips its __init__."""
+    spec = importlib.util.find_spec("funasr")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("funasr is not installed in this Python: install e2vd's dependencies "
+                         "(pip install -e .) and try again")
+    stub = types.ModuleType("funasr")
+    stub.__path__ = list(spec.submodule_search_locations)
+    stub.__e2vd_stub__ = True  # type: ignore[attr-defined]
+    before = set(sys.modules)
+    sys.modules["funasr"] = stub
+    try:
+        yield
+    finally:
+        for name in set(sys.modules) - before:
+            if name == "funasr" or name.startswith("funasr."):
+                del sys.modules[name]
+
+
+@contextlib.contextmanager
+def _quiet_import():
+    """Swallow stdout and keep the root logger's handlers and level while funasr modules import."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+# ----------------------------------------------------------------------------------------------
+# Resolving and validating the model directory
+
+
+def resolve_model(model: str, cache_dir: str | None = None,
+                  revision: str = DEFAULT_REVISION) -> tuple[Path, str]:
+    """Return (model directory, model id) for `model`.
+
+    `model` is an absolute path of a local model directory (used as is, never touching the
+    network), or a ModelScope id "owner/name", downloaded once at the pinned `revision` into
+    `cache_dir` (default ``$XDG_CACHE_HOME/e2vd`` or ``~/.cache/e2vd``). A relative "owner/name"
+    that also exists as a local directory is refused as ambiguous rather than silently taken.
+    """
+    if not model or not model.strip():
+        raise ModelError("no model given: set E2VD_MODEL (or `model` in /etc/e2vd/e2vd.toml) to an "
+                         f"absolute model directory or a ModelScope id such as {DEFAULT_MODEL}")
+    expanded = os.path.expanduser(model)
+    if os.path.isabs(expanded):
+        path = Path(expanded)
+        if not path.is_dir():
+            raise ModelError(f"model directory {path} does not exist (or is not a directory): set "
+                             "E2VD_MODEL to a directory holding config.yaml, model.pt and tokens.txt")
+        return path, str(path)
+    if not _MODEL_ID.match(model):
+        raise ModelError(f"model {model!r} is neither an absolute directory nor a ModelScope id "
+                         f"'owner/name' (like {DEFAULT_MODEL}): give an absolute path or an id")
+    if os.path.exists(model):
+        raise ModelError(f"model {model!r} is ambiguous: it looks like a ModelScope id but also "
+                         f"exists here as {os.path.abspath(model)}; give the absolute path "
+                         f"({os.path.abspath(model)}) to use the local directory")
+    return _download(model, revision, _cache_root(cache_dir)), model
+
+
+def _cache_root(cache_dir: str | None) -> Path:
+    """The directory models are downloaded into."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "e2vd"
+
+
+def _download(model_id: str, revision: str, cache_root: Path) -> Path:
+    """Return the local copy of `model_id` at `revision`, downloading it first if needed.
+
+    A complete earlier download is used without any network access. Otherwise the hub is probed
+    with a short timeout first, so that with no hub the error comes in seconds, not after
+    modelscope's minute of retries.
+    """
+    target = cache_root / "models" / model_id / revision
+    if (target / "model.pt").is_file() and (target / ".e2vd-complete").is_file():
+        return target
+    host, port = _hub_address()
+    problem = _probe(host, port, HUB_PROBE_TIMEOUT_S)
+    if problem:
+        raise ModelError(f"cannot download {model_id} (revision {revision}): the ModelScope hub "
+                         f"{host}:{port} is unreachable ({problem}). Set E2VD_MODEL (or `model` in "
+                         "/etc/e2vd/e2vd.toml) to an absolute local directory holding config.yaml, "
+                         f"model.pt and tokens.txt, or copy the model into {target}")
+    log.info("downloading %s (revision %s) into %s", model_id, revision, target)
+    try:
+        with _quiet_import():
+            from modelscope.hub.snapshot_download import snapshot_download
+        snapshot_download(model_id, revision=revision, local_dir=str(target))
+    except Exception as err:  # noqa: BLE001 - any download failure becomes one clear error
+        raise ModelError(f"downloading {model_id} (revision {revision}) into {target} failed: "
+                         f"{err}. Retry, or set E2VD_MODEL to an absolute local model directory") from err
+    (target / ".e2vd-complete").write_text(f"{model_id} {revision}\n", encoding="utf-8")
+    return target
+
+
+def _hub_address() -> tuple[str, int]:
+    """(host, port) of the ModelScope hub, honouring modelscope's MODELSCOPE_DOMAIN variable."""
+    domain = os.environ.get("MODELSCOPE_DOMAIN", "www.modelscope.cn")
+    domain = re.sub(r"^https?://", "", domain).split("/")[0]
+    host, _, port = domain.partition(":")
+    return host, int(port) if port.isdigit() else 443
+
+
+def _probe(host: str, port: int, timeout_s: float) -> str | None:
+    """Try a TCP connection to host:port within `timeout_s` (DNS included); None if it worked."""
+    result: list[str | None] = ["timed out after %.0f s" % timeout_s]
+
+    def attempt() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            result[0] = None
+        except OSError as err:
+            result[0] = str(err) or type(err).__name__
+
+    worker = threading.Thread(target=attempt, name="e2vd-hub-probe", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    return result[0]
+
+
+def read_tokens(model_dir: Path) -> list[str]:
+    """Validate `model_dir` and return its 9 label strings from tokens.txt.
+
+    Raises ModelError naming the file when config.yaml, model.pt or tokens.txt is missing or odd.
+    """
+    config = model_dir / "config.yaml"
+    weights = model_dir / "model.pt"
+    tokens = model_dir / "tokens.txt"
+    for path, what in ((config, "the model's config"), (weights, "the weights"),
+                       (tokens, "the label list")):
+        if not path.is_file():
+            extra = " (funasr would silently run with random weights)" if path is weights else ""
+            raise ModelError(f"{path} is missing: it holds {what}{extra}. Point E2VD_MODEL at a "
+                             "complete emotion2vec+ directory (config.yaml, model.pt, tokens.txt)")
+    if weights.stat().st_size == 0:
+        raise ModelError(f"{weights} is empty: the download or copy was interrupted; copy it again")
+    try:
+        lines = tokens.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ModelError(f"{tokens} is not UTF-8 text ({err}); copy the model's tokens.txt again") from err
+    labels = [line.strip() for line in lines if line.strip()]
+    if len(labels) != len(LABELS):
+        raise ModelError(f"{tokens} has {len(labels)} labels, expected {len(LABELS)} "
+                         f"({', '.join(LABELS)}): this is not an emotion2vec+ model directory")
+    for i, (token, expected) in enumerate(zip(labels, LABELS)):
+        if english_label(token) != expected:
+            raise ModelError(f"{tokens} line {i + 1} is {token!r}, expected the {expected!r} label "
+                             "there: the labels are missing or in another order than emotion2vec+'s")
+    return labels
+
+
+def english_label(token: str) -> str:
+    """Map a model label string ("生气/angry", "<unk>") to its English name ("angry", "unknown")."""
+    if token == "<unk>":
+        return "unknown"
+    return token.rsplit("/", 1)[-1].strip().lower()
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    """Parse config.yaml of `model_dir`; it must describe an `Emotion2vec` model."""
+    import yaml
+
+    path = model_dir / "config.yaml"
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ModelError(f"{path} is not valid YAML ({err}); copy the model's config.yaml again") from err
+    if not isinstance(config, dict) or config.get("model") != "Emotion2vec" \
+            or not isinstance(config.get("model_conf"), dict):
+        raise ModelError(f"{path} does not describe an Emotion2vec model (need `model: Emotion2vec` "
+                         "and `model_conf`): point E2VD_MODEL at an emotion2vec+ directory")
+    return config
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading weights
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Return the model weights of checkpoint `path`, keyed like `Emotion2vec.state_dict()`.
+
+    The file is memory-mapped, so only the tensors the model uses are ever read from disk; the
+    optimizer state in the same file is not. Keys are remapped like funasr's scope_map
+    ``['d2v_model.', none]``: ``d2v_model.X`` -> ``X``; ``proj.*`` stays.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - pickle and zip errors of a broken file
+        ckpt = _load_untrusted_layout(path, err)
+    state = ckpt
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path} holds no model weights (no 'model' dict of tensors): "
+                         "copy the model's model.pt again")
+    return {k.removeprefix("d2v_model."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _load_untrusted_layout(path: Path, first_error: Exception) -> Any:
+    """Retry a checkpoint that `weights_only=True` refused, or explain why it cannot be read.
+
+    A checkpoint that pickles config objects (older fairseq ``args``/``cfg``) needs full
+    unpickling; that runs code from the file, so it is only done for a file that is a valid
+    torch zip archive, and logged.
+    """
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise ModelError(f"{path} is not a readable PyTorch checkpoint ({first_error}); the file "
+                         "is truncated or corrupt: copy the model's model.pt again") from first_error
+    log.warning("%s needs full unpickling (weights_only load failed: %s)", path, first_error)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # noqa: BLE001
+        raise ModelError(f"{path} cannot be read ({err}); copy the model's model.pt again") from err
+
+
+def build_model(config: dict[str, Any], weights: dict[str, torch.Tensor], num_labels: int,
+                weights_path: Path) -> torch.nn.Module:
+    """Build `Emotion2vec` on the meta device and assign `weights` to it (no copy, no random init)."""
+    with torch.device("meta"):
+        model = new_emotion2vec(copy.deepcopy(config["model_conf"]), num_labels)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    if missing:
+        raise ModelError(f"{weights_path} lacks {len(missing)} of the model's {len(expected)} tensors "
+                         f"(first: {missing[0]}): it does not match config.yaml; copy both again")
+    wrong = [k for k, v in expected.items() if tuple(weights[k].shape) != tuple(v.shape)]
+    if wrong:
+        k = wrong[0]
+        raise ModelError(f"{weights_path}: tensor {k} has shape {tuple(weights[k].shape)} but "
+                         f"config.yaml needs {tuple(expected[k].shape)}; model.pt and config.yaml "
+                         "come from different models")
+    model.load_state_dict({k: weights[k] for k in expected}, strict=True, assign=True)
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_meta:
+            raise ModelError(f"internal: {name} of Emotion2vec was not loaded from {weights_path}")
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Device selection
+
+
+def _choose_device(requested: str, min_free_mb: int, busy_policy: str) -> tuple[str, str]:
+    """(device, reason) from e2vd.gpu.choose_device (NVML: most free memory, busy policy)."""
+    try:
+        from e2vd.gpu import choose_device
+    except ImportError:  # TODO(H1): remove once e2vd/gpu.py (H2) has landed
+        return _cpu_only_device(requested)
+    choice = choose_device(requested, min_free_mb=min_free_mb, busy_policy=busy_policy)
+    return choice.device, choice.reason
+
+
+def _cpu_only_device(requested: str) -> tuple[str, str]:
+    """Stop-gap until e2vd.gpu lands: CPU for "auto"/"cpu", the named CUDA device if torch has it."""
+    if requested in ("auto", "cpu"):
+        return "cpu", "e2vd.gpu not available yet"
+    if requested.startswith("cuda") and torch.cuda.is_available():
+        return requested, "requested"
+    raise ModelError(f"device {requested!r} is not available here: use device=cpu or auto")
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine
+
+
+class Engine:
+    """A loaded emotion2vec+ model on one device. Use `Engine.load`; call from one thread only."""
+
+    def __init__(self, model: torch.nn.Module, model_id: str, model_dir: Path, device: str,
+                 dtype: str, model_labels: list[str], normalize: bool, load_seconds: float,
+                 quantized: bool = False) -> None:
+        self._model = model
+        self.model_id = model_id
+        self.model_dir = model_dir
+        self.device = device
+        self.dtype = dtype
+        self.model_labels = model_labels
+        self.normalize = normalize
+        self.load_seconds = load_seconds
+        self.quantized = quantized
+        self._torch_dtype = DTYPES[dtype]
+
+    @classmethod
+    def load(cls, model: str, device: str = "auto", dtype: str = "fp32", *, quantize: bool = False,
+             min_free_mb: int = 2048, busy_policy: str = "refuse",
+             cache_dir: str | None = None) -> "Engine":
+        """Resolve, validate and load `model` onto a device; return a ready engine.
+
+        `device` is "auto" (the GPU with the most free memory, else CPU), "cpu" or "cuda:N";
+        `min_free_mb`/`busy_policy` decide what happens when that GPU has too little free memory
+        (see e2vd.gpu). `dtype` ("fp32", "fp16", "bf16") applies on GPU; on CPU the model runs in
+        fp32. `quantize` applies INT8 dynamic quantization to the Linear layers on CPU.
+        Raises ModelError (or e2vd.gpu.GpuBusyError) with a message naming the problem and fix.
+        """
+        if dtype not in DTYPES:
+            raise ModelError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        start = time.perf_counter()
+        model_dir, model_id = resolve_model(model, cache_dir)
+        labels = read_tokens(model_dir)
+        config = read_config(model_dir)
+        chosen, reason = _choose_device(device, min_free_mb, busy_policy)
+        dtype, quantize = _effective_precision(chosen, dtype, quantize)
+        net = build_model(config, load_weights(model_dir / "model.pt"), len(labels),
+                          model_dir / "model.pt")
+        net = _place(net, chosen, DTYPES[dtype], quantize)
+        normalize = bool(config["model_conf"].get("normalize", False))
+        seconds = time.perf_counter() - start
+        log.info("loaded %s from %s on %s (%s) as %s%s in %.1f s", model_id, model_dir, chosen,
+                 reason, dtype, " int8-quantized" if quantize else "", seconds)
+        return cls(net, model_id, model_dir, chosen, dtype, labels, normalize, seconds, quantize)
+
+    # -- inference -------------------------------------------------------------------------
+
+    def recognize(self, audio: bytes | Audio, granularity: str = "utterance",
+                  embedding: bool = False, max_seconds: float = 30.0) -> Recognition:
+        """Recognize the emotion of one clip: audio file bytes (decoded by e2vd.audio) or `Audio`.
+
+        Raises e2vd.audio.AudioError for audio that cannot be used, ValueError for a bad option.
+        """
+        _check_granularity(granularity)
+        clip = self._as_audio(audio, max_seconds)
+        return self._run([clip], granularity, embedding)[0]
+
+    def recognize_batch(self, clips: Sequence[Audio], granularity: str = "utterance",
+                        embedding: bool = False) -> list[Recognition]:
+        """Recognize several decoded clips; results equal one-by-one `recognize` calls (1e-5).
+
+        The model layer-norms each whole waveform and attends over all frames without a padding
+        mask, so zero-padding a short clip would change its result. Clips are therefore grouped
+        by exact length and each group runs as one batch; results keep the order of `clips`.
+        """
+        _check_granularity(granularity)
+        results: list[Recognition | None] = [None] * len(clips)
+        groups: dict[int, list[int]] = {}
+        for i, clip in enumerate(clips):
+            groups.setdefault(len(clip.samples), []).append(i)
+        for indices in groups.values():
+            for i, rec in zip(indices, self._run([clips[i] for i in indices], granularity, embedding)):
+                results[i] = rec
+        return [r for r in results if r is not None]
+
+    def _as_audio(self, audio: bytes | Audio, max_seconds: float) -> Audio:
+        """Decode bytes with e2vd.audio; check an `Audio`'s length against `max_seconds`."""
+        if isinstance(audio, (bytes, bytearray, memoryview)):
+            return decode(audio, max_seconds=max_seconds)
+        if audio.duration_s > max_seconds:
+            raise AudioError(
+                "too_long", f"audio is {audio.duration_s:.1f} s long; the limit is {max_seconds:g} s: "
+                            "cut it into shorter clips")
+        return audio
+
+    def _run(self, clips: Sequence[Audio], granularity: str, embedding: bool) -> list[Recognition]:
+        """Run equal-length `clips` as one batch; return one Recognition per clip."""
+        probs, feats = self.forward(np.stack([np.asarray(c.samples, dtype=np.float32) for c in clips]))
+        results = []
+        for i, clip in enumerate(clips):
+            emb = None
+            if embedding:
+                emb = feats[i] if granularity == "frame" else feats[i].mean(axis=0)
+            results.append(Recognition(
+                labels=list(LABELS),
+                scores=[float(p) for p in probs[i]],
+                model_labels=list(self.model_labels),
+                duration_s=float(clip.duration_s),
+                embedding=emb,
+            ))
+        return results
+
+    def forward(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Run the model on a batch of equal-length 16 kHz waveforms, shape (B, N) float32.
+
+        Returns (probabilities (B, 9) float64, frame features (B, T, D) float32 at 50 frames/s),
+        computed exactly like ``Emotion2vec.inference``: each waveform layer-normed over its
+        whole length (when config ``normalize``), encoder without padding mask, features averaged
+        over frames, ``proj``, softmax.
+        """
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32)).to(self.device)
+            if self.normalize:
+                x = torch.nn.functional.layer_norm(x, x.shape[-1:])
+            if not self.quantized:
+                x = x.to(self._torch_dtype)
+            feats = self._model.extract_features(x, padding_mask=None)["x"]
+            logits = self._model.proj(feats.mean(dim=1))
+            probs = torch.softmax(logits, dim=-1)
+            return (probs.float().cpu().numpy().astype(np.float64),
+                    feats.float().cpu().numpy())
+
+    # -- introspection ---------------------------------------------------------------------
+
+    def memory(self) -> dict[str, int]:
+        """Bytes held: param_bytes (weights, all devices) and, on CUDA, allocated/reserved bytes."""
+        tensors = list(self._model.state_dict().values())
+        out = {"param_bytes": int(sum(t.numel() * t.element_size() for t in tensors
+                                      if isinstance(t, torch.Tensor)))}
+        if self.device.startswith("cuda"):
+            out["cuda_allocated_bytes"] = int(torch.cuda.memory_allocated(self.device))
+            out["cuda_reserved_bytes"] = int(torch.cuda.memory_reserved(self.device))
+        return out
+
+
+def _check_granularity(granularity: str) -> None:
+    """Raise ValueError unless `granularity` is "utterance" or "frame"."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, not {granularity!r}")
+
+
+def _effective_precision(device: str, dtype: str, quantize: bool) -> tuple[str, bool]:
+    """(dtype, quantize) that `device` can run: half precision needs a GPU, INT8 needs the CPU."""
+    if device == "cpu" and dtype != "fp32":
+        log.warning("dtype %s is for GPUs; running on the CPU in fp32", dtype)
+        dtype = "fp32"
+    if device != "cpu" and quantize:
+        log.warning("INT8 dynamic quantization runs on the CPU only; %s runs %s unquantized",
+                    device, dtype)
+        quantize = False
+    return dtype, quantize
+
+
+def _place(model: torch.nn.Module, device: str, dtype: torch.dtype, quantize: bool) -> torch.nn.Module:
+    """Move `model` to `device`/`dtype`; on CPU optionally quantize its Linear layers to INT8."""
+    if device != "cpu":
+        return model.to(device=device, dtype=dtype)
+    if quantize:
+        with warnings.catch_warnings():  # torch.ao deprecation notices, not for an operator's log
+            warnings.simplefilter("ignore")
+            return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    return model

@@ -1,0 +1,271 @@
+"""The engine on the tiny stand-in: results, parity with funasr's AutoModel, batching, validation."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, speechlike
+from e2vd import engine as engine_mod
+from e2vd.audio import Audio, AudioError, from_samples
+from e2vd.engine import LABELS, Engine, ModelError, Recognition
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model: Path) -> Engine:
+    return Engine.load(str(tiny_model), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def automodel(tiny_model: Path):
+    from funasr import AutoModel
+
+    return AutoModel(model=str(tiny_model), disable_update=True, device="cpu", disable_pbar=True)
+
+
+def clip(seconds: float, seed: int = 0, gain: float = 1.0) -> Audio:
+    return from_samples(gain * speechlike(seconds, seed=seed)[:, 0], 16000)
+
+
+# -- results -----------------------------------------------------------------------------------
+
+def test_recognize_bytes(engine: Engine, wav_bytes: bytes, tiny_model: Path) -> None:
+    r = engine.recognize(wav_bytes)
+    assert r.labels == list(LABELS)
+    assert r.model_labels[0] == "生气/angry" and r.model_labels[-1] == "<unk>"
+    assert len(r.scores) == 9 and sum(r.scores) == pytest.approx(1.0, abs=1e-6)
+    assert r.top.score == max(r.scores) and r.top.label == LABELS[int(np.argmax(r.scores))]
+    assert r.duration_s == pytest.approx(2.0)
+    assert r.embedding is None
+    assert engine.model_dir == tiny_model and engine.model_id == str(tiny_model)
+    assert engine.device == "cpu" and engine.dtype == "fp32" and engine.load_seconds > 0
+
+
+def test_embeddings_have_model_width_and_50_hz_frames(engine: Engine) -> None:
+    utt = engine.recognize(clip(2.0), embedding=True)
+    frame = engine.recognize(clip(2.0), granularity="frame", embedding=True)
+    assert utt.embedding.shape == (64,)
+    assert frame.embedding.shape[1] == 64 and abs(frame.embedding.shape[0] - 2.0 * 50) <= 1
+    np.testing.assert_allclose(frame.embedding.mean(axis=0), utt.embedding, atol=1e-6)
+    assert frame.scores == utt.scores
+
+
+def test_to_dict_is_json_ready(engine: Engine) -> None:
+    d = engine.recognize(clip(1.0), granularity="frame", embedding=True).to_dict()
+    again = json.loads(json.dumps(d))
+    assert set(again) == {"labels", "scores", "top", "model_labels", "duration_s", "embedding"}
+    assert again["top"]["label"] in LABELS and len(again["embedding"][0]) == 64
+    assert "embedding" not in engine.recognize(clip(1.0)).to_dict()
+
+
+def test_different_audio_gives_different_scores(engine: Engine) -> None:
+    assert engine.recognize(clip(1.0, seed=1)).scores != engine.recognize(clip(1.5, seed=2)).scores
+
+
+def test_bad_audio_and_options(engine: Engine) -> None:
+    with pytest.raises(AudioError) as err:
+        engine.recognize(b"this is not audio")
+    assert err.value.code == "bad_audio"
+    with pytest.raises(AudioError) as err:
+        engine.recognize(clip(3.0), max_seconds=2.0)
+    assert err.value.code == "too_long"
+    with pytest.raises(ValueError, match="granularity"):
+        engine.recognize(clip(1.0), granularity="word")
+
+
+def test_memory_reports_weight_bytes(engine: Engine) -> None:
+    params = sum(p.numel() for p in engine._model.parameters())
+    assert engine.memory()["param_bytes"] >= params * 4
+
+
+# -- parity with funasr AutoModel.generate ------------------------------------------------------
+
+@pytest.mark.parametrize("granularity", ["utterance", "frame"])
+@pytest.mark.parametrize("seconds,seed", [(1.0, 0), (3.3, 5)])
+def test_parity_with_funasr_automodel(engine: Engine, automodel, granularity: str,
+                                      seconds: float, seed: int) -> None:
+    audio = clip(seconds, seed=seed)
+    ours = engine.recognize(audio, granularity=granularity, embedding=True)
+    theirs = automodel.generate(audio.samples, granularity=granularity, extract_embedding=True)[0]
+    assert theirs["labels"] == ours.model_labels
+    np.testing.assert_allclose(ours.scores, theirs["scores"], atol=1e-5, rtol=0)
+    assert ours.embedding.shape == theirs["feats"].shape
+    np.testing.assert_allclose(ours.embedding, theirs["feats"], atol=1e-5, rtol=0)
+
+
+# -- batching -----------------------------------------------------------------------------------
+
+def test_batch_equals_one_by_one(engine: Engine) -> None:
+    clips = [clip(1.0, seed=1), clip(2.0, seed=2), clip(1.0, seed=3, gain=0.2),
+             clip(1.5, seed=4), clip(2.0, seed=5, gain=3.0)]
+    for granularity in ("utterance", "frame"):
+        batch = engine.recognize_batch(clips, granularity=granularity, embedding=True)
+        assert len(batch) == len(clips)
+        for c, b in zip(clips, batch):
+            one = engine.recognize(c, granularity=granularity, embedding=True)
+            np.testing.assert_allclose(b.scores, one.scores, atol=1e-5, rtol=0)
+            np.testing.assert_allclose(b.embedding, one.embedding, atol=1e-5, rtol=0)
+            assert b.duration_s == one.duration_s
+
+
+def test_naive_zero_padding_would_change_results(engine: Engine) -> None:
+    """Why recognize_batch groups by length: padding shifts the layer norm and the attention."""
+    short, long = clip(1.0, seed=1), clip(2.0, seed=2)
+    padded = np.zeros(len(long.samples), dtype=np.float32)
+    padded[: len(short.samples)] = short.samples
+    probs, _ = engine.forward(np.stack([padded, long.samples]))
+    alone = engine.recognize(short).scores
+    assert np.abs(probs[0] - alone).max() > 1e-3
+
+
+def test_empty_batch(engine: Engine) -> None:
+    assert engine.recognize_batch([]) == []
+
+
+# -- resolving and validating the model ----------------------------------------------------------
+
+def copy_model(tiny_model: Path, dest: Path) -> Path:
+    shutil.copytree(tiny_model, dest)
+    return dest
+
+
+@pytest.mark.parametrize("name", ["model.pt", "tokens.txt", "config.yaml"])
+def test_missing_file_is_named(tiny_model: Path, tmp_path: Path, name: str) -> None:
+    model = copy_model(tiny_model, tmp_path / "m")
+    (model / name).unlink()
+    with pytest.raises(ModelError, match=str(model / name)) as err:
+        Engine.load(str(model), device="cpu")
+    if name == "model.pt":
+        assert "random weights" in str(err.value)
+
+
+@pytest.mark.parametrize("tokens,problem", [
+    ("生气/angry\n厌恶/disgusted\n", "has 2 labels, expected 9"),
+    ("\n".join(["a/x"] * 10) + "\n", "has 10 labels"),
+    ("厌恶/disgusted\n生气/angry\n恐惧/fearful\n开心/happy\n中立/neutral\n其他/other\n难过/sad\n"
+     "吃惊/surprised\n<unk>\n", "line 1 is '厌恶/disgusted'"),
+])
+def test_odd_tokens_are_refused(tiny_model: Path, tmp_path: Path, tokens: str, problem: str) -> None:
+    model = copy_model(tiny_model, tmp_path / "m")
+    (model / "tokens.txt").write_text(tokens, encoding="utf-8")
+    with pytest.raises(ModelError, match=problem):
+        Engine.load(str(model), device="cpu")
+
+
+def test_truncated_checkpoint_is_refused(tiny_model: Path, tmp_path: Path) -> None:
+    model = copy_model(tiny_model, tmp_path / "m")
+    data = (model / "model.pt").read_bytes()
+    (model / "model.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match="model.pt"):
+        Engine.load(str(model), device="cpu")
+
+
+def test_checkpoint_of_another_size_is_refused(tiny_model: Path, tmp_path: Path) -> None:
+    model = copy_model(tiny_model, tmp_path / "m")
+    ckpt = torch.load(model / "model.pt", weights_only=True)
+    ckpt["model"]["proj.weight"] = torch.zeros(9, 32)
+    torch.save(ckpt, model / "model.pt")
+    with pytest.raises(ModelError, match="proj.weight"):
+        Engine.load(str(model), device="cpu")
+
+
+def test_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="does not exist.*E2VD_MODEL"):
+        Engine.load(str(tmp_path / "nowhere"), device="cpu")
+
+
+def test_relative_id_that_exists_locally_is_ambiguous(tiny_model: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    copy_model(tiny_model, tmp_path / "iic" / "emotion2vec_plus_large")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError, match="ambiguous.*absolute path"):
+        Engine.load("iic/emotion2vec_plus_large", device="cpu", cache_dir=str(tmp_path / "cache"))
+
+
+def test_not_a_model_name(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="neither an absolute directory nor a ModelScope id"):
+        Engine.load("just-a-name", device="cpu")
+
+
+def test_no_hub_says_to_set_e2vd_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODELSCOPE_DOMAIN", "127.0.0.1:9")  # nothing listens on the discard port
+    with pytest.raises(ModelError, match="unreachable.*Set E2VD_MODEL"):
+        Engine.load("iic/emotion2vec_plus_large", device="cpu", cache_dir=str(tmp_path))
+
+
+def test_downloaded_model_is_used_from_the_cache(tiny_model: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODELSCOPE_DOMAIN", "127.0.0.1:9")  # a network attempt would fail
+    target = tmp_path / "models" / "iic" / "emotion2vec_plus_large" / engine_mod.DEFAULT_REVISION
+    copy_model(tiny_model, target)
+    (target / ".e2vd-complete").write_text("done\n")
+    loaded = Engine.load(engine_mod.DEFAULT_MODEL, device="cpu", cache_dir=str(tmp_path))
+    assert loaded.model_dir == target and loaded.model_id == engine_mod.DEFAULT_MODEL
+
+
+def test_unknown_dtype(tiny_model: Path) -> None:
+    with pytest.raises(ModelError, match="dtype"):
+        Engine.load(str(tiny_model), device="cpu", dtype="fp8")
+
+
+def test_half_precision_on_cpu_falls_back_to_fp32(tiny_model: Path, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="e2vd.engine"):
+        loaded = Engine.load(str(tiny_model), device="cpu", dtype="bf16")
+    assert loaded.dtype == "fp32" and "bf16" in caplog.text
+
+
+def test_int8_quantization_on_cpu(engine: Engine, tiny_model: Path) -> None:
+    q = Engine.load(str(tiny_model), device="cpu", quantize=True)
+    assert q.quantized
+    audio = clip(2.0, seed=3)
+    a, b = engine.recognize(audio), q.recognize(audio)
+    assert sum(b.scores) == pytest.approx(1.0, abs=1e-5)
+    assert np.abs(np.array(a.scores) - b.scores).max() < 0.05  # close, not equal: int8 weights
+    assert q.memory()["param_bytes"] < engine.memory()["param_bytes"]
+
+
+# -- importing funasr lightly -----------------------------------------------------------------
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_light_import_keeps_funasr_usable(tiny_model: Path) -> None:
+    """After Engine.load, `from funasr import AutoModel` still gets the whole, working package."""
+    proc = _run(f"""
+import logging, sys
+logging.basicConfig(level=logging.WARNING, format="OURS %(message)s")
+handlers = list(logging.getLogger().handlers)
+from e2vd.engine import Engine
+e = Engine.load({str(tiny_model)!r}, device="cpu")
+light = sorted(m for m in sys.modules if m == "funasr" or m.startswith("funasr."))
+assert light == [], light
+assert logging.getLogger().handlers == handlers
+from funasr import AutoModel
+import funasr
+assert len([m for m in sys.modules if m.startswith("funasr.")]) > 100
+m = AutoModel(model={str(tiny_model)!r}, disable_update=True, device="cpu", disable_pbar=True)
+import numpy as np
+print("LABELS", len(m.generate(np.zeros(16000, dtype=np.float32) + 0.1)[0]["labels"]))
+""")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "LABELS 9" in proc.stdout
+
+
+def test_engine_import_is_quiet_and_light(tiny_model: Path) -> None:
+    proc = _run(f"""
+import sys
+from e2vd.engine import Engine
+Engine.load({str(tiny_model)!r}, device="cpu")
+print("MODULES", len([m for m in sys.modules if m.startswith("funasr")]))
+""")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "MODULES 0"  # nothing printed by funasr ("Notice: ffmpeg ...")
