@@ -292,6 +292,9 @@ def cmd_recognize(args: argparse.Namespace) -> int:
                 _err(f"{name}: {_explain(e)}")
                 if args.json:
                     print(json.dumps({"file": name, "error": {"code": e.code, "message": e.message}}), flush=True)
+                if e.code == "model_unavailable" and n + 1 < len(args.files):
+                    _err(f"skipping the other {len(args.files) - n - 1} file(s): the daemon has no model")
+                    break
                 continue
             except OSError as e:  # the file vanished or became unreadable after the check
                 worst = max(worst, EXIT_REJECTED)

@@ -304,3 +304,84 @@ def test_warmup_unreachable_exit_3(capsys) -> None:
     path = os.path.join(tempfile.mkdtemp(prefix="e2vd-t-"), "none.sock")
     code, _, err = run(["warmup", "--hold", "1m", "--socket", path], capsys)
     assert code == cli.EXIT_UNREACHABLE and "systemctl enable --now e2vd.socket" in err
+
+
+# -- against the real daemon (`e2vd serve` with the tiny stand-in) ----------------------------
+
+@pytest.fixture(scope="module")
+def daemon(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    from daemon_proc import DaemonProcess
+
+    sock = tmp_path_factory.mktemp("cli") / "e2vd.sock"
+    with DaemonProcess(sock, tiny_model, wait_ready=True, idle_timeout=600) as d:
+        yield d
+
+
+def test_daemon_recognize_table_matches_json(daemon, clips: list[Path], capsys) -> None:
+    sock = str(daemon.socket)
+    code, table, err = run(["recognize", *map(str, clips), "--socket", sock], capsys)
+    assert code == 0, err
+    code, out, _ = run(["recognize", *map(str, clips), "--json", "--socket", sock], capsys)
+    assert code == 0
+    docs = [json.loads(line) for line in out.splitlines()]
+    assert [d["file"] for d in docs] == list(map(str, clips))
+    for clip, doc in zip(clips, docs):
+        assert doc["labels"] == LABELS and sum(doc["scores"]) == pytest.approx(1.0, abs=1e-4)
+        assert doc["duration_s"] == pytest.approx(1.0 + clips.index(clip), abs=0.01)
+        # The table's header names the same top label and percentage as the JSON.
+        assert f"{clip}: {doc['top']['label']} {100 * doc['top']['score']:.1f}%" in table
+        ranked = sorted(zip(doc["scores"], doc["labels"]), reverse=True)
+        block = table.split(f"{clip}: ", 1)[1].splitlines()[1:10]
+        assert [ln.split()[0] for ln in block] == [lab for _, lab in ranked]
+
+
+def test_daemon_recognize_embedding_npy(daemon, clips: list[Path], tmp_path: Path, capsys) -> None:
+    sock = str(daemon.socket)
+    code, _, err = run(["recognize", str(clips[1]), "--embedding", str(tmp_path / "u.npy"), "--socket", sock], capsys)
+    assert code == 0, err
+    u = np.load(tmp_path / "u.npy")
+    assert u.ndim == 1 and u.dtype == np.float32
+    code, _, err = run(["recognize", str(clips[0]), str(clips[2]), "--granularity", "frame",
+                        "--embedding", str(tmp_path / "f.npy"), "--socket", sock], capsys)
+    assert code == 0, err
+    f0, f2 = np.load(tmp_path / "f-c0.npy"), np.load(tmp_path / "f-c2.npy")
+    assert f0.shape[1] == f2.shape[1] == u.shape[0]
+    assert abs(f0.shape[0] - 50) <= 2 and abs(f2.shape[0] - 150) <= 2  # 1 s and 3 s at 50 Hz
+
+
+def test_daemon_recognize_bad_audio_exit_4(daemon, clips: list[Path], tmp_path: Path, capsys) -> None:
+    garbage = tmp_path / "garbage.wav"
+    garbage.write_bytes(os.urandom(4000))
+    tiny = write_audio(tmp_path / "blip.wav", seconds=0.01)
+    code, out, err = run(["recognize", str(garbage), str(clips[0]), str(tiny), "--socket", str(daemon.socket)], capsys)
+    assert code == cli.EXIT_REJECTED
+    assert f"{garbage}: " in err and "bad_audio, HTTP 400" in err
+    assert f"{tiny}: " in err and "too_short" in err
+    assert f"{clips[0]}: " in out  # the good file in between was still recognised
+
+
+def test_daemon_status_and_warmup_with_socket(daemon, capsys) -> None:
+    sock = str(daemon.socket)
+    code, out, err = run(["warmup", "--hold", "45s", "--socket", sock], capsys)
+    assert code == 0, err
+    assert out.startswith("e2vd is warm: model ") and "on cpu" in out and "45 s" in out
+    code, out, _ = run(["status", "--socket", sock], capsys)
+    assert code == 0
+    assert f"daemon on {sock}:" in out and "state: ready" in out and "device: cpu" in out
+    assert "keep_warm_deadline: " in out and "(in " in out
+    code, out, _ = run(["status", "--socket", sock, "--json"], capsys)
+    st = json.loads(out)["daemon"]["status"]
+    assert st["state"] == "ready" and st["keep_warm_deadline"] > time.time()
+
+
+def test_daemon_without_model_exit_5_and_stops_early(clips: list[Path], tmp_path: Path, capsys) -> None:
+    from daemon_proc import DaemonProcess
+
+    missing = tmp_path / "no-such-model"
+    with DaemonProcess(tmp_path / "e2vd.sock", missing, unavailable_grace=60) as d:
+        code, out, err = run(["recognize", str(clips[0]), str(clips[1]), "--socket", str(d.socket)], capsys)
+        assert code == cli.EXIT_SERVER and out == ""
+        assert f"{clips[0]}: " in err and str(missing) in err and "model_unavailable, HTTP 503" in err
+        assert "skipping the other 1 file(s)" in err
+        code, out, _ = run(["status", "--socket", str(d.socket)], capsys)
+        assert "state: unavailable" in out and str(missing) in out

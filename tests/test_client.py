@@ -2,11 +2,13 @@
 and the real daemon (`e2vd serve` with the tiny stand-in) for results end to end."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -145,3 +147,79 @@ def test_default_socket_from_environment(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.delenv("E2VD_SOCKET")
     assert Client().socket == "/run/e2vd/e2vd.sock"
     assert Client("/x.sock").socket == "/x.sock"
+
+
+# -- against the real daemon (`e2vd serve` with the tiny stand-in) ----------------------------
+
+@pytest.fixture(scope="module")
+def daemon(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    from daemon_proc import DaemonProcess
+
+    sock = tmp_path_factory.mktemp("client") / "e2vd.sock"
+    with DaemonProcess(sock, tiny_model, wait_ready=True, connection_timeout=3, idle_timeout=600) as d:
+        yield d
+
+
+def test_daemon_recognize_utterance_and_frame(daemon, wav_file: Path) -> None:
+    with Client(daemon.socket) as c:
+        r = c.recognize(wav_file)
+        assert r.labels == LABELS and len(r.model_labels) == 9
+        assert sum(r.scores) == pytest.approx(1.0, abs=1e-4)
+        best = int(np.argmax(r.scores))
+        assert (r.top.label, r.top.score) == (r.labels[best], pytest.approx(r.scores[best]))
+        assert r.duration_s == pytest.approx(2.0, abs=0.01) and r.embedding is None
+        assert r.model and set(r.timing_ms) >= {"queue", "infer"}
+        u = c.recognize(wav_file.read_bytes(), embedding=True)
+        f = c.recognize(wav_file, granularity="frame", embedding=True)
+        assert u.scores == pytest.approx(r.scores, abs=1e-6)
+        assert u.embedding.ndim == 1 and u.embedding.shape[0] > 0
+        assert f.embedding.ndim == 2 and f.embedding.shape[1] == u.embedding.shape[0]
+        assert abs(f.embedding.shape[0] - 100) <= 2  # 50 frames per second of audio
+        assert c.connections_opened == 1
+
+
+def test_daemon_health_status_warmup(daemon, wav_bytes: bytes) -> None:
+    with Client(daemon.socket) as c:
+        assert c.health() == {"status": "ready"}
+        before = c.status()["requests_served"]
+        c.recognize(wav_bytes)
+        st = c.status()
+        assert st["requests_served"] == before + 1
+        assert st["device"] == "cpu" and st["connections"] == 1  # this client's one kept-alive connection
+        w = c.warmup(30)
+        assert w["status"] == "ready" and w["hold_s"] == pytest.approx(30)
+        assert c.status()["keep_warm_deadline"] is not None
+        assert "/v1/recognize" in json.dumps(c.openapi())
+
+
+def test_daemon_bad_audio_is_a_client_error_and_daemon_keeps_serving(daemon, wav_bytes: bytes) -> None:
+    with Client(daemon.socket) as c:
+        with pytest.raises(ClientError) as e:
+            c.recognize(b"RIFF....WAVEfmt definitely not audio")
+        assert e.value.status == 400 and e.value.code == "bad_audio" and e.value.rejected
+        with pytest.raises(ClientError) as e:
+            c.recognize(wav_bytes, granularity="sideways")
+        assert e.value.code == "bad_option"
+        assert c.recognize(wav_bytes).duration_s == pytest.approx(2.0, abs=0.01)
+
+
+def test_daemon_closed_idle_connection_is_reopened_transparently(daemon, wav_bytes: bytes) -> None:
+    with Client(daemon.socket) as c:
+        first = c.recognize(wav_bytes)
+        time.sleep(4.0)  # past the daemon's connection_timeout (3 s): it closes our connection
+        second = c.recognize(wav_bytes)
+        assert second.scores == pytest.approx(first.scores, abs=1e-6)
+        assert c.connections_opened == 2
+
+
+def test_daemon_result_equals_in_process_engine(daemon, wav_bytes: bytes, tiny_model: Path) -> None:
+    from e2vd.engine import Engine
+
+    engine = Engine.load(str(tiny_model), device="cpu")
+    local = engine.recognize(wav_bytes, embedding=True)
+    with Client(daemon.socket) as c:
+        remote = c.recognize(wav_bytes, embedding=True)
+    assert remote.labels == local.labels and remote.model_labels == local.model_labels
+    assert remote.scores == pytest.approx(local.scores, abs=1e-5)
+    assert remote.top.label == local.top.label
+    np.testing.assert_allclose(remote.embedding, local.embedding, atol=1e-5)
