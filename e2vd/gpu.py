@@ -128,8 +128,7 @@ def _get_nvml():
 def _describe_init_error(pynvml, err: Exception) -> str:
     code = getattr(err, "value", None)
     if code == getattr(pynvml, "NVML_ERROR_LIBRARY_NOT_FOUND", object()):
-        return ("the NVML library libnvidia-ml.so.1 was not found; there is no NVIDIA driver on "
-                "this machine, or it is not visible in this container")
+        return "NVML (libnvidia-ml.so.1) not found, so no NVIDIA driver is visible here"
     if code == getattr(pynvml, "NVML_ERROR_DRIVER_NOT_LOADED", object()):
         return "the NVIDIA kernel driver is not loaded (check `nvidia-smi`)"
     if code == getattr(pynvml, "NVML_ERROR_NO_PERMISSION", object()):
