@@ -254,3 +254,11 @@ def test_from_samples_errors():
     assert "transpose" in transposed.message
     assert pytest.raises(AudioError, from_samples, np.zeros(1600, np.float32), 16000.5).value.code == "bad_audio"
     assert pytest.raises(AudioError, from_samples, np.zeros(1600, complex), 16000).value.code == "bad_audio"
+
+
+def test_no_limit_with_infinite_max_seconds():
+    data = encode(31.0, sr=8000)
+    assert decode(data, max_seconds=math.inf).duration_s == 31.0
+    i = data.index(b"data")
+    streamed = data[: i + 4] + struct.pack("<I", 0xFFFFFFFF) + data[i + 8:]
+    assert decode(streamed, max_seconds=math.inf).duration_s == 31.0  # read block by block
