@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from e2vd import gpu
 from e2vd.gpu import (DeviceChoice, DeviceError, GpuBusyError, GpuInfo, choose_device, device_memory,
                       list_gpus, visible_gpus)
 
@@ -21,10 +20,6 @@ def card(index: int, free_gb: float, total_gb: float = 80, name: str = "NVIDIA H
                    uuid=f"GPU-{index:08d}-aaaa-bbbb-cccc-000000000000", nvml_index=index)
 
 
-def has_nvml_gpu() -> bool:
-    return bool(list_gpus())
-
-
 # --- the real path on this machine ----------------------------------------------------------------
 
 def test_real_nvml_path_in_a_fresh_process():
@@ -32,8 +27,7 @@ def test_real_nvml_path_in_a_fresh_process():
     code = textwrap.dedent("""
         from e2vd.log import setup_logging
         setup_logging("INFO", journald=False)
-        from e2vd import gpu
-        first, second = gpu.list_gpus(), gpu.list_gpus()
+                first, second = gpu.list_gpus(), gpu.list_gpus()
         print(len(first), len(second))
         if not first:
             print(gpu.choose_device("auto").device)
