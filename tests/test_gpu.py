@@ -27,7 +27,8 @@ def test_real_nvml_path_in_a_fresh_process():
     code = textwrap.dedent("""
         from e2vd.log import setup_logging
         setup_logging("INFO", journald=False)
-                first, second = gpu.list_gpus(), gpu.list_gpus()
+        from e2vd import gpu
+        first, second = gpu.list_gpus(), gpu.list_gpus()
         print(len(first), len(second))
         if not first:
             print(gpu.choose_device("auto").device)
