@@ -3,11 +3,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from e2vd.config import DEFAULT_CONFIG_PATH, ConfigError, Settings, env_name, load_settings
+
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def toml(tmp_path: Path, text: str, name: str = "e2vd.toml") -> str:
@@ -153,15 +160,32 @@ def test_override_errors_name_the_option(tmp_path):
 
 def test_directory_and_unreadable_file(tmp_path):
     assert "is a directory" in fails(env={}, config_path=str(tmp_path))
-    path = Path(toml(tmp_path, 'model = "x"\n'))
-    path.chmod(0)
+
+
+def test_unreadable_file_names_uid_and_fix():
+    """Real permission denial: as root, read it as uid 65534 (nobody) in a child process."""
+    folder = Path(tempfile.mkdtemp(prefix="e2vd-cfg-"))
     try:
-        if os.access(path, os.R_OK):
-            pytest.skip("running as root: permission bits do not stop reading")
-        msg = fails(env={}, config_path=str(path))
-        assert "permission denied" in msg and "chmod" in msg
+        folder.chmod(0o755)
+        path = folder / "e2vd.toml"
+        path.write_text('model = "x"\n')
+        path.chmod(0)
+        if os.geteuid() != 0:
+            msg = fails(env={}, config_path=str(path))
+        else:
+            if not shutil.which("setpriv"):
+                pytest.skip("running as root without setpriv(1) to drop privileges")
+            code = ("from e2vd.config import load_settings, ConfigError\n"
+                    "try:\n    load_settings(env={}, config_path=%r)\n"
+                    "except ConfigError as e:\n    print(e)\n" % str(path))
+            proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                   sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                                  timeout=60)
+            assert proc.returncode == 0, proc.stderr
+            msg = proc.stdout
+        assert str(path) in msg and "permission denied" in msg and "chmod 644" in msg
     finally:
-        path.chmod(0o644)
+        shutil.rmtree(folder)
 
 
 def test_config_error_is_a_value_error():
