@@ -215,7 +215,7 @@ class Daemon:
             import logging
 
             _event("model_unavailable", f"the model {s.model} could not be loaded: {exc}", logging.ERROR,
-                   model=s.model, error=str(exc), grace_s=s.unavailable_grace)
+                   model=s.model, error=str(exc), grace_seconds=s.unavailable_grace)
             raise
 
     # --- Control ---
@@ -230,7 +230,7 @@ class Daemon:
                     self.keep_warm_until = until
             deadline = self.keep_warm_until
         if granted > 0:
-            _event("keep_warm", f"keeping the model warm for {granted:g} s", hold_s=granted,
+            _event("keep_warm", f"keeping the model warm for {granted:g} s", hold_seconds=granted,
                    capped=granted < seconds)
         return granted, (None if deadline is None else self._wall(deadline))
 
@@ -303,7 +303,7 @@ class Daemon:
         _event("start", f"e2vd {__version__} listening on {self.listener.path}"
                         f"{' (from systemd)' if self.listener.from_systemd else ''}; loading {s.model}",
                socket=self.listener.path, socket_activated=self.listener.from_systemd, model=s.model,
-               device=s.device, pid=os.getpid(), idle_timeout_s=s.idle_timeout)
+               device=s.device, pid=os.getpid(), idle_timeout_seconds=s.idle_timeout)
         self.scheduler.start()
         try:
             while True:
@@ -360,7 +360,8 @@ class Daemon:
                 _event("model_loaded", f"model {getattr(engine, 'model_id', s.model)} loaded on "
                                        f"{getattr(engine, 'device', '?')} in {getattr(engine, 'load_seconds', 0):.1f} s",
                        model=getattr(engine, "model_id", s.model), device=getattr(engine, "device", None),
-                       dtype=getattr(engine, "dtype", None), load_s=getattr(engine, "load_seconds", None),
+                       dtype=getattr(engine, "dtype", None), load_seconds=getattr(engine, "load_seconds", None),
+                       memory_bytes=memory.get("cuda_allocated_bytes", memory.get("param_bytes")),
                        **{f"memory_{k}": v for k, v in memory.items()})
                 notify("READY=1", "STATUS=" + self._status_line(now))
                 self._last_status = self._status_line(now)
@@ -434,8 +435,8 @@ class Daemon:
         alive = time.monotonic() - self.started
         _event("idle_exit", f"idle for {self.settings.idle_timeout:g} s: exiting after {alive:.0f} s alive, "
                             f"{self.server.requests_served} request(s) served",
-               alive_s=round(alive, 3), requests_served=self.server.requests_served,
-               idle_timeout_s=self.settings.idle_timeout)
+               alive_seconds=round(alive, 3), requests_served=self.server.requests_served,
+               idle_timeout_seconds=self.settings.idle_timeout)
         notify("STOPPING=1", f"STATUS=Idle exit after {self.server.requests_served} request(s)")
         self.scheduler.stop(timeout=1.0)
         return EXIT_OK
@@ -447,7 +448,7 @@ class Daemon:
         self.listener.close()
         _event("exit_unavailable", f"exiting after {self.settings.unavailable_grace:g} s: the model is "
                                    f"unavailable ({self.scheduler.error})", logging.ERROR,
-               error=self.scheduler.error, grace_s=self.settings.unavailable_grace)
+               error=self.scheduler.error, grace_seconds=self.settings.unavailable_grace)
         notify("STOPPING=1", f"STATUS=Model unavailable: {self.scheduler.error}")
         self.scheduler.stop(timeout=1.0)
         return EXIT_SERVER
@@ -478,7 +479,7 @@ class Daemon:
         alive = time.monotonic() - self.started
         _event("stopped", f"stopped by {name} after {alive:.0f} s alive, "
                           f"{self.server.requests_served} request(s) served",
-               signal=name, alive_s=round(alive, 3), requests_served=self.server.requests_served)
+               signal=name, alive_seconds=round(alive, 3), requests_served=self.server.requests_served)
         self.scheduler.stop(timeout=1.0)
         return EXIT_OK
 

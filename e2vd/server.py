@@ -188,6 +188,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.server.draining:
             self.close_connection = True
             return
+        self.connection.settimeout(self.server.connection_timeout)   # silence between requests
         try:
             first = self.rfile.peek(1)
         except (TimeoutError, OSError):
@@ -195,6 +196,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not first:
             self.close_connection = True
             return
+        # From the first byte on, the reaper enforces the request deadline (it wakes the read and
+        # we answer 408); the socket timeout is only a backstop behind it.
+        self.connection.settimeout(self.server.connection_timeout + 5.0)
         self.conn.in_request = True
         self.conn.deadline = time.monotonic() + self.server.connection_timeout
         self._request_start = time.monotonic()
@@ -227,6 +231,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         try:
             try:
+                if self.conn.timed_out:   # the headers were cut off by the request deadline
+                    self.close_connection = True
+                    raise ApiError("timeout", f"the request headers did not arrive within "
+                                              f"{self.server.connection_timeout:g} s; send the request at once, "
+                                              "or raise connection_timeout")
                 route = find_route(self.command, url.path)
                 options = parse_options(url.query, route.options)
                 status, payload = getattr(self, "_route_" + route.handler)(route, options)
@@ -260,7 +269,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _route_warmup(self, route: Route, options: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         self._read_small_body()
         granted, deadline = self.server.control.hold(options["hold"])
-        self._fields["hold_s"] = granted
+        self._fields["hold_seconds"] = granted
         scheduler = self.server.scheduler
         self.conn.deadline = None
         scheduler.settled.wait()
@@ -274,7 +283,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         from e2vd.audio import AudioError, decode
 
         body = self._read_body()
-        self._fields["bytes"] = len(body)
+        self._fields["body_bytes"] = len(body)
         if not body:
             raise ApiError("bad_audio", "the body is empty; send the audio file's bytes, "
                                         "e.g. curl --data-binary @clip.wav")
@@ -282,11 +291,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             audio = decode(body, max_seconds=self.server.max_seconds)
         except AudioError as err:
             raise ApiError(err.code, err.message) from None
-        self._fields["audio_s"] = round(audio.duration_s, 3)
+        self._fields["audio_seconds"] = round(audio.duration_s, 3)
         job = self.server.scheduler.submit(audio, options["granularity"], options["embedding"])
         job.wait()
         self._fields.update(queue_ms=round(job.queue_ms, 2), infer_ms=round(job.infer_ms, 2),
-                            batch=job.batch_size)
+                            batch_size=job.batch_size)
         if job.error is not None:
             raise job.error
         assert job.result is not None
@@ -294,7 +303,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         result["model"] = self.server.model_name()
         result["timing_ms"] = {"queue": round(job.queue_ms, 3), "infer": round(job.infer_ms, 3)}
         top = result.get("top") or {}
-        self._fields.update(top=top.get("label"), score=top.get("score"))
+        self._fields.update(top_label=top.get("label"), top_score=top.get("score"))
         with self.server._lock:
             self.server.requests_served += 1
         return 200, result
@@ -332,7 +341,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         while got < length:
             try:
                 chunk = self.rfile.read1(min(length - got, 1 << 20))
-            except (TimeoutError, OSError):
+            except TimeoutError:   # silent for connection_timeout
+                self.conn.timed_out = True
+                chunk = b""
+            except OSError:
                 chunk = b""
             if not chunk:
                 self.close_connection = True
@@ -364,15 +376,29 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 raise ApiError("bad_request", f"the body ended after {got} of {length} bytes")
             got += len(chunk)
 
+    def _discard_body(self) -> None:
+        """After an early error (bad option, wrong route, ...) read and drop an acceptable body, so
+        the client gets to read our answer and the connection stays in sync; else close it."""
+        values = self.headers.get_all("Content-Length") or []
+        if self.headers.get("Transfer-Encoding") is not None or len(values) > 1 or (
+                values and (not values[0].strip().isdigit() or int(values[0]) > self.server.max_body_bytes)):
+            self.close_connection = True
+            return
+        try:
+            if values:
+                self._read_body_of(int(values[0]))
+        except (ApiError, OSError):
+            self.close_connection = True
+        self._body_done = True
+
     # --- answers ---
     def _send_error(self, err: ApiError) -> None:
         self._fields["code"] = err.code
         headers = dict(err.headers)
         if err.retry_after is not None:
             headers["Retry-After"] = str(err.retry_after)
-        if not getattr(self, "_body_done", True) and self.command in ("POST", "PUT", "PATCH"):
-            # The body was not read; we cannot tell where the next request starts.
-            self.close_connection = True
+        if not getattr(self, "_body_done", True) and not self.close_connection:
+            self._discard_body()
         if self.command == "HEAD":
             self.close_connection = True
         self._send_json(err.status, err.body(), headers)
@@ -392,7 +418,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._fields["code"] = err.code
         if not hasattr(self, "command") or self.command is None:
             self.command = ""
-        self.request_version = getattr(self, "request_version", "HTTP/1.1") or "HTTP/1.1"
+        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
+            self.request_version = "HTTP/1.1"   # unparsable request line: still answer with headers
         try:
             self._send_json(err.status if err.code == "timeout" else code, err.body())
         finally:
@@ -440,8 +467,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         level = logging.DEBUG if path == "/v1/health" and status == 200 else (
             logging.WARNING if status >= 500 else logging.INFO)
         summary = f"{self.command or '-'} {path} -> {status}"
-        if "top" in fields:
-            summary += f" {fields['top']} ({fields.get('audio_s')} s audio)"
+        if "top_label" in fields:
+            summary += f" {fields['top_label']} ({fields.get('audio_seconds')} s audio)"
         if "code" in fields:
             summary += f" {fields['code']}"
         event("request", summary, level, request_id=rid, client_uid=peer.uid, client_pid=peer.pid,

@@ -57,6 +57,36 @@ def http_request(path: str | os.PathLike[str], method: str, url: str, body: byte
         conn.close()
 
 
+def raw_request(path: str | os.PathLike[str], data: bytes, timeout: float = 30.0) -> tuple[int, dict[str, str], Any]:
+    """Send raw bytes on a fresh connection and read one response: (status, headers, JSON or {})."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(os.fspath(path))
+        s.sendall(data)
+        return read_response(s)
+
+
+def read_response(s: socket.socket) -> tuple[int, dict[str, str], Any]:
+    """Read one HTTP response from a raw socket: (status, lower-cased headers, JSON or {})."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed before a complete response: {buf!r}")
+        buf += chunk
+    head, body = buf.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    length = int(headers.get("content-length", "0"))
+    while len(body) < length:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return status, headers, json.loads(body[:length]) if body[:length] else {}
+
+
 class DaemonProcess:
     """A daemon subprocess bound to `socket` serving `model`; see the module docstring."""
 

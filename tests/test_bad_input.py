@@ -1,0 +1,207 @@
+"""A corpus of bad (and odd-but-fine) input against one real daemon: each case gets the right HTTP
+status and error code, and after each case the daemon still recognises a good clip.
+
+The daemon runs with short limits (connection_timeout 2 s, max_body_bytes 25 MB, max_seconds 30)
+so the timeout cases stay quick.
+"""
+from __future__ import annotations
+
+import io
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import speechlike
+from daemon_proc import DaemonProcess, raw_request, read_response
+
+CONNECTION_TIMEOUT = 2
+MAX_BODY = 25_000_000
+
+
+def audio_bytes(seconds: float = 1.0, sr: int = 16000, channels: int = 1, fmt: str = "WAV",
+                subtype: str | None = None, samples: np.ndarray | None = None) -> bytes:
+    buf = io.BytesIO()
+    data = speechlike(seconds, sr, channels) if samples is None else samples
+    sf.write(buf, data, sr, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
+GOOD = audio_bytes(0.5)
+
+
+@pytest.fixture(scope="module")
+def daemon(tiny_model, tmp_path_factory):
+    sock = tmp_path_factory.mktemp("bad") / "e2vd.sock"
+    with DaemonProcess(sock, tiny_model, wait_ready=True, idle_timeout=600,
+                       connection_timeout=CONNECTION_TIMEOUT, max_body_bytes=MAX_BODY, max_seconds=30) as d:
+        yield d
+
+
+def post(d: DaemonProcess, body: bytes, query: str = "") -> tuple[int, Any]:
+    status, _, payload = d.request("POST", "/v1/recognize" + query, body)
+    return status, payload
+
+
+def head(method: str, path: str, *lines: str) -> bytes:
+    return ("\r\n".join([f"{method} {path} HTTP/1.1", "Host: e2vd", *lines]) + "\r\n\r\n").encode()
+
+
+def raw(d: DaemonProcess, data: bytes) -> tuple[int, Any]:
+    status, _, payload = raw_request(d.socket, data)
+    return status, payload
+
+
+def hold_open(d: DaemonProcess, data: bytes, then: Callable[[socket.socket], None] | None = None) -> tuple[int, Any]:
+    """Send `data`, optionally act on the socket, then read the daemon's answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(CONNECTION_TIMEOUT * 10)
+        s.connect(str(d.socket))
+        s.sendall(data)
+        if then is not None:
+            then(s)
+        status, _, payload = read_response(s)
+        return status, payload
+
+
+def trickle(s: socket.socket) -> None:
+    """Send one body byte every 0.5 s (never silent for connection_timeout) until the daemon gives up."""
+    try:
+        for _ in range(CONNECTION_TIMEOUT * 6):
+            s.send(b"x")
+            time.sleep(0.5)
+    except OSError:
+        pass
+
+
+def hang_up_mid_upload(d: DaemonProcess) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(d.socket))
+        s.sendall(head("POST", "/v1/recognize", "Content-Length: 64000") + GOOD[:5000])
+    return None
+
+
+def silent_connection(d: DaemonProcess) -> tuple[str, float]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(CONNECTION_TIMEOUT * 10)
+        s.connect(str(d.socket))
+        start = time.monotonic()
+        assert s.recv(10) == b""   # the daemon closed it
+        return "closed", time.monotonic() - start
+
+
+def curl_upload(d: DaemonProcess, data: bytes, tmp: Path) -> tuple[int, Any]:
+    import json
+
+    path = tmp / "upload.bin"
+    path.write_bytes(data)
+    out = subprocess.run(["curl", "-sS", "--unix-socket", str(d.socket), "--data-binary", f"@{path}",
+                          "-w", "\n%{http_code}", "http://e2vd/v1/recognize"],
+                         capture_output=True, text=True, timeout=120, check=True)
+    body, code = out.stdout.rsplit("\n", 1)
+    return int(code), json.loads(body)
+
+
+def nan_samples() -> bytes:
+    x = speechlike(1.0)
+    x[100:200] = np.nan
+    return audio_bytes(samples=x, subtype="FLOAT")
+
+
+def inf_samples() -> bytes:
+    x = speechlike(1.0)
+    x[5] = np.inf
+    return audio_bytes(samples=x, subtype="FLOAT")
+
+
+# (id, action(daemon, tmp) -> (status, payload) | None, expected status, expected error code or None for 200)
+CASES: list[tuple[str, Callable[..., Any], int | None, str | None]] = [
+    # --- bodies that are not usable audio ---
+    ("empty body", lambda d, t: post(d, b""), 400, "bad_audio"),
+    ("garbage bytes", lambda d, t: post(d, bytes(range(256)) * 40), 400, "bad_audio"),
+    ("text that looks like a path", lambda d, t: post(d, b"/etc/shadow"), 400, "bad_audio"),
+    ("truncated wav", lambda d, t: post(d, audio_bytes(1.0)[:20000]), 400, "bad_audio"),
+    ("wav header only", lambda d, t: post(d, audio_bytes(1.0)[:44]), 400, "bad_audio"),
+    ("NaN samples", lambda d, t: post(d, nan_samples()), 400, "bad_audio"),
+    ("inf samples", lambda d, t: post(d, inf_samples()), 400, "bad_audio"),
+    ("10 ms of audio", lambda d, t: post(d, audio_bytes(0.01)), 422, "too_short"),
+    ("10 min of audio", lambda d, t: post(d, audio_bytes(samples=np.zeros((9_600_000, 1), np.float32))), 422, "too_long"),
+    ("31 s of audio", lambda d, t: post(d, audio_bytes(samples=np.zeros((496_000, 1), np.float32))), 422, "too_long"),
+    # --- odd but fine audio ---
+    ("stereo (ok)", lambda d, t: post(d, audio_bytes(1.0, channels=2)), 200, None),
+    ("8 kHz (ok)", lambda d, t: post(d, audio_bytes(1.0, sr=8000)), 200, None),
+    ("44.1 kHz flac (ok)", lambda d, t: post(d, audio_bytes(1.0, sr=44100, fmt="FLAC")), 200, None),
+    ("ogg vorbis (ok)", lambda d, t: post(d, audio_bytes(1.0, fmt="OGG", subtype="VORBIS")), 200, None),
+    ("mp3 (ok)", lambda d, t: post(d, audio_bytes(1.0, sr=16000, fmt="MP3")), 200, None),
+    ("silence (ok)", lambda d, t: post(d, audio_bytes(samples=np.zeros((16000, 1), np.float32))), 200, None),
+    # --- options, routes, methods ---
+    ("granularity=word", lambda d, t: post(d, GOOD, "?granularity=word"), 400, "bad_option"),
+    ("embedding=maybe", lambda d, t: post(d, GOOD, "?embedding=maybe"), 400, "bad_option"),
+    ("unknown option", lambda d, t: post(d, GOOD, "?file=/etc/passwd"), 400, "bad_option"),
+    ("repeated option", lambda d, t: post(d, GOOD, "?embedding=1&embedding=0"), 400, "bad_option"),
+    ("warmup hold=-5", lambda d, t: d.request("POST", "/v1/warmup?hold=-5")[::2], 400, "bad_option"),
+    ("warmup hold=9h", lambda d, t: d.request("POST", "/v1/warmup?hold=9h")[::2], 400, "bad_option"),
+    ("unknown route", lambda d, t: d.request("GET", "/v1/recognise")[::2], 404, "not_found"),
+    ("GET /v1/recognize", lambda d, t: d.request("GET", "/v1/recognize")[::2], 405, "method_not_allowed"),
+    ("DELETE /v1/status", lambda d, t: d.request("DELETE", "/v1/status")[::2], 405, "method_not_allowed"),
+    ("HEAD /v1/health", lambda d, t: raw(d, head("HEAD", "/v1/health")), 405, None),
+    ("unknown method", lambda d, t: raw(d, head("BREW", "/v1/status")), 501, "method_not_allowed"),
+    # --- framing ---
+    ("chunked upload", lambda d, t: raw(d, head("POST", "/v1/recognize", "Transfer-Encoding: chunked")
+                                        + b"10\r\n" + GOOD[:16] + b"\r\n0\r\n\r\n"), 411, "length_required"),
+    ("POST without Content-Length", lambda d, t: raw(d, head("POST", "/v1/recognize")), 411, "length_required"),
+    ("Content-Length not a number", lambda d, t: raw(d, head("POST", "/v1/recognize", "Content-Length: abc")), 400, "bad_request"),
+    ("negative Content-Length", lambda d, t: raw(d, head("POST", "/v1/recognize", "Content-Length: -5")), 400, "bad_request"),
+    ("two Content-Lengths", lambda d, t: raw(d, head("POST", "/v1/recognize", "Content-Length: 10",
+                                                    "Content-Length: 20") + b"x" * 10), 400, "bad_request"),
+    ("Content-Length smaller than body", lambda d, t: raw(d, head("POST", "/v1/recognize", "Content-Length: 300")
+                                                           + GOOD), 400, "bad_audio"),
+    ("body shorter than Content-Length", lambda d, t: hold_open(
+        d, head("POST", "/v1/recognize", f"Content-Length: {len(GOOD) + 100}") + GOOD,
+        lambda s: s.shutdown(socket.SHUT_WR)), 400, "bad_request"),
+    ("huge Content-Length declared", lambda d, t: raw(d, head("POST", "/v1/recognize", "Content-Length: 1000000000000")),
+     413, "too_large"),
+    ("huge body via curl (Expect: 100-continue)", lambda d, t: curl_upload(d, b"\0" * (MAX_BODY + 1), t), 413, "too_large"),
+    ("Expect: 100-continue too large", lambda d, t: raw(d, head("POST", "/v1/recognize", f"Content-Length: {MAX_BODY + 1}",
+                                                               "Expect: 100-continue")), 413, "too_large"),
+    ("malformed request line", lambda d, t: raw(d, b"GARBAGE\r\n\r\n"), 400, "bad_request"),
+    ("HTTP/2.0 request line", lambda d, t: raw(d, b"GET /v1/health HTTP/2.0\r\n\r\n"), 505, "bad_request"),
+    ("header line too long", lambda d, t: raw(d, head("GET", "/v1/health", "X-A: " + "a" * 70000)), 431, "too_large"),
+    ("too many headers", lambda d, t: raw(d, head("GET", "/v1/health", *[f"X-{i}: 1" for i in range(120)])), 431, "too_large"),
+    ("small body on GET (ignored)", lambda d, t: raw(d, head("GET", "/v1/health", "Content-Length: 3") + b"abc"), 200, None),
+    ("HTTP/1.0 request (ok)", lambda d, t: raw(d, b"GET /v1/health HTTP/1.0\r\n\r\n"), 200, None),
+    # --- clients that stall or vanish ---
+    ("never sends its body", lambda d, t: hold_open(d, head("POST", "/v1/recognize", "Content-Length: 64000")), 408, "timeout"),
+    ("trickle upload", lambda d, t: hold_open(d, head("POST", "/v1/recognize", "Content-Length: 64000"), trickle),
+     408, "timeout"),
+    ("headers never finished", lambda d, t: hold_open(d, b"POST /v1/recognize HTTP/1.1\r\nHost: e2"), 408, "timeout"),
+    ("client hangs up mid-upload", lambda d, t: hang_up_mid_upload(d), None, None),
+    ("silent connection is closed", lambda d, t: silent_connection(d), None, None),
+]
+
+
+def test_corpus_is_large_enough():
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("name, action, status, code", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(daemon, tmp_path, name, action, status, code):
+    outcome = action(daemon, tmp_path)
+    if status is not None:
+        got_status, payload = outcome
+        assert got_status == status, payload
+        if code is not None:
+            assert payload["error"]["code"] == code, payload
+            message = payload["error"]["message"]
+            assert len(message) > 20 and not message.startswith("<")   # a sentence, not an HTML page
+        elif status == 200 and isinstance(payload, dict) and "labels" in payload:
+            assert len(payload["scores"]) == 9
+    # ... and the daemon still answers a good request
+    good_status, result = post(daemon, GOOD)
+    assert good_status == 200, result
+    assert result["top"]["label"] in result["labels"]
+    assert daemon.proc.poll() is None
