@@ -38,8 +38,10 @@ Event names and their fields (journald name = E2VD_ + upper case; durations in s
     idle_exit           alive_seconds, requests_served, idle_timeout_seconds
     stopping            signal, in_flight, queued (SIGTERM/SIGINT received, draining)
     stopped             signal, alive_seconds, requests_served
-    socket_stale, socket_ignored, socket_extra, socket_error, accept_failed, drain_abandoned:
-                        operational warnings; the message says what happened
+    drain_abandoned     in_flight, queued (drain_timeout passed with work unfinished)
+    socket_error        socket (the socket could not be bound)
+    socket_stale, socket_ignored, socket_extra, accept_failed, memory_probe_failed:
+                        operational notices; the message says what happened
 
 `EVENT_FIELDS` holds the same table for code and tests.
 """
@@ -71,6 +73,8 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "idle_exit": ("alive_seconds", "requests_served", "idle_timeout_seconds"),
     "stopping": ("signal", "in_flight", "queued"),
     "stopped": ("signal", "alive_seconds", "requests_served"),
+    "drain_abandoned": ("in_flight", "queued"),
+    "socket_error": ("socket",),
 }
 """Documented events and their fields; `event()` accepts other names and fields too."""
 
