@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import struct
 from dataclasses import dataclass
 
@@ -92,6 +93,9 @@ def decode(data: bytes, max_seconds: float = 30.0) -> Audio:
     long (> `max_seconds` seconds) audio. `max_seconds` must be positive (math.inf: no limit).
     """
     _check_limit(max_seconds)
+    if isinstance(data, (str, os.PathLike)):
+        raise TypeError(f"decode() takes the audio file's bytes, not a path ({data!r}); "
+                        f"pass Path(...).read_bytes()")
     data = bytes(data)
     if not data:
         raise AudioError("bad_audio", f"The audio is empty (0 bytes). Send the bytes of {_FORMATS}.")

@@ -262,3 +262,10 @@ def test_no_limit_with_infinite_max_seconds():
     i = data.index(b"data")
     streamed = data[: i + 4] + struct.pack("<I", 0xFFFFFFFF) + data[i + 8:]
     assert decode(streamed, max_seconds=math.inf).duration_s == 31.0  # read block by block
+
+
+def test_path_instead_of_bytes_is_a_clear_type_error(wav_file):
+    with pytest.raises(TypeError, match="read_bytes"):
+        decode(str(wav_file))
+    with pytest.raises(TypeError, match="not a path"):
+        decode(wav_file)
