@@ -58,6 +58,7 @@ _CONVERT = "`ffmpeg -i INPUT -ac 1 -ar 16000 OUTPUT.wav`"
 _BLOCK_FRAMES = 1 << 16
 _ONE_READ_SAMPLES = 1 << 24
 _MP3_FRAME = 1152
+_WAV_STREAMED = 0x7FFF0000  # data sizes from here up are "length unknown" placeholders
 
 
 class AudioError(ValueError):
@@ -139,6 +140,10 @@ def decode(data: bytes, max_seconds: float = 30.0) -> Audio:
         raise AudioError("bad_audio", (
             f"The {fmt} file is truncated: its header announces {declared / rate:.3f} s but only "
             f"{total / rate:.3f} s could be decoded. Send the complete file."))
+    if total == 0 and kind == "WAV" and (trailing := _wav_unsized_data(data)):
+        raise AudioError("bad_audio", (
+            f"The WAV file's data chunk is marked 0 bytes long although {trailing} bytes follow "
+            f"(its writer never finished the header). Rewrite it, e.g. {_CONVERT}."))
     frames = np.concatenate(blocks) if blocks else np.zeros((0, channels), dtype=np.float32)
     return _finish(frames, rate, f"The {fmt} file")
 
@@ -287,12 +292,25 @@ def _wav_truncation(data: bytes) -> str | None:
         chunk, size = data[offset:offset + 4], struct.unpack_from("<I", data, offset + 4)[0]
         if chunk == b"data":
             available = len(data) - offset - 8
-            if size != 0xFFFFFFFF and available < size:  # 0xFFFFFFFF: streamed, length unknown
+            if size >= _WAV_STREAMED and available < size:
+                return None  # a placeholder written by a streaming writer (ffmpeg, arecord to a pipe)
+            if available < size:
                 return (f"its header announces {size} bytes of audio data but only {available} "
                         f"bytes follow ({100 * available / size:.0f} %)")
             return None
         offset += 8 + size + (size & 1)
     return f"it ends after {len(data)} bytes, before the audio data begins (no complete 'data' chunk)"
+
+
+def _wav_unsized_data(data: bytes) -> int:
+    """Bytes after a RIFF/WAVE 'data' chunk header whose size field is 0 (else 0)."""
+    offset = 12
+    while data[8:12] == b"WAVE" and offset + 8 <= len(data):
+        chunk, size = data[offset:offset + 4], struct.unpack_from("<I", data, offset + 4)[0]
+        if chunk == b"data":
+            return len(data) - offset - 8 if size == 0 else 0
+        offset += 8 + size + (size & 1)
+    return 0
 
 
 def _ogg_truncation(data: bytes) -> str | None:

@@ -154,8 +154,9 @@ def test_wav_with_trailing_chunk_and_streaming_size_accepted():
     data = encode(1.0)
     assert decode(data + b"LIST" + struct.pack("<I", 4) + b"INFO").duration_s == 1.0
     i = data.index(b"data")
-    streamed = data[: i + 4] + struct.pack("<I", 0xFFFFFFFF) + data[i + 8:]
-    assert decode(streamed).duration_s == 1.0
+    for placeholder in (0xFFFFFFFF, 0x7FFFFFFF, 0x7FFFF000):  # ffmpeg, arecord/sox to a pipe
+        streamed = data[: i + 4] + struct.pack("<I", placeholder) + data[i + 8:]
+        assert decode(streamed).duration_s == 1.0, hex(placeholder)
 
 
 @pytest.mark.parametrize("fmt,subtype", [("FLAC", "PCM_16"), ("OGG", "VORBIS"), ("MP3", "MPEG_LAYER_III")])
@@ -269,3 +270,11 @@ def test_path_instead_of_bytes_is_a_clear_type_error(wav_file):
         decode(str(wav_file))
     with pytest.raises(TypeError, match="not a path"):
         decode(wav_file)
+
+
+def test_wav_with_zero_data_size_but_data_following():
+    data = encode(1.0)
+    i = data.index(b"data")
+    unsized = data[: i + 4] + struct.pack("<I", 0) + data[i + 8:]
+    err = error(unsized)
+    assert err.code == "bad_audio" and "marked 0 bytes" in err.message and "32000 bytes follow" in err.message
