@@ -127,13 +127,42 @@ def new_emotion2vec(model_conf: dict[str, Any], vocab_size: int) -> torch.nn.Mod
     ``torch.device(...)`` context and random seed.
     """
     loaded = sys.modules.get("funasr")
-    if loaded is not None and not getattr(loaded, "__e2vd_stub__", False):
-        with _quiet_import():  # the full funasr is already imported: use it as it is
+    if loaded is not None:
+        with _quiet_import():  # funasr (or our light stub) is imported already: use it as it is
             cls = importlib.import_module("funasr.models.emotion2vec.model").Emotion2vec
             return cls(model_conf=model_conf, vocab_size=vocab_size)
     with _IMPORT_LOCK, _light_funasr(), _quiet_import():
         cls = importlib.import_module("funasr.models.emotion2vec.model").Emotion2vec
         return cls(model_conf=model_conf, vocab_size=vocab_size)
+
+
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_",
+                   "orthogonal_")
+
+
+@contextlib.contextmanager
+def skip_weight_init():
+    """Within the block, ``torch.nn.init`` functions leave tensors as they are.
+
+    For building a model whose weights are assigned from a checkpoint right after: random
+    initialisation is wasted work, and on the ``meta`` device ``normal_`` even imports
+    ``torch._dynamo`` (~4 s). Not thread-safe: modules built by other threads meanwhile are
+    not initialised either (the engine builds under a lock, once per process).
+    """
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+    try:
+        for name in _INIT_FUNCTIONS:
+            setattr(torch.nn.init, name, _keep)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
+def _keep(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Stand-in for a torch.nn.init function: return `tensor` unchanged."""
+    return tensor
 
 
 @contextlib.contextmanager
@@ -177,8 +206,8 @@ def resolve_model(model: str, cache_dir: str | None = None,
                   revision: str = DEFAULT_REVISION) -> tuple[Path, str]:
     """Return (model directory, model id) for `model`.
 
-    `model` is an absolute path of a local model directory (used as is, never touching the
-    network), or a ModelScope id "owner/name", downloaded once at the pinned `revision` into
+    `model` is the path of a local model directory, absolute or explicitly relative ("./dir";
+    used as is, never touching the network), or a ModelScope id "owner/name", downloaded once at the pinned `revision` into
     `cache_dir` (default ``$XDG_CACHE_HOME/e2vd`` or ``~/.cache/e2vd``). A relative "owner/name"
     that also exists as a local directory is refused as ambiguous rather than silently taken.
     """
@@ -186,8 +215,8 @@ def resolve_model(model: str, cache_dir: str | None = None,
         raise ModelError("no model given: set E2VD_MODEL (or `model` in /etc/e2vd/e2vd.toml) to an "
                          f"absolute model directory or a ModelScope id such as {DEFAULT_MODEL}")
     expanded = os.path.expanduser(model)
-    if os.path.isabs(expanded):
-        path = Path(expanded)
+    if os.path.isabs(expanded) or model.startswith(("./", "../")):
+        path = Path(expanded).resolve()
         if not path.is_dir():
             raise ModelError(f"model directory {path} does not exist (or is not a directory): set "
                              "E2VD_MODEL to a directory holding config.yaml, model.pt and tokens.txt")
@@ -365,7 +394,7 @@ def _load_untrusted_layout(path: Path, first_error: Exception) -> Any:
 def build_model(config: dict[str, Any], weights: dict[str, torch.Tensor], num_labels: int,
                 weights_path: Path) -> torch.nn.Module:
     """Build `Emotion2vec` on the meta device and assign `weights` to it (no copy, no random init)."""
-    with torch.device("meta"):
+    with torch.device("meta"), skip_weight_init():
         model = new_emotion2vec(copy.deepcopy(config["model_conf"]), num_labels)
     expected = model.state_dict()
     missing = [k for k in expected if k not in weights]

@@ -1,0 +1,139 @@
+"""Cold start: time to first result and peak memory of funasr's AutoModel path vs e2vd's Engine.
+
+Both run in a fresh Python process on the `large` stand-in (real sizes, ~1.95 GB model.pt) and
+recognize the same 5 s WAV file on the CPU:
+
+  (a) the seed's path: ``AutoModel(model=DIR, disable_update=True, device="cpu").generate(WAV)``
+  (b) e2vd:            ``Engine.load(DIR, device="cpu").recognize(<bytes of WAV>)``
+
+Time is measured by this process from starting the child to reading its result line (interpreter
+start, imports, model load, decoding, inference). Peak RSS is the child's ru_maxrss from wait4().
+The model file is read once beforehand so both paths find it in the page cache.
+
+Usage: ``python bench/cold_start.py [--model DIR] [--seconds 5] [--repeat 1]``
+(without --model the large stand-in is built once into .cache/standin/, ~2 GB).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MARK = "E2VD_BENCH_RESULT"
+
+FUNASR_CHILD = f"""
+import sys
+from funasr import AutoModel
+model = AutoModel(model=sys.argv[1], disable_update=True, device="cpu", disable_pbar=True)
+res = model.generate(sys.argv[2])[0]
+best = max(range(len(res["scores"])), key=res["scores"].__getitem__)
+print("{MARK}", res["labels"][best], res["scores"][best], flush=True)
+"""
+
+ENGINE_CHILD = f"""
+import sys, time
+t0 = time.perf_counter()
+from e2vd.engine import Engine
+t1 = time.perf_counter()
+engine = Engine.load(sys.argv[1], device="cpu")
+t2 = time.perf_counter()
+with open(sys.argv[2], "rb") as f:
+    top = engine.recognize(f.read()).top
+t3 = time.perf_counter()
+print("{MARK}", top.label, top.score,
+      f"(import {{t1 - t0:.1f}} s, load {{t2 - t1:.1f}} s, recognize {{t3 - t2:.1f}} s)", flush=True)
+"""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One cold start: seconds from process start to its first result, peak RSS in bytes."""
+
+    seconds: float
+    peak_rss: int
+    result: str
+
+
+def cold_start(code: str, model: Path, wav: Path) -> Run:
+    """Run `code` in a fresh interpreter with argv (model, wav); time it and take its peak RSS."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code, str(model), str(wav)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    result, seconds = "", float("nan")
+    for line in proc.stdout:
+        if line.startswith(MARK):
+            seconds = time.perf_counter() - start
+            result = line[len(MARK):].strip()
+    proc.stdout.close()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0 or not result:
+        raise SystemExit(f"benchmark child failed (exit {proc.returncode}); run it by hand:\n"
+                         f"{sys.executable} -c '{code}' {model} {wav}")
+    return Run(seconds, usage.ru_maxrss * 1024, result)
+
+
+def large_standin() -> Path:
+    """The large stand-in directory, built on first use by the tests' shared helper."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import standin_dir  # noqa: E402 - the one place that names the stand-in cache
+
+    return standin_dir("large")
+
+
+def write_clip(path: Path, seconds: float) -> Path:
+    """Write a speech-like 16 kHz mono 16-bit WAV of `seconds` to `path`."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import write_audio  # noqa: E402
+
+    return write_audio(path, seconds=seconds)
+
+
+def warm_page_cache(path: Path) -> None:
+    """Read `path` once so that neither benchmarked path pays for the first disk read."""
+    with open(path, "rb") as f:
+        while f.read(1 << 24):
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="model directory (default: the large stand-in)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="clip length in seconds")
+    parser.add_argument("--repeat", type=int, default=1, help="cold starts per path (best is kept)")
+    args = parser.parse_args(argv)
+
+    model = (args.model or large_standin()).resolve()
+    weights = model / "model.pt"
+    warm_page_cache(weights)
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = write_clip(Path(tmp) / "clip.wav", args.seconds)
+        runs = {}
+        for name, code in (("a", FUNASR_CHILD), ("b", ENGINE_CHILD)):
+            tries = [cold_start(code, model, wav) for _ in range(args.repeat)]
+            runs[name] = min(tries, key=lambda r: r.seconds)
+
+    a, b = runs["a"], runs["b"]
+    gb = 1e9
+    print(f"cold start, {args.seconds:g} s clip, CPU ({os.cpu_count()} cores), model {model}")
+    print(f"  model.pt {weights.stat().st_size / gb:.2f} GB; best of {args.repeat} per path")
+    print(f"  {'path':<32} {'first result':>12} {'peak RSS':>10}  top label")
+    print(f"  {'(a) funasr AutoModel.generate':<32} {a.seconds:>10.2f} s {a.peak_rss / gb:>7.2f} GB  {a.result}")
+    print(f"  {'(b) e2vd Engine.load+recognize':<32} {b.seconds:>10.2f} s {b.peak_rss / gb:>7.2f} GB  {b.result}")
+    time_ratio, rss_ratio = b.seconds / a.seconds, b.peak_rss / a.peak_rss
+    print(f"  {'ratio (b)/(a)':<32} {time_ratio:>12.3f} {rss_ratio:>10.3f}")
+    time_ok, rss_ok = time_ratio <= 0.2, b.peak_rss <= 1.6 * gb
+    print(f"goal time (b) <= 0.2 x (a): {'met' if time_ok else 'NOT met'} ({time_ratio:.3f}); "
+          f"goal peak RSS (b) <= 1.6 GB: {'met' if rss_ok else 'NOT met'} ({b.peak_rss / gb:.2f} GB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
