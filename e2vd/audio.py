@@ -28,9 +28,10 @@ and enforced again while decoding, so a lying header cannot make us decode more)
 Truncation: libsndfile silently accepts a WAV whose data chunk is shorter than its header says
 and reads what is there, and reads a cut Ogg stream as 0 frames; both are detected here from the
 container itself (a WAV data size of 0x7FFF0000 or more is a streaming writer's "unknown
-length" placeholder and is accepted; a data size of 0 with data after it is reported). A cut FLAC fails inside libsndfile while decoding; a cut MP3 decodes fewer
-frames than its Xing/Info header states (tolerance: 2 MPEG frames or 2 %, since MP3 lengths
-without such a header are estimates).
+length" placeholder and is accepted; a data size of 0 with data after it is reported). A cut
+FLAC fails inside libsndfile while decoding; a cut MP3 decodes fewer frames than its Xing/Info
+header states (tolerance: 2 MPEG frames or 2 %, since MP3 lengths without such a header are
+estimates).
 """
 from __future__ import annotations
 
