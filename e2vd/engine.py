@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from e2vd.audio import Audio, AudioError, decode
+from e2vd.gpu import choose_device
 
 log = logging.getLogger(__name__)
 
@@ -418,23 +419,17 @@ def build_model(config: dict[str, Any], weights: dict[str, torch.Tensor], num_la
 # Device selection
 
 
-def _choose_device(requested: str, min_free_mb: int, busy_policy: str) -> tuple[str, str]:
-    """(device, reason) from e2vd.gpu.choose_device (NVML: most free memory, busy policy)."""
-    try:
-        from e2vd.gpu import choose_device
-    except ImportError:  # TODO(H1): remove once e2vd/gpu.py (H2) has landed
-        return _cpu_only_device(requested)
-    choice = choose_device(requested, min_free_mb=min_free_mb, busy_policy=busy_policy)
-    return choice.device, choice.reason
+def _choose_device(requested: str, min_free_mb: int, busy_policy: str) -> str:
+    """The device to load onto, from e2vd.gpu (NVML: the GPU with most free memory, busy policy).
 
-
-def _cpu_only_device(requested: str) -> tuple[str, str]:
-    """Stop-gap until e2vd.gpu lands: CPU for "auto"/"cpu", the named CUDA device if torch has it."""
-    if requested in ("auto", "cpu"):
-        return "cpu", "e2vd.gpu not available yet"
-    if requested.startswith("cuda") and torch.cuda.is_available():
-        return requested, "requested"
-    raise ModelError(f"device {requested!r} is not available here: use device=cpu or auto")
+    A GPU chosen by NVML is only usable if this torch build has CUDA: say so instead of failing
+    later with torch's "not compiled with CUDA".
+    """
+    device = choose_device(requested, min_free_mb=min_free_mb, busy_policy=busy_policy).device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"{device} was chosen but this PyTorch ({torch.__version__}) cannot use "
+                         "CUDA: install a CUDA build of torch 2.13.0, or set device = \"cpu\"")
+    return device
 
 
 # ----------------------------------------------------------------------------------------------
@@ -468,7 +463,9 @@ class Engine:
         `min_free_mb`/`busy_policy` decide what happens when that GPU has too little free memory
         (see e2vd.gpu). `dtype` ("fp32", "fp16", "bf16") applies on GPU; on CPU the model runs in
         fp32. `quantize` applies INT8 dynamic quantization to the Linear layers on CPU.
-        Raises ModelError (or e2vd.gpu.GpuBusyError) with a message naming the problem and fix.
+        Raises ModelError (model or torch problems), e2vd.gpu.DeviceError / GpuBusyError (no such
+        GPU; GPU too full and busy_policy "refuse") or ValueError (malformed option), each with a
+        message naming the problem and the fix.
         """
         if dtype not in DTYPES:
             raise ModelError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
@@ -476,15 +473,14 @@ class Engine:
         model_dir, model_id = resolve_model(model, cache_dir)
         labels = read_tokens(model_dir)
         config = read_config(model_dir)
-        chosen, reason = _choose_device(device, min_free_mb, busy_policy)
+        chosen = _choose_device(device, min_free_mb, busy_policy)
         dtype, quantize = _effective_precision(chosen, dtype, quantize)
         net = build_model(config, load_weights(model_dir / "model.pt"), len(labels),
                           model_dir / "model.pt")
         net = _place(net, chosen, DTYPES[dtype], quantize)
         normalize = bool(config["model_conf"].get("normalize", False))
         seconds = time.perf_counter() - start
-        log.info("loaded %s from %s on %s (%s) as %s%s in %.1f s", model_id, model_dir, chosen,
-                 reason, dtype, " int8-quantized" if quantize else "", seconds)
+        log.info("loaded %s from %s on %s as %s%s in %.1f s", model_id, model_dir, chosen, dtype, " int8-quantized" if quantize else "", seconds)
         return cls(net, model_id, model_dir, chosen, dtype, labels, normalize, seconds, quantize)
 
     # -- inference -------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import torch
 
 from conftest import ROOT, speechlike
 from e2vd import engine as engine_mod
+from e2vd import gpu
 from e2vd.audio import Audio, AudioError, from_samples
 from e2vd.engine import LABELS, Engine, ModelError, Recognition
 
@@ -269,3 +270,33 @@ print("MODULES", len([m for m in sys.modules if m.startswith("funasr")]))
 """)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "MODULES 0"  # nothing printed by funasr ("Notice: ffmpeg ...")
+
+
+# -- device choice (real NVML here finds no GPU; fake device lists for the GPU cases) ----------
+
+def test_auto_device_without_gpu_is_cpu(engine: Engine, tiny_model: Path) -> None:
+    assert Engine.load(str(tiny_model)).device == "cpu"
+
+
+def test_named_gpu_that_does_not_exist(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gpu, "list_gpus", lambda: [])
+    with pytest.raises(gpu.DeviceError, match="cuda:1"):
+        Engine.load(str(tiny_model), device="cuda:1")
+
+
+def fake_gpu(free_mb: int) -> gpu.GpuInfo:
+    return gpu.GpuInfo(index=0, name="Fake GPU", total_bytes=80_000 << 20, free_bytes=free_mb << 20)
+
+
+def test_busy_gpu_refused_or_cpu_by_policy(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gpu, "list_gpus", lambda: [fake_gpu(500)])
+    with pytest.raises(gpu.GpuBusyError, match="500 MB free"):
+        Engine.load(str(tiny_model), min_free_mb=2048, busy_policy="refuse")
+    assert Engine.load(str(tiny_model), min_free_mb=2048, busy_policy="cpu").device == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this torch has CUDA")
+def test_gpu_without_cuda_torch_is_explained(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gpu, "list_gpus", lambda: [fake_gpu(40_000)])
+    with pytest.raises(ModelError, match="cuda:0 was chosen but this PyTorch .* cannot use CUDA"):
+        Engine.load(str(tiny_model), device="auto")
