@@ -301,7 +301,12 @@ def cmd_recognize(args: argparse.Namespace) -> int:
                 _err(f"{name}: cannot read: {e.strerror or e}")
                 continue
             if emb_path is not None and result.embedding is not None:
-                np.save(emb_path, result.embedding)
+                try:
+                    np.save(emb_path, result.embedding)
+                except OSError as e:
+                    _err(f"{name}: cannot write the embedding to {emb_path}: {e.strerror or e}; "
+                         f"choose another --embedding path")
+                    return EXIT_USAGE
                 if not args.json:
                     _err(f"{name}: wrote embedding {tuple(result.embedding.shape)} to {emb_path}")
             if args.json:

@@ -200,6 +200,14 @@ def test_recognize_missing_file_exit_2_sends_nothing(clips: list[Path], tmp_path
     assert "nope.wav: no such file" in err and "is a directory" in err and "nothing was sent" in err
 
 
+def test_recognize_embedding_into_missing_directory_exit_2(clips: list[Path], tmp_path: Path, capsys) -> None:
+    with TinyDaemon() as d:
+        code, out, err = run(["recognize", str(clips[0]), "--embedding", str(tmp_path / "no" / "e.npy"),
+                              "--socket", d.socket], capsys)
+        assert d.connections == 0
+    assert code == cli.EXIT_USAGE and out == "" and "does not exist" in err
+
+
 def test_recognize_unreachable_exit_3_with_fix(clips: list[Path], capsys) -> None:
     path = os.path.join(tempfile.mkdtemp(prefix="e2vd-t-"), "none.sock")
     code, out, err = run(["recognize", str(clips[0]), "--socket", path], capsys)
