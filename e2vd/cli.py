@@ -26,7 +26,10 @@ WARMUP_TIMEOUT = 590.0
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser for every subcommand (the contract of DESIGN §3)."""
-    p = argparse.ArgumentParser(prog="e2vd", description="Emotion2Vec+ speech emotion recognition daemon and client.")
+    p = argparse.ArgumentParser(
+        prog="e2vd", description="Emotion2Vec+ speech emotion recognition daemon and client.",
+        epilog="exit codes: 0 ok, 2 usage, 3 daemon unreachable, 4 request rejected (bad input), "
+               "5 server error")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("serve", help="run the daemon in the foreground")
@@ -41,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         "recognize", help="recognise the emotion in audio files",
         description="Send each FILE's bytes to the daemon (one connection for all) and print the "
                     "scores, most probable emotion first. Exit 4 if any file was rejected.")
-    r.add_argument("files", nargs="+", metavar="FILE")
+    r.add_argument("files", nargs="+", metavar="FILE", help="audio files (wav, flac, ogg, mp3, ...)")
     r.add_argument("--socket", help="daemon socket (default $E2VD_SOCKET or /run/e2vd/e2vd.sock)")
     r.add_argument("--granularity", choices=["utterance", "frame"], default="utterance",
                    help="embedding per utterance (D,) or per 20 ms frame (T, D)")
@@ -58,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
 
     w = sub.add_parser("warmup", help="wake the daemon and keep it warm")
-    w.add_argument("--socket")
+    w.add_argument("--socket", help="daemon socket (default $E2VD_SOCKET or /run/e2vd/e2vd.sock)")
     g = w.add_mutually_exclusive_group()
     g.add_argument("--hold", metavar="DURATION", help="keep warm this long, e.g. 90s, 30m, 9h")
     g.add_argument("--until", metavar="HH:MM", help="keep warm until this local time today")
