@@ -5,7 +5,7 @@
 
 The constructor takes the socket path, the model directory and any settings: keyword arguments
 become E2VD_<KEY> environment variables (so every Settings key works, not only the CLI flags);
-`E2VD_CONFIG` points at an empty file so /etc/e2vd/e2vd.toml never leaks in. `start()` waits
+`E2VD_CONFIG=/dev/null` (an empty file) so /etc/e2vd/e2vd.toml never leaks in. `start()` waits
 until GET /v1/health answers (any status) — pass `wait_ready=True` to wait for "ready" instead.
 The daemon's stderr goes to `<socket>.log` (read it with `.log_text()`).
 `stop()` sends SIGTERM and returns the exit code; `__exit__` stops it (and kills it if it hangs).
@@ -113,9 +113,7 @@ class DaemonProcess:
     def environment(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("E2VD_", "LISTEN_", "NOTIFY_SOCKET", "JOURNAL_STREAM", "INVOCATION_ID"))}
-        empty = self.socket.with_name(self.socket.name + ".toml")
-        empty.write_text("")
-        env["E2VD_CONFIG"] = str(empty)
+        env["E2VD_CONFIG"] = os.devnull   # an empty config file: /etc/e2vd/e2vd.toml never leaks in
         env.setdefault("E2VD_DEVICE", "cpu")
         for key, value in self.settings.items():
             env[f"E2VD_{key.upper()}"] = str(value)
