@@ -1,0 +1,132 @@
+"""e2vd.scheduler with the real engine on the tiny stand-in, in process.
+
+The loader waits on a gate before handing over the (real) engine, so jobs can be queued while
+"loading" and the tests decide when the worker starts: no timing assumptions.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import speechlike
+
+from e2vd.audio import from_samples
+from e2vd.protocol import ApiError
+from e2vd.scheduler import LOADING, READY, UNAVAILABLE, Scheduler
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    from e2vd.engine import Engine
+
+    return Engine.load(str(tiny_model), device="cpu")
+
+
+def clip(seconds: float, seed: int = 0):
+    return from_samples(speechlike(seconds, seed=seed)[:, 0], 16000)
+
+
+def gated(engine):
+    gate = threading.Event()
+
+    def load():
+        gate.wait(60)
+        return engine
+
+    return gate, load
+
+
+def test_jobs_queued_while_loading_are_batched_and_equal_one_by_one(engine):
+    gate, load = gated(engine)
+    states: list[str] = []
+    sch = Scheduler(load, queue_size=8, max_batch=8, on_state=states.append)
+    sch.start()
+    try:
+        clips = [clip(1.0, 0), clip(1.0, 1), clip(1.5, 2), clip(1.0, 3)]
+        jobs = [sch.submit(c) for c in clips[:3]] + [sch.submit(clips[3], "utterance", embedding=True)]
+        assert sch.state == LOADING and sch.pending == 4
+        gate.set()
+        for job in jobs:
+            assert job.wait(60)
+        assert states == [READY] and sch.pending == 0 and sch.served == 4
+        assert [j.batch_size for j in jobs] == [3, 3, 3, 1]    # grouped by options in one take
+        for job, c in zip(jobs, clips):
+            assert job.error is None and job.queue_ms > 0 and job.infer_ms > 0
+            alone = engine.recognize(c, embedding=job.embedding)
+            np.testing.assert_allclose(job.result.scores, alone.scores, atol=1e-5)
+            assert job.result.duration_s == pytest.approx(c.duration_s)
+        assert jobs[3].result.embedding is not None and jobs[0].result.embedding is None
+    finally:
+        sch.stop(10)
+
+
+def test_full_queue_is_refused_busy_with_retry_after(engine):
+    gate, load = gated(engine)
+    sch = Scheduler(load, queue_size=2, max_batch=1)
+    sch.start()
+    try:
+        a, b = sch.submit(clip(0.5)), sch.submit(clip(0.5))
+        with pytest.raises(ApiError) as info:
+            sch.submit(clip(0.5))
+        assert info.value.code == "busy" and info.value.status == 503 and info.value.retry_after >= 1
+        assert "queue_size" in info.value.message
+        assert sch.pending == 2
+        gate.set()
+        assert a.wait(60) and b.wait(60) and a.result is not None and b.result is not None
+        assert a.batch_size == b.batch_size == 1                # max_batch=1
+        c = sch.submit(clip(0.5))                               # room again
+        assert c.wait(60) and c.result is not None
+    finally:
+        sch.stop(10)
+
+
+def test_frame_granularity_jobs_run_apart_from_utterance_jobs(engine):
+    gate, load = gated(engine)
+    sch = Scheduler(load, queue_size=8, max_batch=8)
+    sch.start()
+    try:
+        u = sch.submit(clip(1.0))
+        f = sch.submit(clip(1.0), "frame", embedding=True)
+        gate.set()
+        assert u.wait(60) and f.wait(60)
+        assert u.batch_size == f.batch_size == 1
+        assert f.result.embedding.ndim == 2 and u.result.embedding is None
+    finally:
+        sch.stop(10)
+
+
+def test_model_that_cannot_load_fails_queued_and_later_jobs(tmp_path):
+    from e2vd.engine import Engine
+
+    gate = threading.Event()
+    missing = tmp_path / "missing-model"
+
+    def load():
+        gate.wait(60)
+        return Engine.load(str(missing), device="cpu")
+
+    sch = Scheduler(load, queue_size=4, max_batch=4)
+    sch.start()
+    try:
+        queued = sch.submit(clip(0.5))
+        gate.set()
+        assert queued.wait(60)
+        assert sch.state == UNAVAILABLE and sch.settled.is_set()
+        assert "missing-model" in sch.error
+        assert queued.error is not None and queued.error.code == "model_unavailable"
+        assert "missing-model" in queued.error.message
+        with pytest.raises(ApiError) as info:
+            sch.submit(clip(0.5))
+        assert info.value.code == "model_unavailable"
+        assert sch.pending == 0
+    finally:
+        sch.stop(10)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError):
+        Scheduler(lambda: None, queue_size=0)
+    with pytest.raises(ValueError):
+        Scheduler(lambda: None, max_batch=0)
