@@ -7,7 +7,8 @@ recognize the same 5 s WAV file on the CPU:
   (b) e2vd:            ``Engine.load(DIR, device="cpu").recognize(<bytes of WAV>)``
 
 Time is measured by this process from starting the child to reading its result line (interpreter
-start, imports, model load, decoding, inference). Peak RSS is the child's ru_maxrss from wait4().
+start, imports, model load, decoding, inference); each child also reports its own phases. The
+inference itself is the same work in both paths, so on a slow CPU it bounds the time ratio. Peak RSS is the child's ru_maxrss from wait4().
 The model file is read once beforehand so both paths find it in the page cache.
 
 Usage: ``python bench/cold_start.py [--model DIR] [--seconds 5] [--repeat 1]``
@@ -28,12 +29,17 @@ ROOT = Path(__file__).resolve().parent.parent
 MARK = "E2VD_BENCH_RESULT"
 
 FUNASR_CHILD = f"""
-import sys
+import sys, time
+t0 = time.perf_counter()
 from funasr import AutoModel
+t1 = time.perf_counter()
 model = AutoModel(model=sys.argv[1], disable_update=True, device="cpu", disable_pbar=True)
+t2 = time.perf_counter()
 res = model.generate(sys.argv[2])[0]
+t3 = time.perf_counter()
 best = max(range(len(res["scores"])), key=res["scores"].__getitem__)
-print("{MARK}", res["labels"][best], res["scores"][best], flush=True)
+print("{MARK}", res["labels"][best], res["scores"][best],
+      f"(import {{t1 - t0:.1f}} s, load {{t2 - t1:.1f}} s, recognize {{t3 - t2:.1f}} s)", flush=True)
 """
 
 ENGINE_CHILD = f"""

@@ -564,13 +564,20 @@ class Engine:
 
     def memory(self) -> dict[str, int]:
         """Bytes held: param_bytes (weights, all devices) and, on CUDA, allocated/reserved bytes."""
-        tensors = list(self._model.state_dict().values())
-        out = {"param_bytes": int(sum(t.numel() * t.element_size() for t in tensors
-                                      if isinstance(t, torch.Tensor)))}
+        out = {"param_bytes": _nbytes(list(self._model.state_dict().values()))}
         if self.device.startswith("cuda"):
             out["cuda_allocated_bytes"] = int(torch.cuda.memory_allocated(self.device))
             out["cuda_reserved_bytes"] = int(torch.cuda.memory_reserved(self.device))
         return out
+
+
+def _nbytes(obj: object) -> int:
+    """Bytes of the tensors in `obj` (a tensor, or lists/tuples of them, as quantized layers keep)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(item) for item in obj)
+    return 0
 
 
 def _check_granularity(granularity: str) -> None:
@@ -598,5 +605,7 @@ def _place(model: torch.nn.Module, device: str, dtype: torch.dtype, quantize: bo
     if quantize:
         with warnings.catch_warnings():  # torch.ao deprecation notices, not for an operator's log
             warnings.simplefilter("ignore")
-            return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+            # inplace: the fp32 Linear weights (memory-mapped) are dropped, not deep-copied first
+            return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8,
+                                                          inplace=True)
     return model
