@@ -28,12 +28,13 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from e2vd import __version__
-from e2vd.protocol import ApiError, Route, error_body, find_route, openapi, parse_options
+from e2vd.protocol import BUSY_RETRY_AFTER_S, ApiError, Route, error_body, find_route, openapi, parse_options
 from e2vd.scheduler import UNAVAILABLE, Scheduler
 
 log = logging.getLogger("e2vd")
 
 SMALL_BODY_BYTES = 65536   # largest body accepted (and discarded) on routes that take none
+MAX_CONNECTIONS = 256      # open connections (one thread each); more are answered 503 busy
 REAP_INTERVAL_S = 0.2
 
 
@@ -114,10 +115,16 @@ class Server:
 
     # --- connections ---
     def add(self, sock: socket.socket) -> None:
-        """Serve an accepted connection on a new thread; it counts as open from this call on."""
+        """Serve an accepted connection on a new thread; it counts as open from this call on.
+        Beyond MAX_CONNECTIONS open connections, answer 503 busy at once and close."""
         conn = Connection(sock, peer_credentials(sock))
         with self._lock:
-            self._conns.add(conn)
+            full = len(self._conns) >= MAX_CONNECTIONS
+            if not full:
+                self._conns.add(conn)
+        if full:
+            _refuse(sock, f"the daemon has {MAX_CONNECTIONS} connections open; close idle ones or retry later")
+            return
         threading.Thread(target=self._serve, args=(conn,), name="e2vd-conn", daemon=True).start()
 
     def _serve(self, conn: Connection) -> None:
@@ -155,6 +162,20 @@ class Server:
         with self._lock:
             self._next_id += 1
             return f"{self._next_id:06d}"
+
+
+def _refuse(sock: socket.socket, message: str) -> None:
+    """Answer 503 busy without reading the request (never blocks) and close the connection."""
+    body = json.dumps(error_body("busy", message)).encode()
+    head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nRetry-After: {BUSY_RETRY_AFTER_S}\r\nConnection: close\r\n\r\n")
+    try:
+        sock.setblocking(False)
+        sock.send(head.encode() + body)
+    except OSError:
+        pass
+    finally:
+        sock.close()
 
 
 def _shutdown(sock: socket.socket, how: int) -> None:

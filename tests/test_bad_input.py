@@ -94,6 +94,26 @@ def silent_connection(d: DaemonProcess) -> tuple[str, float]:
         return "closed", time.monotonic() - start
 
 
+def too_many_connections(d: DaemonProcess) -> tuple[int, Any]:
+    from e2vd.server import MAX_CONNECTIONS
+
+    deadline = time.monotonic() + 10
+    while d.request("GET", "/v1/status")[2]["connections"] != 1:   # only the status request itself
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    held = []
+    try:
+        for _ in range(MAX_CONNECTIONS):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(d.socket))
+            held.append(s)
+        status, _, payload = raw_request(d.socket, head("GET", "/v1/health"))
+        return status, payload
+    finally:
+        for s in held:
+            s.close()
+
+
 def curl_upload(d: DaemonProcess, data: bytes, tmp: Path) -> tuple[int, Any]:
     import json
 
@@ -179,6 +199,7 @@ CASES: list[tuple[str, Callable[..., Any], int | None, str | None]] = [
     ("trickle upload", lambda d, t: hold_open(d, head("POST", "/v1/recognize", "Content-Length: 64000"), trickle),
      408, "timeout"),
     ("headers never finished", lambda d, t: hold_open(d, b"POST /v1/recognize HTTP/1.1\r\nHost: e2"), 408, "timeout"),
+    ("too many connections", lambda d, t: too_many_connections(d), 503, "busy"),
     ("client hangs up mid-upload", lambda d, t: hang_up_mid_upload(d), None, None),
     ("silent connection is closed", lambda d, t: silent_connection(d), None, None),
 ]

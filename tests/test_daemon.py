@@ -255,3 +255,42 @@ def test_non_socket_file_is_refused(tiny_model, tmp_path):
     out = subprocess.run(d.command(), env=d.environment(), capture_output=True, text=True, timeout=60)
     assert out.returncode == 5 and "not a socket" in out.stderr
     assert path.read_text() == "not a socket"
+
+
+def test_queue_full_answers_503_busy_with_retry_after(tiny_model, tmp_path, clip):
+    d = DaemonProcess(tmp_path / "s.sock", tiny_model, idle_timeout=600, queue_size=1)
+    with d:
+        first: list = []
+        t = threading.Thread(target=lambda: first.append(d.request("POST", "/v1/recognize", clip)))
+        t.start()
+        deadline = time.monotonic() + 30
+        while (st := d.request("GET", "/v1/status")[2])["queue_depth"] < 1:   # waits for the model
+            assert time.monotonic() < deadline and t.is_alive()
+            time.sleep(0.02)
+        if st["state"] != "loading":
+            t.join(60)
+            pytest.skip("the model loaded before the queue could be observed full")
+        status, headers, body = d.request("POST", "/v1/recognize", clip)
+        t.join(60)
+        assert status == 503 and body["error"]["code"] == "busy" and int(headers["retry-after"]) >= 1
+        assert first[0][0] == 200
+
+
+def test_sd_notify_ready_status_extend_and_stopping(tiny_model, tmp_path):
+    notify_path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns:
+        ns.bind(str(notify_path))
+        ns.settimeout(60)
+        d = DaemonProcess(tmp_path / "s.sock", tiny_model, idle_timeout=2, env={"NOTIFY_SOCKET": str(notify_path)})
+        with d:
+            messages: list[str] = []
+            while not any("STOPPING=1" in m for m in messages):
+                messages.append(ns.recv(4096).decode())
+            assert d.wait(30) == 0
+    text = "\n".join(messages)
+    assert messages[0].startswith("EXTEND_TIMEOUT_USEC=")               # first thing while loading
+    ready = next(i for i, m in enumerate(messages) if "READY=1" in m)
+    assert "STATUS=Ready on cpu" in messages[ready]
+    assert all("READY=1" not in m for m in messages[:ready])
+    assert "idle exit in" in text and "STATUS=Loading model" in text
+    assert "STOPPING=1" in messages[-1]
