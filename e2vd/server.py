@@ -235,7 +235,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def handle_expect_100(self) -> bool:
         """Refuse a body we will not accept before the client sends it."""
         try:
-            self._check_length(required=False)
+            try:
+                takes_body = find_route(self.command, urlsplit(self.path).path).body
+            except ApiError:
+                takes_body = False   # answered with 404/405 once the request is dispatched
+            self._check_length(required=False, limit=self.server.max_body_bytes if takes_body else SMALL_BODY_BYTES)
         except ApiError as err:
             self.close_connection = True
             self._send_error(err)
@@ -330,8 +334,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return 200, result
 
     # --- bodies ---
-    def _check_length(self, required: bool) -> int | None:
-        """Validate the framing headers; returns Content-Length (None if absent and allowed)."""
+    def _check_length(self, required: bool, limit: int | None = None) -> int | None:
+        """Validate the framing headers; returns Content-Length (None if absent and allowed).
+        `limit`: the largest body accepted (default max_body_bytes when `required`, else SMALL_BODY_BYTES)."""
         if self.headers.get("Transfer-Encoding") is not None:
             self.close_connection = True
             raise ApiError("length_required", "chunked uploads are not supported; send the body with "
@@ -347,7 +352,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise ApiError("bad_request", f"Content-Length {', '.join(values)!r} is not one whole number of bytes; "
                                           "send the exact size of the body")
         length = int(values[0])
-        limit = self.server.max_body_bytes if required else SMALL_BODY_BYTES
+        if limit is None:
+            limit = self.server.max_body_bytes if required else SMALL_BODY_BYTES
         if length > limit:
             self.close_connection = True
             raise ApiError("too_large", f"the body is {length} bytes; this daemon accepts at most {limit} "

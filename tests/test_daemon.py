@@ -75,6 +75,22 @@ def test_recognize_with_curl(daemon, clip, tiny_model, tmp_path):
     assert result["scores"] == same["scores"]
 
 
+def test_large_upload_with_curl_expect_100_continue(daemon, tmp_path):
+    """curl sends big bodies with Expect: 100-continue; the daemon must accept any allowed size."""
+    import soundfile as sf
+    from conftest import speechlike
+
+    wav = tmp_path / "big.wav"
+    sf.write(str(wav), speechlike(20.0, sr=44100, channels=2), 44100, subtype="FLOAT")   # ~7 MB
+    assert wav.stat().st_size > 5_000_000
+    out = subprocess.run(["curl", "-sS", "--unix-socket", str(daemon.socket), "-H", "Expect: 100-continue",
+                          "--data-binary", f"@{wav}", "-w", "\n%{http_code}", "http://e2vd/v1/recognize"],
+                         capture_output=True, text=True, check=True, timeout=120)
+    body, code = out.stdout.rsplit("\n", 1)
+    assert code == "200", body
+    assert json.loads(body)["duration_s"] == pytest.approx(20.0, abs=1e-3)
+
+
 def test_frame_embedding(daemon, clip):
     status, _, result = daemon.request("POST", "/v1/recognize?granularity=frame&embedding=1", clip)
     assert status == 200, result
