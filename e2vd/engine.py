@@ -127,14 +127,12 @@ def new_emotion2vec(model_conf: dict[str, Any], vocab_size: int) -> torch.nn.Mod
     and the root logger's handlers and level are kept. Construction honours the caller's
     ``torch.device(...)`` context and random seed.
     """
-    loaded = sys.modules.get("funasr")
-    if loaded is not None:
-        with _quiet_import():  # funasr (or our light stub) is imported already: use it as it is
+    with _IMPORT_LOCK:
+        # funasr already imported (e.g. the user's `from funasr import AutoModel`): use it as it is
+        light = "funasr" not in sys.modules
+        with _light_funasr() if light else contextlib.nullcontext(), _quiet_import():
             cls = importlib.import_module("funasr.models.emotion2vec.model").Emotion2vec
             return cls(model_conf=model_conf, vocab_size=vocab_size)
-    with _IMPORT_LOCK, _light_funasr(), _quiet_import():
-        cls = importlib.import_module("funasr.models.emotion2vec.model").Emotion2vec
-        return cls(model_conf=model_conf, vocab_size=vocab_size)
 
 
 _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_",
@@ -175,7 +173,6 @@ def _light_funasr():
                          "(pip install -e .) and try again")
     stub = types.ModuleType("funasr")
     stub.__path__ = list(spec.submodule_search_locations)
-    stub.__e2vd_stub__ = True  # type: ignore[attr-defined]
     before = set(sys.modules)
     sys.modules["funasr"] = stub
     try:
