@@ -23,6 +23,7 @@ Only other mounts than / (e.g. a separate /home) must be passed with ``--bind``.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -142,6 +143,7 @@ class Box:
             log = (box.state / "console.log").read_text(errors="replace")[-3000:]
             box.stop(kill=True)
             raise BoxError(f"boot of box {name} failed: {exc}\n--- console ---\n{log}") from exc
+        atexit.register(box.stop, kill=True)   # a safety net if the caller never stops it
         return box
 
     def _wait_for_init(self, launcher: subprocess.Popen, timeout: float) -> None:
