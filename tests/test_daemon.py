@@ -310,3 +310,29 @@ def test_sd_notify_ready_status_extend_and_stopping(tiny_model, tmp_path):
     assert all("READY=1" not in m for m in messages[:ready])
     assert "idle exit in" in text and "STATUS=Loading model" in text
     assert "STOPPING=1" in messages[-1]
+
+
+def test_keep_warm_hold_defers_the_idle_clock(tiny_model, tmp_path):
+    d = DaemonProcess(tmp_path / "s.sock", tiny_model, idle_timeout=1, wait_ready=True)
+    with d:
+        status, _, body = d.request("POST", "/v1/warmup?hold=4")
+        assert status == 200 and body["hold_s"] == 4
+        time.sleep(2.5)                     # 2.5 x idle_timeout, inside the hold
+        assert d.proc.poll() is None
+        st = d.request("GET", "/v1/status")[2]
+        assert st["keep_warm_deadline"] is not None and st["idle_exit_in_s"] > 1
+        assert d.wait(60) == 0              # hold over, then idle_timeout: exit 0
+    assert "keep_warm" in d.log_text() and "idle_exit" in d.log_text()
+
+
+def test_sigterm_gives_up_a_stalled_request_after_drain_timeout(tiny_model, tmp_path, clip):
+    d = DaemonProcess(tmp_path / "s.sock", tiny_model, idle_timeout=600, drain_timeout=1,
+                      connection_timeout=60, wait_ready=True)
+    with d:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(d.socket))
+            s.sendall(f"POST /v1/recognize HTTP/1.1\r\nHost: e2vd\r\nContent-Length: {len(clip)}\r\n\r\n".encode())
+            time.sleep(0.5)                 # the upload stalls; SIGTERM must not wait for it forever
+            d.proc.send_signal(signal.SIGTERM)
+            assert d.wait(30) == 0
+    assert "drain_abandoned" in d.log_text()
