@@ -243,6 +243,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except ApiError as err:
             self.close_connection = True
             self._send_error(err)
+            self._log_request("-", urlsplit(self.path).path)
             return False
         return super().handle_expect_100()
 
