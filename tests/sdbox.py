@@ -64,6 +64,10 @@ def unavailable_reason() -> str | None:
         return "the kernel has no overlayfs"
     if _cgroup2_root() is None:
         return "no cgroup2 hierarchy is mounted"
+    probe = subprocess.run(["unshare", "--pid", "--mount", "--uts", "--ipc", "--cgroup", "--fork", "true"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"cannot create namespaces here (unshare: {probe.stderr.strip()})"
     return None
 
 

@@ -96,12 +96,21 @@ def box():
 @pytest.mark.systemd
 def test_install_and_uninstall_in_a_real_systemd(box: sdbox.Box) -> None:
     e2vd = [PY, "-m", "e2vd"]
-    out = box.run(e2vd + ["install"], env=ENV).stdout
+    out = box.run(e2vd + ["install", "--no-start"], env=ENV).stdout
     assert "created system group e2vd" in out
+    assert box.run(["systemctl", "is-enabled", "e2vd.socket", "e2vd-warmup.timer"]).stdout.split() == ["enabled"] * 2
+    assert box.run(["systemctl", "is-active", "e2vd.socket"], check=False).stdout.strip() == "inactive"
+
+    out = box.run(e2vd + ["install"], env=ENV).stdout
     assert box.run(["systemctl", "is-active", "e2vd.socket", "e2vd-warmup.timer"]).stdout.split() == ["active"] * 2
     assert box.run(["stat", "-c", "%a %U %G %F", "/run/e2vd/e2vd.sock"]).stdout.strip() == "660 root e2vd socket"
     assert box.run(["systemctl", "is-active", "e2vd.service"], check=False).stdout.strip() == "inactive"
     assert box.run(["systemctl", "is-enabled", "e2vd.socket"]).stdout.strip() == "enabled"
+
+    security = box.run(["systemd-analyze", "security", "e2vd.service", "--no-pager"]).stdout
+    exposure = float(security.rsplit("Overall exposure level for e2vd.service:", 1)[1].split()[0])
+    print(f"\nsystemd-analyze security e2vd.service (installed, live manager): exposure {exposure}")
+    assert exposure <= 3.0
 
     again = box.run(e2vd + ["install"], env=ENV).stdout
     assert "created" not in again and again.count("unchanged") == 4 and "kept existing" in again
@@ -115,3 +124,15 @@ def test_install_and_uninstall_in_a_real_systemd(box: sdbox.Box) -> None:
     box.run(e2vd + ["uninstall", "--purge"], env=ENV)
     assert not box.root.joinpath("etc/e2vd").exists()
     assert box.run(["getent", "group", "e2vd"], check=False).returncode == 2
+
+
+@pytest.mark.systemd
+def test_checked_in_units_verify_silently_where_e2vd_is_in_usr_local(box: sdbox.Box) -> None:
+    """The files in systemd/ exactly as committed, where `pip install e2vd` put the script in
+    /usr/local/bin (here a wrapper in the box's throw-away overlay)."""
+    box.write("/usr/local/bin/e2vd", f"#!/bin/sh\nPYTHONPATH={ROOT} exec {PY} -m e2vd \"$@\"\n", 0o755)
+    box.run(["mkdir", "-p", "/var/tmp/units"])
+    for name in install.UNITS:
+        box.write(f"/var/tmp/units/{name}", (ROOT / "systemd" / name).read_text())
+    cp = box.run(["systemd-analyze", "verify", *(f"/var/tmp/units/{n}" for n in install.UNITS)], check=False)
+    assert (cp.returncode, cp.stdout + cp.stderr) == (0, "")

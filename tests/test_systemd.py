@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import sys
 import threading
 import time
@@ -243,6 +244,8 @@ def test_4_start_waits_for_ready_status_text_and_stop_drains(box: sdbox.Box) -> 
     journal = box.run(["journalctl", "--no-pager", "-u", "e2vd.service", "-o", "verbose",
                        f"_SYSTEMD_INVOCATION_ID={inv}"], check=False).stdout
     assert "E2VD_EVENT=stopping" in journal and "E2VD_EVENT=stopped" in journal
+    in_flight = re.search(r"^\s*E2VD_IN_FLIGHT=(\d+)$", journal, re.M)
+    assert in_flight and int(in_flight[1]) >= 1, "systemctl stop came while requests were in flight"
 
 
 def test_5_timer_fires_on_a_weekday_0855_and_holds_the_daemon_warm(box: sdbox.Box) -> None:
