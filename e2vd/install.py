@@ -208,9 +208,12 @@ def install(options: Options, *, start: bool = True, root: Path = Path("/"), lay
     if live and not _group_exists(options.group):
         _run(["groupadd", "--system", options.group])
         say(f"created system group {options.group} (members may use the socket: usermod -aG {options.group} USER)")
+    changed = set()
     for name, text in render_units(layout, options).items():
         path = root / UNIT_DIR / name
-        say(f"{'wrote' if _write(path, text) else 'unchanged'} {path}")
+        if _write(path, text):
+            changed.add(name)
+        say(f"{'wrote' if name in changed else 'unchanged'} {path}")
     config = root / CONFIG_PATH
     if config.exists():
         say(f"kept existing {config}")
@@ -222,6 +225,10 @@ def install(options: Options, *, start: bool = True, root: Path = Path("/"), lay
         say(f"enabled {', '.join(ENABLE)} in {root}")
         return
     _run(["systemctl", "daemon-reload"])
+    if "e2vd.socket" in changed and subprocess.run(["systemctl", "is-active", "--quiet", "e2vd.socket"]).returncode == 0:
+        # a new group or mode only applies to a newly created socket; this also stops a running daemon
+        _run(["systemctl", "restart", "e2vd.socket"])
+        say("restarted e2vd.socket to apply its new settings")
     _run(["systemctl", "enable", *(["--now"] if start else []), *ENABLE])
     say(f"enabled{' and started' if start else ''} {', '.join(ENABLE)}")
     if layout.read_only_paths:

@@ -115,6 +115,11 @@ def test_install_and_uninstall_in_a_real_systemd(box: sdbox.Box) -> None:
     again = box.run(e2vd + ["install"], env=ENV).stdout
     assert "created" not in again and again.count("unchanged") == 4 and "kept existing" in again
 
+    regroup = box.run(e2vd + ["install", "--group", "speech"], env=ENV).stdout
+    assert "restarted e2vd.socket" in regroup
+    assert box.run(["stat", "-c", "%G", "/run/e2vd/e2vd.sock"]).stdout.strip() == "speech"
+    box.run(e2vd + ["install"], env=ENV)
+
     box.run(e2vd + ["uninstall"], env=ENV)
     assert not box.root.joinpath("run/e2vd/e2vd.sock").exists()
     assert box.run(["systemctl", "is-enabled", "e2vd.socket"], check=False).returncode != 0
