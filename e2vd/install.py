@@ -82,7 +82,8 @@ class Layout:
 
     @classmethod
     def detect(cls, executable: str | None = None) -> "Layout":
-        """The layout of the Python running this code (or of `executable`, a venv's python)."""
+        """The layout of the Python running this code; `executable` overrides sys.executable (the
+        interpreter of the same installation that the units should run, e.g. a venv's bin/python)."""
         exe = Path(executable or sys.executable)
         script = exe.parent / "e2vd"
         command = str(script) if os.access(script, os.X_OK) else f"{exe} -m e2vd"
@@ -152,6 +153,8 @@ def render_units(layout: Layout, options: Options, templates: Path | None = None
     d = templates or template_dir()
     units = {u: (d / u).read_text() for u in UNITS}
     for name in ("e2vd.service", "e2vd-warmup.service"):
+        if f"\nExecStart={TEMPLATE_COMMAND} " not in units[name]:
+            raise InstallError(f"template {name} must start {TEMPLATE_COMMAND}; the systemd/ files are damaged")
         text = units[name].replace(f"ExecStart={TEMPLATE_COMMAND} ", f"ExecStart={layout.command} ")
         if layout.read_only_paths:
             binds = " ".join(str(p) for p in layout.read_only_paths)
