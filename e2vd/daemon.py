@@ -504,6 +504,11 @@ def main(overrides: Mapping[str, object], config_path: str | None = None) -> int
     from e2vd.log import setup_logging
 
     setup_logging(settings.log_level)   # before anything imports funasr (it calls basicConfig)
+    # CPU inference runs on one worker thread beside the connection threads. With OpenMP's default
+    # spin-waiting, torch's idle pool threads keep the cores busy after every op, which delays the
+    # connection threads and, on a shared machine, slowed the tiny model ~5x here (load 6 on 2
+    # cores). Sleep instead; must be set before torch loads libgomp. An operator's value wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         listener = open_listener(settings.socket)
     except SocketError as exc:

@@ -308,8 +308,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _route_recognize(self, route: Route, options: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         from e2vd.audio import AudioError, decode
 
+        t0 = time.monotonic()
         body = self._read_body()
-        self._fields["body_bytes"] = len(body)
+        t1 = time.monotonic()
+        self._fields.update(body_bytes=len(body), read_ms=round((t1 - t0) * 1000.0, 2))
         if not body:
             raise ApiError("bad_audio", "the body is empty; send the audio file's bytes, "
                                         "e.g. curl --data-binary @clip.wav")
@@ -317,9 +319,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             audio = decode(body, max_seconds=self.server.max_seconds)
         except AudioError as err:
             raise ApiError(err.code, err.message) from None
-        self._fields["audio_seconds"] = round(audio.duration_s, 3)
+        t2 = time.monotonic()
+        self._fields.update(audio_seconds=round(audio.duration_s, 3), decode_ms=round((t2 - t1) * 1000.0, 2))
         job = self.server.scheduler.submit(audio, options["granularity"], options["embedding"])
         job.wait()
+        self._fields["wait_ms"] = round((time.monotonic() - t2) * 1000.0, 2)
         self._fields.update(queue_ms=round(job.queue_ms, 2), infer_ms=round(job.infer_ms, 2),
                             batch_size=job.batch_size)
         if job.error is not None:
