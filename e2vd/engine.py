@@ -354,7 +354,9 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 
     The file is memory-mapped, so only the tensors the model uses are ever read from disk; the
     optimizer state in the same file is not. Keys are remapped like funasr's scope_map
-    ``['d2v_model.', none]``: ``d2v_model.X`` -> ``X``; ``proj.*`` stays.
+    ``['d2v_model.', none]``: ``d2v_model.X`` -> ``X``; ``proj.*`` stays. On the CPU the model
+    keeps using the mapped file: replace model.pt by renaming a new file over it, never by
+    rewriting it in place while a daemon runs (the daemon would see the new bytes or SIGBUS).
     """
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -300,3 +300,10 @@ def test_gpu_without_cuda_torch_is_explained(tiny_model: Path, monkeypatch: pyte
     monkeypatch.setattr(gpu, "list_gpus", lambda: [fake_gpu(40_000)])
     with pytest.raises(ModelError, match="cuda:0 was chosen but this PyTorch .* cannot use CUDA"):
         Engine.load(str(tiny_model), device="auto")
+
+
+def test_weight_init_functions_are_restored(engine: Engine) -> None:
+    """Engine.load skips random init while building; torch.nn.init must work again afterwards."""
+    t = torch.zeros(1000)
+    torch.nn.init.normal_(t)
+    assert t.std() > 0.5
