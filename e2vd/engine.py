@@ -479,7 +479,8 @@ class Engine:
         net = _place(net, chosen, DTYPES[dtype], quantize)
         normalize = bool(config["model_conf"].get("normalize", False))
         seconds = time.perf_counter() - start
-        log.info("loaded %s from %s on %s as %s%s in %.1f s", model_id, model_dir, chosen, dtype, " int8-quantized" if quantize else "", seconds)
+        log.info("loaded %s from %s on %s as %s%s in %.1f s", model_id, model_dir, chosen, dtype,
+                 " (int8-quantized)" if quantize else "", seconds)
         return cls(net, model_id, model_dir, chosen, dtype, labels, normalize, seconds, quantize)
 
     # -- inference -------------------------------------------------------------------------
@@ -555,7 +556,7 @@ class Engine:
                 x = x.to(self._torch_dtype)
             feats = self._model.extract_features(x, padding_mask=None)["x"]
             logits = self._model.proj(feats.mean(dim=1))
-            probs = torch.softmax(logits, dim=-1)
+            probs = torch.softmax(logits.float(), dim=-1)  # fp32 even for fp16/bf16 models
             return (probs.float().cpu().numpy().astype(np.float64),
                     feats.float().cpu().numpy())
 

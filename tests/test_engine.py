@@ -307,3 +307,10 @@ def test_weight_init_functions_are_restored(engine: Engine) -> None:
     t = torch.zeros(1000)
     torch.nn.init.normal_(t)
     assert t.std() > 0.5
+
+
+def test_shortest_accepted_clip_gives_one_frame(engine: Engine) -> None:
+    """25 ms (400 samples, the shortest clip e2vd.audio accepts) still yields one 20 ms frame."""
+    r = engine.recognize(from_samples(0.1 * speechlike(0.025)[:, 0], 16000), granularity="frame",
+                         embedding=True)
+    assert r.embedding.shape == (1, 64) and sum(r.scores) == pytest.approx(1.0, abs=1e-6)
