@@ -248,10 +248,12 @@ def _download(model_id: str, revision: str, cache_root: Path) -> Path:
     if (target / "model.pt").is_file() and (target / ".e2vd-complete").is_file():
         return target
     host, port = _hub_address()
-    problem = _probe(host, port, HUB_PROBE_TIMEOUT_S)
+    via = _proxy_for(host)
+    problem = _probe(*(via or (host, port)), HUB_PROBE_TIMEOUT_S)
     if problem:
+        where = f"{host}:{port}" + (f" via the proxy {via[0]}:{via[1]}" if via else "")
         raise ModelError(f"cannot download {model_id} (revision {revision}): the ModelScope hub "
-                         f"{host}:{port} is unreachable ({problem}). Set E2VD_MODEL (or `model` in "
+                         f"{where} is unreachable ({problem}). Set E2VD_MODEL (or `model` in "
                          "/etc/e2vd/e2vd.toml) to an absolute local directory holding config.yaml, "
                          f"model.pt and tokens.txt, or copy the model into {target}")
     log.info("downloading %s (revision %s) into %s", model_id, revision, target)
@@ -272,6 +274,20 @@ def _hub_address() -> tuple[str, int]:
     domain = re.sub(r"^https?://", "", domain).split("/")[0]
     host, _, port = domain.partition(":")
     return host, int(port) if port.isdigit() else 443
+
+
+def _proxy_for(host: str) -> tuple[str, int] | None:
+    """(host, port) of the HTTPS proxy the download would go through (https_proxy etc.), if any."""
+    import urllib.parse
+    import urllib.request
+
+    proxy = urllib.request.getproxies().get("https")
+    if not proxy or urllib.request.proxy_bypass(host):
+        return None
+    parsed = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+    if not parsed.hostname:
+        return None
+    return parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
 
 
 def _probe(host: str, port: int, timeout_s: float) -> str | None:

@@ -195,14 +195,30 @@ def test_not_a_model_name(tmp_path: Path) -> None:
         Engine.load("just-a-name", device="cpu")
 
 
+def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def test_no_hub_says_to_set_e2vd_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    no_proxy(monkeypatch)
     monkeypatch.setenv("MODELSCOPE_DOMAIN", "127.0.0.1:9")  # nothing listens on the discard port
     with pytest.raises(ModelError, match="unreachable.*Set E2VD_MODEL"):
         Engine.load("iic/emotion2vec_plus_large", device="cpu", cache_dir=str(tmp_path))
 
 
+def test_no_hub_through_a_proxy_names_the_proxy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    no_proxy(monkeypatch)
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    with pytest.raises(ModelError, match="via the proxy 127.0.0.1:9 is unreachable.*Set E2VD_MODEL"):
+        Engine.load("iic/emotion2vec_plus_large", device="cpu", cache_dir=str(tmp_path))
+
+
 def test_downloaded_model_is_used_from_the_cache(tiny_model: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    no_proxy(monkeypatch)
     monkeypatch.setenv("MODELSCOPE_DOMAIN", "127.0.0.1:9")  # a network attempt would fail
     target = tmp_path / "models" / "iic" / "emotion2vec_plus_large" / engine_mod.DEFAULT_REVISION
     copy_model(tiny_model, target)
