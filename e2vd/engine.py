@@ -409,9 +409,17 @@ def _load_untrusted_layout(path: Path, first_error: Exception) -> Any:
 
 def build_model(config: dict[str, Any], weights: dict[str, torch.Tensor], num_labels: int,
                 weights_path: Path) -> torch.nn.Module:
-    """Build `Emotion2vec` on the meta device and assign `weights` to it (no copy, no random init)."""
+    """Build `Emotion2vec` on the meta device and assign `weights` to it (no copy, no random init).
+
+    Every tensor the model uses must be in `weights` with the right shape (else ModelError);
+    extra tensors (the pre-training decoder, EMA copies) are ignored.
+    """
     with torch.device("meta"), skip_weight_init():
         model = new_emotion2vec(copy.deepcopy(config["model_conf"]), num_labels)
+    for encoder in model.modality_encoders.values():
+        # the decoder only serves pre-training: fairseq's own inference drops it the same way, and
+        # a fine-tuned checkpoint need not carry its weights
+        encoder.remove_pretraining_modules()
     expected = model.state_dict()
     missing = [k for k in expected if k not in weights]
     if missing:

@@ -177,6 +177,19 @@ def test_checkpoint_of_another_size_is_refused(tiny_model: Path, tmp_path: Path)
         Engine.load(str(model), device="cpu")
 
 
+def test_checkpoint_without_pretraining_decoder_loads(engine: Engine, tiny_model: Path,
+                                                      tmp_path: Path) -> None:
+    model = copy_model(tiny_model, tmp_path / "m")
+    ckpt = torch.load(model / "model.pt", weights_only=True)
+    decoder = [k for k in ckpt["model"] if ".decoder." in k]
+    assert decoder
+    for k in decoder:
+        del ckpt["model"][k]
+    torch.save(ckpt, model / "model.pt")
+    audio = clip(1.0)
+    assert Engine.load(str(model), device="cpu").recognize(audio).scores == engine.recognize(audio).scores
+
+
 def test_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="does not exist.*E2VD_MODEL"):
         Engine.load(str(tmp_path / "nowhere"), device="cpu")
