@@ -190,6 +190,22 @@ def test_checkpoint_without_pretraining_decoder_loads(engine: Engine, tiny_model
     assert Engine.load(str(model), device="cpu").recognize(audio).scores == engine.recognize(audio).scores
 
 
+def test_checkpoint_with_pickled_config_objects_loads_with_a_warning(
+        engine: Engine, tiny_model: Path, tmp_path: Path, caplog) -> None:
+    """Older fairseq checkpoints pickle an argparse.Namespace: weights_only refuses, we retry."""
+    import argparse
+
+    model = copy_model(tiny_model, tmp_path / "m")
+    ckpt = torch.load(model / "model.pt", weights_only=True)
+    ckpt["args"] = argparse.Namespace(arch="data2vec_multi")
+    torch.save(ckpt, model / "model.pt")
+    with caplog.at_level(logging.WARNING, logger="e2vd.engine"):
+        loaded = Engine.load(str(model), device="cpu")
+    assert "full unpickling" in caplog.text
+    audio = clip(1.0)
+    assert loaded.recognize(audio).scores == engine.recognize(audio).scores
+
+
 def test_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="does not exist.*E2VD_MODEL"):
         Engine.load(str(tmp_path / "nowhere"), device="cpu")
@@ -343,3 +359,15 @@ def test_shortest_accepted_clip_gives_one_frame(engine: Engine) -> None:
     r = engine.recognize(from_samples(0.1 * speechlike(0.025)[:, 0], 16000), granularity="frame",
                          embedding=True)
     assert r.embedding.shape == (1, 64) and sum(r.scores) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_local_directory_never_touches_the_network(tiny_model: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Engine.load opened a network connection for a local directory")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    assert Engine.load(str(tiny_model), device="cpu").model_dir == tiny_model
