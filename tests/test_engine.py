@@ -371,3 +371,24 @@ def test_local_directory_never_touches_the_network(tiny_model: Path,
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket.socket, "connect", refuse)
     assert Engine.load(str(tiny_model), device="cpu").model_dir == tiny_model
+
+
+def _mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    """Address ranges at which this process has `path` memory-mapped (from /proc/self/maps)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if line.endswith(str(path)):
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def test_cpu_weights_are_the_mapped_file_not_copies(tiny_model: Path, tmp_path: Path) -> None:
+    """No copy of the checkpoint: every weight lives in the memory-mapped model.pt."""
+    model = copy_model(tiny_model, tmp_path / "m")  # a file no other test has mapped
+    loaded = Engine.load(str(model), device="cpu")
+    ranges = _mapped_ranges(model / "model.pt")
+    assert ranges, "model.pt is not memory-mapped"
+    params = list(loaded._model.parameters())
+    inside = [p for p in params if any(a <= p.data_ptr() < b for a, b in ranges)]
+    assert len(inside) == len(params)
