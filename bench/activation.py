@@ -49,7 +49,7 @@ def request_s(sock: str, data: bytes) -> float:
     return time.perf_counter() - t0
 
 
-def measure(box: sdbox.Box, model: Path, data: bytes, cold_runs: int, warm_runs: int) -> tuple[list[float], list[float]]:
+def measure(box: sdbox.Box, model: str, data: bytes, cold_runs: int, warm_runs: int) -> tuple[list[float], list[float]]:
     """Cold and warm request times (seconds) for `model`."""
     box.write("/etc/e2vd/e2vd.toml", f'model = "{model}"\ndevice = "cpu"\nidle_timeout = 600\n')
     sock = f"/proc/{box.init}/root/run/e2vd/e2vd.sock"
@@ -79,10 +79,12 @@ def main() -> int:
     data = wav(args.seconds)
     print(f"e2vd activation through systemd, CPU, {args.seconds:g} s clip, {os.cpu_count()} CPUs; "
           f"median of {args.cold} cold / {args.cold * args.warm} warm requests")
-    with sdbox.Box.start(f"bench-{os.getpid()}") as box:
+    # models bound read-only to a neutral path (a checkout below /home or /root is hidden from the service)
+    binds = [f"{path}:/srv/e2vd-models/{preset}" for preset, path in models.items()]
+    with sdbox.Box.start(f"bench-{os.getpid()}", binds_ro=binds) as box:
         box.run([PY, "-m", "e2vd", "install"], env=ENV)
-        for preset, model in models.items():
-            cold, warm = measure(box, model, data, args.cold, args.warm)
+        for preset in models:
+            cold, warm = measure(box, f"/srv/e2vd-models/{preset}", data, args.cold, args.warm)
             c, w = statistics.median(cold), statistics.median(warm)
             print(f"{preset:>5}: cold start (connect -> first result) {c:7.2f} s  "
                   f"[{min(cold):.2f}..{max(cold):.2f}]   warm request {w * 1000:8.1f} ms  "
