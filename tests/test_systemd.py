@@ -157,6 +157,15 @@ def test_2_idle_timeout_stops_the_service_and_the_next_request_restarts_it(box: 
     assert show(box)["InvocationID"] != inv, "a new daemon answered"
     assert again.scores == pytest.approx(first.scores, abs=1e-5)
 
+    # a crash (SIGKILL) is not restarted by systemd (Restart=no) but the socket starts a new daemon
+    n = starts(box)
+    box.run(["systemctl", "kill", "--signal=KILL", "e2vd.service"])
+    wait_for("the killed daemon to be reaped", lambda: show(box)["ActiveState"] == "failed", timeout=10)
+    assert show(box)["Result"] == "signal" and starts(box) == n
+    assert show(box, "e2vd.socket")["ActiveState"] == "active"
+    with Client(sock, timeout=LOAD_S) as c:
+        assert c.recognize(data).scores == pytest.approx(first.scores, abs=1e-5)
+
 
 def test_3_race_between_idle_exit_and_new_connections_loses_nothing(box: sdbox.Box) -> None:
     """4 clients, 200 requests in rounds separated by gaps around the 1 s idle timeout: the
