@@ -397,12 +397,16 @@ def main(argv: Sequence[str]) -> int:
         {"_leader": _stage_leader, "_stage2": _stage2, "_stage3": _stage3}[cmd](rest[0])
         return 0
     if cmd == "start" and rest:
-        binds: list[str] = []
-        binds_ro: list[str] = []
-        it = iter(rest[1:])
-        for opt in it:
-            (binds if opt == "--bind" else binds_ro if opt == "--bind-ro" else None).append(next(it))  # type: ignore[union-attr]
-        print(Box.start(rest[0], binds, binds_ro).init)
+        import argparse
+
+        ap = argparse.ArgumentParser(prog="sdbox.py start")
+        ap.add_argument("name")
+        ap.add_argument("--bind", action="append", default=[], metavar="SRC[:DST]")
+        ap.add_argument("--bind-ro", action="append", default=[], metavar="SRC[:DST]")
+        opts = ap.parse_args(rest)
+        box = Box.start(opts.name, opts.bind, opts.bind_ro)
+        atexit.unregister(box.stop)   # the command line leaves it running until `stop`
+        print(box.init)
         return 0
     if cmd == "exec" and rest:
         box = Box(rest[0], init=int((STATE_ROOT / rest[0] / "init.pid").read_text()))
