@@ -315,8 +315,8 @@ def test_sd_notify_ready_status_extend_and_stopping(tiny_model, tmp_path):
 def test_keep_warm_hold_defers_the_idle_clock(tiny_model, tmp_path):
     d = DaemonProcess(tmp_path / "s.sock", tiny_model, idle_timeout=1, wait_ready=True)
     with d:
-        status, _, body = d.request("POST", "/v1/warmup?hold=4")
-        assert status == 200 and body["hold_s"] == 4
+        status, _, body = d.request("POST", "/v1/warmup?hold=6")
+        assert status == 200 and body["hold_s"] == 6
         time.sleep(2.5)                     # 2.5 x idle_timeout, inside the hold
         assert d.proc.poll() is None
         st = d.request("GET", "/v1/status")[2]
