@@ -154,10 +154,16 @@ class Scheduler:
             return
         self._set_state(READY)
         self.settled.set()
-        while not self._stop.is_set():
-            batch = self._take_batch()
-            if batch:
-                self._run_batch(batch)
+        try:
+            while not self._stop.is_set():
+                batch = self._take_batch()
+                if batch:
+                    self._run_batch(batch)
+        except BaseException as exc:  # noqa: BLE001 - never leave waiting clients hanging
+            log.exception("the inference worker failed")
+            self.error = f"the inference worker failed ({type(exc).__name__}: {exc})"
+            self._set_state(UNAVAILABLE)
+            self._fail_queued()
 
     def _fail_queued(self) -> None:
         """After a failed load: fail every queued job, now and as they arrive, until stopped."""
