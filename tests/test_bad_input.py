@@ -114,6 +114,22 @@ def too_many_connections(d: DaemonProcess) -> tuple[int, Any]:
             s.close()
 
 
+def oversized_body_without_expect(d: DaemonProcess) -> tuple[int, Any]:
+    """A client that just sends too much: the 413 is waiting for it even though its send failed."""
+    import json
+
+    conn = d.connection()
+    try:
+        try:
+            conn.request("POST", "/v1/recognize", body=b"\0" * (MAX_BODY + 1_000_000))
+        except (BrokenPipeError, ConnectionResetError):
+            pass   # the daemon answered and closed without reading the body
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
 def curl_upload(d: DaemonProcess, data: bytes, tmp: Path) -> tuple[int, Any]:
     import json
 
@@ -185,6 +201,7 @@ CASES: list[tuple[str, Callable[..., Any], int | None, str | None]] = [
         lambda s: s.shutdown(socket.SHUT_WR)), 400, "bad_request"),
     ("huge Content-Length declared", lambda d, t: raw(d, head("POST", "/v1/recognize", "Content-Length: 1000000000000")),
      413, "too_large"),
+    ("huge body sent without Expect", lambda d, t: oversized_body_without_expect(d), 413, "too_large"),
     ("huge body via curl (Expect: 100-continue)", lambda d, t: curl_upload(d, b"\0" * (MAX_BODY + 1), t), 413, "too_large"),
     ("Expect: 100-continue too large", lambda d, t: raw(d, head("POST", "/v1/recognize", f"Content-Length: {MAX_BODY + 1}",
                                                                "Expect: 100-continue")), 413, "too_large"),
