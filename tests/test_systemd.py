@@ -181,7 +181,7 @@ def test_3_race_between_idle_exit_and_new_connections_loses_nothing(box: sdbox.B
     clients, rounds, per_round = 4, 10, 5          # 4 * 10 * 5 = 200 requests
     # the daemon exits 1.0-1.25 s after the last connection closed (idle_timeout + its 0.25 s tick):
     # 3 gaps surely past that, 4 straddling it, 3 short of it
-    gaps = [0.8, 1.05, 1.1, 1.4, 0.9, 1.2, 1.6, 1.0, 1.25, 2.0]
+    gaps = [0.8, 1.05, 1.1, 1.5, 0.9, 1.2, 1.7, 1.0, 1.25, 2.0]
     barrier = threading.Barrier(clients)
     answers: list[tuple[int, list[float]]] = []
     errors: list[str] = []
