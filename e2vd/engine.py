@@ -351,7 +351,8 @@ def read_config(model_dir: Path) -> dict[str, Any]:
 
     path = model_dir / "config.yaml"
     try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~10x faster
+        config = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)  # noqa: S506 - safe
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ModelError(f"{path} is not valid YAML ({err}); copy the model's config.yaml again") from err
     if not isinstance(config, dict) or config.get("model") != "Emotion2vec" \
