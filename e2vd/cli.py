@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--group", default="e2vd")
     i.add_argument("--warmup-calendar", default="Mon..Fri 08:55", help="OnCalendar= of e2vd-warmup.timer")
     i.add_argument("--warmup-until", default="18:00", help="keep warm until this local time")
+    i.add_argument("--model", help="model for a new /etc/e2vd/e2vd.toml: ModelScope id or absolute directory")
     i.add_argument("--no-start", action="store_true", help="enable the units but do not start them")
 
     u = sub.add_parser("uninstall", help="remove the systemd units (root)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import grp
+import json
 import os
 import re
 import shutil
@@ -115,6 +116,7 @@ class Options:
     group: str = "e2vd"
     warmup_calendar: str = "Mon..Fri 08:55"
     warmup_until: str = "18:00"
+    model: str | None = None        # written into a new config file; None keeps the default
 
 
 def template_dir() -> Path:
@@ -146,6 +148,31 @@ def validate(options: Options) -> None:
         if cp.returncode != 0:
             raise InstallError(f"--warmup-calendar {options.warmup_calendar!r} is not a systemd calendar "
                                f"expression ({cp.stderr.strip()}); see `man systemd.time`, e.g. 'Mon..Fri 08:55'")
+    if options.model is not None:
+        validate_model(options.model)
+
+
+def validate_model(model: str) -> None:
+    """Raise InstallError unless `model` is a ModelScope id or an absolute directory the service can read."""
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not os.path.exists(model):
+        return
+    path = Path(model)
+    if not path.is_absolute():
+        raise InstallError(f"--model {model!r} is neither a ModelScope id (owner/name) nor an absolute directory")
+    if not (path / "model.pt").is_file():
+        raise InstallError(f"--model {model}: no model.pt in that directory; give the directory that holds "
+                           "config.yaml, tokens.txt and model.pt")
+    if _under_home(path.resolve()):
+        raise InstallError(f"--model {model} lies below /root or /home, which the service cannot see; "
+                           "move it to e.g. /srv/e2vd-models/")
+
+
+def config_text(options: Options) -> str:
+    """The default /etc/e2vd/e2vd.toml, with `model = ...` set when the operator chose one."""
+    if options.model is None:
+        return DEFAULT_CONFIG
+    line = f"model = {json.dumps(options.model)}"   # a JSON string is a valid TOML basic string
+    return DEFAULT_CONFIG.replace('# model = "iic/emotion2vec_plus_large"', line, 1)
 
 
 def render_units(layout: Layout, options: Options, templates: Path | None = None) -> dict[str, str]:
@@ -219,10 +246,11 @@ def install(options: Options, *, start: bool = True, root: Path = Path("/"), lay
         say(f"{'wrote' if name in changed else 'unchanged'} {path}")
     config = root / CONFIG_PATH
     if config.exists():
-        say(f"kept existing {config}")
+        say(f"kept existing {config}" + (f" (--model not applied: set model = {json.dumps(options.model)} there)"
+                                         if options.model is not None else ""))
     else:
-        _write(config, DEFAULT_CONFIG)
-        say(f"wrote default {config}")
+        _write(config, config_text(options))
+        say(f"wrote default {config}" + (f" with model = {json.dumps(options.model)}" if options.model else ""))
     if not live:
         _run(["systemctl", f"--root={root}", "enable", *ENABLE])
         say(f"enabled {', '.join(ENABLE)} in {root}")
@@ -283,7 +311,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.command == "install":
-            install(Options(args.group, args.warmup_calendar, args.warmup_until), start=not args.no_start)
+            install(Options(args.group, args.warmup_calendar, args.warmup_until, args.model), start=not args.no_start)
         else:
             uninstall(purge=args.purge)
     except InstallError as exc:

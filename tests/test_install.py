@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -47,6 +48,40 @@ def test_install_is_idempotent_and_never_overwrites_the_config(tmp_path: Path) -
     assert {p: p.read_bytes() for p in before} == before
     assert [l for l in out if l.startswith(("wrote", "unchanged"))] == \
         [f"unchanged {tmp_path}/etc/systemd/system/{u}" for u in install.UNITS]
+
+
+def test_install_model_goes_into_a_new_config_only(tmp_path: Path) -> None:
+    model = tmp_path / "srv" / "e2v"
+    model.mkdir(parents=True)
+    (model / "model.pt").write_bytes(b"")
+    out = _install(tmp_path / "a", model=str(model))
+    assert tomllib.loads((tmp_path / "a/etc/e2vd/e2vd.toml").read_text()) == {"model": str(model)}
+    assert any(f'model = "{model}"' in line for line in out)
+    config = tmp_path / "b/etc/e2vd/e2vd.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text('model = "iic/emotion2vec_plus_large"\n')
+    out = _install(tmp_path / "b", model=str(model))
+    assert config.read_text() == 'model = "iic/emotion2vec_plus_large"\n', "never overwritten"
+    assert any("--model not applied" in line for line in out)
+
+
+@pytest.mark.parametrize("model, problem", [
+    ("relative/dir/../x", "neither a ModelScope id"),
+    ("/nonexistent/e2v", "no model.pt"),
+    ("/root/models/e2v", "no model.pt"),
+])
+def test_install_rejects_a_model_the_service_cannot_use(tmp_path: Path, model: str, problem: str) -> None:
+    with pytest.raises(install.InstallError, match=problem):
+        _install(tmp_path, model=model)
+
+
+def test_install_rejects_a_model_below_home(tmp_path: Path) -> None:
+    if not os.access("/root", os.W_OK):
+        pytest.skip("needs a writable /root to place a model below a home directory")
+    with tempfile.TemporaryDirectory(dir="/root") as d:
+        (Path(d) / "model.pt").write_bytes(b"")
+        with pytest.raises(install.InstallError, match="below /root or /home"):
+            _install(tmp_path, model=d)
 
 
 def test_uninstall_keeps_config_and_cache_unless_purge(tmp_path: Path) -> None:
