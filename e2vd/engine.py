@@ -55,7 +55,6 @@ DEFAULT_MODEL = "iic/emotion2vec_plus_large"
 DEFAULT_REVISION = "v2.0.5"
 #: Frames per second of the model's output (320x convolutional down-sampling of 16 kHz audio).
 FRAME_RATE_HZ = 50
-SAMPLE_RATE = 16000
 GRANULARITIES = ("utterance", "frame")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HUB_PROBE_TIMEOUT_S = 3.0
