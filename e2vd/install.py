@@ -32,8 +32,10 @@ UNIT_DIR = "etc/systemd/system"
 CONFIG_PATH = "etc/e2vd/e2vd.toml"
 # StateDirectory=/CacheDirectory= of e2vd.service; with DynamicUser= the data lives in private/.
 DATA_DIRS = ("var/cache/e2vd", "var/cache/private/e2vd", "var/lib/e2vd", "var/lib/private/e2vd")
-# ProtectHome=yes hides these; anything the service must run from below them needs a bind.
+# ProtectHome=yes hides HOME_ROOTS and PrivateTmp=yes hides TMP_ROOTS; anything the service must
+# run from below them (pyenv's Python in /root, a checkout in /tmp) needs a read-only bind.
 HOME_ROOTS = (Path("/root"), Path("/home"), Path("/run/user"))
+TMP_ROOTS = (Path("/tmp"), Path("/var/tmp"))
 
 DEFAULT_CONFIG = """\
 # /etc/e2vd/e2vd.toml - settings of the e2vd daemon (written by `e2vd install`, never overwritten).
@@ -78,7 +80,7 @@ class Layout:
     """Where this installation lives: how to run `e2vd` and what a sandboxed unit must see."""
 
     command: str                                  # absolute path of the `e2vd` script, or "python -m e2vd"
-    read_only_paths: tuple[Path, ...] = field(default=())   # under /root or /home, to bind read-only
+    read_only_paths: tuple[Path, ...] = field(default=())   # under /root, /home or /tmp, to bind read-only
     pythonpath: str | None = None                 # a source checkout that pip never installed
 
     @classmethod
@@ -95,12 +97,21 @@ class Layout:
         # Run from a checkout without `pip install`: the service (cwd /) must be told where e2vd is.
         found = subprocess.run([str(exe), "-c", "import e2vd"], cwd="/", capture_output=True,
                                env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}).returncode == 0
-        return cls(command, _outermost([p.resolve() for p in needed if _under_home(p.resolve())]),
+        return cls(command, _outermost([p.resolve() for p in needed if _hidden(p.resolve())]),
                    None if found else str(package.parent))
 
 
+def _under(path: Path, roots: tuple[Path, ...]) -> bool:
+    return any(path == r or r in path.parents for r in roots)
+
+
 def _under_home(path: Path) -> bool:
-    return any(path == h or h in path.parents for h in HOME_ROOTS)
+    return _under(path, HOME_ROOTS)
+
+
+def _hidden(path: Path) -> bool:
+    """Whether the service's sandbox hides `path` (ProtectHome=, PrivateTmp=)."""
+    return _under(path, HOME_ROOTS + TMP_ROOTS)
 
 
 def _outermost(paths: list[Path]) -> tuple[Path, ...]:
@@ -162,8 +173,8 @@ def validate_model(model: str) -> None:
     if not (path / "model.pt").is_file():
         raise InstallError(f"--model {model}: no model.pt in that directory; give the directory that holds "
                            "config.yaml, tokens.txt and model.pt")
-    if _under_home(path.resolve()):
-        raise InstallError(f"--model {model} lies below /root or /home, which the service cannot see; "
+    if _hidden(path.resolve()):
+        raise InstallError(f"--model {model} lies below /root, /home or /tmp, which the service cannot see; "
                            "move it to e.g. /srv/e2vd-models/")
 
 
@@ -185,10 +196,10 @@ def render_units(layout: Layout, options: Options, templates: Path | None = None
         text = units[name].replace(f"ExecStart={TEMPLATE_COMMAND} ", f"ExecStart={layout.command} ")
         if layout.read_only_paths:
             binds = " ".join(str(p) for p in layout.read_only_paths)
-            text = _set_key(text, "ProtectHome", "tmpfs", name)
-            text = text.replace("ProtectHome=tmpfs\n", "ProtectHome=tmpfs\n# this installation's Python lives "
-                                "below a home directory: make exactly that visible\n"
-                                f"BindReadOnlyPaths={binds}\n")
+            home = any(_under_home(p) for p in layout.read_only_paths)
+            text = _set_key(text, "ProtectHome", "tmpfs" if home else "yes", name)
+            text = re.sub(r"^(ProtectHome=.*\n)", r"\1# this installation lives below a directory the sandbox "
+                          f"hides: make exactly that visible\nBindReadOnlyPaths={binds}\n", text, count=1, flags=re.M)
         if layout.pythonpath:
             text = text.replace("\nExecStart=", f"\nEnvironment=PYTHONPATH={layout.pythonpath}\nExecStart=", 1)
         units[name] = text

@@ -91,6 +91,17 @@ def _alive(pid: int | None) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
+def hidden_host_paths() -> list[str]:
+    """This checkout and the Python running it, where a box would not see them: inside a box /tmp
+    and /run are fresh tmpfs and the overlay covers only the root file system.  Box.start binds
+    these read-only at the same paths, so a checkout in /tmp (a CI clone) works like one in /work."""
+    root_dev = os.stat("/").st_dev
+    wanted = {SELF.parent.parent, Path(sys.prefix), Path(sys.base_prefix), Path(sys.executable).resolve().parent.parent}
+    hidden = sorted(p for p in wanted
+                    if p.parts[1:2] in (("tmp",), ("run",)) or os.stat(p).st_dev != root_dev)
+    return [str(p) for p in hidden if not any(q != p and q in p.parents for q in hidden)]
+
+
 @dataclass
 class Box:
     """One booted box.  `init` is the host PID of its systemd (PID 1 inside)."""
@@ -122,7 +133,7 @@ class Box:
     def start(cls, name: str, binds: Sequence[str] = (), binds_ro: Sequence[str] = (),
               timeout: float = 60.0) -> "Box":
         """Boot a box; return once `systemctl is-system-running` says running or degraded."""
-        box = cls(name, list(binds), list(binds_ro))
+        box = cls(name, list(binds), [*hidden_host_paths(), *binds_ro])
         if box.state.exists():
             raise BoxError(f"{box.state} exists (stale? run: {SELF} stop {name})")
         (box.state / "root").mkdir(parents=True)

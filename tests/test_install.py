@@ -3,6 +3,7 @@ as root inside a throw-away systemd (tests/sdbox.py)."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import tomllib
@@ -50,10 +51,21 @@ def test_install_is_idempotent_and_never_overwrites_the_config(tmp_path: Path) -
         [f"unchanged {tmp_path}/etc/systemd/system/{u}" for u in install.UNITS]
 
 
-def test_install_model_goes_into_a_new_config_only(tmp_path: Path) -> None:
-    model = tmp_path / "srv" / "e2v"
-    model.mkdir(parents=True)
-    (model / "model.pt").write_bytes(b"")
+@pytest.fixture
+def srv_model() -> Path:
+    """An (empty) model directory in /srv, where the service's sandbox can see it."""
+    try:
+        Path("/srv").mkdir(exist_ok=True)
+        d = Path(tempfile.mkdtemp(prefix="e2vd-test-", dir="/srv"))
+    except OSError as exc:
+        pytest.skip(f"needs a writable /srv: {exc}")
+    (d / "model.pt").write_bytes(b"")
+    yield d
+    shutil.rmtree(d)
+
+
+def test_install_model_goes_into_a_new_config_only(tmp_path: Path, srv_model: Path) -> None:
+    model = srv_model
     out = _install(tmp_path / "a", model=str(model))
     assert tomllib.loads((tmp_path / "a/etc/e2vd/e2vd.toml").read_text()) == {"model": str(model)}
     assert any(f'model = "{model}"' in line for line in out)
@@ -80,7 +92,7 @@ def test_install_rejects_a_model_below_home(tmp_path: Path) -> None:
         pytest.skip("needs a writable /root to place a model below a home directory")
     with tempfile.TemporaryDirectory(dir="/root") as d:
         (Path(d) / "model.pt").write_bytes(b"")
-        with pytest.raises(install.InstallError, match="below /root or /home"):
+        with pytest.raises(install.InstallError, match="below /root, /home or /tmp"):
             _install(tmp_path, model=d)
 
 
@@ -104,15 +116,23 @@ def test_bad_options_are_named(tmp_path: Path, opts: dict, named: str) -> None:
     assert not (tmp_path / "etc").exists(), "nothing is written when an option is bad"
 
 
-def test_layout_binds_python_below_home_and_nothing_else() -> None:
+def test_layout_binds_python_below_home_or_tmp_and_nothing_else() -> None:
     layout = install.Layout.detect()
-    base = Path(sys.base_prefix).resolve()
-    if any(h == base or h in base.parents for h in install.HOME_ROOTS):
-        assert base in layout.read_only_paths
-    assert all(any(h == p or h in p.parents for h in install.HOME_ROOTS) for p in layout.read_only_paths)
+    hidden = install.HOME_ROOTS + install.TMP_ROOTS
+    for base in (Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve()):
+        if any(h == base or h in base.parents for h in hidden):
+            assert any(p == base or p in base.parents for p in layout.read_only_paths)
+    assert all(any(h == p or h in p.parents for h in hidden) for p in layout.read_only_paths)
     units = install.render_units(layout, install.Options())
-    expected = "ProtectHome=tmpfs" if layout.read_only_paths else "ProtectHome=yes"
+    home = any(any(h == p or h in p.parents for h in install.HOME_ROOTS) for p in layout.read_only_paths)
+    expected = "ProtectHome=tmpfs" if home else "ProtectHome=yes"
     assert expected in units["e2vd.service"] and expected in units["e2vd-warmup.service"]
+
+
+def test_a_checkout_in_tmp_is_bound_without_opening_home() -> None:
+    layout = install.Layout("/tmp/ci/.venv/bin/e2vd", (Path("/tmp/ci"),))
+    service = install.render_units(layout, install.Options())["e2vd.service"]
+    assert "ProtectHome=yes\n" in service and "BindReadOnlyPaths=/tmp/ci\n" in service
 
 
 # --------------------------------------------------------------- for real, in a box
