@@ -3,7 +3,7 @@ connection) versus the same number of Engine.recognize calls made one after anot
 Large stand-in on the CPU.
 
     .venv/bin/python bench/concurrency.py [--preset large] [--clients 16] [--per-client 2]
-                                          [--seconds 5] [--mixed] [--rounds 2]
+                                          [--seconds 5] [--mixed] [--rounds 2] [--max-batch N]
 
 throughput ratio = (requests/s through the daemon with 16 concurrent clients)
                  / (requests/s of sequential in-process calls); goal >= 0.9.
@@ -85,6 +85,7 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=5.0, help="clip length (default 5 s)")
     p.add_argument("--mixed", action="store_true", help="a different clip length per client (3..7 s)")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--max-batch", type=int, default=None, help="the daemon's max_batch (default: its own)")
     args = p.parse_args()
 
     import torch
@@ -102,11 +103,13 @@ def main() -> int:
     threads = torch.get_num_threads()
     print(f"# concurrency: {args.preset} stand-in, CPU, torch threads {threads}, {os.cpu_count()} cores "
           f"visible (shared: expect noise); {args.clients} clients x {args.per_client} requests, "
-          f"clips {'3..7 s mixed' if args.mixed else f'{args.seconds:g} s'}")
+          f"clips {'3..7 s mixed' if args.mixed else f'{args.seconds:g} s'}"
+          + (f", daemon max_batch {args.max_batch}" if args.max_batch else ""))
     with tempfile.TemporaryDirectory(prefix="e2vd-b-") as tmp:
         with DaemonProcess(Path(tmp) / "d.sock", model, wait_ready=True, start_timeout=900,
                            env={"OMP_NUM_THREADS": str(threads)}, idle_timeout=3600,
-                           connection_timeout=600, queue_size=max(64, args.clients)) as d:
+                           connection_timeout=600, queue_size=max(64, args.clients),
+                           **({"max_batch": args.max_batch} if args.max_batch else {})) as d:
             engine = Engine.load(str(model), device="cpu")
             engine.recognize(clips[0])
             run_concurrent(str(d.socket), clips[:2], 1)  # warm the daemon's worker
