@@ -27,6 +27,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from e2vd import result
+
 DEFAULT_SOCKET = "/run/e2vd/e2vd.sock"
 #: Seconds one socket operation may block. A cold start (process start + loading a ~2 GB model)
 #: takes tens of seconds; the first response is only sent after it, so the default is generous.
@@ -74,30 +76,13 @@ class ClientError(E2vdError):
 
 
 @dataclass(frozen=True)
-class Top:
-    """The most probable emotion: English label and its probability (0..1)."""
-
-    label: str
-    score: float
-
-
-@dataclass(frozen=True)
-class Recognition:
-    """One recognition result, the fields of the daemon's `POST /v1/recognize` answer.
-
-    labels: the 9 English labels; scores: their probabilities (sum 1, same order);
-    top: the best label; model_labels: the model's own strings (e.g. "开心/happy");
-    duration_s: seconds of audio decoded; embedding: float32 array (D,) for utterance or (T, D)
-    for frame granularity, None unless asked; model: the model the daemon serves;
-    timing_ms: the daemon's own timings in milliseconds (e.g. {"queue": .., "infer": ..}).
+class Recognition(result.Recognition):
+    """One recognition as the daemon served it (`POST /v1/recognize`): the engine's result fields
+    (labels, scores, top, model_labels, duration_s, embedding as a float32 array or None) plus
+    model: the model the daemon serves, and timing_ms: its own timings in milliseconds
+    (e.g. {"queue": .., "infer": ..}).
     """
 
-    labels: list[str]
-    scores: list[float]
-    top: Top
-    model_labels: list[str]
-    duration_s: float
-    embedding: np.ndarray | None = None
     model: str = ""
     timing_ms: dict[str, float] = field(default_factory=dict)
 
@@ -106,16 +91,9 @@ class Recognition:
         """Build from the decoded JSON body; raises ValueError naming a missing field."""
         try:
             emb = d.get("embedding")
-            top = d.get("top") or {}
-            scores = [float(x) for x in d["scores"]]
-            labels = list(d["labels"])
-            if not top and scores:
-                i = max(range(len(scores)), key=scores.__getitem__)
-                top = {"label": labels[i], "score": scores[i]}
             return cls(
-                labels=labels,
-                scores=scores,
-                top=Top(str(top["label"]), float(top["score"])),
+                labels=list(d["labels"]),
+                scores=[float(x) for x in d["scores"]],
                 model_labels=list(d.get("model_labels") or []),
                 duration_s=float(d["duration_s"]),
                 embedding=None if emb is None else np.asarray(emb, dtype=np.float32),
@@ -125,22 +103,9 @@ class Recognition:
         except (KeyError, TypeError) as e:
             raise ValueError(f"the daemon's answer lacks or mangles field {e}: {str(d)[:200]}") from e
 
-    def ranked(self) -> list[Top]:
-        """All labels with their scores, most probable first."""
-        return sorted((Top(lab, s) for lab, s in zip(self.labels, self.scores)), key=lambda t: -t.score)
-
     def to_dict(self, embedding: bool = True) -> dict[str, Any]:
-        """JSON-ready dict with the daemon's field names; the embedding as nested lists if present
-        and `embedding` is true."""
-        d: dict[str, Any] = {
-            "labels": list(self.labels), "scores": list(self.scores),
-            "top": {"label": self.top.label, "score": self.top.score},
-            "model_labels": list(self.model_labels), "duration_s": self.duration_s,
-            "model": self.model, "timing_ms": dict(self.timing_ms),
-        }
-        if embedding and self.embedding is not None:
-            d["embedding"] = self.embedding.tolist()
-        return d
+        """JSON-ready dict with the daemon's field names (model and timing_ms included)."""
+        return {**super().to_dict(embedding), "model": self.model, "timing_ms": dict(self.timing_ms)}
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):

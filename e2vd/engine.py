@@ -33,7 +33,6 @@ import threading
 import time
 import types
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,6 +41,7 @@ import torch
 
 from e2vd.audio import Audio, AudioError, decode
 from e2vd.gpu import choose_device
+from e2vd.result import Recognition
 
 log = logging.getLogger(__name__)
 
@@ -64,49 +64,6 @@ _IMPORT_LOCK = threading.Lock()
 
 class ModelError(RuntimeError):
     """The model cannot be resolved, validated or loaded; the message names the file and the fix."""
-
-
-@dataclass(frozen=True)
-class Top:
-    """The highest-scoring label and its score (0..1)."""
-
-    label: str
-    score: float
-
-
-@dataclass(frozen=True)
-class Recognition:
-    """One clip's result.
-
-    `scores` are softmax probabilities in the order of `labels` (sum 1). `embedding` is the
-    encoder output: mean over frames (D,) for "utterance", or (T, D) at 50 frames/s for "frame";
-    None unless asked for. `duration_s` is the decoded audio's length in seconds.
-    """
-
-    labels: list[str]
-    scores: list[float]
-    model_labels: list[str]
-    duration_s: float
-    embedding: np.ndarray | None = None
-
-    @property
-    def top(self) -> Top:
-        """The label with the highest score."""
-        best = int(np.argmax(self.scores))
-        return Top(self.labels[best], self.scores[best])
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict: labels, scores, top, model_labels, duration_s (+ embedding as lists)."""
-        out: dict[str, Any] = {
-            "labels": list(self.labels),
-            "scores": [float(s) for s in self.scores],
-            "top": {"label": self.top.label, "score": float(self.top.score)},
-            "model_labels": list(self.model_labels),
-            "duration_s": float(self.duration_s),
-        }
-        if self.embedding is not None:
-            out["embedding"] = self.embedding.tolist()
-        return out
 
 
 # ----------------------------------------------------------------------------------------------
