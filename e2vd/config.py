@@ -73,7 +73,7 @@ class Settings:
     max_seconds: float = 30.0                    # longest audio accepted
     max_body_bytes: int = 50_000_000             # largest request body accepted
     queue_size: int = 64                         # requests waiting for the worker, then 503 busy
-    max_batch: int = 8                           # clips per inference batch
+    max_batch: int = 0                           # clips per inference batch; 0 = auto (8 GPU, 1 CPU)
     connection_timeout: float = 30.0             # a silent connection is closed after this
     drain_timeout: float = 60.0                  # SIGTERM: time to finish in-flight work
     unavailable_grace: float = 60.0              # model failed to load: answer 503 this long, then exit
@@ -275,5 +275,5 @@ _CHECKS: dict[str, Callable[[object], None]] = {
     "idle_timeout": _at_least(0, " seconds"), "max_hold": _at_least(0, " seconds"),
     "drain_timeout": _at_least(0, " seconds"), "unavailable_grace": _at_least(0, " seconds"),
     "connection_timeout": _positive(" seconds"), "max_seconds": _positive(" seconds"),
-    "max_body_bytes": _positive(" bytes"), "queue_size": _at_least(1), "max_batch": _at_least(1),
+    "max_body_bytes": _positive(" bytes"), "queue_size": _at_least(1), "max_batch": _at_least(0),
 }

@@ -64,7 +64,7 @@ DEFAULT_CONFIG = """\
 # max_seconds = 30           # longest audio accepted
 # max_body_bytes = 50000000
 # queue_size = 64
-# max_batch = 8
+# max_batch = 0             # clips per batch; 0 = auto: 8 on a GPU, 1 on the CPU
 #
 # cache_dir = "/var/cache/e2vd"
 # log_level = "INFO"

@@ -14,7 +14,7 @@ from conftest import speechlike
 
 from e2vd.audio import from_samples
 from e2vd.protocol import ApiError
-from e2vd.scheduler import LOADING, READY, UNAVAILABLE, Scheduler
+from e2vd.scheduler import GPU_BATCH, LOADING, READY, UNAVAILABLE, Scheduler, auto_batch
 
 
 @pytest.fixture(scope="module")
@@ -129,4 +129,19 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError):
         Scheduler(lambda: None, queue_size=0)
     with pytest.raises(ValueError):
-        Scheduler(lambda: None, max_batch=0)
+        Scheduler(lambda: None, max_batch=-1)
+
+
+def test_auto_batch_is_off_on_the_cpu_and_on_for_a_gpu(engine):
+    assert auto_batch("cpu") == 1 and auto_batch("cuda:0") == GPU_BATCH > 1
+    gate, load = gated(engine)
+    sch = Scheduler(load, queue_size=8)          # max_batch 0 = auto
+    sch.start()
+    try:
+        jobs = [sch.submit(clip(1.0, i)) for i in range(3)]   # equal lengths: batchable
+        gate.set()
+        assert all(job.wait(60) for job in jobs)
+        assert engine.device == "cpu" and sch.max_batch == 1
+        assert [j.batch_size for j in jobs] == [1, 1, 1]
+    finally:
+        sch.stop(10)
