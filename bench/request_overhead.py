@@ -3,7 +3,9 @@ same call in process (Engine.recognize), on the same 5 s clip, for the tiny and 
 
     .venv/bin/python bench/request_overhead.py [--presets tiny large] [--n-tiny 200] [--n-large 20]
 
-Both sides run on the CPU with the same torch thread count. Calls are interleaved (daemon,
+Both sides run on the CPU with the same torch thread count and the same OpenMP wait policy as the
+daemon (PASSIVE, unless OMP_WAIT_POLICY is set): with OpenMP's default spin-waiting, the threads of
+the in-process call keep spinning after it and slow the daemon call that follows on a 2-core machine. Calls are interleaved (daemon,
 in-process, daemon, ...) so that load from other processes hits both alike; the script prints
 p50/p90 of each, the difference of the p50s, the median of the per-pair differences and the
 daemon's own overhead: round trip minus the inference time the daemon reports (infer_ms) minus
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # as e2vd.daemon does; before torch loads libgomp
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from e2vd import Client  # noqa: E402
