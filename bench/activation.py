@@ -13,7 +13,6 @@ before), so "cold" is a process cold start, not a disk cold start.  CPU only her
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import statistics
 import sys
@@ -23,21 +22,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import soundfile as sf  # noqa: E402
 
 import sdbox  # noqa: E402
-from conftest import speechlike, standin_dir  # noqa: E402
+from conftest import standin_dir, wav_clip  # noqa: E402
 from e2vd.client import Client  # noqa: E402
 
 PY = str(Path(sys.executable))
 ENV = {"PYTHONPATH": str(ROOT)}
-
-
-def wav(seconds: float) -> bytes:
-    """A speech-like WAV file's bytes."""
-    buf = io.BytesIO()
-    sf.write(buf, speechlike(seconds), 16000, format="WAV", subtype="PCM_16")
-    return buf.getvalue()
 
 
 def request_s(sock: str, data: bytes) -> float:
@@ -76,7 +67,7 @@ def main() -> int:
         print(f"activation bench: cannot boot a systemd here: {reason}", file=sys.stderr)
         return 2
     models = {p: standin_dir(p) for p in args.presets}
-    data = wav(args.seconds)
+    data = wav_clip(args.seconds)
     print(f"e2vd activation through systemd, CPU, {args.seconds:g} s clip, {os.cpu_count()} CPUs; "
           f"median of {args.cold} cold / {args.cold * args.warm} warm requests")
     # models bound read-only to a neutral path (a checkout below /home or /root is hidden from the service)

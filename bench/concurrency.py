@@ -14,7 +14,6 @@ for --rounds rounds and the median is printed. Figures only; nothing is asserted
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import statistics
 import sys
@@ -27,16 +26,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from e2vd import Client  # noqa: E402
-
-
-def wav(seconds: float, seed: int) -> bytes:
-    """A speech-like 16 kHz mono WAV of `seconds`, as file bytes."""
-    import soundfile as sf
-    from conftest import speechlike
-
-    buf = io.BytesIO()
-    sf.write(buf, speechlike(seconds, seed=seed), 16000, format="WAV", subtype="PCM_16")
-    return buf.getvalue()
 
 
 def run_concurrent(socket: str, clips: list[bytes], per_client: int) -> float:
@@ -89,7 +78,7 @@ def main() -> int:
     args = p.parse_args()
 
     import torch
-    from conftest import standin_dir
+    from conftest import standin_dir, wav_clip
     from daemon_proc import DaemonProcess
     from e2vd.engine import Engine
 
@@ -98,7 +87,7 @@ def main() -> int:
         lengths = [3.0 + 4.0 * i / max(1, args.clients - 1) for i in range(args.clients)]
     else:
         lengths = [args.seconds] * args.clients
-    clips = [wav(s, seed=i) for i, s in enumerate(lengths)]
+    clips = [wav_clip(s, seed=i) for i, s in enumerate(lengths)]
     n = args.clients * args.per_client
     threads = torch.get_num_threads()
     print(f"# concurrency: {args.preset} stand-in, CPU, torch threads {threads}, {os.cpu_count()} cores "

@@ -40,27 +40,15 @@ def pct(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def clip_bytes(seconds: float = 5.0) -> bytes:
-    """A 5 s, 16 kHz mono 16-bit WAV of speech-like sound, as file bytes."""
-    import io
-
-    import soundfile as sf
-    from conftest import speechlike
-
-    buf = io.BytesIO()
-    sf.write(buf, speechlike(seconds), 16000, format="WAV", subtype="PCM_16")
-    return buf.getvalue()
-
-
 def measure(preset: str, n: int, warm: int) -> dict[str, float]:
     """Run the comparison for one stand-in; returns the figures in milliseconds."""
     import torch
-    from conftest import standin_dir
+    from conftest import standin_dir, wav_clip
     from daemon_proc import DaemonProcess
     from e2vd.engine import Engine
 
     model = standin_dir(preset)
-    audio = clip_bytes()
+    audio = wav_clip(5.0)
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="e2vd-b-") as tmp:
         env = {"OMP_NUM_THREADS": str(threads)}

@@ -6,7 +6,7 @@ Stand-ins are built once by the project's own builder (`python -m e2vd.standin`)
 from __future__ import annotations
 
 import hashlib
-import os
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +53,13 @@ def write_audio(path: Path, seconds: float = 2.0, sr: int = 16000, channels: int
     """Write a speech-like clip to `path` with soundfile (format from the suffix) and return the path."""
     sf.write(str(path), speechlike(seconds, sr, channels, seed), sr, **sf_kwargs)
     return path
+
+
+def wav_clip(seconds: float = 2.0, seed: int = 0, sr: int = 16000) -> bytes:
+    """The bytes of a speech-like mono 16-bit WAV file of `seconds`, written with soundfile."""
+    buf = io.BytesIO()
+    sf.write(buf, speechlike(seconds, sr, seed=seed), sr, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ import pytest
 
 import sdbox
 import tzshift
-from conftest import speechlike, standin_dir
+from conftest import standin_dir, wav_clip
 from e2vd.client import Client, ClientError
 
 pytestmark = [pytest.mark.systemd, pytest.mark.slow]
@@ -90,17 +90,6 @@ def socket_path(box: sdbox.Box) -> str:
     return f"/proc/{box.init}/root/run/e2vd/e2vd.sock"
 
 
-def clip(seconds: float, seed: int) -> bytes:
-    """A real WAV file's bytes (written with soundfile)."""
-    import io
-
-    import soundfile as sf
-
-    buf = io.BytesIO()
-    sf.write(buf, speechlike(seconds, seed=seed), 16000, format="WAV", subtype="PCM_16")
-    return buf.getvalue()
-
-
 def daemon_processes(box: sdbox.Box) -> str:
     return box.run(["pgrep", "-af", "e2vd serve"], check=False).stdout.strip()
 
@@ -110,7 +99,7 @@ def test_1_first_connection_starts_the_service_and_journal_has_fields(box: sdbox
     configure(box)
     assert show(box)["ActiveState"] == "inactive" and show(box)["MainPID"] == "0"
     assert daemon_processes(box) == "", "no e2vd process before the first connection"
-    box.write("/var/tmp/a.wav", clip(2.0, seed=1))
+    box.write("/var/tmp/a.wav", wav_clip(2.0, seed=1))
     cp = box.run(E2VD + ["recognize", "--json", "/var/tmp/a.wav"], env=ENV, timeout=LOAD_S)
     doc = json.loads(cp.stdout.splitlines()[0])
     assert doc["labels"] == ["angry", "disgusted", "fearful", "happy", "neutral", "other", "sad",
@@ -143,7 +132,7 @@ def test_8_status_reports_an_inactive_service_without_starting_it(box: sdbox.Box
 def test_2_idle_timeout_stops_the_service_and_the_next_request_restarts_it(box: sdbox.Box) -> None:
     configure(box, idle_timeout=2)
     sock = socket_path(box)
-    data = clip(1.5, seed=2)
+    data = wav_clip(1.5, seed=2)
     with Client(sock, timeout=LOAD_S) as c:
         first = c.recognize(data)
     inv = show(box)["InvocationID"]
@@ -173,7 +162,7 @@ def test_3_race_between_idle_exit_and_new_connections_loses_nothing(box: sdbox.B
     backlog for the next daemon.  Every request must get its own correct answer."""
     configure(box, idle_timeout=1)
     sock = socket_path(box)
-    clips = {seed: clip(0.5 + 0.25 * seed, seed=10 + seed) for seed in range(3)}
+    clips = {seed: wav_clip(0.5 + 0.25 * seed, seed=10 + seed) for seed in range(3)}
     with Client(sock, timeout=LOAD_S) as c:
         reference = {seed: c.recognize(data) for seed, data in clips.items()}
     assert len({tuple(r.scores) for r in reference.values()}) == 3, "the clips must be told apart"
@@ -228,7 +217,7 @@ def test_4_start_waits_for_ready_status_text_and_stop_drains(box: sdbox.Box) -> 
     print(f"\nsystemctl start took {took:.1f} s; STATUS={st['StatusText']!r}")
 
     # requests in flight while `systemctl stop` runs: all of them are answered
-    data = clip(30.0, seed=3)
+    data = wav_clip(30.0, seed=3)
     answered: list[int] = []
     errors: list[str] = []
     first = threading.Event()
@@ -309,7 +298,7 @@ def test_6_broken_model_answers_503_never_crash_loops_and_recovers(box: sdbox.Bo
     while time.monotonic() - t0 < 25:
         try:
             with Client(sock, timeout=LOAD_S) as c:
-                c.recognize(clip(1.0, seed=4))
+                c.recognize(wav_clip(1.0, seed=4))
             seen.append("ok")
         except ClientError as exc:
             assert (exc.status, exc.code) == (503, "model_unavailable")
@@ -331,7 +320,7 @@ def test_6_broken_model_answers_503_never_crash_loops_and_recovers(box: sdbox.Bo
 
     configure(box)   # the operator fixes the config: the socket still activates a good daemon
     with Client(sock, timeout=LOAD_S) as c:
-        assert len(c.recognize(clip(1.0, seed=4)).scores) == 9
+        assert len(c.recognize(wav_clip(1.0, seed=4)).scores) == 9
 
 
 def test_7_socket_permissions_refuse_outsiders_and_serve_members(box: sdbox.Box) -> None:
