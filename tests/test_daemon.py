@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import signal
 import socket
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from conftest import write_audio

@@ -6,7 +6,6 @@ The loader waits on a gate before handing over the (real) engine, so jobs can be
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
