@@ -43,7 +43,7 @@ CONFIG_ENV = "E2VD_CONFIG"
 ENV_PREFIX = "E2VD_"
 IGNORED_ENV_PREFIXES = ("E2VD_SDBOX_", "E2VD_TEST_", "E2VD_BENCH_")
 
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(?::(\d+))?")   # group 1: the GPU index
 DTYPES = ("fp32", "fp16", "bf16")
 BUSY_POLICIES = ("refuse", "cpu")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")

@@ -33,13 +33,12 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from e2vd.config import BUSY_POLICIES, DEVICE_PATTERN as _DEVICE
 from e2vd.log import event
 
 log = logging.getLogger(__name__)
 
 MB = 1024 * 1024
-BUSY_POLICIES = ("refuse", "cpu")
-_DEVICE = re.compile(r"auto|cpu|cuda(?::(\d+))?")
 
 
 class DeviceError(RuntimeError):
