@@ -16,10 +16,12 @@ of DaemonUnreachable) means it did not answer in time.
 """
 from __future__ import annotations
 
+import errno
 import http.client
 import json
 import os
 import socket as _socket
+import struct
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,16 +118,37 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.unix_path = path
 
     def connect(self) -> None:
-        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
         try:
-            sock.connect(self.unix_path)
-        except BaseException as e:
-            sock.close()
-            if isinstance(e, OSError):
-                raise _unreachable(self.unix_path, e) from e
-            raise
-        self.sock = sock
+            self.sock = connect_unix(self.unix_path, self.timeout)
+        except OSError as e:
+            raise _unreachable(self.unix_path, e) from e
+
+
+def connect_unix(path: str, timeout: float) -> _socket.socket:
+    """Connect a stream socket to `path`, waiting up to `timeout` seconds for room in the
+    listener's backlog; the returned socket has `timeout` set for later operations.
+
+    A full backlog is normal while a socket-activated daemon starts (systemd queues every
+    connection until the model is loaded). A socket with a Python timeout is non-blocking, and a
+    non-blocking AF_UNIX connect() fails at once with EAGAIN on a full backlog, so the connect
+    is made blocking with SO_SNDTIMEO bounding the wait; past it, the kernel's EAGAIN is raised
+    as TimeoutError. Other OSErrors (missing socket, refused, permission) pass through.
+    """
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        seconds = max(timeout, 0.001)
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDTIMEO,
+                        struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000)))
+        try:
+            sock.connect(path)
+        except BlockingIOError as e:
+            raise TimeoutError(errno.ETIMEDOUT, f"the backlog of {path} stayed full for {timeout:g} s") from e
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDTIMEO, struct.pack("ll", 0, 0))
+        sock.settimeout(timeout)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
 
 
 def _unreachable(path: str, err: OSError) -> DaemonUnreachable:

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from e2vd.client import connect_unix
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -34,10 +36,7 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.unix_path = os.fspath(path)
 
     def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self.unix_path)
-        self.sock = sock
+        self.sock = connect_unix(self.unix_path, self.timeout)
 
 
 def http_request(path: str | os.PathLike[str], method: str, url: str, body: bytes | None = None,
@@ -59,9 +58,7 @@ def http_request(path: str | os.PathLike[str], method: str, url: str, body: byte
 
 def raw_request(path: str | os.PathLike[str], data: bytes, timeout: float = 30.0) -> tuple[int, dict[str, str], Any]:
     """Send raw bytes on a fresh connection and read one response: (status, headers, JSON or {})."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(os.fspath(path))
+    with connect_unix(os.fspath(path), timeout) as s:
         s.sendall(data)
         return read_response(s)
 

@@ -19,6 +19,8 @@ import soundfile as sf
 from conftest import speechlike
 from daemon_proc import DaemonProcess, raw_request, read_response
 
+from e2vd.client import connect_unix
+
 CONNECTION_TIMEOUT = 2
 MAX_BODY = 25_000_000
 
@@ -58,9 +60,7 @@ def raw(d: DaemonProcess, data: bytes) -> tuple[int, Any]:
 
 def hold_open(d: DaemonProcess, data: bytes, then: Callable[[socket.socket], None] | None = None) -> tuple[int, Any]:
     """Send `data`, optionally act on the socket, then read the daemon's answer."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(CONNECTION_TIMEOUT * 10)
-        s.connect(str(d.socket))
+    with connect_unix(str(d.socket), CONNECTION_TIMEOUT * 10) as s:
         s.sendall(data)
         if then is not None:
             then(s)
@@ -86,9 +86,7 @@ def hang_up_mid_upload(d: DaemonProcess) -> None:
 
 
 def silent_connection(d: DaemonProcess) -> tuple[str, float]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(CONNECTION_TIMEOUT * 10)
-        s.connect(str(d.socket))
+    with connect_unix(str(d.socket), CONNECTION_TIMEOUT * 10) as s:
         start = time.monotonic()
         assert s.recv(10) == b""   # the daemon closed it
         return "closed", time.monotonic() - start

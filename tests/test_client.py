@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from e2vd import Client
-from e2vd.client import ClientError, DaemonTimeout, DaemonUnreachable, Recognition
+from e2vd.client import ClientError, DaemonTimeout, DaemonUnreachable, Recognition, connect_unix
 from unix_http_server import LABELS, TinyDaemon
 
 
@@ -121,6 +122,55 @@ def test_refused_socket_says_nothing_listens() -> None:
         assert "systemctl enable --now e2vd.socket" in str(e.value)
     finally:
         s.close()
+
+
+def _full_backlog(path: str) -> tuple[socket.socket, socket.socket]:
+    """A listener that accepts nothing, with its backlog already full: (listener, queued client)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(0)  # Linux queues one connection beyond the backlog: 0 leaves room for one
+    queued = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    queued.connect(path)
+    return listener, queued
+
+
+def test_connect_waits_in_a_full_backlog_like_during_a_cold_start() -> None:
+    """While a socket-activated daemon loads its model, systemd's backlog can fill up: a client
+    with a timeout must wait for room, not fail at once with EAGAIN (a non-blocking connect)."""
+    path = os.path.join(tempfile.mkdtemp(prefix="e2vd-t-"), "full.sock")
+    listener, queued = _full_backlog(path)
+    accepted: list[socket.socket] = []
+
+    def make_room() -> None:
+        time.sleep(0.3)
+        accepted.append(listener.accept()[0])
+
+    helper = threading.Thread(target=make_room)
+    helper.start()
+    try:
+        sock = connect_unix(path, timeout=30)
+        assert sock.gettimeout() == 30
+        helper.join()
+        assert accepted, "the connection went through before the listener made room"
+        sock.close()
+    finally:
+        helper.join()
+        for s in (queued, listener, *accepted):
+            s.close()
+
+
+def test_backlog_full_past_the_timeout_is_a_timeout() -> None:
+    path = os.path.join(tempfile.mkdtemp(prefix="e2vd-t-"), "stuck.sock")
+    listener, queued = _full_backlog(path)
+    try:
+        start = time.monotonic()
+        with pytest.raises(DaemonTimeout, match="backlog is full") as e:
+            Client(path, timeout=0.3).health()
+        assert time.monotonic() - start >= 0.25   # it waited, rather than failing at once
+        assert "journalctl -u e2vd" in str(e.value)
+    finally:
+        queued.close()
+        listener.close()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")

@@ -17,6 +17,8 @@ import pytest
 from conftest import write_audio
 from daemon_proc import DaemonProcess, http_request, read_response
 
+from e2vd.client import connect_unix
+
 LABELS = ["angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised", "unknown"]
 
 
@@ -183,9 +185,7 @@ def test_idle_exit_after_timeout(tiny_model, tmp_path):
 def test_no_idle_exit_while_a_connection_is_open_or_a_request_in_flight(tiny_model, tmp_path, clip):
     d = DaemonProcess(tmp_path / "s.sock", tiny_model, idle_timeout=1, connection_timeout=20, wait_ready=True)
     with d:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(30)
-            s.connect(str(d.socket))
+        with connect_unix(str(d.socket), 30) as s:
             time.sleep(3)                  # silent connection open for 3 x idle_timeout
             head = (f"POST /v1/recognize HTTP/1.1\r\nHost: e2vd\r\nContent-Length: {len(clip)}\r\n\r\n").encode()
             s.sendall(head + clip[:1000])
@@ -200,9 +200,7 @@ def test_no_idle_exit_while_a_connection_is_open_or_a_request_in_flight(tiny_mod
 def test_silent_connection_is_closed_after_connection_timeout(tiny_model, tmp_path):
     d = DaemonProcess(tmp_path / "s.sock", tiny_model, idle_timeout=600, connection_timeout=1, wait_ready=True)
     with d:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(30)
-            s.connect(str(d.socket))
+        with connect_unix(str(d.socket), 30) as s:
             assert s.recv(100) == b""      # closed by the daemon, not by our timeout
         deadline = time.monotonic() + 10
         while d.request("GET", "/v1/status")[2]["connections"] != 1:   # just the status request
@@ -213,9 +211,7 @@ def test_silent_connection_is_closed_after_connection_timeout(tiny_model, tmp_pa
 def test_sigterm_during_a_request_finishes_it_and_exits_0(tiny_model, tmp_path, clip):
     d = DaemonProcess(tmp_path / "s.sock", tiny_model, idle_timeout=600, wait_ready=True)
     with d:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(60)
-            s.connect(str(d.socket))
+        with connect_unix(str(d.socket), 60) as s:
             head = (f"POST /v1/recognize HTTP/1.1\r\nHost: e2vd\r\nContent-Length: {len(clip)}\r\n\r\n").encode()
             s.sendall(head + clip[:1000])
             time.sleep(0.5)
