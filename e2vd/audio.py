@@ -125,7 +125,7 @@ def decode(data: bytes, max_seconds: float = 30.0) -> Audio:
             step = _BLOCK_FRAMES if blocks else max(_BLOCK_FRAMES, min(declared, _ONE_READ_SAMPLES // channels))
             want = step if limit is None else min(step, limit - total)
             try:
-                block = handle.read(want, dtype="float32", always_2d=True)
+                block = _read_float32(handle, want)
             except (sf.LibsndfileError, RuntimeError) as err:
                 where = f" after {total / rate:.3f} s" if total else ""
                 raise AudioError("bad_audio", (
@@ -148,6 +148,17 @@ def decode(data: bytes, max_seconds: float = 30.0) -> Audio:
             f"(its writer never finished the header). Rewrite it, e.g. {_CONVERT}."))
     frames = np.concatenate(blocks) if blocks else np.zeros((0, channels), dtype=np.float32)
     return _finish(frames, rate, f"The {fmt} file")
+
+
+def _read_float32(handle: sf.SoundFile, frames: int) -> np.ndarray:
+    """Read up to `frames` frames as float32 (frames, channels), full scale 1.0.
+
+    16-bit PCM (most WAV files) is read as int16 and scaled here: the same values libsndfile's
+    own float conversion gives (x / 32768, exact in float32), in less than half the time."""
+    if handle.subtype == "PCM_16":
+        block = handle.read(frames, dtype="int16", always_2d=True)
+        return block.astype(np.float32) * np.float32(1.0 / 32768.0)
+    return handle.read(frames, dtype="float32", always_2d=True)
 
 
 def from_samples(samples: np.ndarray, rate: int, max_seconds: float = 30.0) -> Audio:

@@ -278,3 +278,19 @@ def test_wav_with_zero_data_size_but_data_following():
     unsized = data[: i + 4] + struct.pack("<I", 0) + data[i + 8:]
     err = error(unsized)
     assert err.code == "bad_audio" and "marked 0 bytes" in err.message and "32000 bytes follow" in err.message
+
+
+@pytest.mark.parametrize("fmt, channels", [("WAV", 1), ("WAV", 2), ("FLAC", 1)])
+def test_pcm16_fast_path_equals_libsndfile_float_conversion(fmt, channels):
+    """16-bit PCM is read as int16 and scaled by us: bit-identical to libsndfile's float read,
+    full-scale extremes included."""
+    rng = np.random.default_rng(3)
+    pcm = rng.integers(-32768, 32768, size=(16000, channels), dtype=np.int16)
+    pcm[:2] = [[-32768] * channels, [32767] * channels]
+    buf = io.BytesIO()
+    sf.write(buf, pcm, 16000, format=fmt, subtype="PCM_16")
+    expected, _ = sf.read(io.BytesIO(buf.getvalue()), dtype="float32", always_2d=True)
+    got = decode(buf.getvalue()).samples
+    want = expected.mean(axis=1, dtype=np.float32) if channels > 1 else expected[:, 0]
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
