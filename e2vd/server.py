@@ -475,9 +475,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.send_header(name, value)
             if self.close_connection:
                 self.send_header("Connection", "close")
-            self.end_headers()
+            # Head and body leave in one write: the client then wakes once, not twice.
+            self._headers_buffer.append(b"\r\n")
             if self.command != "HEAD":
-                self.wfile.write(body)
+                self._headers_buffer.append(body)
+            self.flush_headers()
         except OSError:  # the client hung up; nothing to answer to
             self.close_connection = True
 
