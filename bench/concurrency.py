@@ -1,9 +1,10 @@
 """Throughput under concurrency: 16 clients at once against the daemon (each with its own Client and
 connection) versus the same number of Engine.recognize calls made one after another in process.
-Large stand-in on the CPU.
+Large stand-in, on the CPU unless --device names a GPU (both sides then use it, with --dtype).
 
     .venv/bin/python bench/concurrency.py [--preset large] [--clients 16] [--per-client 2]
                                           [--seconds 5] [--mixed] [--rounds 2] [--max-batch N]
+                                          [--device cpu|cuda] [--dtype fp32|fp16|bf16]
 
 throughput ratio = (requests/s through the daemon with 16 concurrent clients)
                  / (requests/s of sequential in-process calls); goal >= 0.9.
@@ -75,6 +76,8 @@ def main() -> int:
     p.add_argument("--mixed", action="store_true", help="a different clip length per client (3..7 s)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max-batch", type=int, default=None, help="the daemon's max_batch (default: its own)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N, for the daemon and the in-process engine")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="precision on a GPU")
     args = p.parse_args()
 
     import torch
@@ -90,7 +93,7 @@ def main() -> int:
     clips = [wav_clip(s, seed=i) for i, s in enumerate(lengths)]
     n = args.clients * args.per_client
     threads = torch.get_num_threads()
-    print(f"# concurrency: {args.preset} stand-in, CPU, torch threads {threads}, {os.cpu_count()} cores "
+    print(f"# concurrency: {args.preset} stand-in, {args.device} {args.dtype}, torch threads {threads}, {os.cpu_count()} cores "
           f"visible (shared: expect noise); {args.clients} clients x {args.per_client} requests, "
           f"clips {'3..7 s mixed' if args.mixed else f'{args.seconds:g} s'}"
           + (f", daemon max_batch {args.max_batch}" if args.max_batch else ""))
@@ -98,8 +101,9 @@ def main() -> int:
         with DaemonProcess(Path(tmp) / "d.sock", model, wait_ready=True, start_timeout=900,
                            env={"OMP_NUM_THREADS": str(threads)}, idle_timeout=3600,
                            connection_timeout=600, queue_size=max(64, args.clients),
+                           device=args.device, dtype=args.dtype,
                            **({"max_batch": args.max_batch} if args.max_batch else {})) as d:
-            engine = Engine.load(str(model), device="cpu")
+            engine = Engine.load(str(model), device=args.device, dtype=args.dtype)
             engine.recognize(clips[0])
             run_concurrent(str(d.socket), clips[:2], 1)  # warm the daemon's worker
             seq, conc = [], []

@@ -2,16 +2,19 @@
 same call in process (Engine.recognize), on the same 5 s clip, for the tiny and large stand-ins.
 
     .venv/bin/python bench/request_overhead.py [--presets tiny large] [--n-tiny 200] [--n-large 20]
+                                               [--device cpu|cuda] [--dtype fp32|fp16|bf16]
 
-Both sides run on the CPU with the same torch thread count and the same OpenMP wait policy as the
-daemon (PASSIVE, unless OMP_WAIT_POLICY is set): with OpenMP's default spin-waiting, the threads of
-the in-process call keep spinning after it and slow the daemon call that follows on a 2-core machine. Calls are interleaved (daemon,
+Both sides run on the same device (the CPU unless --device names a GPU) with the same torch
+thread count and the same OpenMP wait policy as the daemon (PASSIVE, unless OMP_WAIT_POLICY is
+set): with OpenMP's default spin-waiting, the threads of the in-process call keep spinning after
+it and slow the daemon call that follows on a 2-core machine. Calls are interleaved (daemon,
 in-process, daemon, ...) so that load from other processes hits both alike; the script prints
 p50/p90 of each, the difference of the p50s, the median of the per-pair differences and the
 daemon's own overhead: round trip minus the inference time the daemon reports (infer_ms) minus
 the audio decode that the in-process call pays as well. On a loaded machine the model's run time
 varies by far more than 2 ms from call to call, so that last figure is the one to compare with
-the goal (<= 2 ms at p50); the plain differences are printed too. Also the p50 of a GET /v1/health round trip. Figures only; nothing is asserted.
+the goal (<= 2 ms at p50); the plain differences are printed too. Also the p50 of a GET
+/v1/health round trip. Figures only; nothing is asserted.
 The large stand-in (~1.95 GB) is built on first use by tests.conftest.standin_dir (minutes).
 """
 from __future__ import annotations
@@ -40,7 +43,7 @@ def pct(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def measure(preset: str, n: int, warm: int) -> dict[str, float]:
+def measure(preset: str, n: int, warm: int, device: str = "cpu", dtype: str = "fp32") -> dict[str, float]:
     """Run the comparison for one stand-in; returns the figures in milliseconds."""
     import torch
     from conftest import standin_dir, wav_clip
@@ -53,8 +56,8 @@ def measure(preset: str, n: int, warm: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="e2vd-b-") as tmp:
         env = {"OMP_NUM_THREADS": str(threads)}
         with DaemonProcess(Path(tmp) / "d.sock", model, wait_ready=True, start_timeout=900,
-                           env=env, idle_timeout=3600, connection_timeout=600) as d:
-            engine = Engine.load(str(model), device="cpu")
+                           env=env, idle_timeout=3600, connection_timeout=600, device=device, dtype=dtype) as d:
+            engine = Engine.load(str(model), device=device, dtype=dtype)
             client = Client(d.socket)
             for _ in range(warm):
                 client.recognize(audio)
@@ -104,11 +107,13 @@ def main() -> int:
     p.add_argument("--n-tiny", type=int, default=200, help="timed pairs for the tiny stand-in")
     p.add_argument("--n-large", type=int, default=20, help="timed pairs for the large stand-in")
     p.add_argument("--warm", type=int, default=3, help="untimed calls first, on each side")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N, for the daemon and the in-process engine")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="precision on a GPU")
     args = p.parse_args()
-    print(f"# request overhead, 5 s clip, CPU, {os.cpu_count()} cores visible (shared: expect noise)")
+    print(f"# request overhead, 5 s clip, {args.device} {args.dtype}, {os.cpu_count()} cores visible")
     for preset in args.presets:
         n = args.n_tiny if preset == "tiny" else args.n_large
-        f = measure(preset, n, args.warm)
+        f = measure(preset, n, args.warm, args.device, args.dtype)
         print(f"{preset}: n={f['n']} torch threads={f['threads']}")
         print(f"  daemon round trip   p50 {f['daemon_p50']:9.2f} ms   p90 {f['daemon_p90']:9.2f} ms")
         print(f"  in-process engine   p50 {f['inproc_p50']:9.2f} ms   p90 {f['inproc_p90']:9.2f} ms")

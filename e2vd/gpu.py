@@ -256,9 +256,10 @@ def _chosen(choice: DeviceChoice, gpu: GpuInfo | None, min_free_mb: int,
 # ----------------------------------------------------------------------------------------------
 # Status
 
-def device_memory(device: str) -> GpuMemory | None:
-    """Memory of the GPU behind "cuda:N" (whole device; process_bytes: this process's share when
-    NVML can tell), or None for "cpu", without NVML, or when the GPU is not listed."""
+def device_memory(device: str, pid: int | None = None) -> GpuMemory | None:
+    """Memory of the GPU behind "cuda:N" (whole device; process_bytes: the share of process `pid`,
+    default this one, when NVML lists it), or None for "cpu", without NVML, or when the GPU is
+    not listed."""
     m = _DEVICE.fullmatch(device) if isinstance(device, str) else None
     if m is None or not device.startswith("cuda"):
         return None
@@ -276,7 +277,7 @@ def device_memory(device: str) -> GpuMemory | None:
         log.warning("NVML could not read the memory of %s (%s).", device, err)
         return None
     return GpuMemory(total_bytes=int(mem.total), free_bytes=int(mem.free), used_bytes=int(mem.used),
-                     process_bytes=_process_bytes(nvml, handle, os.getpid()))
+                     process_bytes=_process_bytes(nvml, handle, os.getpid() if pid is None else pid))
 
 
 def _process_bytes(nvml, handle, pid: int) -> int | None:

@@ -1,0 +1,188 @@
+"""GPU checks in one run, for a machine with an NVIDIA GPU: device choice through NVML, the three
+precisions against fp32 on the CPU, batching, the attention cache's growth, and the whole point of
+e2vd: after the idle exit the GPU holds nothing for the daemon.
+
+    python bench/gpu.py [--preset large] [--clips 6] [--calls 30]
+
+Prints, in this order:
+  nvml      the GPUs NVML lists and what `device = "auto"` picks, with its reason;
+  precision for fp32 / fp16 / bf16 on the GPU: load seconds, weights and CUDA memory, p50 of a 5 s
+            call, and against fp32 on the CPU (the parity reference) the largest score difference
+            and how many of the clips keep their top label;
+  batch     8 equal-length 5 s clips in one batch vs one by one (largest score difference, and
+            the speed-up of the batch);
+  cache     CUDA memory allocated before and after 8 x 30 s clips: funasr's attention-bias cache
+            keeps tensors per sequence length;
+  cold start a daemon on the GPU (idle_timeout 2 s): seconds from its process start to the
+            first result of a 5 s clip;
+  idle exit the same daemon: NVML's memory used on the GPU and the daemon's own share while it
+            runs, then after it exited by itself.
+Figures only; nothing is asserted. Needs a CUDA build of torch and a GPU; the large stand-in
+(~1.95 GB) is built on first use by tests.conftest.standin_dir.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+MB = 1024 * 1024
+
+
+def nvml_section() -> str:
+    """Print the GPUs and the automatic choice; return the chosen device."""
+    from e2vd import gpu
+
+    gpus = gpu.list_gpus()
+    print(f"nvml: {len(gpus)} GPU(s); problem: {gpu.nvml_problem()}")
+    for g in gpus:
+        print(f"  cuda:{g.index} {g.name}: {g.free_mb} MiB free of {g.total_mb} MiB (NVML index {g.nvml_index})")
+    choice = gpu.choose_device("auto")
+    print(f"  auto -> {choice.device}: {choice.reason}")
+    return choice.device
+
+
+def scores(engine, clips: list[bytes]):
+    import numpy as np
+
+    return np.array([engine.recognize(c).scores for c in clips], dtype=np.float64)
+
+
+def p50_ms(fn, calls: int) -> float:
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def precision_section(model: Path, device: str, clips: list[bytes], calls: int) -> None:
+    import numpy as np
+    import torch
+    from e2vd.engine import Engine
+
+    cpu = Engine.load(str(model), device="cpu")
+    ref = scores(cpu, clips)
+    ref_top = ref.argmax(axis=1)
+    del cpu
+    five = clips[0]
+    print(f"precision: {len(clips)} clips (2..7 s), reference fp32 on the CPU")
+    for dtype in ("fp32", "fp16", "bf16"):
+        t0 = time.perf_counter()
+        engine = Engine.load(str(model), device=device, dtype=dtype)
+        load_s = time.perf_counter() - t0
+        got = scores(engine, clips)
+        engine.recognize(five)
+        ms = p50_ms(functools.partial(engine.recognize, five), calls)
+        mem = engine.memory()
+        diff = float(np.abs(got - ref).max())
+        agree = int((got.argmax(axis=1) == ref_top).sum())
+        print(f"  {dtype}: load {load_s:6.2f} s, weights {mem['param_bytes'] / MB:7.1f} MiB, "
+              f"CUDA allocated {mem.get('cuda_allocated_bytes', 0) / MB:7.1f} MiB, "
+              f"reserved {mem.get('cuda_reserved_bytes', 0) / MB:7.1f} MiB; 5 s call p50 {ms:6.2f} ms; "
+              f"max |score - cpu fp32| {diff:.2e}; top label kept {agree}/{len(clips)}", flush=True)
+        del engine
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def batch_section(model: Path, device: str) -> None:
+    import numpy as np
+    import torch
+    from conftest import wav_clip
+    from e2vd.audio import decode
+    from e2vd.engine import Engine
+
+    engine = Engine.load(str(model), device=device)
+    audios = [decode(wav_clip(5.0, seed=i)) for i in range(8)]
+    one = np.array([engine.recognize_batch([a])[0].scores for a in audios])
+    batch = np.array([r.scores for r in engine.recognize_batch(audios)])
+    t_one = p50_ms(lambda: [engine.recognize_batch([a]) for a in audios], 5)
+    t_batch = p50_ms(lambda: engine.recognize_batch(audios), 5)
+    print(f"batch: 8 x 5 s clips, fp32: max |batch - one by one| {float(np.abs(one - batch).max()):.2e}; "
+          f"one by one {t_one:.1f} ms, one batch {t_batch:.1f} ms ({t_one / t_batch:.2f}x)")
+    if device.startswith("cuda"):
+        before = torch.cuda.memory_allocated(device)
+        engine.recognize_batch([decode(wav_clip(30.0, seed=i)) for i in range(8)])
+        after = torch.cuda.memory_allocated(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        print(f"cache: CUDA allocated {before / MB:.1f} MiB before, {after / MB:.1f} MiB after 8 x 30 s "
+              f"(peak {peak / MB:.1f} MiB)", flush=True)
+        del engine
+        torch.cuda.empty_cache()
+
+
+def idle_exit_section(model: Path, device: str) -> None:
+    from conftest import wav_clip
+    from daemon_proc import DaemonProcess
+    from e2vd import Client, gpu
+
+    base = gpu.device_memory(device)
+    with tempfile.TemporaryDirectory(prefix="e2vd-g-") as tmp:
+        d = DaemonProcess(Path(tmp) / "d.sock", model, wait_ready=True, start_timeout=600,
+                          idle_timeout=2, device=device)
+        t0 = time.monotonic()
+        with d:
+            with Client(d.socket) as c:
+                r = c.recognize(wav_clip(5.0))
+                cold_s = time.monotonic() - t0
+                status = c.status()
+            during = gpu.device_memory(device, d.proc.pid)
+            t0 = time.monotonic()
+            code = d.wait(120)
+            exited_after = time.monotonic() - t0
+        time.sleep(0.5)
+        after = gpu.device_memory(device, d.proc.pid)
+
+    def used(m):
+        return _mib(m.used_bytes if m else None)
+
+    print(f"cold start: process start to the first result {cold_s:.2f} s on {status.get('device')} "
+          f"(model load {status.get('load_seconds') or 0:.2f} s)")
+    print(f"idle exit: the daemon answered ({r.top.label}); GPU memory used: "
+          f"{used(base)} before it started, {used(during)} while it ran (its own share per NVML: "
+          f"{_mib(during.process_bytes if during else None)}), {used(after)} after it exited by itself "
+          f"(exit code {code}, {exited_after:.1f} s after its last connection closed; its share now: "
+          f"{_mib(after.process_bytes if after else None)})")
+
+
+def _mib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / MB:.0f} MiB"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="large", choices=["tiny", "large"])
+    p.add_argument("--clips", type=int, default=6, help="clips compared across precisions")
+    p.add_argument("--calls", type=int, default=30, help="timed 5 s calls per precision")
+    p.add_argument("--device", default="auto", help="auto (as the daemon picks), cuda:N, or cpu to try the script")
+    args = p.parse_args()
+
+    import torch
+    from conftest import standin_dir, wav_clip
+
+    print(f"# gpu checks: {args.preset} stand-in; torch {torch.__version__}, CUDA {torch.version.cuda}, "
+          f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device'}", flush=True)
+    device = nvml_section() if args.device == "auto" else args.device
+    if not device.startswith("cuda"):
+        print(f"running on {device}: the CUDA figures below are n/a")
+    t0 = time.perf_counter()
+    model = standin_dir(args.preset)
+    print(f"stand-in ready in {time.perf_counter() - t0:.1f} s: {model}", flush=True)
+    clips = [wav_clip(5.0)] + [wav_clip(2.0 + i, seed=i) for i in range(1, args.clips)]
+    precision_section(model, device, clips, args.calls)
+    batch_section(model, device)
+    idle_exit_section(model, device)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
