@@ -529,7 +529,7 @@ class Engine:
         whole length (when config ``normalize``), encoder without padding mask, features averaged
         over frames, ``proj``, softmax.
         """
-        with torch.inference_mode():
+        with torch.inference_mode(), _ieee_fp32(self.device.startswith("cuda") and self.dtype == "fp32"):
             x = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32)).to(self.device)
             if self.normalize:
                 x = torch.nn.functional.layer_norm(x, x.shape[-1:])
@@ -550,6 +550,26 @@ class Engine:
             out["cuda_allocated_bytes"] = int(torch.cuda.memory_allocated(self.device))
             out["cuda_reserved_bytes"] = int(torch.cuda.memory_reserved(self.device))
         return out
+
+
+@contextlib.contextmanager
+def _ieee_fp32(active: bool):
+    """Within the block (when `active`), CUDA convolutions and matmuls run in IEEE fp32, not TF32.
+
+    PyTorch lets cuDNN convolutions use TF32 (10-bit mantissa) by default on Ampere and newer, so
+    "fp32" would silently be less exact there, and its results would depend on the batch size
+    through the algorithm cuDNN picks. The previous settings are restored on exit (they are
+    process-wide: the engine is used from one thread)."""
+    if not active:
+        yield
+        return
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = saved
 
 
 def _nbytes(obj: object) -> int:

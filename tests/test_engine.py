@@ -394,3 +394,24 @@ def test_cpu_weights_are_the_mapped_file_not_copies(tiny_model: Path, tmp_path: 
     params = list(loaded._model.parameters())
     inside = [p for p in params if any(a <= p.data_ptr() < b for a, b in ranges)]
     assert len(inside) == len(params)
+
+
+def test_fp32_on_cuda_turns_tf32_off_only_inside_the_call():
+    """"fp32" on a GPU must be IEEE fp32 (cuDNN would use TF32 by default); the process-wide flags
+    come back afterwards, also after an error. The flags are torch's own, settable without a GPU."""
+    from e2vd.engine import _ieee_fp32
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32
+    try:
+        cudnn.allow_tf32 = matmul.allow_tf32 = True
+        with _ieee_fp32(True):
+            assert (cudnn.allow_tf32, matmul.allow_tf32) == (False, False)
+        assert (cudnn.allow_tf32, matmul.allow_tf32) == (True, True)
+        with pytest.raises(RuntimeError), _ieee_fp32(True):
+            raise RuntimeError("inference failed")
+        assert (cudnn.allow_tf32, matmul.allow_tf32) == (True, True)
+        with _ieee_fp32(False):   # fp16/bf16 and the CPU: left alone
+            assert (cudnn.allow_tf32, matmul.allow_tf32) == (True, True)
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = saved
