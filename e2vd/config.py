@@ -44,6 +44,7 @@ ENV_PREFIX = "E2VD_"
 IGNORED_ENV_PREFIXES = ("E2VD_SDBOX_", "E2VD_TEST_", "E2VD_BENCH_")
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(?::(\d+))?")   # group 1: the GPU index
+MODEL_ID_PATTERN = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # a ModelScope id "owner/name" (fullmatch)
 DTYPES = ("fp32", "fp16", "bf16")
 BUSY_POLICIES = ("refuse", "cpu")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from e2vd.audio import Audio, AudioError, decode
+from e2vd.config import MODEL_ID_PATTERN
 from e2vd.gpu import choose_device
 from e2vd.result import Recognition
 
@@ -58,7 +59,6 @@ FRAME_RATE_HZ = 50
 GRANULARITIES = ("utterance", "frame")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HUB_PROBE_TIMEOUT_S = 3.0
-_MODEL_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _IMPORT_LOCK = threading.Lock()
 
 
@@ -175,7 +175,7 @@ def resolve_model(model: str, cache_dir: str | None = None,
             raise ModelError(f"model directory {path} does not exist (or is not a directory): set "
                              "E2VD_MODEL to a directory holding config.yaml, model.pt and tokens.txt")
         return path, str(path)
-    if not _MODEL_ID.match(model):
+    if not MODEL_ID_PATTERN.fullmatch(model):
         raise ModelError(f"model {model!r} is neither an absolute directory nor a ModelScope id "
                          f"'owner/name' (like {DEFAULT_MODEL}): give an absolute path or an id")
     if os.path.exists(model):

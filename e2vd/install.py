@@ -25,6 +25,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from e2vd.config import MODEL_ID_PATTERN
+from e2vd.durations import parse_clock
+
 UNITS = ("e2vd.socket", "e2vd.service", "e2vd-warmup.service", "e2vd-warmup.timer")
 ENABLE = ("e2vd.socket", "e2vd-warmup.timer")
 TEMPLATE_COMMAND = "/usr/local/bin/e2vd"
@@ -151,9 +154,10 @@ def validate(options: Options) -> None:
     """Raise InstallError naming the bad option and the fix."""
     if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,30}", options.group):
         raise InstallError(f"--group {options.group!r} is not a valid group name (lower case, digits, _ and -)")
-    m = re.fullmatch(r"(\d{1,2}):(\d{2})", options.warmup_until)
-    if not m or int(m[1]) > 23 or int(m[2]) > 59:
-        raise InstallError(f"--warmup-until {options.warmup_until!r} is not a time of day; use HH:MM, e.g. 18:00")
+    try:
+        parse_clock(options.warmup_until)   # what `e2vd warmup --until` will accept at run time
+    except ValueError as err:
+        raise InstallError(f"--warmup-until: {err}") from None
     if shutil.which("systemd-analyze"):
         cp = subprocess.run(["systemd-analyze", "calendar", options.warmup_calendar], capture_output=True, text=True)
         if cp.returncode != 0:
@@ -165,7 +169,7 @@ def validate(options: Options) -> None:
 
 def validate_model(model: str) -> None:
     """Raise InstallError unless `model` is a ModelScope id or an absolute directory the service can read."""
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not os.path.exists(model):
+    if MODEL_ID_PATTERN.fullmatch(model) and not os.path.exists(model):
         return
     path = Path(model)
     if not path.is_absolute():

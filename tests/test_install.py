@@ -109,11 +109,25 @@ def test_uninstall_keeps_config_and_cache_unless_purge(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("opts, named", [({"warmup_calendar": "Mon..Fri 25:99"}, "--warmup-calendar"),
                                          ({"warmup_until": "6pm"}, "--warmup-until"),
+                                         ({"warmup_until": "24:00"}, "--warmup-until"),
+                                         ({"model": "-bad/name"}, "--model"),
                                          ({"group": "Bad Group"}, "--group")])
 def test_bad_options_are_named(tmp_path: Path, opts: dict, named: str) -> None:
     with pytest.raises(install.InstallError, match=named):
         _install(tmp_path, **opts)
     assert not (tmp_path / "etc").exists(), "nothing is written when an option is bad"
+
+
+def test_install_accepts_what_the_cli_and_engine_accept(tmp_path: Path) -> None:
+    """The installer checks --warmup-until and --model with the same rules as `e2vd warmup --until`
+    and the engine, so what it lets through starts, and what it refuses would fail at run time."""
+    from e2vd.durations import parse_clock
+    from e2vd.engine import ModelError, resolve_model
+
+    _install(tmp_path, warmup_until="17:15:30", model="iic/emotion2vec_plus_large")
+    assert parse_clock("17:15:30")
+    with pytest.raises(ModelError, match="neither an absolute directory nor a ModelScope id"):
+        resolve_model("-bad/name")
 
 
 def test_layout_binds_python_below_home_or_tmp_and_nothing_else() -> None:
