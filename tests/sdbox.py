@@ -247,7 +247,7 @@ class Box:
         if f" {self.state}/" in mounts or f" {self.state} " in mounts:
             raise BoxError(f"mounts still present below {self.state}; not removing it")
         log = self.state / "console.log"
-        if log.exists():
+        if log.exists() and log.stat().st_size:   # keep what systemd printed, for a post-mortem
             shutil.copy(log, STATE_ROOT / f"{self.name}.console.log")
         shutil.rmtree(self.state, ignore_errors=True)
 
