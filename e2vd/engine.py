@@ -599,10 +599,28 @@ def _effective_precision(device: str, dtype: str, quantize: bool) -> tuple[str, 
     return dtype, quantize
 
 
+def _out_of_gpu_memory(device: str) -> str:
+    """The operator's message for a GPU that ran out of memory while the model was placed on it."""
+    from e2vd.gpu import device_memory
+
+    mem = None
+    with contextlib.suppress(Exception):   # NVML trouble must not hide the real problem
+        mem = device_memory(device)
+    free = f" ({mem.free_bytes >> 20} MiB free of {mem.total_bytes >> 20} MiB now)" if mem else ""
+    return (f"{device} ran out of memory while the model was put on it{free}: other processes hold "
+            f"the GPU's memory (`nvidia-smi` lists them). Free it, or run on the CPU: set "
+            f'device = "cpu", or busy_policy = "cpu" with a min_free_mb the model needs, in /etc/e2vd/e2vd.toml')
+
+
 def _place(model: torch.nn.Module, device: str, dtype: torch.dtype, quantize: bool) -> torch.nn.Module:
     """Move `model` to `device`/`dtype`; on CPU optionally quantize its Linear layers to INT8."""
     if device != "cpu":
-        return model.to(device=device, dtype=dtype)
+        try:
+            return model.to(device=device, dtype=dtype)
+        except RuntimeError as err:   # torch.OutOfMemoryError, or "CUDA error: out of memory" at CUDA start
+            if "out of memory" not in str(err).lower():
+                raise
+            raise ModelError(_out_of_gpu_memory(device)) from None
     if quantize:
         with warnings.catch_warnings():  # torch.ao deprecation notices, not for an operator's log
             warnings.simplefilter("ignore")
