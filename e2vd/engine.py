@@ -41,7 +41,7 @@ import torch
 
 from e2vd.audio import Audio, AudioError, decode
 from e2vd.config import MODEL_ID_PATTERN
-from e2vd.gpu import choose_device
+from e2vd.gpu import GpuOutOfMemory, choose_device
 from e2vd.result import Recognition
 
 log = logging.getLogger(__name__)
@@ -506,7 +506,13 @@ class Engine:
 
     def _run(self, clips: Sequence[Audio], granularity: str, embedding: bool) -> list[Recognition]:
         """Run equal-length `clips` as one batch; return one Recognition per clip."""
-        probs, feats = self.forward(np.stack([np.asarray(c.samples, dtype=np.float32) for c in clips]))
+        try:
+            probs, feats = self.forward(np.stack([np.asarray(c.samples, dtype=np.float32) for c in clips]))
+        except RuntimeError as err:   # torch.OutOfMemoryError is one
+            if self.device == "cpu" or "out of memory" not in str(err).lower():
+                raise
+            torch.cuda.empty_cache()   # hand back what the failed attempt cached, for the retry
+            raise GpuOutOfMemory(_inference_out_of_memory(self.device, clips)) from None
         results = []
         for i, clip in enumerate(clips):
             emb = None
@@ -597,6 +603,14 @@ def _effective_precision(device: str, dtype: str, quantize: bool) -> tuple[str, 
                     device, dtype)
         quantize = False
     return dtype, quantize
+
+
+def _inference_out_of_memory(device: str, clips: Sequence[Audio]) -> str:
+    """The client's message for an inference that did not fit in the GPU's free memory."""
+    longest = max(c.duration_s for c in clips)
+    return (f"{device} ran out of memory running {len(clips)} clip(s) of up to {longest:.1f} s: other "
+            f"processes hold most of the GPU's memory. Retry in a few seconds or send shorter clips; "
+            f"the operator can lower max_batch or max_seconds, or free the GPU (`nvidia-smi`)")
 
 
 def _out_of_gpu_memory(device: str) -> str:

@@ -49,6 +49,11 @@ class GpuBusyError(DeviceError):
     """The GPU has less free memory than min_free_mb and busy_policy is "refuse"."""
 
 
+class GpuOutOfMemory(DeviceError):
+    """One inference did not fit in the GPU's free memory; the message names the clips and the fixes.
+    The same request may succeed later (when other processes free memory) or with shorter clips."""
+
+
 @dataclass(frozen=True)
 class GpuInfo:
     """One usable GPU. index: N of "cuda:N" for this process; bytes as NVML reports them."""

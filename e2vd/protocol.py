@@ -31,7 +31,7 @@ ERRORS: dict[str, tuple[int, str]] = {
     "too_long": (422, "The audio is longer than max_seconds."),
     "too_short": (422, "The audio is too short to analyse."),
     "internal": (500, "The daemon failed unexpectedly; the journal has the details."),
-    "busy": (503, "The inference queue is full; retry after Retry-After seconds."),
+    "busy": (503, "The inference queue is full, or the GPU ran out of memory for this request; retry after Retry-After seconds."),
     "model_unavailable": (503, "The model could not be loaded (the message says why); the daemon exits after a grace period."),
 }
 

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+from e2vd.gpu import GpuOutOfMemory
 from e2vd.protocol import BUSY_RETRY_AFTER_S, ApiError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -239,6 +240,9 @@ class Scheduler:
         except ValueError as exc:  # AudioError is a ValueError with .code
             code = getattr(exc, "code", "bad_audio")
             job.error = ApiError(code if code in ("bad_audio", "too_long", "too_short") else "bad_audio", str(exc))
+        except GpuOutOfMemory as exc:   # transient: other processes hold the GPU's memory
+            log.warning("%s", exc)
+            job.error = ApiError("busy", str(exc), retry_after=BUSY_RETRY_AFTER_S)
         except Exception as exc:
             log.exception("inference failed")
             job.error = ApiError("internal", f"inference failed ({type(exc).__name__}: {exc}); "

@@ -79,18 +79,24 @@ def test_busy_policy_cpu_falls_back_to_the_cpu(tiny_model, tmp_path):
         assert d.request("POST", "/v1/recognize", wav_clip(2.0))[0] == 200
 
 
+def _hog_gpu(leave_mib: int = 64) -> subprocess.Popen:
+    """Another process that holds all but `leave_mib` MiB of the GPU's free memory until killed."""
+    hog = subprocess.Popen([sys.executable, "-c", (
+        "import time, torch\n"
+        "free, _ = torch.cuda.mem_get_info(0)\n"
+        f"x = torch.empty(free - ({leave_mib} << 20), dtype=torch.uint8, device='cuda:0')\n"
+        "print('holding', free >> 20, flush=True)\n"
+        "time.sleep(300)\n")], stdout=subprocess.PIPE, text=True)
+    assert hog.stdout is not None and hog.stdout.readline().startswith("holding")
+    return hog
+
+
 def test_cuda_out_of_memory_at_load_is_model_unavailable_not_a_crash(tiny_model, tmp_path):
     """Another process holds all but 64 MiB of the GPU: the daemon's CUDA start or its weights
     cannot fit. Clients get 503 model_unavailable naming the problem; the daemon exits 5 after
     its grace period (systemd's socket then stays usable: see test_systemd's broken-model case)."""
-    hog = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time, torch\n"
-        "free, _ = torch.cuda.mem_get_info(0)\n"
-        "x = torch.empty(free - (64 << 20), dtype=torch.uint8, device='cuda:0')\n"
-        "print('holding', free >> 20, flush=True)\n"
-        "time.sleep(300)\n")], stdout=subprocess.PIPE, text=True)
+    hog = _hog_gpu()
     try:
-        assert hog.stdout is not None and hog.stdout.readline().startswith("holding")
         d = DaemonProcess(tmp_path / "s.sock", tiny_model, device="cuda:0", min_free_mb=0,
                           unavailable_grace=3)
         with d:
@@ -101,3 +107,24 @@ def test_cuda_out_of_memory_at_load_is_model_unavailable_not_a_crash(tiny_model,
     finally:
         hog.kill()
         hog.wait()
+
+
+def test_cuda_out_of_memory_during_a_request_is_busy_and_the_daemon_keeps_serving(tiny_model, tmp_path):
+    """Loaded, then another process fills the GPU: a 120 s clip (attention over 6000 frames) no
+    longer fits. The client gets 503 busy with Retry-After and the reason; once the memory is
+    free again the same request succeeds, from the same daemon."""
+    long_clip = wav_clip(120.0)
+    d = DaemonProcess(tmp_path / "s.sock", tiny_model, device="cuda:0", min_free_mb=0, max_seconds=150,
+                      wait_ready=True, idle_timeout=600)
+    with d:
+        hog = _hog_gpu()
+        try:
+            status, headers, body = d.request("POST", "/v1/recognize", long_clip)
+            assert status == 503 and body["error"]["code"] == "busy", body
+            assert "ran out of memory" in body["error"]["message"] and int(headers["retry-after"]) >= 1
+        finally:
+            hog.kill()
+            hog.wait()
+        status, _, body = d.request("POST", "/v1/recognize", long_clip)
+        assert status == 200 and abs(sum(body["scores"]) - 1.0) < 1e-4
+        assert d.proc.poll() is None

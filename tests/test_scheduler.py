@@ -144,3 +144,42 @@ def test_auto_batch_is_off_on_the_cpu_and_on_for_a_gpu(engine):
         assert [j.batch_size for j in jobs] == [1, 1, 1]
     finally:
         sch.stop(10)
+
+
+class _GpuWithLittleMemory:
+    """The real tiny engine behind a memory budget, as on a GPU that other processes fill:
+    runs of more than `fits` seconds of audio raise the GpuOutOfMemory that Engine raises for a
+    CUDA out-of-memory (a real one is exercised in tests/test_gpu_device.py)."""
+
+    def __init__(self, engine, fits: float) -> None:
+        self.engine, self.fits, self.calls = engine, fits, []
+
+    def recognize_batch(self, clips, **options):
+        from e2vd.gpu import GpuOutOfMemory
+
+        self.calls.append(len(clips))
+        if sum(c.duration_s for c in clips) > self.fits:
+            raise GpuOutOfMemory(f"cuda:0 ran out of memory running {len(clips)} clip(s)")
+        return self.engine.recognize_batch(clips, **options)
+
+
+def test_gpu_out_of_memory_retries_one_by_one_then_answers_busy_and_keeps_serving(engine):
+    small = _GpuWithLittleMemory(engine, fits=2.5)
+    gate, load = gated(small)
+    sch = Scheduler(load, queue_size=8, max_batch=8)
+    sch.start()
+    try:
+        fits = [sch.submit(clip(1.0, i)) for i in range(3)]    # one batch of 3 s: too much together
+        gate.set()
+        for job in fits:
+            assert job.wait(60) and job.error is None and job.batch_size == 1
+        assert small.calls == [3, 1, 1, 1]                       # the batch, then one by one
+        too_long = sch.submit(clip(3.0))
+        assert too_long.wait(60)
+        err = too_long.error
+        assert err is not None and err.code == "busy" and err.status == 503 and err.retry_after >= 1
+        assert "ran out of memory" in err.message
+        after = sch.submit(clip(1.0))
+        assert after.wait(60) and after.result is not None and sch.state == READY
+    finally:
+        sch.stop(10)
