@@ -41,7 +41,7 @@ import torch
 
 from e2vd.audio import Audio, AudioError, decode
 from e2vd.config import MODEL_ID_PATTERN
-from e2vd.gpu import GpuOutOfMemory, choose_device
+from e2vd.gpu import GpuOutOfMemory, choose_device, device_memory
 from e2vd.result import Recognition
 
 log = logging.getLogger(__name__)
@@ -615,8 +615,6 @@ def _inference_out_of_memory(device: str, clips: Sequence[Audio]) -> str:
 
 def _out_of_gpu_memory(device: str) -> str:
     """The operator's message for a GPU that ran out of memory while the model was placed on it."""
-    from e2vd.gpu import device_memory
-
     mem = None
     with contextlib.suppress(Exception):   # NVML trouble must not hide the real problem
         mem = device_memory(device)
