@@ -508,8 +508,8 @@ class Engine:
         """Run equal-length `clips` as one batch; return one Recognition per clip."""
         try:
             probs, feats = self.forward(np.stack([np.asarray(c.samples, dtype=np.float32) for c in clips]))
-        except RuntimeError as err:   # torch.OutOfMemoryError is one
-            if self.device == "cpu" or "out of memory" not in str(err).lower():
+        except RuntimeError as err:
+            if self.device == "cpu" or not _is_out_of_memory(err):
                 raise
             torch.cuda.empty_cache()   # hand back what the failed attempt cached, for the retry
             raise GpuOutOfMemory(_inference_out_of_memory(self.device, clips)) from None
@@ -605,6 +605,12 @@ def _effective_precision(device: str, dtype: str, quantize: bool) -> tuple[str, 
     return dtype, quantize
 
 
+def _is_out_of_memory(err: RuntimeError) -> bool:
+    """Whether `err` says the GPU ran out of memory: torch.OutOfMemoryError from the caching
+    allocator, or a plain RuntimeError "CUDA error: out of memory" (e.g. at CUDA start)."""
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
 def _inference_out_of_memory(device: str, clips: Sequence[Audio]) -> str:
     """The client's message for an inference that did not fit in the GPU's free memory."""
     longest = max(c.duration_s for c in clips)
@@ -629,8 +635,8 @@ def _place(model: torch.nn.Module, device: str, dtype: torch.dtype, quantize: bo
     if device != "cpu":
         try:
             return model.to(device=device, dtype=dtype)
-        except RuntimeError as err:   # torch.OutOfMemoryError, or "CUDA error: out of memory" at CUDA start
-            if "out of memory" not in str(err).lower():
+        except RuntimeError as err:
+            if not _is_out_of_memory(err):
                 raise
             raise ModelError(_out_of_gpu_memory(device)) from None
     if quantize:
