@@ -14,9 +14,14 @@ MESSAGE (the message; a traceback is appended for exceptions), PRIORITY (syslog 
 SYSLOG_IDENTIFIER=e2vd, LOGGER, THREAD_NAME, CODE_FILE, CODE_LINE, CODE_FUNC,
 EXCEPTION_TEXT (only with an exception), and for `event()` calls E2VD_EVENT=<name> plus
 E2VD_<FIELD>=<value> for each field (field name upper-cased; None fields are left out; floats
-rounded to 6 decimals; booleans as true/false). Otherwise each record is one line on stderr:
+rounded to 6 decimals; booleans as true/false), values as they are (a request path keeps its
+control bytes there). Otherwise each record is one line on stderr:
 
     2026-11-25 09:00:00 INFO e2vd: Recognized 3.2 s of audio: happy (0.81) (event=request request_id=... infer_ms=41.2)
+
+On stderr, control characters (C0, DEL, C1) are written as backslash escapes (`\x1b`, `\t`), so
+bytes a client put in a path can neither drive the terminal nor forge a line: everywhere in a
+field value, and everywhere but line breaks in the message and traceback.
 
 Query examples: `journalctl -u e2vd E2VD_EVENT=request E2VD_STATUS=500`,
 `journalctl -u e2vd -o json | jq 'select(.E2VD_EVENT=="model_loaded") | .E2VD_LOAD_SECONDS'`.
@@ -216,10 +221,14 @@ class JournaldHandler(logging.Handler):
 
 class StderrFormatter(logging.Formatter):
     """"2026-11-25 09:00:00 INFO e2vd: message (event=name key=value ...)"; values with spaces,
-    quotes or '=' are double-quoted."""
+    quotes, '=' or control characters are double-quoted. Control characters are escaped
+    (`escape_controls`): in field values all of them, in the rest of the record all but "\\n"."""
 
     def __init__(self) -> None:
         super().__init__(STDERR_FORMAT, DATE_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return escape_controls(super().format(record), keep="\n")
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         line = super().formatMessage(record)
@@ -233,10 +242,29 @@ class StderrFormatter(logging.Formatter):
         return f"{line} ({' '.join(pairs)})"
 
 
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_NEEDS_QUOTES = re.compile(r'[\s"=()\\\x00-\x1f\x7f-\x9f]')
+
+
+def escape_controls(text: str, keep: str = "") -> str:
+    """`text` with every C0 control, DEL and C1 control not in `keep` written as a backslash
+    escape: "\\n", "\\r", "\\t", else "\\xNN" (ESC -> "\\x1b", CSI U+009B -> "\\x9b")."""
+    def escape(match: re.Match[str]) -> str:
+        char = match.group()
+        if char in keep:
+            return char
+        return _NAMED_ESCAPES.get(char, f"\\x{ord(char):02x}")
+
+    return _CONTROLS.sub(escape, text)
+
+
 def _quote(text: str) -> str:
-    if text and not re.search(r'[\s"=()\\]', text):
+    """A field value for the stderr line: bare when plain, else double-quoted with backslash,
+    quote and control characters escaped."""
+    if text and not _NEEDS_QUOTES.search(text):
         return text
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return '"' + escape_controls(text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
 
 
 def _priority(levelno: int) -> int:

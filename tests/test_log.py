@@ -95,6 +95,32 @@ def test_funasr_automodel_logs_once(tiny_model):
     assert len(logged) == len(set(logged)), "a log line was printed twice"
 
 
+CONTROLS = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")   # every control character but "\n"
+
+
+def test_stderr_escapes_control_characters_from_clients():
+    """ESC, BEL, CSI (U+009B) and DEL from a request path never reach the terminal raw; a "\n"
+    in a field cannot start a forged line; the message keeps its own line breaks."""
+    proc = run_py(r"""
+        import logging
+        from e2vd.log import setup_logging, event
+        setup_logging("INFO", journald=False)
+        path = "/v1/\x1b[31mred\x07\x9b2J\x7f"
+        event("request", f"GET {path} -> 404 not_found", path=path, note="a\nb\tc", status=404)
+        try:
+            raise ValueError(f"bad {path}")
+        except ValueError:
+            logging.getLogger("e2vd").exception("two\nlines")
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert not CONTROLS.search(proc.stderr), repr(proc.stderr)
+    first, *rest = proc.stderr.splitlines()
+    assert first.endswith(r"e2vd: GET /v1/\x1b[31mred\x07\x9b2J\x7f -> 404 not_found (event=request "
+                          r'path="/v1/\x1b[31mred\x07\x9b2J\x7f" note="a\nb\tc" status=404)'), first
+    assert rest[0].endswith("ERROR e2vd: two") and rest[1] == "lines"
+    assert rest[-1] == r"ValueError: bad /v1/\x1b[31mred\x07\x9b2J\x7f"
+
+
 def test_bad_level():
     with pytest.raises(ValueError, match="LOUD.*DEBUG, INFO"):
         log.setup_logging("LOUD", journald=False)
@@ -174,6 +200,13 @@ def test_event_fields_reach_the_journal_sender(journal_logger):
     assert fields["CODE_FUNC"] == "test_event_fields_reach_the_journal_sender"  # the caller, not event()
     assert fields["CODE_FILE"] == __file__ and isinstance(fields["CODE_LINE"], int)
     assert all(re.fullmatch(r"[A-Z][A-Z0-9_]*", k) for k in fields)
+
+
+def test_journal_fields_keep_the_raw_bytes(journal_logger):
+    path = "/v1/\x1b[31mred\x07\x9b"
+    event("request", f"GET {path} -> 404", path=path)
+    [(message, fields)] = journal_logger.calls
+    assert message == f"GET {path} -> 404" and fields["E2VD_PATH"] == path
 
 
 def test_levels_and_exceptions(journal_logger):
