@@ -11,6 +11,10 @@ funasr's `AutoModel`, and why:
 * It memory-maps the checkpoint (``torch.load(weights_only=True, mmap=True)``) and assigns the
   weights to a model built on the ``meta`` device: the ~1.3 GB optimizer state of the real
   ``model.pt`` is never read, nothing is deep-copied, nothing is randomly initialised first.
+* A model directory is data: nothing in it may run code. Checkpoints are only ever unpickled by
+  torch's weights_only unpickler; the configuration objects of training runs (argparse
+  ``Namespace``, omegaconf containers: `CONFIG_GLOBALS`) are allowed for that one load, and a
+  checkpoint naming any other global is refused with a ModelError that names it.
 * It runs the very same forward pass as ``Emotion2vec.inference`` (waveform layer norm, no padding
   mask, mean over frames, ``proj``, softmax) on samples it gets from `e2vd.audio`, so results equal
   ``AutoModel.generate`` on the same samples (tests/test_engine.py proves it).
@@ -26,6 +30,7 @@ import importlib.util
 import io
 import logging
 import os
+import pickle
 import re
 import socket
 import sys
@@ -322,6 +327,23 @@ def read_config(model_dir: Path) -> dict[str, Any]:
 # Loading weights
 
 
+#: Globals, as "module.name", that a checkpoint may pickle besides tensors and plain containers:
+#: the configuration objects of training runs (fairseq's argparse.Namespace; omegaconf's
+#: DictConfig/ListConfig with the metadata, nodes and plain types they record). torch's
+#: weights_only unpickler rebuilds them as data; it refuses every other global, so nothing in a
+#: model directory can run code. omegaconf is imported only for a checkpoint that names it.
+CONFIG_GLOBALS: frozenset[str] = frozenset({
+    "argparse.Namespace",
+    "omegaconf.dictconfig.DictConfig", "omegaconf.listconfig.ListConfig",
+    "omegaconf.base.ContainerMetadata", "omegaconf.base.Metadata",
+    "omegaconf.nodes.AnyNode", "omegaconf.nodes.StringNode", "omegaconf.nodes.IntegerNode",
+    "omegaconf.nodes.FloatNode", "omegaconf.nodes.BooleanNode",
+    "typing.Any", "collections.defaultdict",
+    "builtins.dict", "builtins.list", "builtins.int", "builtins.float", "builtins.str",
+    "builtins.bool",
+})
+
+
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """Return the model weights of checkpoint `path`, keyed like `Emotion2vec.state_dict()`.
 
@@ -331,10 +353,7 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     keeps using the mapped file: replace model.pt by renaming a new file over it, never by
     rewriting it in place while a daemon runs (the daemon would see the new bytes or SIGBUS).
     """
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # noqa: BLE001 - pickle and zip errors of a broken file
-        ckpt = _load_untrusted_layout(path, err)
+    ckpt = load_checkpoint(path)
     state = ckpt
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -345,23 +364,87 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("d2v_model."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def _load_untrusted_layout(path: Path, first_error: Exception) -> Any:
-    """Retry a checkpoint that `weights_only=True` refused, or explain why it cannot be read.
+def load_checkpoint(path: Path) -> Any:
+    """Unpickle checkpoint `path`, memory-mapped, without running any code from it.
 
-    A checkpoint that pickles config objects (older fairseq ``args``/``cfg``) needs full
-    unpickling; that runs code from the file, so it is only done for a file that is a valid
-    torch zip archive, and logged.
+    Always ``torch.load(weights_only=True, mmap=True)``. A checkpoint that also pickles
+    configuration objects is loaded again with exactly the CONFIG_GLOBALS it names allowed,
+    within `torch.serialization.safe_globals` (scoped: the process-wide allow-list is untouched).
+    A checkpoint naming any other global (a function or class that unpickling would call) is
+    refused with ModelError naming the file and those globals; nothing from it has run.
     """
-    import zipfile
-
-    if not zipfile.is_zipfile(path):
-        raise ModelError(f"{path} is not a readable PyTorch checkpoint ({first_error}); the file "
-                         "is truncated or corrupt: copy the model's model.pt again") from first_error
-    log.warning("%s needs full unpickling (weights_only load failed: %s)", path, first_error)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # noqa: BLE001
-        raise ModelError(f"{path} cannot be read ({err}); copy the model's model.pt again") from err
+        return _load_weights_only(path, [])
+    except pickle.UnpicklingError as err:
+        first_error: Exception = err
+    except Exception as err:  # noqa: BLE001 - zip, storage and format errors of a broken file
+        raise ModelError(f"{path} is not a readable PyTorch checkpoint ({err}); the file is "
+                         "truncated or corrupt: copy the model's model.pt again") from err
+    named = _globals_in_checkpoint(path, first_error)
+    refused = sorted(named - CONFIG_GLOBALS)
+    if refused:
+        raise ModelError(_refusal(path, refused))
+    try:
+        ckpt = _load_weights_only(path, [(_import_global(name), name) for name in sorted(named)])
+    except pickle.UnpicklingError as err:
+        raise ModelError(_refusal(path, [_unpickler_reason(err)])) from None
+    log.info("%s pickles configuration objects (%s): loaded them as data", path, ", ".join(sorted(named)))
+    return ckpt
+
+
+def _load_weights_only(path: Path, allowed: list[tuple[Any, str]]) -> Any:
+    """``torch.load`` of `path` onto the CPU, weights_only and memory-mapped, with `allowed`
+    (object, "module.name") pairs added to torch's allow-list for this call only."""
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def _globals_in_checkpoint(path: Path, refusal: Exception) -> set[str]:
+    """The "module.name" globals of `path` that torch's weights_only allow-list lacks, found by
+    disassembling the pickle (nothing is executed). Raises ModelError when `refusal` (torch's
+    UnpicklingError) was about something else than a global, e.g. a damaged pickle."""
+    try:
+        named = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception as err:  # noqa: BLE001 - the pickle cannot even be disassembled
+        raise ModelError(f"{path} is not a readable PyTorch checkpoint ({err}); the file is "
+                         "truncated or corrupt: copy the model's model.pt again") from err
+    if not named:
+        raise ModelError(f"{path} cannot be loaded safely ({_unpickler_reason(refusal)}); the file is "
+                         "damaged or was not written by torch.save: copy the model's model.pt "
+                         "again") from None
+    return named
+
+
+def _import_global(name: str) -> Any:
+    """The object called `name` ("module.name", one of CONFIG_GLOBALS), importing its module."""
+    module, _, attr = name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ModelError(f"the checkpoint pickles {name}, but {module} cannot be imported here "
+                         f"({err}): install it (pip install {module.split('.')[0]}), or re-save the "
+                         "checkpoint without it") from err
+
+
+def _unpickler_reason(err: Exception) -> str:
+    """The line of torch's weights_only error that names the problem, without its advice."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    specific = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return (specific or lines or [type(err).__name__])[0]
+
+
+def _refusal(path: Path, names: Sequence[str]) -> str:
+    """An operator's message for a checkpoint refused because it pickles code-bearing `names`."""
+    return (
+        f"{path} was refused: it names code that unpickling would call ({', '.join(names)}), "
+        f"but a model file may hold only tensors and configuration data (such code could run "
+        f"commands as this service's user). Nothing from it has run. Replace it with the model's original model.pt (for a "
+        f"model e2vd downloaded, delete {path.parent} and it is downloaded again; otherwise copy "
+        f"model.pt from a trusted source such as ModelScope's {DEFAULT_MODEL}). If you trust this "
+        f"file, keep only its weights on a machine where "
+        f"running it is safe: python -c \"import torch; c = torch.load('model.pt', "
+        f"weights_only=False); torch.save({{'model': c['model']}}, 'model.pt.new')\" then rename "
+        f"model.pt.new over model.pt.")
 
 
 def build_model(config: dict[str, Any], weights: dict[str, torch.Tensor], num_labels: int,

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -191,20 +193,101 @@ def test_checkpoint_without_pretraining_decoder_loads(engine: Engine, tiny_model
     assert Engine.load(str(model), device="cpu").recognize(audio).scores == engine.recognize(audio).scores
 
 
-def test_checkpoint_with_pickled_config_objects_loads_with_a_warning(
-        engine: Engine, tiny_model: Path, tmp_path: Path, caplog) -> None:
-    """Older fairseq checkpoints pickle an argparse.Namespace: weights_only refuses, we retry."""
+class RunsCommand:
+    """Unpickles by calling os.system(command): what a booby-trapped model.pt carries."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def process_wide_allowed() -> set[str]:
+    """The "module.name" of every global on torch's process-wide weights_only allow-list."""
+    names = set()
+    for entry in torch.serialization.get_safe_globals():
+        if isinstance(entry, tuple):
+            names.add(entry[1])
+        else:
+            names.add(f"{entry.__module__}.{entry.__qualname__}")
+    return names
+
+
+def booby_trapped(tiny_model: Path, dest: Path, marker: Path) -> Path:
+    """A copy of the tiny model whose model.pt holds the real weights plus an object that, when
+    fully unpickled, creates `marker`."""
+    model = copy_model(tiny_model, dest)
+    ckpt = torch.load(model / "model.pt", weights_only=True)
+    ckpt["extra"] = RunsCommand(f"touch {shlex.quote(str(marker))}")
+    torch.save(ckpt, model / "model.pt")
+    return model
+
+
+def test_checkpoint_that_would_run_code_is_refused_and_nothing_runs(tiny_model: Path,
+                                                                    tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    model = booby_trapped(tiny_model, tmp_path / "m", marker)
+    with pytest.raises(ModelError) as err:
+        engine_mod.load_weights(model / "model.pt")
+    assert not marker.exists()
+    message = str(err.value)
+    assert str(model / "model.pt") in message and "posix.system" in message
+    assert "nothing from it has run" in message.lower() and "weights_only=False" in message
+    assert not process_wide_allowed() & engine_mod.CONFIG_GLOBALS
+
+
+def test_engine_load_refuses_a_checkpoint_that_would_run_code(tiny_model: Path, tmp_path: Path) -> None:
+    """What a daemon sees: Engine.load raises ModelError (reported as model_unavailable)."""
+    marker = tmp_path / "ran"
+    model = booby_trapped(tiny_model, tmp_path / "m", marker)
+    with pytest.raises(ModelError, match=r"posix\.system"):
+        Engine.load(str(model), device="cpu")
+    assert not marker.exists()
+
+
+def test_checkpoint_with_pickled_namespace_loads_as_data(engine: Engine, tiny_model: Path,
+                                                         tmp_path: Path, caplog) -> None:
+    """Older fairseq checkpoints pickle an argparse.Namespace: it is allowed, nothing else is."""
     import argparse
 
     model = copy_model(tiny_model, tmp_path / "m")
     ckpt = torch.load(model / "model.pt", weights_only=True)
-    ckpt["args"] = argparse.Namespace(arch="data2vec_multi")
+    ckpt["args"] = argparse.Namespace(arch="data2vec_multi", lr=[5e-5], layers=8, fp16=True)
     torch.save(ckpt, model / "model.pt")
-    with caplog.at_level(logging.WARNING, logger="e2vd.engine"):
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(model / "model.pt") == ["argparse.Namespace"]
+    with caplog.at_level(logging.INFO, logger="e2vd.engine"):
         loaded = Engine.load(str(model), device="cpu")
-    assert "full unpickling" in caplog.text
+    assert "argparse.Namespace" in caplog.text and "full unpickling" not in caplog.text
     audio = clip(1.0)
     assert loaded.recognize(audio).scores == engine.recognize(audio).scores
+    assert not process_wide_allowed() & engine_mod.CONFIG_GLOBALS
+
+
+def test_checkpoint_with_pickled_omegaconf_config_loads(engine: Engine, tiny_model: Path,
+                                                        tmp_path: Path) -> None:
+    """fairseq/hydra checkpoints pickle omegaconf containers (DictConfig, ListConfig, their nodes)."""
+    omegaconf = pytest.importorskip("omegaconf")
+    model = copy_model(tiny_model, tmp_path / "m")
+    ckpt = torch.load(model / "model.pt", weights_only=True)
+    ckpt["cfg"] = omegaconf.OmegaConf.create({
+        "model": {"_name": "data2vec_multi", "depth": 8, "dropout": 0.1, "layer_norm_first": False,
+                  "modalities": {"audio": {"feature_encoder_spec": "[(512, 10, 5)]"}}},
+        "optimization": {"lr": [5e-5], "max_update": 100000, "note": None,
+                         "name": "${model._name}"},
+    })
+    ckpt["lcfg"] = omegaconf.OmegaConf.create([1, "two", {"three": 3.0}])
+    torch.save(ckpt, model / "model.pt")
+    unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(model / "model.pt"))
+    assert {"omegaconf.dictconfig.DictConfig", "omegaconf.listconfig.ListConfig"} <= unsafe
+    back = engine_mod.load_checkpoint(model / "model.pt")
+    assert isinstance(back["cfg"], omegaconf.DictConfig) and back["cfg"].model.depth == 8
+    assert back["cfg"].optimization.name == "data2vec_multi" and back["cfg"].optimization.note is None
+    assert back["lcfg"][2].three == 3.0 and list(back["cfg"].optimization.lr) == [5e-5]
+    loaded = Engine.load(str(model), device="cpu")
+    audio = clip(1.0)
+    assert loaded.recognize(audio).scores == engine.recognize(audio).scores
+    assert not process_wide_allowed() & engine_mod.CONFIG_GLOBALS
 
 
 def test_missing_directory(tmp_path: Path) -> None:
