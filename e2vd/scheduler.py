@@ -5,9 +5,11 @@ the one worker thread started by `Scheduler.start`. Connection threads decode au
 `Job` and wait for it. When several jobs are queued at once the worker takes up to `max_batch`
 (0 = auto: `GPU_BATCH` on a GPU, 1 on the CPU, see `auto_batch`) of them and runs each group with equal options through `engine.recognize_batch` (which batches
 only what it can prove equal to one-by-one). A full queue is refused at once (ApiError "busy").
+Right before a group runs, each job's `client_gone` is asked: a job whose client has hung up is
+finished as `abandoned` without running, so clients that gave up cost no inference.
 
 The scheduler knows nothing about HTTP or the process lifecycle; it exposes `state`, `pending`
-(queued + running jobs, for the idle clock) and `served`.
+(queued + running jobs, for the idle clock), `served` and `abandoned`.
 """
 from __future__ import annotations
 
@@ -43,15 +45,22 @@ def auto_batch(device: str) -> int:
 
 @dataclass
 class Job:
-    """One recognition request. After `done` is set, exactly one of `result` / `error` is set."""
+    """One recognition request. After `done` is set, exactly one of `result`, `error` or
+    `abandoned` is set; an abandoned job (its client had hung up before it ran) never ran.
+
+    `client_gone`, when given, answers whether anybody still waits for the answer; it is asked on
+    the worker thread right before the job's batch runs, so it must be quick and must not block.
+    """
 
     audio: "Audio"
     granularity: str = "utterance"
     embedding: bool = False
+    client_gone: Callable[[], bool] | None = None
     enqueued: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
     result: "Recognition | None" = None
     error: ApiError | None = None
+    abandoned: bool = False
     queue_ms: float = 0.0   # from submit to the start of its batch (includes a cold model load)
     infer_ms: float = 0.0   # wall time of the batch it ran in
     batch_size: int = 0
@@ -80,6 +89,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._pending = 0
         self._served = 0
+        self._abandoned = 0
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.settled = threading.Event()   # set once the model is loaded or has failed
@@ -96,9 +106,15 @@ class Scheduler:
 
     @property
     def served(self) -> int:
-        """Jobs finished (with a result or an error) since start."""
+        """Jobs finished with a result or an error since start (abandoned ones are not counted)."""
         with self._lock:
             return self._served
+
+    @property
+    def abandoned(self) -> int:
+        """Jobs skipped since start because their client had hung up before they ran."""
+        with self._lock:
+            return self._abandoned
 
     @property
     def queue_size(self) -> int:
@@ -120,11 +136,13 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def submit(self, audio: "Audio", granularity: str = "utterance", embedding: bool = False) -> Job:
-        """Queue a job; raises ApiError busy (queue full) or model_unavailable (load failed)."""
+    def submit(self, audio: "Audio", granularity: str = "utterance", embedding: bool = False,
+               client_gone: Callable[[], bool] | None = None) -> Job:
+        """Queue a job; raises ApiError busy (queue full) or model_unavailable (load failed).
+        `client_gone`: see `Job`; without it the job always runs."""
         if self.state == UNAVAILABLE:
             raise self._unavailable()
-        job = Job(audio, granularity, embedding)
+        job = Job(audio, granularity, embedding, client_gone)
         with self._lock:
             self._pending += 1
         try:
@@ -152,8 +170,26 @@ class Scheduler:
     def _finish(self, job: Job) -> None:
         with self._lock:
             self._pending -= 1
-            self._served += 1
+            if job.abandoned:
+                self._abandoned += 1
+            else:
+                self._served += 1
         job.done.set()
+
+    def _abandon_if_gone(self, job: Job) -> bool:
+        """Finish `job` as abandoned, without running it, if its client has hung up; True if so."""
+        if job.client_gone is None:
+            return False
+        try:
+            gone = bool(job.client_gone())
+        except Exception:  # a broken check must not cost the client its answer
+            log.exception("checking whether a client still waits failed; running its request anyway")
+            return False
+        if gone:
+            job.abandoned = True
+            job.queue_ms = (time.monotonic() - job.enqueued) * 1000.0
+            self._finish(job)
+        return gone
 
     def _run(self) -> None:
         try:
@@ -207,7 +243,10 @@ class Scheduler:
         groups: dict[tuple[str, bool], list[Job]] = {}
         for job in batch:
             groups.setdefault((job.granularity, job.embedding), []).append(job)
-        for (granularity, embedding), jobs in groups.items():
+        for (granularity, embedding), group in groups.items():
+            jobs = [job for job in group if not self._abandon_if_gone(job)]
+            if not jobs:
+                continue
             start = time.monotonic()
             for job in jobs:
                 job.queue_ms = (start - job.enqueued) * 1000.0
@@ -234,6 +273,8 @@ class Scheduler:
         return list(results)
 
     def _run_one(self, job: Job, granularity: str, embedding: bool) -> None:
+        if self._abandon_if_gone(job):
+            return
         start = time.monotonic()
         try:
             job.result = self._infer([job], granularity, embedding)[0]

@@ -11,20 +11,26 @@ Limits, so that no client can hold a thread, the worker or the GPU forever:
 - once the first byte of a request arrives, the whole request (headers and body) must arrive
   within `connection_timeout` seconds, else 408 `timeout` (a reaper thread shuts the read side);
 - bodies need Content-Length (chunked uploads get 411 `length_required`); a Content-Length above
-  `max_body_bytes` gets 413 `too_large` before any of the body is read (also on Expect: 100-continue).
+  `max_body_bytes` gets 413 `too_large` before any of the body is read (also on Expect: 100-continue);
+- a recognition whose client hangs up while it waits in the queue is not run: the request event
+  says status 499 (nginx's "client closed request"; never sent) and `abandoned`, and it does not
+  count in `requests_served`.
 The daemon never reads a path sent by a client: audio travels in the body only.
 """
 from __future__ import annotations
 
+import functools
 import http.server
 import json
 import logging
+import math
+import select
 import socket
 import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 from urllib.parse import urlsplit
 
 from e2vd import __version__
@@ -36,6 +42,11 @@ log = logging.getLogger("e2vd")
 SMALL_BODY_BYTES = 65536   # largest body accepted (and discarded) on routes that take none
 MAX_CONNECTIONS = 256      # open connections (one thread each); more are answered 503 busy
 REAP_INTERVAL_S = 0.2
+# Requests that use the model: finishing one renews its connection's hold on the daemon (the idle
+# rule, see Server.holding). Health, status and openapi do not, so a client polling them on a
+# kept-open connection cannot keep the daemon (and its GPU) awake forever.
+KEEPS_AWAKE_PATHS = frozenset({"/v1/recognize", "/v1/warmup"})
+ABANDONED = 499            # status logged for a request not run because its client hung up (never sent)
 
 
 class Control(Protocol):
@@ -76,18 +87,36 @@ class Connection:
     in_request: bool = False
     timed_out: bool = False
     opened: float = field(default_factory=time.monotonic)
+    last_active: float = -math.inf  # Server.clock time it opened or last finished a KEEPS_AWAKE_PATHS request
+
+
+@dataclass(frozen=True)
+class Holding:
+    """The connections holding the daemon awake at one moment (`Server.holding`)."""
+
+    count: int
+    until: float | None   # when the last of these holds lapses if nothing happens (math.inf while a
+                          # request is in progress); None when count is 0
 
 
 class Server:
     """Serves accepted connections; one thread per connection, inference through `scheduler`."""
 
     def __init__(self, scheduler: Scheduler, control: Control, *, max_body_bytes: int,
-                 max_seconds: float, connection_timeout: float) -> None:
+                 max_seconds: float, connection_timeout: float, max_connections_per_uid: int = 32,
+                 clock: Callable[[], float] = time.monotonic,
+                 on_change: Callable[[], None] | None = None) -> None:
+        """`clock`: the monotonic clock of `last_active` and `holding` (the daemon's);
+        `on_change`: called (from connection threads) whenever a request ends or a connection
+        closes, i.e. whenever the daemon may have become idle."""
         self.scheduler = scheduler
         self.control = control
         self.max_body_bytes = max_body_bytes
         self.max_seconds = max_seconds
         self.connection_timeout = connection_timeout
+        self.max_connections_per_uid = max_connections_per_uid
+        self.clock = clock
+        self._on_change = on_change
         self.draining = False
         self.requests_served = 0      # /v1/recognize answered with 200
         self._lock = threading.Lock()
@@ -109,6 +138,19 @@ class Server:
         with self._lock:
             return sum(1 for c in self._conns if c.in_request)
 
+    def holding(self, now: float) -> Holding:
+        """The connections that hold the daemon awake at `now` (the idle rule, docs/design.md).
+        A connection inside a request holds it for as long as the request lasts; otherwise it holds
+        it for connection_timeout after it opened or last finished a request that uses the model
+        (KEEPS_AWAKE_PATHS). Open connections beyond that do not keep the daemon from going idle."""
+        count, until = 0, -math.inf
+        with self._lock:
+            for conn in self._conns:
+                end = math.inf if conn.in_request else conn.last_active + self.connection_timeout
+                if end > now:
+                    count, until = count + 1, max(until, end)
+        return Holding(count, until if count else None)
+
     def model_name(self) -> str:
         engine = self.scheduler.engine
         return getattr(engine, "model_id", "") if engine is not None else ""
@@ -116,16 +158,39 @@ class Server:
     # --- connections ---
     def add(self, sock: socket.socket) -> None:
         """Serve an accepted connection on a new thread; it counts as open from this call on.
-        Beyond MAX_CONNECTIONS open connections, answer 503 busy at once and close."""
-        conn = Connection(sock, peer_credentials(sock))
+        Beyond MAX_CONNECTIONS open connections, or max_connections_per_uid from the peer's uid
+        (root included: a runaway root script must not starve everyone else), answer 503 busy
+        at once and close."""
+        conn = Connection(sock, peer_credentials(sock), last_active=self.clock())
         with self._lock:
-            full = len(self._conns) >= MAX_CONNECTIONS
-            if not full:
+            mine = sum(1 for c in self._conns if c.peer.uid == conn.peer.uid)
+            if len(self._conns) >= MAX_CONNECTIONS:
+                refusal = f"the daemon has {MAX_CONNECTIONS} connections open; close idle ones or retry later"
+            elif mine >= self.max_connections_per_uid:
+                refusal = (f"uid {conn.peer.uid} already has {mine} connections open, the most one uid may "
+                           f"hold (max_connections_per_uid = {self.max_connections_per_uid}); close idle "
+                           "ones or reuse a keep-alive connection, or raise max_connections_per_uid")
+            else:
+                refusal = None
                 self._conns.add(conn)
-        if full:
-            _refuse(sock, f"the daemon has {MAX_CONNECTIONS} connections open; close idle ones or retry later")
+        if refusal is not None:
+            _refuse(sock, refusal)
             return
         threading.Thread(target=self._serve, args=(conn,), name="e2vd-conn", daemon=True).start()
+
+    def request_ended(self, conn: Connection, path: str) -> None:
+        """Called by the connection's handler after each request (path as sent, query included).
+        A request to one of KEEPS_AWAKE_PATHS renews the connection's hold (`last_active`)."""
+        if urlsplit(path).path in KEEPS_AWAKE_PATHS:
+            conn.last_active = self.clock()
+        self._changed()
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            try:
+                self._on_change()
+            except Exception:  # an observer must not break a connection
+                log.exception("connection observer failed")
 
     def _serve(self, conn: Connection) -> None:
         try:
@@ -138,6 +203,7 @@ class Server:
             finally:
                 with self._lock:
                     self._conns.discard(conn)
+                self._changed()
 
     def drain(self) -> None:
         """Stop taking new requests: answer the current ones, close every idle connection."""
@@ -176,6 +242,24 @@ def _refuse(sock: socket.socket, message: str) -> None:
         pass
     finally:
         sock.close()
+
+
+def peer_hung_up(sock: socket.socket) -> bool:
+    """True once the client has closed its end of `sock` for good; never blocks.
+
+    On an AF_UNIX stream socket poll() reports POLLHUP only when the peer has shut down both
+    directions (closed, or exited): a client that only shut down its sending side (POLLRDHUP) or
+    has already sent its next request (POLLIN) still waits for the answer."""
+    poller = select.poll()
+    try:
+        poller.register(sock, select.POLLHUP)
+    except ValueError:   # closed on our side already
+        return True
+    return any(events & select.POLLHUP for _, events in poller.poll(0))
+
+
+class ClientGone(Exception):
+    """The client hung up before its request ran; nobody is left to answer."""
 
 
 def _shutdown(sock: socket.socket, how: int) -> None:
@@ -231,6 +315,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         finally:
             self.conn.deadline = None
             self.conn.in_request = False
+            self.server.request_ended(self.conn, getattr(self, "path", ""))
 
     def handle_expect_100(self) -> bool:
         """Refuse a body we will not accept before the client sends it."""
@@ -268,6 +353,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self._send_json(status, payload)
             except ApiError as err:
                 self._send_error(err)
+            except ClientGone:
+                self.close_connection = True
+                self._status = ABANDONED
+                self._fields["abandoned"] = True
             except Exception as exc:
                 log.exception("request %s failed", rid)
                 self._send_error(ApiError("internal", f"unexpected {type(exc).__name__}: {exc}; "
@@ -321,11 +410,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise ApiError(err.code, err.message) from None
         t2 = time.monotonic()
         self._fields.update(audio_seconds=round(audio.duration_s, 3), decode_ms=round((t2 - t1) * 1000.0, 2))
-        job = self.server.scheduler.submit(audio, options["granularity"], options["embedding"])
+        job = self.server.scheduler.submit(audio, options["granularity"], options["embedding"],
+                                           client_gone=functools.partial(peer_hung_up, self.connection))
         job.wait()
         self._fields["wait_ms"] = round((time.monotonic() - t2) * 1000.0, 2)
-        self._fields.update(queue_ms=round(job.queue_ms, 2), infer_ms=round(job.infer_ms, 2),
-                            batch_size=job.batch_size)
+        self._fields["queue_ms"] = round(job.queue_ms, 2)
+        if job.abandoned:
+            raise ClientGone()
+        self._fields.update(infer_ms=round(job.infer_ms, 2), batch_size=job.batch_size)
         if job.error is not None:
             raise job.error
         assert job.result is not None
@@ -505,5 +597,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             summary += f" {fields['top_label']} ({fields.get('audio_seconds')} s audio)"
         if "code" in fields:
             summary += f" {fields['code']}"
+        if fields.get("abandoned"):
+            summary += " abandoned: the client hung up before its turn, so it was not run"
         event("request", summary, level, request_id=rid, client_uid=peer.uid, client_pid=peer.pid,
               method=self.command or "-", path=path, status=status, total_ms=total_ms, **fields)

@@ -5,6 +5,8 @@ The loader waits on a gate before handing over the (real) engine, so jobs can be
 """
 from __future__ import annotations
 
+import functools
+import socket
 import threading
 
 import numpy as np
@@ -14,6 +16,7 @@ from conftest import speechlike
 from e2vd.audio import from_samples
 from e2vd.protocol import ApiError
 from e2vd.scheduler import GPU_BATCH, LOADING, READY, UNAVAILABLE, Scheduler, auto_batch
+from e2vd.server import peer_hung_up
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +125,33 @@ def test_model_that_cannot_load_fails_queued_and_later_jobs(tmp_path):
         assert sch.pending == 0
     finally:
         sch.stop(10)
+
+
+def test_a_job_whose_client_hung_up_is_abandoned_without_running(engine):
+    """The server's own check on real socket pairs: the client that closed is skipped, the one
+    that only shut down its sending side (it still reads the answer) is served."""
+    gate, load = gated(engine)
+    sch = Scheduler(load, queue_size=8, max_batch=8)
+    sch.start()
+    pairs = [socket.socketpair() for _ in range(3)]
+    try:
+        jobs = [sch.submit(clip(1.0, i), client_gone=functools.partial(peer_hung_up, ours))
+                for i, (ours, _) in enumerate(pairs)]
+        pairs[1][1].close()
+        pairs[2][1].shutdown(socket.SHUT_WR)
+        gate.set()
+        assert all(job.wait(60) for job in jobs)
+        gone = jobs[1]
+        assert gone.abandoned and gone.result is None and gone.error is None and gone.batch_size == 0
+        for job in (jobs[0], jobs[2]):
+            assert not job.abandoned and job.error is None and job.result is not None
+            assert job.batch_size == 2                     # the abandoned clip took no place in the batch
+        assert sch.served == 2 and sch.abandoned == 1 and sch.pending == 0
+    finally:
+        sch.stop(10)
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
 
 
 def test_bad_settings_are_refused():
