@@ -25,6 +25,10 @@ NaN/inf samples, no samples, sample rate below 4 kHz), "too_short" (< 25 ms: emo
 convolutional front end needs 400 samples at 16 kHz to produce one frame), "too_long" (more
 than `max_seconds`; checked from the header before decoding when the header states a length,
 and enforced again while decoding, so a lying header cannot make us decode more).
+Unknown lengths: a header that states none (libsndfile reports 2^63-1 frames, e.g. a FLAC from a
+streaming encoder with a zero total-samples field) or more frames than the file's bytes could
+hold is not used at all: the file is read as a stream in blocks of 65536 frames, stopping one
+frame past `max_seconds`, and answered like any other.
 Truncation: libsndfile silently accepts a WAV whose data chunk is shorter than its header says
 and reads what is there, and reads a cut Ogg stream as 0 frames; both are detected here from the
 container itself (a WAV data size of 0x7FFF0000 or more is a streaming writer's "unknown
@@ -61,6 +65,10 @@ _BLOCK_FRAMES = 1 << 16
 _ONE_READ_SAMPLES = 1 << 24
 _MP3_FRAME = 1152
 _WAV_STREAMED = 0x7FFF0000  # data sizes from here up are "length unknown" placeholders
+_UNKNOWN_FRAMES = (1 << 63) - 1  # libsndfile's SF_COUNT_MAX: the header does not state the length
+# More frames per byte of file than any codec libsndfile reads can hold: FLAC's densest frame
+# (constant subframes, 65535 frames) takes about 10 bytes, i.e. ~6500 frames per byte.
+_MAX_FRAMES_PER_BYTE = 1 << 16
 
 
 class AudioError(ValueError):
@@ -107,14 +115,16 @@ def decode(data: bytes, max_seconds: float = 30.0) -> Audio:
     if problem:
         raise AudioError("bad_audio", f"The {kind} file is truncated: {problem}. Send the complete file.")
     try:
-        handle = sf.SoundFile(io.BytesIO(data))
+        handle = _SoundFile(io.BytesIO(data))
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
         raise AudioError("bad_audio", _unreadable(data, kind, err)) from None
     with handle:
         fmt = handle.format or kind
-        rate, channels, declared = int(handle.samplerate), int(handle.channels), int(handle.frames)
+        rate, channels = int(handle.samplerate), int(handle.channels)
+        declared = _declared_frames(int(handle.frames), len(data))
+        handle.streaming = declared is None
         _check_rate(rate, f"The {fmt} file")
-        if declared > 0 and declared / rate > max_seconds:
+        if declared and declared / rate > max_seconds:
             raise AudioError("too_long", _too_long(declared / rate, max_seconds, "from its header"))
         limit = math.floor(max_seconds * rate) + 1 if math.isfinite(max_seconds) else None
         blocks: list[np.ndarray] = []
@@ -122,7 +132,9 @@ def decode(data: bytes, max_seconds: float = 30.0) -> Audio:
         while limit is None or total < limit:
             # Known length: read it in one go (no concatenation), at most _ONE_READ_SAMPLES at once
             # so a header that lies about a huge length cannot make us allocate it up front.
-            step = _BLOCK_FRAMES if blocks else max(_BLOCK_FRAMES, min(declared, _ONE_READ_SAMPLES // channels))
+            # Unknown length: blocks of _BLOCK_FRAMES until the end or just past the limit.
+            first = max(_BLOCK_FRAMES, min(declared or 0, _ONE_READ_SAMPLES // channels))
+            step = _BLOCK_FRAMES if blocks else first
             want = step if limit is None else min(step, limit - total)
             try:
                 block = _read_float32(handle, want)
@@ -138,7 +150,7 @@ def decode(data: bytes, max_seconds: float = 30.0) -> Audio:
             total += len(block)
     if limit is not None and total >= limit:
         raise AudioError("too_long", _too_long(total / rate, max_seconds, "at least, while decoding"))
-    if declared > 0 and declared - total > _shortfall_tolerance(fmt, declared):
+    if declared and declared - total > _shortfall_tolerance(fmt, declared):
         raise AudioError("bad_audio", (
             f"The {fmt} file is truncated: its header announces {declared / rate:.3f} s but only "
             f"{total / rate:.3f} s could be decoded. Send the complete file."))
@@ -148,6 +160,34 @@ def decode(data: bytes, max_seconds: float = 30.0) -> Audio:
             f"(its writer never finished the header). Rewrite it, e.g. {_CONVERT}."))
     frames = np.concatenate(blocks) if blocks else np.zeros((0, channels), dtype=np.float32)
     return _finish(frames, rate, f"The {fmt} file")
+
+
+class _SoundFile(sf.SoundFile):
+    """A soundfile.SoundFile that reads front to back without seeking once `streaming` is set.
+
+    After every read soundfile seeks to the new position; libsndfile cannot seek to the end of a
+    FLAC whose header leaves the length unknown, so the last read of such a file would fail.
+    With `streaming` set, soundfile treats the file like a pipe: no seeks, reads of the size asked.
+    """
+
+    streaming = False
+
+    def seekable(self) -> bool:
+        """False while streaming, else whether libsndfile can seek in the file."""
+        return not self.streaming and super().seekable()
+
+
+def _declared_frames(frames: int, size: int) -> int | None:
+    """The length in frames that libsndfile read from the header, or None if it is unknown.
+
+    Unknown: libsndfile's SF_COUNT_MAX (2^63-1; e.g. a FLAC from a streaming encoder, whose
+    STREAMINFO leaves the total 0), a negative count, or more frames than `size` bytes of file
+    can hold with any codec (_MAX_FRAMES_PER_BYTE), i.e. a damaged or lying header. Such a file
+    is read as a stream, never trusted for an allocation or a verdict.
+    """
+    if frames < 0 or frames >= _UNKNOWN_FRAMES or frames > size * _MAX_FRAMES_PER_BYTE:
+        return None
+    return frames
 
 
 def _read_float32(handle: sf.SoundFile, frames: int) -> np.ndarray:

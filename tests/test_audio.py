@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import math
 import struct
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -208,6 +209,59 @@ def test_too_long_when_header_understates():
     i = data.index(b"data")
     streamed = data[: i + 4] + struct.pack("<I", 0xFFFFFFFF) + data[i + 8:]
     assert error(streamed, max_seconds=1.0).code == "too_long"
+
+
+def flac_with_length(seconds: float, total_samples: int, sr: int = 16000, channels: int = 1) -> bytes:
+    """A FLAC written by soundfile whose STREAMINFO states `total_samples` (0: "unknown", as
+    streaming encoders write it)."""
+    data = bytearray(encode(seconds, sr, channels, fmt="FLAC", subtype="PCM_16"))
+    assert data[:4] == b"fLaC" and data[4] & 0x7F == 0      # the first metadata block is STREAMINFO
+    at = 8 + 13                  # STREAMINFO body starts at byte 8; total samples is 36 bits from here
+    data[at] = (data[at] & 0xF0) | (total_samples >> 32)
+    data[at + 1:at + 5] = (total_samples & 0xFFFFFFFF).to_bytes(4, "big")
+    return bytes(data)
+
+
+def peak_allocation(fn) -> int:
+    """Bytes allocated at the peak (Python and numpy) while `fn()` runs."""
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_flac_of_unknown_length_is_read_as_a_stream():
+    """libsndfile reports 2^63-1 frames for such a FLAC; it must be read, not refused as too long."""
+    data = flac_with_length(2.0, 0)
+    assert sf.info(io.BytesIO(data)).frames == 2 ** 63 - 1          # the case of the issue
+    audio = decode(data)
+    assert audio.duration_s == 2.0
+    assert np.array_equal(audio.samples, decode(encode(2.0, fmt="FLAC", subtype="PCM_16")).samples)
+    assert decode(flac_with_length(2.0, 0, sr=44100, channels=2)).duration_s == 2.0
+    assert peak_allocation(lambda: decode(data)) < 4_000_000     # nothing sized by 2^63-1 frames
+
+
+def test_long_flac_of_unknown_length_stops_reading_past_the_limit():
+    data = flac_with_length(60.0, 0)
+    err = error(data, max_seconds=1.0)
+    assert err.code == "too_long" and "while decoding" in err.message
+    assert peak_allocation(lambda: error(data, max_seconds=1.0)) < 1_000_000  # 60 s is 3.84 MB
+    assert decode(data, max_seconds=60.0).duration_s == 60.0
+    assert decode(data, max_seconds=math.inf).duration_s == 60.0
+
+
+def test_header_length_the_file_cannot_hold_is_treated_as_unknown():
+    """2^36-1 samples (the largest a FLAC header can state) in a 2 s file of ~60 kB."""
+    data = flac_with_length(2.0, 2 ** 36 - 1)
+    assert sf.info(io.BytesIO(data)).frames == 2 ** 36 - 1
+    assert decode(data).duration_s == 2.0
+
+
+def test_honest_flac_header_is_still_checked_before_decoding():
+    data = flac_with_length(3.0, 48000)
+    assert "from its header" in error(data, max_seconds=2.0).message
 
 
 def test_default_limit_is_30s():
