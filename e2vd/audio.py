@@ -224,9 +224,15 @@ def from_samples(samples: np.ndarray, rate: int, max_seconds: float = 30.0) -> A
         raise AudioError("bad_audio", f"The sample rate must be a whole number of Hz, got {rate!r}.")
     rate = int(rate)
     _check_rate(rate, what)
-    if len(arr) / rate > max_seconds:
-        raise AudioError("too_long", _too_long(len(arr) / rate, max_seconds, ""))
+    check_duration(len(arr) / rate, max_seconds)
     return _finish(arr, rate, what)
+
+
+def check_duration(duration_s: float, max_seconds: float) -> None:
+    """Raise AudioError "too_long" if `duration_s` exceeds `max_seconds` (both in seconds; the
+    limit itself is allowed), with the same message as `decode`."""
+    if duration_s > max_seconds:
+        raise AudioError("too_long", _too_long(duration_s, max_seconds, ""))
 
 
 def _finish(frames: np.ndarray, rate: int, what: str) -> Audio:
@@ -238,8 +244,8 @@ def _finish(frames: np.ndarray, rate: int, what: str) -> Audio:
     duration = n / rate
     if duration < MIN_SECONDS:
         raise AudioError("too_short", (
-            f"{what} is {duration * 1000:.1f} ms long; at least {MIN_SECONDS * 1000:.0f} ms is "
-            f"needed. Send a longer recording."))
+            f"{what} is {_beside(duration * 1000, MIN_SECONDS * 1000)} ms long; at least "
+            f"{_number(MIN_SECONDS * 1000)} ms is needed. Send a longer recording."))
     finite = np.isfinite(frames)
     if not finite.all():
         bad = np.flatnonzero(~finite.all(axis=1))
@@ -300,10 +306,28 @@ def _check_rate(rate: int, what: str) -> None:
 
 
 def _too_long(seconds: float, max_seconds: float, how: str) -> str:
+    """The "too_long" message for audio of `seconds` against the limit `max_seconds`."""
     how = f" ({how})" if how else ""
-    return (f"The audio is {seconds:.1f} s long{how}; the limit is {max_seconds:g} s (inference cost "
-            f"grows with the square of the length). Cut it into pieces of at most {max_seconds:g} s, "
-            f"e.g. `sox IN.wav OUT.wav trim 0 {max_seconds:g} : newfile : restart`, or raise max_seconds.")
+    limit = _number(max_seconds)
+    return (f"The audio is {_beside(seconds, max_seconds)} s long{how}; the limit is {limit} s "
+            f"(inference cost grows with the square of the length). Cut it into pieces of at most "
+            f"{limit} s, e.g. `sox IN.wav OUT.wav trim 0 {limit} : newfile : restart`, or raise "
+            f"max_seconds.")
+
+
+def _beside(value: float, limit: float) -> str:
+    """`value` with one decimal, or as many more (up to 9) as it takes to read differently from
+    `limit`: 30.01 against 30 is "30.01", not "30.0"; one frame past 30 s at 16 kHz "30.0001"."""
+    for decimals in range(1, 10):
+        text = f"{value:.{decimals}f}"
+        if float(text) != limit:
+            break
+    return text
+
+
+def _number(value: float) -> str:
+    """A limit as the operator wrote it: 30 -> "30", 2.55 -> "2.55" (no rounding to 6 digits)."""
+    return f"{value:.15g}"
 
 
 def _shortfall_tolerance(fmt: str, declared: int) -> int:

@@ -44,7 +44,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from e2vd.audio import Audio, AudioError, decode
+from e2vd.audio import Audio, check_duration, decode
 from e2vd.config import MODEL_ID_PATTERN
 from e2vd.gpu import GpuOutOfMemory, choose_device, device_memory
 from e2vd.result import Recognition
@@ -581,10 +581,7 @@ class Engine:
         """Decode bytes with e2vd.audio; check an `Audio`'s length against `max_seconds`."""
         if isinstance(audio, (bytes, bytearray, memoryview)):
             return decode(audio, max_seconds=max_seconds)
-        if audio.duration_s > max_seconds:
-            raise AudioError(
-                "too_long", f"audio is {audio.duration_s:.1f} s long; the limit is {max_seconds:g} s: "
-                            "cut it into shorter clips")
+        check_duration(audio.duration_s, max_seconds)
         return audio
 
     def _run(self, clips: Sequence[Audio], granularity: str, embedding: bool) -> list[Recognition]:

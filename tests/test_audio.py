@@ -247,6 +247,7 @@ def test_long_flac_of_unknown_length_stops_reading_past_the_limit():
     data = flac_with_length(60.0, 0)
     err = error(data, max_seconds=1.0)
     assert err.code == "too_long" and "while decoding" in err.message
+    assert "1.0001 s" in err.message    # it read 1 s and one frame (16001 frames), not the 60 s
     assert peak_allocation(lambda: error(data, max_seconds=1.0)) < 1_000_000  # 60 s is 3.84 MB
     assert decode(data, max_seconds=60.0).duration_s == 60.0
     assert decode(data, max_seconds=math.inf).duration_s == 60.0
@@ -262,6 +263,19 @@ def test_header_length_the_file_cannot_hold_is_treated_as_unknown():
 def test_honest_flac_header_is_still_checked_before_decoding():
     data = flac_with_length(3.0, 48000)
     assert "from its header" in error(data, max_seconds=2.0).message
+
+
+def test_lengths_just_past_a_limit_print_the_digits_that_show_it():
+    """Not "30.0 s long; the limit is 30 s": as many decimals as it takes to differ from the limit."""
+    err = error(encode(30.01, sr=16000))
+    assert err.code == "too_long" and "30.01 s long" in err.message and "limit is 30 s" in err.message
+    one_frame = np.zeros(30 * 16000 + 1, np.float32)
+    err = pytest.raises(AudioError, from_samples, one_frame, 16000, max_seconds=30).value
+    assert "30.0001 s long" in err.message and "limit is 30 s" in err.message
+    err = error(encode(2.6, sr=8000), max_seconds=2.55)
+    assert "2.6 s long" in err.message and "limit is 2.55 s" in err.message
+    err = error(encode(data=speechlike(1102 / 44100, 44100), sr=44100))      # 24.989 ms
+    assert err.code == "too_short" and "24.99 ms long" in err.message and "25 ms" in err.message
 
 
 def test_default_limit_is_30s():

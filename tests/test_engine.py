@@ -84,6 +84,13 @@ def test_bad_audio_and_options(engine: Engine) -> None:
         engine.recognize(clip(1.0), granularity="word")
 
 
+def test_decoded_clip_just_past_the_limit_says_so(engine: Engine) -> None:
+    with pytest.raises(AudioError) as err:
+        engine.recognize(from_samples(np.zeros(480160, np.float32), 16000, max_seconds=60), max_seconds=30)
+    assert err.value.code == "too_long"
+    assert "30.01 s long" in err.value.message and "limit is 30 s" in err.value.message
+
+
 def test_memory_reports_weight_bytes(engine: Engine) -> None:
     params = sum(p.numel() for p in engine._model.parameters())
     assert engine.memory()["param_bytes"] >= params * 4
