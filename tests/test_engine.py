@@ -231,8 +231,9 @@ def booby_trapped(tiny_model: Path, dest: Path, marker: Path) -> Path:
     return model
 
 
-def test_checkpoint_that_would_run_code_is_refused_and_nothing_runs(tiny_model: Path,
-                                                                    tmp_path: Path) -> None:
+def test_checkpoint_that_would_run_code_is_refused_and_nothing_runs(
+        tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # overrides only a default, not ours
     marker = tmp_path / "ran"
     model = booby_trapped(tiny_model, tmp_path / "m", marker)
     with pytest.raises(ModelError) as err:
