@@ -12,19 +12,28 @@ operation) while the model loads.
 
 Errors: `ClientError` carries the daemon's error (HTTP status, code, message); `DaemonUnreachable`
 means no daemon could be reached, with a message that says how to fix it; `DaemonTimeout` (a kind
-of DaemonUnreachable) means it did not answer in time.
+of DaemonUnreachable) means it did not answer in time; `InputError` means local audio was not
+sent (larger than max_body_bytes, not a regular file, or a stream that stalled).
+
+A file is read at most max_body_bytes + 1 bytes (`body_limit()`: the daemon's configured value on
+this machine), so /dev/zero or a huge file cannot exhaust memory; a FIFO or device is refused
+without blocking. An answer that is not HTTP at all means something other than the daemon listens
+(DaemonUnreachable); a malformed HTTP answer is a server error (ClientError 502 "internal").
 """
 from __future__ import annotations
 
 import errno
 import http.client
 import json
+import math
 import os
+import select
 import socket as _socket
+import stat
 import struct
+import time
 import urllib.parse
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -35,6 +44,11 @@ DEFAULT_SOCKET = "/run/e2vd/e2vd.sock"
 #: Seconds one socket operation may block. A cold start (process start + loading a ~2 GB model)
 #: takes tens of seconds; the first response is only sent after it, so the default is generous.
 DEFAULT_TIMEOUT = 300.0
+
+#: The longest timeout accepted (one day): socket timeouts beyond what the kernel's timeval
+#: holds fail deep inside the socket module.
+MAX_TIMEOUT = 86400.0
+_READ_CHUNK = 1 << 20
 
 # Errors that mean "the peer closed the connection before we got any response byte".
 _CLOSED_EARLY = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
@@ -56,6 +70,17 @@ class DaemonUnreachable(E2vdError):
 
 class DaemonTimeout(DaemonUnreachable):
     """The daemon accepted the connection but did not answer within the timeout."""
+
+
+class InputError(E2vdError, ValueError):
+    """Local audio that was not sent: `.source` (a path or "stdin"), `.code` ("too_large",
+    "not_a_file" or "timeout", like the daemon's codes) and `.message` (what to do)."""
+
+    def __init__(self, source: str, code: str, message: str) -> None:
+        super().__init__(message)
+        self.source = source
+        self.code = code
+        self.message = message
 
 
 class ClientError(E2vdError):
@@ -90,19 +115,26 @@ class Recognition(result.Recognition):
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "Recognition":
-        """Build from the decoded JSON body; raises ValueError naming a missing field."""
+        """Build from the decoded JSON body; raises ValueError naming a missing or malformed
+        field (labels must be strings, one finite score each, at least one)."""
         try:
+            labels, scores = d["labels"], [float(x) for x in d["scores"]]
+            if (not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels)
+                    or len(scores) != len(labels)):
+                raise ValueError("'labels' must be strings, as many as 'scores' and at least one")
+            if not all(math.isfinite(x) for x in scores):
+                raise ValueError("'scores' must be finite numbers")
             emb = d.get("embedding")
             return cls(
-                labels=list(d["labels"]),
-                scores=[float(x) for x in d["scores"]],
-                model_labels=list(d.get("model_labels") or []),
+                labels=list(labels),
+                scores=scores,
+                model_labels=[str(x) for x in d.get("model_labels") or []],
                 duration_s=float(d["duration_s"]),
                 embedding=None if emb is None else np.asarray(emb, dtype=np.float32),
                 model=str(d.get("model", "")),
                 timing_ms={str(k): float(v) for k, v in (d.get("timing_ms") or {}).items()},
             )
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, AttributeError, ValueError, OverflowError) as e:
             raise ValueError(f"the daemon's answer lacks or mangles field {e}: {str(d)[:200]}") from e
 
     def to_dict(self, embedding: bool = True) -> dict[str, Any]:
@@ -134,6 +166,7 @@ def connect_unix(path: str, timeout: float) -> _socket.socket:
     is made blocking with SO_SNDTIMEO bounding the wait; past it, the kernel's EAGAIN is raised
     as TimeoutError. Other OSErrors (missing socket, refused, permission) pass through.
     """
+    check_timeout(timeout)
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         seconds = max(timeout, 0.001)
@@ -157,6 +190,9 @@ def _unreachable(path: str, err: OSError) -> DaemonUnreachable:
     other = "or point at a running daemon with --socket PATH / $E2VD_SOCKET"
     if isinstance(err, FileNotFoundError):
         msg = f"no daemon socket at {path}: e2vd.socket is not listening; {enable}, {other}"
+    elif isinstance(err, ConnectionRefusedError) and (kind := _non_socket_kind(path)):
+        msg = (f"{path} is {kind}, not a socket: point --socket / $E2VD_SOCKET at the daemon's "
+               f"socket ({DEFAULT_SOCKET} when systemd runs it)")
     elif isinstance(err, ConnectionRefusedError):
         msg = (f"{path} exists but nothing listens on it (e2vd.socket stopped, or a hand-started "
                f"daemon died); {enable}, {other}. Check `systemctl status e2vd.socket`")
@@ -173,18 +209,159 @@ def _unreachable(path: str, err: OSError) -> DaemonUnreachable:
     return DaemonUnreachable(path, msg)
 
 
+def _non_socket_kind(path: str) -> str | None:
+    """What `path` is when it exists but is not a socket ("a regular file", "a directory"...);
+    None for a socket or when it cannot be examined."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    return None if stat.S_ISSOCK(mode) else file_kind(mode)
+
+
+def file_kind(mode: int) -> str:
+    """`mode`'s file type in words, with an article: "a regular file", "a FIFO (named pipe)"..."""
+    kinds = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
+             (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((words for test, words in kinds if test(mode)), "a special file")
+
+
+def check_timeout(timeout: float) -> float:
+    """`timeout` if it is a usable number of seconds (finite, > 0, at most MAX_TIMEOUT); else
+    ValueError saying what is accepted."""
+    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT):
+        raise ValueError(f"timeout {timeout!r} is not usable: give seconds > 0 and at most {MAX_TIMEOUT:g}")
+    return float(timeout)
+
+
+# -- reading audio with a bound ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BodyLimit:
+    """The largest request body the daemon is taken to accept (`max_bytes`) and where that number
+    comes from (`source`, words for an error message)."""
+
+    max_bytes: int
+    source: str
+
+
+def body_limit(env: Mapping[str, str] | None = None) -> BodyLimit:
+    """max_body_bytes as the daemon on this machine reads it: the default < the config file
+    ($E2VD_CONFIG or /etc/e2vd/e2vd.toml) < $E2VD_MAX_BODY_BYTES (e2vd.config, the daemon's own
+    loader). Asking the daemon would wake it, so this is the configured value, and the daemon stays
+    the judge (413 too_large). When the settings cannot be read: the default, with the reason."""
+    from e2vd import config
+
+    env = os.environ if env is None else env
+    var = config.env_name("max_body_bytes")
+    default = config.Settings.max_body_bytes
+    path, _ = config.config_file_path(None, env)
+    try:
+        value = config.load_settings(env={k: v for k, v in env.items() if k in (config.CONFIG_ENV, var)})
+        in_file = "max_body_bytes" in config.read_config_file(path)
+    except (config.ConfigError, OSError) as e:
+        why = " ".join(str(e).split())
+        return BodyLimit(default, f"the default {default}, as the settings could not be read: {why}")
+    if env.get(var, "").strip():
+        return BodyLimit(value.max_body_bytes, f"from ${var}")
+    if in_file:
+        return BodyLimit(value.max_body_bytes, f"from {path}")
+    return BodyLimit(value.max_body_bytes, f"the default; neither {path} nor ${var} sets it")
+
+
+def _too_large(source: str, limit: BodyLimit) -> InputError:
+    return InputError(source, "too_large", (
+        f"{source}: larger than {limit.max_bytes} bytes, the daemon's max_body_bytes as configured "
+        f"on this machine ({limit.source}); nothing was sent. Cut or compress the audio; if the "
+        f"daemon was given a larger max_body_bytes, set $E2VD_MAX_BODY_BYTES to it here too"))
+
+
+def read_audio_file(path: str | os.PathLike[str], limit: BodyLimit) -> bytes:
+    """The bytes of the regular file `path`, at most `limit.max_bytes` of them.
+
+    Raises InputError "not_a_file" for a FIFO, device, socket or directory (opened without
+    blocking, so a FIFO nobody writes to cannot hang us), "too_large" for more bytes than the
+    limit (at most limit + 1 bytes are read, so /proc files that report size 0 are bounded too),
+    and OSError when it cannot be opened or read.
+    """
+    name = os.fspath(path)
+    fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(name, "not_a_file", (
+                f"{name}: {file_kind(st.st_mode)}, not a regular file; nothing was sent. Give an "
+                f"audio file, or read the stream into bytes yourself and pass those"))
+        if st.st_size > limit.max_bytes:
+            raise _too_large(name, limit)
+        os.set_blocking(fd, True)
+        return _read_at_most(fd, name, limit, None)
+    finally:
+        os.close(fd)
+
+
+def read_audio_stream(fd: int, limit: BodyLimit, timeout: float, name: str = "stdin") -> bytes:
+    """Everything readable from the open descriptor `fd` up to EOF (a pipe, a FIFO, a device, a
+    file), at most `limit.max_bytes` bytes and within `timeout` seconds in all.
+
+    Raises InputError "too_large" past the limit, "timeout" when EOF has not come in time (a
+    writer that stalls or never writes), and OSError when `fd` cannot be read (e.g. closed).
+    """
+    check_timeout(timeout)
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode) and st.st_size > limit.max_bytes:
+        raise _too_large(name, limit)
+    return _read_at_most(fd, name, limit, time.monotonic() + timeout, timeout)
+
+
+def _read_at_most(fd: int, name: str, limit: BodyLimit, deadline: float | None,
+                  timeout: float = 0.0) -> bytes:
+    """Read `fd` to EOF, at most limit + 1 bytes (raising "too_large" past the limit); with a
+    `deadline` (time.monotonic()), wait for data with poll() and raise "timeout" past it."""
+    poller = None
+    if deadline is not None:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        if poller is not None and deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(math.ceil(left * 1000)):
+                raise InputError(name, "timeout", (
+                    f"{name}: the audio did not arrive in full within {timeout:g} s ({total} bytes so "
+                    f"far); nothing was sent. Check what writes to it, or raise the timeout (--timeout)"))
+        try:
+            chunk = os.read(fd, min(_READ_CHUNK, limit.max_bytes + 1 - total))
+        except BlockingIOError:  # a non-blocking descriptor that poll() woke us for spuriously
+            continue
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > limit.max_bytes:
+            raise _too_large(name, limit)
+
+
 class Client:
     """Talks to one e2vd daemon over its Unix socket, reusing one keep-alive connection.
 
     socket: socket path; None → $E2VD_SOCKET, else /run/e2vd/e2vd.sock.
     timeout: seconds one socket operation (connect, send, waiting for the answer) may take; the
-    first answer after a cold start comes only once the model is loaded, so keep it generous.
+    first answer after a cold start comes only once the model is loaded, so keep it generous
+    (finite, > 0, at most MAX_TIMEOUT; ValueError otherwise).
+    max_body_bytes: the most bytes read from an audio file; None → `body_limit()`, the daemon's
+    configured max_body_bytes on this machine (read when the first file is).
     Not thread-safe: use one Client per thread.
     """
 
-    def __init__(self, socket: str | os.PathLike[str] | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, socket: str | os.PathLike[str] | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 max_body_bytes: int | None = None) -> None:
         self.socket = os.fspath(socket) if socket is not None else os.environ.get("E2VD_SOCKET") or DEFAULT_SOCKET
-        self.timeout = float(timeout)
+        self.timeout = check_timeout(timeout)
+        self._limit = None if max_body_bytes is None else BodyLimit(
+            int(max_body_bytes), "given as Client(max_body_bytes=...)")
         self._conn: _UnixHTTPConnection | None = None
         #: Connections opened so far (1 when every call reused the first one).
         self.connections_opened = 0
@@ -196,11 +373,12 @@ class Client:
         """Recognise the emotion in `audio`: a file path (read here, its bytes are sent) or the
         bytes of an audio file (wav, flac, ogg, mp3...). granularity: "utterance" or "frame"
         (only changes the embedding's shape). Raises ClientError (e.g. code "bad_audio") and
-        DaemonUnreachable; OSError when a local file cannot be read."""
+        DaemonUnreachable; InputError when a file is not a regular file or is larger than
+        `body_limit` (nothing is sent then); OSError when a local file cannot be read."""
         if isinstance(audio, (bytes, bytearray, memoryview)):
             body = bytes(audio)
         else:
-            body = Path(audio).read_bytes()
+            body = read_audio_file(audio, self.body_limit)
         query = urllib.parse.urlencode({"granularity": granularity, "embedding": int(bool(embedding))})
         # Recognition is a pure function of the body: resending it after the connection was
         # closed before any answer byte arrived cannot do anything twice, so it may be retried.
@@ -221,9 +399,16 @@ class Client:
     def warmup(self, hold: float | None = None) -> dict[str, Any]:
         """POST /v1/warmup: wake the daemon and return once the model is ready. `hold`: seconds
         to keep it warm from now (the daemon caps it at its max_hold); None: just wake it."""
-        path = "/v1/warmup" if hold is None else f"/v1/warmup?hold={float(hold):g}"
+        path = "/v1/warmup" if hold is None else "/v1/warmup?" + urllib.parse.urlencode({"hold": _number(hold)})
         # Setting the keep-warm deadline to now+hold twice leaves the same state: idempotent.
         return self._request("POST", path, b"", idempotent=True)
+
+    @property
+    def body_limit(self) -> BodyLimit:
+        """The most bytes of audio this client reads from a file (see `body_limit()`)."""
+        if self._limit is None:
+            self._limit = body_limit()
+        return self._limit
 
     def openapi(self) -> dict[str, Any]:
         """GET /v1/openapi.json: the daemon's OpenAPI document."""
@@ -276,6 +461,17 @@ class Client:
                     f"the daemon on {self.socket} closed the connection without answering "
                     f"{method} {path.split('?')[0]} ({type(e).__name__}); it may have crashed or "
                     f"restarted: check `journalctl -u e2vd`")) from e
+            except http.client.BadStatusLine as e:  # RemoteDisconnected was handled above
+                self.close()
+                raise DaemonUnreachable(self.socket, (
+                    f"what listens on {self.socket} does not speak HTTP (it answered {str(e)[:60]!r}): "
+                    f"it is not the e2vd daemon; point --socket / $E2VD_SOCKET at the daemon's "
+                    f"socket ({DEFAULT_SOCKET} when systemd runs it)")) from e
+            except http.client.HTTPException as e:  # over-long lines, too many headers, cut short
+                self.close()
+                raise ClientError(502, "internal", (
+                    f"the daemon on {self.socket} sent a malformed answer to {method} "
+                    f"{path.split('?')[0]} ({type(e).__name__}: {str(e)[:100]})")) from e
             except TimeoutError as e:
                 self.close()
                 raise DaemonTimeout(self.socket, (
@@ -309,7 +505,7 @@ class Client:
         status, headers, data = resp
         try:
             doc = json.loads(data) if data else {}
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
             doc = None
         if 200 <= status < 300:
             if not isinstance(doc, dict):
@@ -327,6 +523,12 @@ class Client:
         except ValueError:
             retry_after = None
         raise ClientError(status, code, message, retry_after)
+
+
+def _number(value: float) -> str:
+    """`value` as a query parameter without losing digits: "32400", "0.25", "1e+17"."""
+    value = float(value)
+    return str(int(value)) if value.is_integer() and abs(value) < 1e16 else repr(value)
 
 
 def _status_code(status: int) -> str:

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 from e2vd import Client
-from e2vd.client import ClientError, DaemonTimeout, DaemonUnreachable, Recognition, connect_unix
+from e2vd.client import (BodyLimit, ClientError, DaemonTimeout, DaemonUnreachable, InputError, Recognition,
+                         body_limit, connect_unix, read_audio_file, read_audio_stream)
+from raw_peer import RawPeer, http_answer, json_answer
 from unix_http_server import LABELS, TinyDaemon
 
 
@@ -197,6 +199,145 @@ def test_default_socket_from_environment(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.delenv("E2VD_SOCKET")
     assert Client().socket == "/run/e2vd/e2vd.sock"
     assert Client("/x.sock").socket == "/x.sock"
+
+
+# -- reading audio with a bound (issue 7, item 3) --------------------------------------------
+
+def test_read_audio_file_reads_at_most_the_limit(tmp_path: Path) -> None:
+    limit = BodyLimit(1000, "a test")
+    exact, over = tmp_path / "exact.wav", tmp_path / "over.wav"
+    exact.write_bytes(b"x" * 1000)
+    over.write_bytes(b"x" * 1001)
+    assert read_audio_file(exact, limit) == b"x" * 1000
+    with pytest.raises(InputError) as e:
+        read_audio_file(over, limit)
+    assert e.value.code == "too_large" and "larger than 1000 bytes" in e.value.message
+    assert "nothing was sent" in e.value.message and "a test" in e.value.message
+    # /proc files are regular but report size 0: the read itself must stop at limit + 1 bytes.
+    environ = Path(f"/proc/{os.getpid()}/environ")
+    assert environ.stat().st_size == 0 and len(environ.read_bytes()) > 10
+    with pytest.raises(InputError, match="larger than 10 bytes"):
+        read_audio_file(environ, BodyLimit(10, "a test"))
+
+
+def test_read_audio_file_refuses_fifos_and_devices_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # nobody will ever write to it: opening it for reading would block forever
+    for path, kind in ((fifo, "a FIFO"), ("/dev/zero", "a character device"), (tmp_path, "a directory")):
+        with pytest.raises(InputError) as e:
+            read_audio_file(path, BodyLimit(1000, "a test"))
+        assert e.value.code == "not_a_file" and kind in e.value.message and "not a regular file" in e.value.message
+
+
+def test_client_recognize_refuses_a_large_file_before_connecting(tmp_path: Path) -> None:
+    big = tmp_path / "big.wav"
+    big.write_bytes(b"x" * 2001)
+    with TinyDaemon() as d, Client(d.socket, max_body_bytes=2000) as c:
+        with pytest.raises(InputError, match="larger than 2000 bytes"):
+            c.recognize(big)
+        assert d.connections == 0
+        assert c.recognize(b"x" * 5000).duration_s == 5000  # bytes in memory: the daemon judges them
+
+
+def test_read_audio_stream_bounded_by_size_and_time() -> None:
+    r, w = os.pipe()
+    try:
+        os.write(w, b"abc")
+        os.close(w)
+        w = -1
+        assert read_audio_stream(r, BodyLimit(10, "a test"), timeout=30) == b"abc"
+    finally:
+        os.close(r)
+        if w != -1:
+            os.close(w)
+    r, w = os.pipe()  # a writer that holds the pipe open and never finishes
+    try:
+        os.write(w, b"RIFF")
+        with pytest.raises(InputError) as e:
+            read_audio_stream(r, BodyLimit(1000, "a test"), timeout=0.2)
+        assert e.value.code == "timeout" and "within 0.2 s (4 bytes so far)" in e.value.message
+    finally:
+        os.close(r)
+        os.close(w)
+    with open("/dev/zero", "rb") as zero:
+        with pytest.raises(InputError, match="larger than 100000 bytes"):
+            read_audio_stream(zero.fileno(), BodyLimit(100_000, "a test"), timeout=30)
+
+
+def test_body_limit_follows_the_daemons_settings(tmp_path: Path) -> None:
+    toml = tmp_path / "e2vd.toml"
+    toml.write_text("max_body_bytes = 2000\n")
+    assert body_limit({"E2VD_CONFIG": str(toml)}) == BodyLimit(2000, f"from {toml}")
+    assert body_limit({"E2VD_CONFIG": str(toml), "E2VD_MAX_BODY_BYTES": "3000"}) == \
+        BodyLimit(3000, "from $E2VD_MAX_BODY_BYTES")
+    empty = body_limit({"E2VD_CONFIG": "/dev/null"})
+    assert empty.max_bytes == 50_000_000 and "the default" in empty.source
+    # Unrelated settings, even broken ones, do not matter to the client.
+    assert body_limit({"E2VD_CONFIG": str(toml), "E2VD_IDLE_TIMEOUT": "soon"}).max_bytes == 2000
+    broken = body_limit({"E2VD_CONFIG": str(toml), "E2VD_MAX_BODY_BYTES": "lots"})
+    assert broken.max_bytes == 50_000_000 and "could not be read" in broken.source and "E2VD_MAX_BODY_BYTES" in broken.source
+    missing = body_limit({"E2VD_CONFIG": str(tmp_path / "none.toml")})
+    assert missing.max_bytes == 50_000_000 and "does not exist" in missing.source
+
+
+# -- hostile arguments and peers (issue 7, item 9) --------------------------------------------
+
+@pytest.mark.parametrize("timeout", [-1.0, 0.0, float("nan"), float("inf"), 1e300])
+def test_unusable_timeouts_are_refused_at_once(timeout: float) -> None:
+    with pytest.raises(ValueError, match="seconds > 0"):
+        Client("/tmp/x.sock", timeout=timeout)
+
+
+def test_peer_that_does_not_speak_http_is_unreachable() -> None:
+    with RawPeer(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n") as peer, Client(peer.socket) as c:
+        with pytest.raises(DaemonUnreachable) as e:
+            c.health()
+        assert "does not speak HTTP" in str(e.value) and "SSH-2.0" in str(e.value)
+        assert peer.connections == 1  # not retried: it answered, just not in HTTP
+
+
+@pytest.mark.parametrize("answer, what", [
+    (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n{}", "LineTooLong"),
+    (b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(101)) + b"\r\n{}", "more than 100 headers"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"status\"", "IncompleteRead"),
+])
+def test_malformed_http_answers_are_server_errors(answer: bytes, what: str) -> None:
+    with RawPeer(answer) as peer, Client(peer.socket) as c:
+        with pytest.raises(ClientError) as e:
+            c.health()
+    assert e.value.status == 502 and e.value.code == "internal" and not e.value.rejected
+    assert "malformed answer to GET /v1/health" in e.value.message and what in e.value.message
+
+
+@pytest.mark.parametrize("answer", [
+    http_answer("[" * 100_000 + "]" * 100_000),                                  # RecursionError in json
+    json_answer({"labels": [], "scores": [], "duration_s": 1.0}),               # nothing to rank
+    json_answer({"labels": [1, 2], "scores": [0.5, 0.5], "duration_s": 1.0}),   # labels not strings
+    json_answer({"labels": ["a"], "scores": [float("nan")], "duration_s": 1.0}),
+    json_answer({"labels": ["a"], "scores": [1.0], "duration_s": 1.0, "timing_ms": [1]}),
+])
+def test_mangled_recognition_answers_are_server_errors(answer: bytes) -> None:
+    with RawPeer(answer) as peer, Client(peer.socket) as c:
+        with pytest.raises(ClientError) as e:
+            c.recognize(b"RIFF")
+    assert e.value.status == 502 and e.value.code == "internal"
+
+
+def test_socket_path_that_is_no_socket_says_so(tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    plain.write_text("not a socket")
+    for path, kind in ((plain, "a regular file"), (tmp_path, "a directory")):
+        with pytest.raises(DaemonUnreachable) as e:
+            Client(path).health()
+        assert f"{path} is {kind}, not a socket" in str(e.value) and "--socket" in str(e.value)
+
+
+def test_warmup_hold_keeps_every_digit_and_escapes_the_plus() -> None:
+    with TinyDaemon() as d, Client(d.socket) as c:
+        c.warmup(1234567)
+        c.warmup(0.25)
+        c.warmup(1e17)
+    assert [r[2]["hold"] for r in d.requests] == ["1234567", "0.25", "1e+17"]
 
 
 # -- against the real daemon (`e2vd serve` with the tiny stand-in) ----------------------------
