@@ -2,20 +2,28 @@
 
 Exit codes (DESIGN §3): 0 ok, 2 usage, 3 daemon unreachable, 4 request rejected, 5 server error.
 This module imports nothing heavy at start; each subcommand imports what it needs.
-Messages for people go to stderr; results (tables, JSON) go to stdout.
+Messages for people go to stderr, one line each, never a traceback; results (tables, JSON) go to
+stdout. When stdout's reader goes away (`| head`), the command says so in one line, sends no more
+work, and exits with the code of what it did so far: the reader stopping is neither a usage error
+nor the daemon's fault, and like a SIGPIPE'd producer it must not fail `set -o pipefail` scripts.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import stat
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence, TextIO
+
+if TYPE_CHECKING:
+    from e2vd.client import Client
 
 EXIT_OK, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_REJECTED, EXIT_SERVER = 0, 2, 3, 4, 5
 
@@ -24,9 +32,44 @@ SERVICE, SOCKET_UNIT = "e2vd.service", "e2vd.socket"
 WARMUP_TIMEOUT = 590.0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line (what is wrong, where to read more), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message}; see `{self.prog} --help`\n")
+
+
+def _timeout_arg(text: str) -> float:
+    """--timeout: seconds, finite, > 0 and at most a day (what a socket timeout can hold)."""
+    from e2vd.client import MAX_TIMEOUT
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not usable: give seconds > 0 and at most {MAX_TIMEOUT:g}, e.g. --timeout 300")
+    return value
+
+
+def _socket_arg(text: str) -> str:
+    """--socket: a non-empty path."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path: give the daemon's socket, e.g. /run/e2vd/e2vd.sock")
+    return text
+
+
+def _embedding_arg(text: str) -> str:
+    """--embedding: a path that names a file (not "", ".", ".." or a path ending in /)."""
+    if Path(text).name in ("", ".", "..") or text.endswith("/"):
+        raise argparse.ArgumentTypeError(f"{text!r} names no file: give a file path, e.g. out.npy")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser for every subcommand (the contract of DESIGN §3)."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="e2vd", description="Emotion2Vec+ speech emotion recognition daemon and client.",
         epilog="exit codes: 0 ok, 2 usage, 3 daemon unreachable, 4 request rejected (bad input), "
                "5 server error")
@@ -44,28 +87,32 @@ def build_parser() -> argparse.ArgumentParser:
         "recognize", help="recognise the emotion in audio files",
         description="Send each FILE's bytes to the daemon (one connection for all) and print the "
                     "scores, most probable emotion first. Exit 4 if any file was rejected.")
-    r.add_argument("files", nargs="+", metavar="FILE", help="audio files (wav, flac, ogg, mp3, ...)")
-    r.add_argument("--socket", help="daemon socket (default $E2VD_SOCKET or /run/e2vd/e2vd.sock)")
+    r.add_argument("files", nargs="+", metavar="FILE",
+                   help="audio files (wav, flac, ogg, mp3, ...); - reads one from stdin (within --timeout); "
+                        "files larger than max_body_bytes are refused before sending")
+    r.add_argument("--socket", type=_socket_arg,
+                   help="daemon socket (default $E2VD_SOCKET or /run/e2vd/e2vd.sock)")
     r.add_argument("--granularity", choices=["utterance", "frame"], default="utterance",
                    help="embedding per utterance (D,) or per 20 ms frame (T, D)")
-    r.add_argument("--embedding", metavar="OUT.npy",
+    r.add_argument("--embedding", metavar="OUT.npy", type=_embedding_arg,
                    help="write the embedding to OUT.npy; with several files, one file each: "
                         "OUT-<file stem>.npy (OUT-<n>-<stem>.npy when stems repeat)")
     r.add_argument("--json", action="store_true",
                    help="print one JSON object per file and line (JSON Lines) instead of a table")
-    r.add_argument("--timeout", type=float, default=None, metavar="S",
-                   help="seconds to wait for an answer, cold start included (default 300)")
+    r.add_argument("--timeout", type=_timeout_arg, default=None, metavar="S",
+                   help="seconds to wait for an answer, cold start included, and for stdin (default 300)")
 
     st = sub.add_parser("status", help="show whether the daemon runs (never wakes it)")
-    st.add_argument("--socket", help="ask a daemon started by hand on this socket")
+    st.add_argument("--socket", type=_socket_arg, help="ask a daemon started by hand on this socket")
     st.add_argument("--json", action="store_true")
 
     w = sub.add_parser("warmup", help="wake the daemon and keep it warm")
-    w.add_argument("--socket", help="daemon socket (default $E2VD_SOCKET or /run/e2vd/e2vd.sock)")
+    w.add_argument("--socket", type=_socket_arg,
+                   help="daemon socket (default $E2VD_SOCKET or /run/e2vd/e2vd.sock)")
     g = w.add_mutually_exclusive_group()
     g.add_argument("--hold", metavar="DURATION", help="keep warm this long, e.g. 90s, 30m, 9h")
     g.add_argument("--until", metavar="HH:MM", help="keep warm until this local time today")
-    w.add_argument("--timeout", type=float, default=None, metavar="S",
+    w.add_argument("--timeout", type=_timeout_arg, default=None, metavar="S",
                    help="seconds to wait for the model to load (default 590)")
 
     i = sub.add_parser("install", help="install and start the systemd units (root)")
@@ -82,7 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `e2vd` command; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    _tolerate_undecodable_names()
+    try:
+        args = build_parser().parse_args(argv)
+    except BrokenPipeError:  # --help into a closed pipe
+        _stdout_closed()
+        return EXIT_OK
     if args.command == "serve":
         from e2vd import daemon
 
@@ -105,7 +157,46 @@ def main(argv: Sequence[str] | None = None) -> int:
 # -- output helpers ---------------------------------------------------------------------------
 
 def _err(message: str) -> None:
-    print(f"e2vd: {message}", file=sys.stderr, flush=True)
+    """One line for the operator on stderr; a closed or missing stderr loses it silently."""
+    if sys.stderr is None:  # fd 2 was closed at start: print(file=None) would write to stdout
+        return
+    try:
+        print(f"e2vd: {message}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _out(text: str) -> bool:
+    """Print `text` on stdout at once; False when stdout's reader has gone (EPIPE), after which
+    stdout points at /dev/null so nothing else (not even the exit's flush) can fail on it."""
+    try:
+        print(text, flush=True)
+        return True
+    except BrokenPipeError:
+        _stdout_closed()
+        return False
+
+
+def _stdout_closed() -> None:
+    """Point fd 1 at /dev/null, as the Python documentation recommends for EPIPE (signal), so
+    the interpreter's final flush of the unwritten buffer does not fail a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _tolerate_undecodable_names() -> None:
+    """File names that are not valid UTF-8 (surrogate-escaped by Python) are printed with
+    backslash escapes on stdout instead of failing with UnicodeEncodeError."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None and getattr(sys.stdout, "errors", None) == "strict":
+        try:
+            reconfigure(errors="backslashreplace")
+        except (OSError, ValueError):
+            pass
 
 
 def _client(args: argparse.Namespace):
@@ -245,24 +336,64 @@ def embedding_paths(out: str, files: Sequence[str]) -> list[Path]:
 # -- recognize --------------------------------------------------------------------------------
 
 def _check_files(files: Sequence[str]) -> list[str]:
-    """Problems with the local files (missing, a directory, unreadable), one message each."""
+    """Problems with the local files (missing, a directory, a FIFO or device, unreadable, a
+    terminal or closed stdin for "-"), one message each."""
+    from e2vd.client import file_kind
+
     problems = []
+    if files.count("-") > 1:
+        problems.append("-: stdin can be read only once; give - once")
     for f in files:
-        p = Path(f)
-        if not p.exists():
+        if f == "-":
+            problems.extend(_check_stdin())
+            continue
+        try:
+            mode = os.stat(f).st_mode
+        except FileNotFoundError:
             problems.append(f"{f}: no such file")
-        elif p.is_dir():
+            continue
+        except PermissionError:
+            problems.append(f"{f}: not reachable by you (permission denied on a directory above it)")
+            continue
+        except (OSError, ValueError) as e:
+            problems.append(f"{f}: cannot be examined: {getattr(e, 'strerror', None) or e}")
+            continue
+        if stat.S_ISDIR(mode):
             problems.append(f"{f}: is a directory, give audio files")
-        elif not os.access(p, os.R_OK):
+        elif not stat.S_ISREG(mode):
+            problems.append(f"{f}: {file_kind(mode)}, not a regular file; give an audio file, or pipe "
+                            f"the audio in as - (e.g. `producer | e2vd recognize -`)")
+        elif not os.access(f, os.R_OK):
             problems.append(f"{f}: not readable by you (permission denied)")
     return problems
 
 
+def _check_stdin() -> list[str]:
+    """Problems with stdin as the input "-": closed, or a terminal (audio is piped in)."""
+    try:
+        os.fstat(0)
+    except OSError:
+        return ["-: stdin is closed; pipe the audio in, e.g. `e2vd recognize - < clip.wav`"]
+    if os.isatty(0):
+        return ["-: stdin is a terminal; pipe the audio in, e.g. `e2vd recognize - < clip.wav`"]
+    return []
+
+
+def _check_embedding_dir(path: Path) -> str | None:
+    """Why `path`'s directory cannot take the embedding file, or None when it is a directory."""
+    try:
+        if stat.S_ISDIR(os.stat(path.parent).st_mode):
+            return None
+        return f"--embedding: {path.parent} is not a directory"
+    except FileNotFoundError:
+        return f"--embedding: directory {path.parent} does not exist"
+    except (OSError, ValueError) as e:
+        return f"--embedding: directory {path.parent} cannot be examined: {getattr(e, 'strerror', None) or e}"
+
+
 def cmd_recognize(args: argparse.Namespace) -> int:
     """Recognise every file over one connection; print a table or JSON Lines; exit 0/2/3/4/5."""
-    import numpy as np
-
-    from e2vd.client import ClientError, DaemonUnreachable
+    from e2vd.client import DaemonUnreachable
 
     problems = _check_files(args.files)
     if problems:
@@ -271,10 +402,9 @@ def cmd_recognize(args: argparse.Namespace) -> int:
         _err("nothing was sent; fix the file names and try again")
         return EXIT_USAGE
     emb_paths = embedding_paths(args.embedding, args.files) if args.embedding else [None] * len(args.files)
-    if args.embedding and not emb_paths[0].parent.is_dir():
-        _err(f"--embedding: directory {emb_paths[0].parent} does not exist")
+    if args.embedding and (why := _check_embedding_dir(emb_paths[0])):
+        _err(why)
         return EXIT_USAGE
-    unicode = _can_unicode(sys.stdout)
     worst = EXIT_OK
     with _client(args) as client:
         try:
@@ -285,45 +415,70 @@ def cmd_recognize(args: argparse.Namespace) -> int:
             _err(str(e))
             return EXIT_UNREACHABLE
         for n, (name, emb_path) in enumerate(zip(args.files, emb_paths)):
-            try:
-                result = client.recognize(name, granularity=args.granularity, embedding=bool(args.embedding))
-            except DaemonUnreachable as e:
-                _err(str(e))
-                return EXIT_UNREACHABLE
-            except ClientError as e:
-                code = EXIT_REJECTED if e.rejected else EXIT_SERVER
-                worst = max(worst, code)
-                _err(f"{name}: {_explain(e)}")
-                if args.json:
-                    print(json.dumps({"file": name, "error": {"code": e.code, "message": e.message}}), flush=True)
-                if e.code == "model_unavailable" and n + 1 < len(args.files):
-                    _err(f"skipping the other {len(args.files) - n - 1} file(s): the daemon has no model")
-                    break
-                continue
-            except OSError as e:  # the file vanished or became unreadable after the check
-                worst = max(worst, EXIT_REJECTED)
-                _err(f"{name}: cannot read: {e.strerror or e}")
-                continue
-            if emb_path is not None and result.embedding is not None:
-                try:
-                    np.save(emb_path, result.embedding)
-                except OSError as e:
-                    _err(f"{name}: cannot write the embedding to {emb_path}: {e.strerror or e}; "
-                         f"choose another --embedding path")
-                    return EXIT_USAGE
-                if not args.json:
-                    _err(f"{name}: wrote embedding {tuple(result.embedding.shape)} to {emb_path}")
-            if args.json:
-                doc = {"file": name, **result.to_dict(embedding=False)}
-                if emb_path is not None:
-                    doc["embedding_file"] = str(emb_path)
-                    doc["embedding_shape"] = list(result.embedding.shape) if result.embedding is not None else None
-                print(json.dumps(doc, ensure_ascii=False), flush=True)
-            else:
-                if n:
-                    print()
-                print(format_table(name, result, unicode=unicode), flush=True)
+            code, go_on = _recognize_one(client, args, name, emb_path, first=n == 0)
+            if go_on is False and code in (EXIT_UNREACHABLE, EXIT_USAGE):
+                return code  # no daemon, or nowhere to write embeddings: the rest cannot succeed
+            worst = max(worst, code)
+            left = len(args.files) - n - 1
+            if go_on is None:
+                _err(f"stdout was closed by its reader; stopped after {n + 1} of {len(args.files)} "
+                     f"file(s), {left} not sent")
+                break
+            if go_on is False:
+                if left:
+                    _err(f"skipping the other {left} file(s): the daemon has no model")
+                break
     return worst
+
+
+def _recognize_one(client: "Client", args: argparse.Namespace, name: str, emb_path: Path | None,
+                   first: bool) -> tuple[int, bool | None]:
+    """Recognise one file ("-": stdin) and print its result or error; returns (exit code for
+    this file, go on: True, False when the other files cannot succeed, None when stdout closed)."""
+    import numpy as np
+
+    from e2vd.client import ClientError, DaemonUnreachable, InputError, read_audio_stream
+
+    label = "stdin" if name == "-" else name
+    try:
+        if name == "-":
+            audio: Any = read_audio_stream(0, client.body_limit, client.timeout, "stdin")
+        else:
+            audio = name
+        result = client.recognize(audio, granularity=args.granularity, embedding=bool(args.embedding))
+    except DaemonUnreachable as e:
+        _err(str(e))
+        return EXIT_UNREACHABLE, False
+    except ClientError as e:
+        _err(f"{label}: {_explain(e)}")
+        shown = not args.json or _out(json.dumps({"file": name, "error": {"code": e.code, "message": e.message}}))
+        go_on = e.code != "model_unavailable"
+        return (EXIT_REJECTED if e.rejected else EXIT_SERVER), (go_on if shown else None)
+    except InputError as e:  # too large, not a regular file, stdin stalled: nothing was sent
+        _err(e.message)
+        shown = not args.json or _out(json.dumps({"file": name, "error": {"code": e.code, "message": e.message}}))
+        return EXIT_REJECTED, (True if shown else None)
+    except OSError as e:  # the file vanished or became unreadable after the check
+        _err(f"{label}: cannot read: {e.strerror or e}")
+        return EXIT_REJECTED, True
+    if emb_path is not None and result.embedding is not None:
+        try:
+            np.save(emb_path, result.embedding)
+        except OSError as e:
+            _err(f"{label}: cannot write the embedding to {emb_path}: {e.strerror or e}; "
+                 f"choose another --embedding path")
+            return EXIT_USAGE, False
+        if not args.json:
+            _err(f"{label}: wrote embedding {tuple(result.embedding.shape)} to {emb_path}")
+    if args.json:
+        doc = {"file": name, **result.to_dict(embedding=False)}
+        if emb_path is not None:
+            doc["embedding_file"] = str(emb_path)
+            doc["embedding_shape"] = list(result.embedding.shape) if result.embedding is not None else None
+        text = json.dumps(doc, ensure_ascii=False)
+    else:
+        text = ("" if first else "\n") + format_table(label, result, unicode=_can_unicode(sys.stdout))
+    return EXIT_OK, (True if _out(text) else None)
 
 
 def _explain(e) -> str:
@@ -439,9 +594,11 @@ def _describe_daemon(st: dict[str, Any]) -> list[str]:
 
     def fmt(key: str, value: Any) -> str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                return str(value)
             if key.endswith("_deadline"):  # Unix time
                 left = value - time.time()
-                return (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+                return (_local_time(value, "%Y-%m-%d %H:%M:%S")
                         + (f" (in {format_duration(left)})" if left > 0 else ""))
             if key.endswith("_bytes"):
                 return f"{value / 2**20:.1f} MiB"
@@ -460,6 +617,31 @@ def _describe_daemon(st: dict[str, Any]) -> list[str]:
 
     walk("", st)
     return lines
+
+
+#: Deepest nesting shown from a daemon's answer (its status nests 2 levels).
+MAX_ANSWER_DEPTH = 16
+
+
+def _nesting(doc: Any, limit: int = MAX_ANSWER_DEPTH) -> int:
+    """How many levels of dicts/lists `doc` nests, counted without recursion and up to limit + 1
+    (the status printers recurse, so an absurdly nested answer is refused before them)."""
+    level, depth = [doc], 0
+    while depth <= limit:
+        level = [c for node in level if isinstance(node, (dict, list))
+                 for c in (node.values() if isinstance(node, dict) else node)]
+        if not level:
+            return depth
+        depth += 1
+    return depth
+
+
+def _local_time(ts: float, fmt: str) -> str:
+    """Unix time `ts` as local time in `fmt`, or the bare number when no calendar holds it."""
+    try:
+        return time.strftime(fmt, time.localtime(ts))
+    except (OverflowError, OSError, ValueError):
+        return f"{ts:g} (Unix time)"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -503,6 +685,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             lines.append(f"daemon on {client.socket}: {_explain(e)}")
             code = EXIT_SERVER
         else:
+            if _nesting(st) > MAX_ANSWER_DEPTH:
+                st = {"error": f"the daemon's status nests more than {MAX_ANSWER_DEPTH} levels; not shown"}
+                code = EXIT_SERVER
             report["daemon"] = {"reachable": True, "socket": client.socket, "status": st}
             lines.append(f"daemon on {client.socket}:")
             lines.extend(_describe_daemon(st))
@@ -510,10 +695,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         report["daemon"] = None
         if not isinstance(units, str):
             lines.append("daemon: not running (not asked, so it stays asleep)")
-    if args.json:
-        print(json.dumps(report, indent=2, ensure_ascii=False))
-    else:
-        print("\n".join(lines))
+    text = json.dumps(report, indent=2, ensure_ascii=False) if args.json else "\n".join(lines)
+    if not _out(text):
+        _err("stdout was closed by its reader; the status was not shown")
     return code
 
 
@@ -539,6 +723,9 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     except ValueError as e:
         _err(f"warmup: {e}")
         return EXIT_USAGE
+    if hold is not None and not math.isfinite(hold):
+        _err(f"warmup: --hold {args.hold}: too long to be a duration; give e.g. 9h (the daemon caps it at max_hold)")
+        return EXIT_USAGE
     if args.timeout is None:
         args.timeout = WARMUP_TIMEOUT
     with _client(args) as client:
@@ -563,15 +750,16 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     if hold:
         granted = answer.get("hold_s")
         deadline = answer.get("keep_warm_deadline")
-        if not isinstance(deadline, (int, float)):
+        if not isinstance(deadline, (int, float)) or not math.isfinite(deadline):
             deadline = time.time() + hold
-        until = time.strftime("%H:%M", time.localtime(deadline))
-        if isinstance(granted, (int, float)) and granted + 1 < hold:
+        until = _local_time(deadline, "%H:%M")
+        if isinstance(granted, (int, float)) and math.isfinite(granted) and granted + 1 < hold:
             msg += (f"; keeping it warm for {format_duration(granted)} only (until {until}): the daemon "
                     f"caps holds at its max_hold, asked for {format_duration(hold)}")
         else:
             msg += f"; keeping it warm for {format_duration(hold)} (until {until})"
-    print(msg)
+    if not _out(msg):
+        _err("stdout was closed by its reader; the daemon is warm all the same")
     return EXIT_OK
 
 

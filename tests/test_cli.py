@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,7 @@ from conftest import write_audio
 from e2vd import cli
 from e2vd.client import Recognition
 from e2vd.durations import format_duration, parse_clock, parse_duration, seconds_until
+from raw_peer import RawPeer, http_answer, json_answer
 from unix_http_server import LABELS, TinyDaemon
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -312,6 +314,282 @@ def test_warmup_unreachable_exit_3(capsys) -> None:
     path = os.path.join(tempfile.mkdtemp(prefix="e2vd-t-"), "none.sock")
     code, _, err = run(["warmup", "--hold", "1m", "--socket", path], capsys)
     assert code == cli.EXIT_UNREACHABLE and "systemctl enable --now e2vd.socket" in err
+
+
+# -- `e2vd` as a process: bounded input, one-line failures (issue 7, items 3 and 9) ------------
+
+def e2vd(*argv: str, env: dict[str, str] | None = None, stdin: object = subprocess.DEVNULL,
+         stdout: object = subprocess.PIPE, memory_gib: float | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `python -m e2vd ARGV` as an operator would, with this machine's E2VD_* variables removed,
+    E2VD_CONFIG=/dev/null unless `env` says otherwise, and an address-space cap of `memory_gib`
+    (so that an unbounded read fails with MemoryError instead of eating the machine)."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("E2VD_")}
+    full_env.update({"E2VD_CONFIG": "/dev/null", **(env or {})})
+
+    def cap() -> None:
+        if memory_gib is not None:
+            import resource
+            limit = int(memory_gib * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return subprocess.run([sys.executable, "-m", "e2vd", *argv], cwd=ROOT, env=full_env, stdin=stdin,
+                          stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=120, preexec_fn=cap)
+
+
+def one_line(proc: subprocess.CompletedProcess[str], code: int, *parts: str, lines: int = 1) -> str:
+    """Assert `proc` exited `code` with `lines` stderr lines (no traceback) containing `parts`."""
+    err = proc.stderr
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert proc.returncode == code, err
+    assert len(err.splitlines()) == lines, err
+    for part in parts:
+        assert part in err, err
+    return err
+
+
+def test_recognize_dev_zero_by_name_is_refused_at_once(clips: list[Path]) -> None:
+    """Issue 7.3: it used to read /dev/zero until MemoryError (2.7 GB) and print a traceback."""
+    with TinyDaemon() as d:
+        proc = e2vd("recognize", str(clips[0]), "/dev/zero", "--socket", d.socket, memory_gib=1)
+        assert d.connections == 0
+    one_line(proc, cli.EXIT_USAGE, "/dev/zero: a character device, not a regular file",
+             "e2vd recognize -", "nothing was sent", lines=2)
+
+
+def test_recognize_fifo_by_name_is_refused_without_waiting(clips: list[Path], tmp_path: Path) -> None:
+    """Issue 7.3: a FIFO nobody writes to used to block the command forever (in open())."""
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    with TinyDaemon() as d:
+        proc = e2vd("recognize", str(fifo), "--socket", d.socket)
+        assert d.connections == 0
+    one_line(proc, cli.EXIT_USAGE, f"{fifo}: a FIFO (named pipe), not a regular file", lines=2)
+
+
+def test_recognize_stdin_endless_is_cut_at_max_body_bytes() -> None:
+    with TinyDaemon() as d:
+        with open("/dev/zero", "rb") as zero:
+            proc = e2vd("recognize", "-", "--socket", d.socket, stdin=zero, memory_gib=1,
+                        env={"E2VD_MAX_BODY_BYTES": "100000"})
+            assert d.requests == []
+            one_line(proc, cli.EXIT_REJECTED, "stdin: larger than 100000 bytes",
+                     "max_body_bytes", "from $E2VD_MAX_BODY_BYTES", "nothing was sent")
+        with open("/dev/zero", "rb") as zero:  # no setting anywhere: the daemon's default
+            proc = e2vd("recognize", "-", "--socket", d.socket, stdin=zero, memory_gib=1)
+            assert d.requests == []
+    one_line(proc, cli.EXIT_REJECTED, "stdin: larger than 50000000 bytes", "the default")
+
+
+def test_recognize_large_file_refused_others_still_done(clips: list[Path], tmp_path: Path) -> None:
+    toml = tmp_path / "e2vd.toml"
+    toml.write_text("max_body_bytes = 200000\n")
+    big = tmp_path / "big.wav"
+    big.write_bytes(b"RIFF" + b"\0" * 200_000)
+    with TinyDaemon() as d:
+        proc = e2vd("recognize", str(clips[0]), str(big), str(clips[1]), "--json", "--socket", d.socket,
+                    env={"E2VD_CONFIG": str(toml)})
+        assert [r[3] for r in d.requests] == [clips[0].stat().st_size, clips[1].stat().st_size]
+    one_line(proc, cli.EXIT_REJECTED, f"{big}: larger than 200000 bytes", f"from {toml}",
+             "set $E2VD_MAX_BODY_BYTES")
+    docs = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [doc["file"] for doc in docs] == [str(clips[0]), str(big), str(clips[1])]
+    assert docs[1]["error"]["code"] == "too_large" and docs[2]["top"]["label"] == "happy"
+
+
+def test_recognize_stdin_audio_and_a_stalled_writer(clips: list[Path]) -> None:
+    with TinyDaemon() as d:
+        with open(clips[0], "rb") as f:
+            proc = e2vd("recognize", "-", "--socket", d.socket, stdin=f)
+        assert proc.returncode == 0 and proc.stderr == ""
+        assert proc.stdout.startswith("stdin: happy 84.0%") and d.requests[-1][3] == clips[0].stat().st_size
+        r, w = os.pipe()  # the writer stays open and never writes: --timeout bounds the wait
+        try:
+            os.write(w, b"RIFF")
+            proc = e2vd("recognize", "-", "--socket", d.socket, "--timeout", "0.5", stdin=r)
+        finally:
+            os.close(r)
+            os.close(w)
+        assert len(d.requests) == 1
+    one_line(proc, cli.EXIT_REJECTED, "stdin: the audio did not arrive in full within 0.5 s (4 bytes so far)",
+             "--timeout")
+
+
+def test_recognize_stdin_must_be_a_pipe_or_file(clips: list[Path]) -> None:
+    master, slave = os.openpty()
+    try:
+        proc = e2vd("recognize", "-", "--socket", "/nonexistent.sock", stdin=slave)
+    finally:
+        os.close(slave)
+        os.close(master)
+    one_line(proc, cli.EXIT_USAGE, "stdin is a terminal", lines=2)
+    proc = e2vd("recognize", "-", str(clips[0]), "-", "--socket", "/nonexistent.sock")
+    one_line(proc, cli.EXIT_USAGE, "stdin can be read only once", lines=2)
+
+
+@pytest.mark.parametrize("command", ["recognize", "warmup"])
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "1e300", "soon"])
+def test_unusable_timeout_is_a_usage_error(command: str, value: str, clips: list[Path]) -> None:
+    """Issue 7.9: -1 and nan ended in a traceback (settimeout/struct), 0 silently meant 300."""
+    with TinyDaemon() as d:
+        args = [str(clips[0])] if command == "recognize" else []
+        proc = e2vd(command, *args, "--timeout", value, "--socket", d.socket)
+        assert d.connections == 0
+    one_line(proc, cli.EXIT_USAGE, f"e2vd {command}: argument --timeout: '{value}'", "seconds > 0",
+             f"`e2vd {command} --help`")
+
+
+@pytest.mark.parametrize("argv", [["recognize", "{clip}"], ["status"], ["warmup"]])
+def test_peer_that_does_not_speak_http_exit_3(argv: list[str], clips: list[Path]) -> None:
+    with RawPeer(b"SSH-2.0-OpenSSH_9.2p1\r\n") as peer:
+        proc = e2vd(*[a.format(clip=clips[0]) for a in argv], "--socket", peer.socket)
+    out_or_err = proc.stdout + proc.stderr
+    assert "Traceback" not in out_or_err and proc.returncode == cli.EXIT_UNREACHABLE, out_or_err
+    assert "does not speak HTTP" in out_or_err and "not the e2vd daemon" in out_or_err
+
+
+@pytest.mark.parametrize("argv", [["recognize", "{clip}"], ["recognize", "{clip}", "--json"], ["warmup"]])
+def test_response_header_over_64k_exit_5(argv: list[str], clips: list[Path]) -> None:
+    with RawPeer(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n") as peer:
+        proc = e2vd(*[a.format(clip=clips[0]) for a in argv], "--socket", peer.socket)
+    one_line(proc, cli.EXIT_SERVER, "malformed answer", "LineTooLong")
+    if "--json" in argv:
+        assert json.loads(proc.stdout)["error"]["code"] == "internal"
+
+
+def test_mangled_answers_exit_5(clips: list[Path]) -> None:
+    for answer in (json_answer({"labels": [], "scores": [], "duration_s": 1.0}),
+                   http_answer("[" * 100_000 + "]" * 100_000)):
+        with RawPeer(answer) as peer:
+            proc = e2vd("recognize", str(clips[0]), "--socket", peer.socket)
+        one_line(proc, cli.EXIT_SERVER, f"{clips[0]}: ", "HTTP 502")
+
+
+def test_status_with_odd_numbers_and_absurd_nesting() -> None:
+    odd = {"state": "ready", "uptime": float("inf"), "idle_in": float("nan"), "keep_warm_deadline": 1e300,
+           "idle_deadline": -1e300}
+    with RawPeer(json_answer(odd)) as peer:
+        proc = e2vd("status", "--socket", peer.socket)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "uptime: inf" in proc.stdout and "keep_warm_deadline: 1e+300 (Unix time)" in proc.stdout
+    nested: object = 1
+    for _ in range(500):
+        nested = {"a": nested}
+    with RawPeer(json_answer({"state": "ready", "deep": nested})) as peer:
+        for argv in (["status"], ["status", "--json"]):
+            proc = e2vd(*argv, "--socket", peer.socket)
+            assert proc.returncode == cli.EXIT_SERVER and "Traceback" not in proc.stderr, proc.stderr
+            assert "nests more than 16 levels" in proc.stdout
+
+
+def _closed_pipe_run(*argv: str) -> subprocess.CompletedProcess[str]:
+    """Run e2vd with stdout a pipe whose read end is already closed (`| head -0`, deterministically)."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return e2vd(*argv, stdout=w)
+    finally:
+        os.close(w)
+
+
+def test_closed_stdout_one_line_and_no_more_work(clips: list[Path]) -> None:
+    """Issue 7.9: `| head -0` ended in a BrokenPipeError traceback (twice: print, then exit's flush).
+    Now: one line, the rest is not sent, exit code of what was done (0: the reader chose to stop)."""
+    with TinyDaemon() as d:
+        proc = _closed_pipe_run("recognize", *map(str, clips), "--socket", d.socket)
+        one_line(proc, cli.EXIT_OK, "stdout was closed by its reader; stopped after 1 of 3 file(s), 2 not sent")
+        assert len(d.requests) == 1
+        bad = clips[0].with_name("bad.wav")
+        bad.write_bytes(b"not audio")
+        proc = _closed_pipe_run("recognize", str(bad), str(clips[0]), "--json", "--socket", d.socket)
+        one_line(proc, cli.EXIT_REJECTED, "stopped after 1 of 2", lines=2)  # the rejection, then the stop
+        proc = _closed_pipe_run("status", "--socket", d.socket)
+        one_line(proc, cli.EXIT_OK, "the status was not shown")
+        proc = _closed_pipe_run("warmup", "--hold", "1m", "--socket", d.socket)
+        one_line(proc, cli.EXIT_OK, "the daemon is warm all the same")
+    proc = _closed_pipe_run("--help")
+    assert proc.returncode == 0 and proc.stderr == ""
+
+
+@pytest.mark.parametrize("hold", ["inf", "-5", "9" * 400 + "s"])
+def test_warmup_unusable_hold_exit_2(hold: str) -> None:
+    with TinyDaemon() as d:
+        proc = e2vd("warmup", "--hold", hold, "--socket", d.socket)
+        assert d.connections == 0
+    one_line(proc, cli.EXIT_USAGE, "warmup: ")
+
+
+def test_warmup_hold_beyond_any_calendar() -> None:
+    """A hold the daemon grants as asked (the small server does) but no calendar can show."""
+    with TinyDaemon() as d:
+        proc = e2vd("warmup", "--hold", "1e17", "--socket", d.socket)
+        assert d.requests[0][2] == {"hold": "1e+17"}
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert "e2vd is warm" in proc.stdout and "(Unix time)" in proc.stdout
+
+
+def test_socket_paths_that_cannot_work(clips: list[Path], tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    for path, words in ((plain, "is a regular file, not a socket"), (tmp_path, "is a directory, not a socket"),
+                        ("/tmp/" + "s" * 120, "too long for AF_UNIX")):
+        proc = e2vd("recognize", str(clips[0]), "--socket", str(path))
+        one_line(proc, cli.EXIT_UNREACHABLE, words)
+    proc = e2vd("status", "--socket", "")
+    one_line(proc, cli.EXIT_USAGE, "--socket: empty path")
+
+
+def test_bad_file_and_embedding_names_exit_2(clips: list[Path], tmp_path: Path) -> None:
+    proc = e2vd("recognize", str(tmp_path / ("n" * 300)), "--socket", "/nonexistent.sock")
+    one_line(proc, cli.EXIT_USAGE, "File name too long", "nothing was sent", lines=2)
+    for out in ("", ".", "/", str(tmp_path) + "/"):
+        proc = e2vd("recognize", str(clips[0]), "--embedding", out, "--socket", "/nonexistent.sock")
+        one_line(proc, cli.EXIT_USAGE, "--embedding", "names no file")
+    proc = e2vd("recognize", str(clips[0]), "--embedding", str(tmp_path / ("d" * 300) / "e.npy"),
+                "--socket", "/nonexistent.sock")
+    one_line(proc, cli.EXIT_USAGE, "--embedding: directory", "File name too long")
+
+
+def test_file_name_that_is_not_utf8(clips: list[Path], tmp_path: Path) -> None:
+    name = os.fsdecode(bytes(tmp_path) + b"/clip-\xff.wav")
+    Path(name).write_bytes(clips[0].read_bytes())
+    with TinyDaemon() as d:
+        for extra in ([], ["--json"]):
+            # A strict UTF-8 stdout, as under en_US.UTF-8 (Python picks surrogateescape for C.UTF-8).
+            proc = e2vd("recognize", name, *extra, "--socket", d.socket, env={"PYTHONIOENCODING": "utf-8:strict"})
+            assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+            assert "clip-\\udcff.wav" in proc.stdout
+    assert json.loads(proc.stdout)["file"] == name
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the command as another user")
+def test_permission_problems_as_another_user(clips: list[Path]) -> None:
+    private = Path(tempfile.mkdtemp(prefix="e2vd-t-"))  # 0700, root's
+    clip = private / "clip.wav"
+    clip.write_bytes(clips[0].read_bytes())
+    public = Path(tempfile.mkdtemp(prefix="e2vd-t-"))
+    public.chmod(0o755)
+    readable = public / "clip.wav"
+    readable.write_bytes(clips[0].read_bytes())
+    readable.chmod(0o644)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("E2VD_")}
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "e2vd"]
+    probe = subprocess.run(as_nobody[:-2] + ["-c", "import e2vd.cli"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=120)
+    if probe.returncode != 0:
+        pytest.skip(f"user nobody cannot run this interpreter here: {probe.stderr[-200:]}")
+    try:
+        with TinyDaemon() as d:
+            os.chmod(d.socket, 0o600)
+            os.chmod(os.path.dirname(d.socket), 0o755)
+            runs = [subprocess.run(as_nobody + argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                    for argv in (["recognize", str(clip), "--socket", d.socket],
+                                 ["recognize", str(readable), "--socket", d.socket])]
+            assert d.connections == 0
+    finally:
+        shutil.rmtree(private)
+        shutil.rmtree(public)
+    one_line(runs[0], cli.EXIT_USAGE, f"{clip}: not reachable by you (permission denied", lines=2)
+    one_line(runs[1], cli.EXIT_UNREACHABLE, "permission denied", "usermod -aG e2vd")
 
 
 # -- against the real daemon (`e2vd serve` with the tiny stand-in) ----------------------------
