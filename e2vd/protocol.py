@@ -7,7 +7,9 @@ on `ROUTES`, parses options with `parse_options` and answers errors with `error_
 Error responses always have the shape ``{"error": {"code": str, "message": str}}``. The codes of
 DESIGN §3 (bad_audio, too_large, too_long, too_short, bad_option, busy, model_unavailable,
 internal) are extended with HTTP-level codes (bad_request, not_found, method_not_allowed,
-timeout, length_required), each listed in `ERRORS` with its status.
+timeout, length_required), each listed in `ERRORS` with its status. `ERRORS` is the only source of
+an error's HTTP status: `ApiError.status` reads it, the server answers with it, and the OpenAPI
+document lists it (per operation, and for every code in the Error schema's `x-status`).
 """
 from __future__ import annotations
 
@@ -22,18 +24,25 @@ API_VERSION = "1"
 ERRORS: dict[str, tuple[int, str]] = {
     "bad_audio": (400, "The body is not audio libsndfile can read (wav, flac, ogg, mp3), or its samples are unusable."),
     "bad_option": (400, "A query option is unknown, repeated or has a bad value."),
-    "bad_request": (400, "The HTTP request itself is malformed (request line, headers, Content-Length, short body)."),
+    "bad_request": (400, "The HTTP request itself is malformed (request line, HTTP version other than 1.x, header "
+                         "lines, Content-Length, short body); the connection is closed after the answer."),
     "not_found": (404, "No such route; see GET /v1/openapi.json."),
     "method_not_allowed": (405, "The route exists but not for this method; the Allow header lists the methods."),
     "timeout": (408, "The request was not received completely within connection_timeout seconds."),
     "length_required": (411, "The body must be sent with Content-Length; chunked uploads are not supported."),
-    "too_large": (413, "The body (or a header) is larger than the daemon accepts (max_body_bytes)."),
+    "too_large": (413, "The body is larger than the daemon accepts (max_body_bytes), or the request line or a "
+                       "header line is longer than 64 KiB, or there are more than 100 header lines."),
     "too_long": (422, "The audio is longer than max_seconds."),
     "too_short": (422, "The audio is too short to analyse."),
     "internal": (500, "The daemon failed unexpectedly; the journal has the details."),
-    "busy": (503, "The inference queue is full, or the GPU ran out of memory for this request; retry after Retry-After seconds."),
+    "busy": (503, "The inference queue is full, the daemon has too many connections open, or the GPU ran out "
+                  "of memory for this request; retry after Retry-After seconds."),
     "model_unavailable": (503, "The model could not be loaded (the message says why); the daemon exits after a grace period."),
 }
+
+# Errors any request can get, whatever its route: listed under every operation of the document.
+# (not_found and method_not_allowed belong to no operation; the Error schema's x-status has them.)
+HTTP_ERRORS: tuple[str, ...] = ("bad_request", "timeout", "length_required", "too_large", "busy", "internal")
 
 # Retry-After seconds sent with 503 busy.
 BUSY_RETRY_AFTER_S = 1
@@ -193,7 +202,9 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object", "required": ["error"],
         "properties": {"error": {
             "type": "object", "required": ["code", "message"],
-            "properties": {"code": {"type": "string", "enum": list(ERRORS)},
+            "properties": {"code": {"type": "string", "enum": list(ERRORS),
+                                    "x-status": {code: status for code, (status, _) in ERRORS.items()},
+                                    "description": "x-status gives the HTTP status of each code."},
                            "message": {"type": "string", "description": "What went wrong and what to do."}}}},
     },
     "Recognition": {
@@ -269,13 +280,13 @@ def openapi(version: str = "0") -> dict[str, Any]:
         else:
             ok["content"] = {"application/json": {"schema": {"type": "object"}}}
         responses: dict[str, Any] = {"200": ok}
-        for code in route.errors:
+        for code in dict.fromkeys(route.errors + HTTP_ERRORS):
             status = str(ERRORS[code][0])
             entry = responses.setdefault(status, {"description": "", "content": {
                 "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
-            entry["description"] = "; ".join(filter(None, [entry["description"], f"{code}: {ERRORS[code][1]}"]))
+            entry["description"] = " ".join(filter(None, [entry["description"], f"{code}: {ERRORS[code][1]}"]))
         op: dict[str, Any] = {
-            "operationId": route.handler, "summary": route.summary, "responses": responses,
+            "operationId": route.handler, "summary": route.summary, "responses": dict(sorted(responses.items())),
             "parameters": [{"name": o.name, "in": "query", "required": False, "description": o.description,
                             "schema": _option_schema(o)} for o in route.options],
         }

@@ -1,8 +1,10 @@
 """HTTP/1.1 request handling on accepted Unix-socket connections.
 
 `Server.add(conn)` takes a connection accepted by the daemon and serves it on its own thread with
-`Handler` (stdlib `http.server.BaseHTTPRequestHandler`, protocol HTTP/1.1, keep-alive). Routes,
-options and errors come from `e2vd.protocol`; recognitions go through `e2vd.scheduler`.
+`Handler` (on the stdlib's `http.server.BaseHTTPRequestHandler`, protocol HTTP/1.1, keep-alive;
+it reads the request line and headers and writes the answers itself). Routes, options and errors
+come from `e2vd.protocol`, every error status from its ERRORS table; recognitions go through
+`e2vd.scheduler`.
 This module has no lifecycle code: the daemon asks it `connections`, `active` and tells it
 `drain()`; keep-warm and status details come from a `Control` the daemon implements.
 
@@ -10,6 +12,8 @@ Limits, so that no client can hold a thread, the worker or the GPU forever:
 - a connection silent for `connection_timeout` seconds (between requests too) is closed;
 - once the first byte of a request arrives, the whole request (headers and body) must arrive
   within `connection_timeout` seconds, else 408 `timeout` (a reaper thread shuts the read side);
+- a request line or header line longer than 64 KiB, or more than 100 header lines, get 413
+  `too_large`; a request line without an HTTP version (HTTP/0.9) or with HTTP/2+ gets 400;
 - bodies need Content-Length (chunked uploads get 411 `length_required`); a Content-Length above
   `max_body_bytes` gets 413 `too_large` before any of the body is read (also on Expect: 100-continue);
 - a recognition whose client hangs up while it waits in the queue is not run: the request event
@@ -19,22 +23,27 @@ The daemon never reads a path sent by a client: audio travels in the body only.
 """
 from __future__ import annotations
 
+import email.utils
 import functools
+import http.client
 import http.server
+import io
 import json
 import logging
 import math
+import re
 import select
 import socket
 import struct
 import threading
 import time
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any, Callable, Protocol
 from urllib.parse import urlsplit
 
 from e2vd import __version__
-from e2vd.protocol import BUSY_RETRY_AFTER_S, ApiError, Route, error_body, find_route, openapi, parse_options
+from e2vd.protocol import BUSY_RETRY_AFTER_S, ApiError, Route, find_route, openapi, parse_options
 from e2vd.scheduler import UNAVAILABLE, Scheduler
 
 log = logging.getLogger("e2vd")
@@ -92,11 +101,11 @@ class Connection:
 
 @dataclass(frozen=True)
 class Holding:
-    """The connections holding the daemon awake at one moment (`Server.holding`)."""
+    """What connections hold the daemon awake, seen at one moment (`Server.holding`)."""
 
-    count: int
-    until: float | None   # when the last of these holds lapses if nothing happens (math.inf while a
-                          # request is in progress); None when count is 0
+    count: int            # open connections holding it now
+    until: float | None   # when the last hold by any connection, open or closed, ends or ended (may lie
+                          # in the past; math.inf while a request is in progress); None: never held
 
 
 class Server:
@@ -117,6 +126,7 @@ class Server:
         self.max_connections_per_uid = max_connections_per_uid
         self.clock = clock
         self._on_change = on_change
+        self._released = -math.inf    # latest end of a closed connection's hold
         self.draining = False
         self.requests_served = 0      # /v1/recognize answered with 200
         self._lock = threading.Lock()
@@ -139,17 +149,18 @@ class Server:
             return sum(1 for c in self._conns if c.in_request)
 
     def holding(self, now: float) -> Holding:
-        """The connections that hold the daemon awake at `now` (the idle rule, docs/design.md).
-        A connection inside a request holds it for as long as the request lasts; otherwise it holds
-        it for connection_timeout after it opened or last finished a request that uses the model
-        (KEEPS_AWAKE_PATHS). Open connections beyond that do not keep the daemon from going idle."""
-        count, until = 0, -math.inf
+        """How connections hold the daemon awake at `now` (the idle rule, docs/design.md). A
+        connection holds it while a request is in progress on it, and for connection_timeout after
+        it opened or last finished a request that uses the model (KEEPS_AWAKE_PATHS), or until it
+        closed if that came first. Open connections beyond that do not keep the daemon from idling,
+        and a request that does not use the model moves nothing once it has ended."""
+        count, until = 0, self._released
         with self._lock:
             for conn in self._conns:
                 end = math.inf if conn.in_request else conn.last_active + self.connection_timeout
-                if end > now:
-                    count, until = count + 1, max(until, end)
-        return Holding(count, until if count else None)
+                count += end > now
+                until = max(until, end)
+        return Holding(count, None if until == -math.inf else until)
 
     def model_name(self) -> str:
         engine = self.scheduler.engine
@@ -203,6 +214,8 @@ class Server:
             finally:
                 with self._lock:
                     self._conns.discard(conn)
+                    self._released = max(self._released, min(conn.last_active + self.connection_timeout,
+                                                              self.clock()))
                 self._changed()
 
     def drain(self) -> None:
@@ -232,12 +245,12 @@ class Server:
 
 def _refuse(sock: socket.socket, message: str) -> None:
     """Answer 503 busy without reading the request (never blocks) and close the connection."""
-    body = json.dumps(error_body("busy", message)).encode()
-    head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nRetry-After: {BUSY_RETRY_AFTER_S}\r\nConnection: close\r\n\r\n")
+    err = ApiError("busy", message, retry_after=BUSY_RETRY_AFTER_S)
+    body = json.dumps(err.body()).encode()
+    head = response_head(err.status, len(body), {"Retry-After": str(err.retry_after)}, close=True)
     try:
         sock.setblocking(False)
-        sock.send(head.encode() + body)
+        sock.send(head + body)
     except OSError:
         pass
     finally:
@@ -270,16 +283,94 @@ def _shutdown(sock: socket.socket, how: int) -> None:
         pass
 
 
+# --- HTTP/1.1 framing (RFC 9112) ----------------------------------------------------------------
+
+MAX_LINE_BYTES = 65536     # longest request line or header line (http.client's limit)
+MAX_HEADERS = 100          # most header lines in one request (http.client's limit)
+SERVER_HEADER = f"e2vd/{__version__}"
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")          # RFC 9110 §5.6.2
+_HTTP_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])")          # RFC 9112 §2.3
+_SEND_HTTP_1_1 = "send an HTTP/1.1 request as curl --unix-socket SOCKET http://e2vd/v1/... does"
+
+
+@dataclass(frozen=True)
+class RequestLine:
+    """A request line split into method, request target and HTTP version ("" when missing), as
+    sent; `parse` splits it, `check` validates it."""
+
+    method: str
+    target: str
+    version: str
+
+    @classmethod
+    def parse(cls, line: bytes) -> "RequestLine":
+        """Split `METHOD TARGET HTTP/1.x` (RFC 9112 §3: any run of SP, HTAB, VT, FF or CR separates);
+        ApiError bad_request unless it has two or three parts and the target splits as a URL."""
+        words = [word.decode("latin-1") for word in line.split()]
+        if len(words) not in (2, 3):
+            shown = repr(line.rstrip(b"\r\n")[:200].decode("latin-1"))
+            raise ApiError("bad_request", f"the request line {shown} is not 'METHOD /path HTTP/1.1'; {_SEND_HTTP_1_1}")
+        method, target, version = (*words, "")[:3]
+        if target.startswith("//"):   # as the stdlib does: never read as //host/path
+            target = "/" + target.lstrip("/")
+        try:
+            urlsplit(target)
+        except ValueError as exc:
+            raise ApiError("bad_request", f"the request target {target[:200]!r} is not a URL ({exc}); "
+                                          "send a path such as /v1/health") from None
+        return cls(method, target, version)
+
+    def check(self) -> tuple[int, int]:
+        """The HTTP version as (1, minor); ApiError bad_request for a line without an HTTP version
+        (HTTP/0.9), another version than 1.x or a method that is not a token."""
+        if not self.version:
+            raise ApiError("bad_request", f"the request line has no HTTP version (HTTP/0.9 is not spoken here); "
+                                          f"send '{self.method[:40]} {self.target[:200]} HTTP/1.1'")
+        match = _HTTP_VERSION.fullmatch(self.version)
+        if match is None:
+            raise ApiError("bad_request", f"{self.version[:40]!r} in the request line is not an HTTP version; "
+                                          f"{_SEND_HTTP_1_1}")
+        if match.group(1) != "1":
+            raise ApiError("bad_request", f"this daemon speaks HTTP/1.1 (and 1.0), not {self.version}; {_SEND_HTTP_1_1}")
+        if not _TOKEN.fullmatch(self.method):
+            raise ApiError("bad_request", f"the method {self.method[:40]!r} is not an HTTP method; {_SEND_HTTP_1_1}")
+        return 1, int(match.group(2))
+
+
+def keeps_alive(version: tuple[int, int], connection: str) -> bool:
+    """Whether the connection stays open after the answer (RFC 9112 §9.3): HTTP/1.1 unless the
+    Connection header says close, HTTP/1.0 only when it says keep-alive."""
+    options = {option.strip().lower() for option in connection.split(",")}
+    if "close" in options:
+        return False
+    return version >= (1, 1) or "keep-alive" in options
+
+
+def response_head(status: int, length: int, headers: dict[str, str] | None = None, *,
+                  close: bool = False) -> bytes:
+    """The head of a JSON answer of `length` bytes: status line, Server, Date, Content-Type,
+    Content-Length, `headers`, "Connection: close" when `close`, and the blank line."""
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", f"Server: {SERVER_HEADER}",
+             f"Date: {email.utils.formatdate(usegmt=True)}", "Content-Type: application/json",
+             f"Content-Length: {length}", *(f"{name}: {value}" for name, value in (headers or {}).items())]
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
-    """One connection: parses HTTP/1.1 requests and dispatches them by `e2vd.protocol.ROUTES`."""
+    """One connection: reads HTTP/1.1 requests, dispatches them by `e2vd.protocol.ROUTES` and
+    answers JSON, every error with its status from `e2vd.protocol.ERRORS`.
+
+    The base class runs the keep-alive loop (`handle` calls `handle_one_request` until
+    `close_connection`); the request line and headers are read and checked here, not by the
+    stdlib's parser (which answers HTML and lets a request line without an HTTP version through),
+    and each answer leaves in one write (head and body together, so the client wakes once).
+    Every request, whatever becomes of it, is logged as one `request` event.
+    """
 
     protocol_version = "HTTP/1.1"
-    server_version = f"e2vd/{__version__}"
-    sys_version = ""
     server: Server  # type: ignore[assignment]
-
-    def version_string(self) -> str:
-        return self.server_version
 
     def __init__(self, sock: socket.socket, conn: Connection, server: Server) -> None:
         self.conn = conn
@@ -306,71 +397,116 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.connection.settimeout(self.server.connection_timeout + 5.0)
         self.conn.in_request = True
         self.conn.deadline = time.monotonic() + self.server.connection_timeout
+        self._new_request()
+        try:
+            self._handle_request()
+        finally:
+            self.conn.deadline = None
+            self.conn.in_request = False
+            self.server.request_ended(self.conn, self.path)
+
+    def _new_request(self) -> None:
+        """Forget the connection's previous request."""
         self._request_start = time.monotonic()
         self._body_done = False
         self._fields: dict[str, Any] = {}
         self._status = 0
-        try:
-            super().handle_one_request()
-        finally:
-            self.conn.deadline = None
-            self.conn.in_request = False
-            self.server.request_ended(self.conn, getattr(self, "path", ""))
+        self.command, self.path, self._version = "", "", (1, 1)
+        self.headers = http.client.HTTPMessage()
+        self.close_connection = True   # until the request's head has been read
 
-    def handle_expect_100(self) -> bool:
-        """Refuse a body we will not accept before the client sends it."""
+    def _handle_request(self) -> None:
+        """Read one request, answer it and log it."""
+        rid = self.server.request_id()
         try:
-            try:
-                takes_body = find_route(self.command, urlsplit(self.path).path).body
-            except ApiError:
-                takes_body = False   # answered with 404/405 once the request is dispatched
-            self._check_length(required=False, limit=self.server.max_body_bytes if takes_body else SMALL_BODY_BYTES)
+            self._read_head()
+            self._dispatch()
         except ApiError as err:
-            self.close_connection = True
             self._send_error(err)
-            self._log_request("-", urlsplit(self.path).path)
-            return False
-        return super().handle_expect_100()
+        except ClientGone:
+            self.close_connection = True
+            self._status = ABANDONED
+            self._fields["abandoned"] = True
+        except Exception as exc:
+            log.exception("request %s failed", rid)
+            self._send_error(ApiError("internal", f"unexpected {type(exc).__name__}: {exc}; "
+                                                  "the daemon's journal has the traceback"))
+        finally:
+            self._log_request(rid)
 
-    def do_GET(self) -> None:
-        self._dispatch()
+    # --- the request's head ---
+    def _read_head(self) -> None:
+        """Read the request line and the headers; sets command, path, the HTTP version, headers and
+        close_connection. Blank lines before the request line are skipped (RFC 9112 §2.2).
+        Raises ApiError; the connection is then closed, as its framing cannot be trusted."""
+        line = self._read_line("request line")
+        while line in (b"\r\n", b"\n"):
+            line = self._read_line("request line")
+        request = RequestLine.parse(line)
+        self.command, self.path = request.method, request.target   # for the log, even if the rest is bad
+        self._version = request.check()
+        lines: list[bytes] = []
+        while (line := self._read_line("header line")) not in (b"\r\n", b"\n"):
+            if len(lines) == MAX_HEADERS:
+                raise ApiError("too_large", f"the request has more than {MAX_HEADERS} header lines; send fewer")
+            lines.append(line)
+        self.headers = http.client.parse_headers(io.BytesIO(b"".join(lines) + b"\r\n"))
+        self.close_connection = not keeps_alive(self._version, self.headers.get("Connection", ""))
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_GET
+    def _read_line(self, what: str) -> bytes:
+        """One line of the request's head, with its LF. ApiError too_large when it is longer than
+        MAX_LINE_BYTES, timeout when the request deadline cut it off, bad_request when the client
+        stopped sending in the middle of it."""
+        try:
+            line = self.rfile.readline(MAX_LINE_BYTES + 1)
+        except TimeoutError:   # the backstop behind the reaper
+            self.conn.timed_out = True
+            line = b""
+        except OSError:
+            line = b""
+        if len(line) > MAX_LINE_BYTES:
+            raise ApiError("too_large", f"a {what} of the request is longer than {MAX_LINE_BYTES} bytes; "
+                                        "send a shorter one")
+        if not line.endswith(b"\n"):
+            if self.conn.timed_out:
+                raise ApiError("timeout", f"the request did not arrive within {self.server.connection_timeout:g} s "
+                                          f"(it stopped in a {what}); send it at once, or raise connection_timeout")
+            raise ApiError("bad_request", f"the connection ended in the middle of a {what}; "
+                                          "send the whole request")
+        return line
+
+    def _expect_100_continue(self, path: str) -> None:
+        """Expect: 100-continue: refuse a body we will not accept before the client sends it
+        (raises the error), else invite the body."""
+        if self._version < (1, 1) or self.headers.get("Expect", "").lower() != "100-continue":
+            return
+        try:
+            takes_body = find_route(self.command, path).body
+        except ApiError:
+            takes_body = False   # answered with 404/405 right after
+        try:
+            self._check_length(required=False, limit=self.server.max_body_bytes if takes_body else SMALL_BODY_BYTES)
+        except ApiError:
+            self.close_connection = True
+            raise
+        self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _dispatch(self) -> None:
-        rid = self.server.request_id()
         url = urlsplit(self.path)
-        try:
-            try:
-                if self.conn.timed_out:   # the headers were cut off by the request deadline
-                    self.close_connection = True
-                    raise ApiError("timeout", f"the request headers did not arrive within "
-                                              f"{self.server.connection_timeout:g} s; send the request at once, "
-                                              "or raise connection_timeout")
-                route = find_route(self.command, url.path)
-                options = parse_options(url.query, route.options)
-                status, payload = getattr(self, "_route_" + route.handler)(route, options)
-                self._send_json(status, payload)
-            except ApiError as err:
-                self._send_error(err)
-            except ClientGone:
-                self.close_connection = True
-                self._status = ABANDONED
-                self._fields["abandoned"] = True
-            except Exception as exc:
-                log.exception("request %s failed", rid)
-                self._send_error(ApiError("internal", f"unexpected {type(exc).__name__}: {exc}; "
-                                                      "the daemon's journal has the traceback"))
-        finally:
-            self._log_request(rid, url.path)
+        self._expect_100_continue(url.path)
+        route = find_route(self.command, url.path)
+        options = parse_options(url.query, route.options)
+        status, payload = getattr(self, "_route_" + route.handler)(route, options)
+        self._send_json(status, payload)
 
     # --- routes ---
     def _route_health(self, route: Route, options: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         self._read_small_body()
         scheduler = self.server.scheduler
         if scheduler.state == UNAVAILABLE:
-            return 503, {"status": "unavailable",
-                         **error_body("model_unavailable", f"the model could not be loaded: {scheduler.error}")}
+            err = ApiError("model_unavailable", f"the model could not be loaded: {scheduler.error}")
+            self._fields["code"] = err.code
+            return err.status, {"status": "unavailable", **err.body()}
         return 200, {"status": scheduler.state}
 
     def _route_status(self, route: Route, options: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -458,14 +594,30 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return length
 
     def _read_body(self) -> bytes:
-        """Read exactly Content-Length bytes within the request deadline."""
+        """The body of a route that takes one (Content-Length required, up to max_body_bytes)."""
         length = self._check_length(required=True) or 0
+        body = self._read_exactly(length)
+        self._body_done = True
+        self.conn.deadline = None
+        return body
+
+    def _read_small_body(self) -> None:
+        """Routes without a body accept (and ignore) a small one, so the connection stays in sync."""
+        length = self._check_length(required=False)
+        if length:
+            self._read_exactly(length)
+        self._body_done = True
+        self.conn.deadline = None
+
+    def _read_exactly(self, length: int) -> bytes:
+        """Read `length` bytes of body within the request deadline. ApiError timeout when the
+        deadline passes first, bad_request when the client stops short; the connection is then closed."""
         chunks: list[bytes] = []
         got = 0
         while got < length:
             try:
                 chunk = self.rfile.read1(min(length - got, 1 << 20))
-            except TimeoutError:   # silent for connection_timeout
+            except TimeoutError:   # the backstop behind the reaper
                 self.conn.timed_out = True
                 chunk = b""
             except OSError:
@@ -479,26 +631,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                               "send exactly Content-Length bytes")
             chunks.append(chunk)
             got += len(chunk)
-        self._body_done = True
-        self.conn.deadline = None
         return b"".join(chunks)
-
-    def _read_small_body(self) -> None:
-        """Routes without a body accept (and ignore) a small one, so the connection stays in sync."""
-        length = self._check_length(required=False)
-        if length:
-            self._read_body_of(length)
-        self._body_done = True
-        self.conn.deadline = None
-
-    def _read_body_of(self, length: int) -> None:
-        got = 0
-        while got < length:
-            chunk = self.rfile.read1(length - got)
-            if not chunk:
-                self.close_connection = True
-                raise ApiError("bad_request", f"the body ended after {got} of {length} bytes")
-            got += len(chunk)
 
     def _discard_body(self) -> None:
         """After an early error (bad option, wrong route, ...) read and drop an acceptable body, so
@@ -510,86 +643,53 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         try:
             if values:
-                self._read_body_of(int(values[0]))
-        except (ApiError, OSError):
+                self._read_exactly(int(values[0]))
+        except ApiError:
             self.close_connection = True
         self._body_done = True
 
     # --- answers ---
     def _send_error(self, err: ApiError) -> None:
+        """Answer `err` with its status from protocol.ERRORS (and Retry-After, Allow)."""
         self._fields["code"] = err.code
         headers = dict(err.headers)
         if err.retry_after is not None:
             headers["Retry-After"] = str(err.retry_after)
-        if not getattr(self, "_body_done", True) and not self.close_connection:
+        if not self._body_done and not self.close_connection:
             self._discard_body()
         if self.command == "HEAD":
             self.close_connection = True
         self._send_json(err.status, err.body(), headers)
 
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """Errors raised by the stdlib parser (bad request line, headers too long, ...), as JSON."""
-        self.close_connection = True
-        if self.conn.timed_out:
-            err = ApiError("timeout", f"the request did not arrive within {self.server.connection_timeout:g} s; "
-                                      "send it at once, or raise connection_timeout")
-        else:
-            name = {404: "not_found", 405: "method_not_allowed", 408: "timeout", 411: "length_required",
-                    413: "too_large", 414: "too_large", 431: "too_large", 501: "method_not_allowed"}.get(code, "bad_request")
-            err = ApiError(name, f"{message or 'malformed request'} (HTTP {code}); send an HTTP/1.1 request "
-                                 "as curl --unix-socket SOCKET http://e2vd/v1/... does")
-        self._fields = getattr(self, "_fields", {})
-        self._fields["code"] = err.code
-        if not hasattr(self, "command") or self.command is None:
-            self.command = ""
-        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
-            self.request_version = "HTTP/1.1"   # unparsable request line: still answer with headers
-        try:
-            self._send_json(err.status if err.code == "timeout" else code, err.body())
-        finally:
-            self._log_request("-", getattr(self, "path", "") or "")
-
     def _send_json(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-        self._status = status
+        """Answer `payload` as JSON with `status`: head and body in one write."""
         try:
             body = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
         except ValueError as exc:
-            status = 500
-            self._status = status
-            body = json.dumps(error_body("internal", f"the result is not valid JSON ({exc})")).encode()
+            err = ApiError("internal", f"the result is not valid JSON ({exc}); the daemon's journal has the request")
+            self._fields["code"] = err.code
+            status, headers, body = err.status, {}, json.dumps(err.body()).encode()
+        self._status = status
         if self.server.draining:
             self.close_connection = True
+        head = response_head(status, len(body), headers, close=self.close_connection)
+        self._write(head if self.command == "HEAD" else head + body)
+
+    def _write(self, data: bytes) -> None:
+        """Send `data` (one write); a client that hung up gets nothing and the connection closes."""
         try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            # Head and body leave in one write: the client then wakes once, not twice.
-            self._headers_buffer.append(b"\r\n")
-            if self.command != "HEAD":
-                self._headers_buffer.append(body)
-            self.flush_headers()
-        except OSError:  # the client hung up; nothing to answer to
+            self.wfile.write(data)
+        except OSError:
             self.close_connection = True
 
     # --- logging ---
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        log.debug("http: " + format, *args)
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        pass  # one structured event per request is written by _log_request
-
-    def _log_request(self, rid: str, path: str) -> None:
+    def _log_request(self, rid: str) -> None:
+        """The one `request` event of this request (README "Journal fields")."""
         from e2vd.log import event
 
-        fields = getattr(self, "_fields", {})
-        start = getattr(self, "_request_start", time.monotonic())
-        status = getattr(self, "_status", 0)
-        peer = self.conn.peer
-        total_ms = round((time.monotonic() - start) * 1000.0, 2)
+        fields, status, peer = self._fields, self._status, self.conn.peer
+        path = urlsplit(self.path).path
+        total_ms = round((time.monotonic() - self._request_start) * 1000.0, 2)
         level = logging.DEBUG if path == "/v1/health" and status == 200 else (
             logging.WARNING if status >= 500 else logging.INFO)
         summary = f"{self.command or '-'} {path} -> {status}"

@@ -183,7 +183,7 @@ CASES: list[tuple[str, Callable[..., Any], int | None, str | None]] = [
     ("GET /v1/recognize", lambda d, t: d.request("GET", "/v1/recognize")[::2], 405, "method_not_allowed"),
     ("DELETE /v1/status", lambda d, t: d.request("DELETE", "/v1/status")[::2], 405, "method_not_allowed"),
     ("HEAD /v1/health", lambda d, t: raw(d, head("HEAD", "/v1/health")), 405, None),
-    ("unknown method", lambda d, t: raw(d, head("BREW", "/v1/status")), 501, "method_not_allowed"),
+    ("unknown method", lambda d, t: raw(d, head("BREW", "/v1/status")), 405, "method_not_allowed"),
     # --- framing ---
     ("chunked upload", lambda d, t: raw(d, head("POST", "/v1/recognize", "Transfer-Encoding: chunked")
                                         + b"10\r\n" + GOOD[:16] + b"\r\n0\r\n\r\n"), 411, "length_required"),
@@ -204,9 +204,9 @@ CASES: list[tuple[str, Callable[..., Any], int | None, str | None]] = [
     ("Expect: 100-continue too large", lambda d, t: raw(d, head("POST", "/v1/recognize", f"Content-Length: {MAX_BODY + 1}",
                                                                "Expect: 100-continue")), 413, "too_large"),
     ("malformed request line", lambda d, t: raw(d, b"GARBAGE\r\n\r\n"), 400, "bad_request"),
-    ("HTTP/2.0 request line", lambda d, t: raw(d, b"GET /v1/health HTTP/2.0\r\n\r\n"), 505, "bad_request"),
-    ("header line too long", lambda d, t: raw(d, head("GET", "/v1/health", "X-A: " + "a" * 70000)), 431, "too_large"),
-    ("too many headers", lambda d, t: raw(d, head("GET", "/v1/health", *[f"X-{i}: 1" for i in range(120)])), 431, "too_large"),
+    ("HTTP/2.0 request line", lambda d, t: raw(d, b"GET /v1/health HTTP/2.0\r\n\r\n"), 400, "bad_request"),
+    ("header line too long", lambda d, t: raw(d, head("GET", "/v1/health", "X-A: " + "a" * 70000)), 413, "too_large"),
+    ("too many headers", lambda d, t: raw(d, head("GET", "/v1/health", *[f"X-{i}: 1" for i in range(120)])), 413, "too_large"),
     ("small body on GET (ignored)", lambda d, t: raw(d, head("GET", "/v1/health", "Content-Length: 3") + b"abc"), 200, None),
     ("HTTP/1.0 request (ok)", lambda d, t: raw(d, b"GET /v1/health HTTP/1.0\r\n\r\n"), 200, None),
     # --- clients that stall or vanish ---

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from e2vd import protocol
-from e2vd.protocol import ERRORS, ROUTES, ApiError, find_route, openapi, parse_options
+from e2vd.protocol import ERRORS, HTTP_ERRORS, ROUTES, ApiError, find_route, openapi, parse_options
 
 RECOGNIZE = find_route("POST", "/v1/recognize").options
 WARMUP = find_route("POST", "/v1/warmup").options
@@ -90,3 +90,14 @@ def test_openapi_covers_every_route_option_and_error():
     frame = doc["paths"]["/v1/recognize"]["post"]["parameters"][0]
     assert frame["schema"]["enum"] == ["utterance", "frame"]
     assert protocol.BUSY_RETRY_AFTER_S >= 1
+
+
+def test_openapi_gives_every_code_its_status_from_the_table():
+    doc = openapi()
+    code = doc["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]
+    assert code["x-status"] == {name: status for name, (status, _) in ERRORS.items()}
+    for route in ROUTES:
+        responses = doc["paths"][route.path][route.method.lower()]["responses"]
+        for name in HTTP_ERRORS:                     # any request can get these
+            assert f"{name}: " in responses[str(ERRORS[name][0])]["description"]
+        assert list(responses) == sorted(responses)

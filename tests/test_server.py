@@ -6,19 +6,23 @@ quick) serves most tests; tests that stop the daemon's process start their own.
 """
 from __future__ import annotations
 
+import io
 import re
 import signal
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import pytest
+import soundfile as sf
 from conftest import wav_clip
 from daemon_proc import DaemonProcess, raw_request, read_response
 
 from e2vd.client import connect_unix
-from e2vd.server import peer_hung_up
+from e2vd.protocol import ERRORS, HTTP_ERRORS, ROUTES
+from e2vd.server import MAX_CONNECTIONS, MAX_HEADERS, MAX_LINE_BYTES, peer_hung_up
 
 CONNECTION_TIMEOUT = 2
 MAX_SECONDS = 5
@@ -38,6 +42,26 @@ def head(method: str, target: str, *lines: str) -> bytes:
     return ("\r\n".join([f"{method} {target} HTTP/1.1", "Host: e2vd", *lines]) + "\r\n\r\n").encode("latin-1")
 
 
+def exchange(d: DaemonProcess, data: bytes, then: Callable[[socket.socket], None] | None = None,
+             ) -> tuple[int, dict[str, str], Any, bool]:
+    """Send `data` on a fresh connection (then act on the socket, e.g. half-close it), read one
+    answer; returns (status, headers, JSON, whether the daemon closed the connection after it)."""
+    with connect_unix(str(d.socket), CONNECTION_TIMEOUT * 15) as s:
+        s.sendall(data)
+        if then is not None:
+            then(s)
+        status, headers, payload = read_response(s)
+        return status, headers, payload, closed(s)
+
+
+def closed(s: socket.socket) -> bool:
+    """Whether the peer closed the connection (rather than sending more); waits for either."""
+    try:
+        return s.recv(65536) == b""
+    except ConnectionResetError:
+        return True
+
+
 def wait_for_log(d: DaemonProcess, pattern: bytes, count: int = 1, timeout: float = 60.0) -> list[bytes]:
     """The daemon's stderr lines matching `pattern`, once there are at least `count` of them
     (the request event is written just after the answer is sent)."""
@@ -47,6 +71,174 @@ def wait_for_log(d: DaemonProcess, pattern: bytes, count: int = 1, timeout: floa
         if len(lines) >= count or time.monotonic() > deadline:
             return lines
         time.sleep(0.05)
+
+
+# --- request lines the stdlib crashed on (item 4) ---------------------------------------------------
+
+def test_request_line_without_http_version_is_400_not_a_crash(daemon):
+    status, headers, body, was_closed = exchange(daemon, b"GET /v1/health\r\n\r\n")
+    assert status == 400 and body["error"]["code"] == "bad_request", body
+    assert "no HTTP version" in body["error"]["message"] and "GET /v1/health HTTP/1.1" in body["error"]["message"]
+    assert headers["content-type"] == "application/json" and headers["connection"] == "close" and was_closed
+    [line] = wait_for_log(daemon, rb"GET /v1/health -> 400 bad_request")
+    assert b"status=400" in line
+    assert "Traceback" not in daemon.log_text() and "connection handler failed" not in daemon.log_text()
+
+
+def test_client_cut_off_in_the_middle_of_the_request_line_gets_408(daemon):
+    status, _, body, was_closed = exchange(daemon, b"GET /v1/hea")      # then silence
+    assert status == 408 and body["error"]["code"] == "timeout", body
+    assert "connection_timeout" in body["error"]["message"] and was_closed
+    assert "Traceback" not in daemon.log_text()
+
+
+def test_client_that_stops_in_the_middle_of_the_request_line_gets_400(daemon):
+    status, _, body, was_closed = exchange(daemon, b"GET /v1/hea", lambda s: s.shutdown(socket.SHUT_WR))
+    assert status == 400 and body["error"]["code"] == "bad_request", body
+    assert "in the middle of a request line" in body["error"]["message"] and was_closed
+
+
+def test_blank_lines_before_the_request_line_are_skipped(daemon):
+    status, _, body, was_closed = exchange(daemon, b"\r\n\r\n" + head("GET", "/v1/health", "Connection: close"))
+    assert status == 200 and body == {"status": "ready"} and was_closed
+
+
+def test_answers_are_one_write_with_the_head_built_here(daemon):
+    """Head and body arrive together (one send), with the headers the stdlib used to add."""
+    with connect_unix(str(daemon.socket), 30) as s:
+        s.sendall(head("GET", "/v1/health"))
+        data = s.recv(65536)
+    head_part, _, body = data.partition(b"\r\n\r\n")
+    lines = head_part.decode().split("\r\n")
+    assert lines[0] == "HTTP/1.1 200 OK" and body == b'{"status":"ready"}'
+    fields = dict(line.split(": ", 1) for line in lines[1:])
+    assert fields["Server"].startswith("e2vd/") and fields["Date"].endswith(" GMT")
+    assert fields["Content-Length"] == str(len(body)) and "Connection" not in fields
+
+
+def test_keep_alive_and_expect_100_continue(daemon):
+    """What the stdlib's parser did and this one must keep doing: HTTP/1.1 keep-alive, HTTP/1.0
+    keep-alive on request, and Expect: 100-continue inviting an acceptable body."""
+    with connect_unix(str(daemon.socket), 30) as s:
+        s.sendall(head("POST", "/v1/recognize", f"Content-Length: {len(GOOD)}", "Expect: 100-continue"))
+        assert s.recv(25) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        s.sendall(GOOD)
+        status, headers, result = read_response(s)
+        assert status == 200 and "connection" not in headers and len(result["scores"]) == 9
+        s.sendall(head("GET", "/v1/health"))
+        assert read_response(s)[0] == 200
+    with connect_unix(str(daemon.socket), 30) as s:
+        s.sendall(b"GET /v1/health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        assert read_response(s)[0] == 200
+        s.sendall(b"GET /v1/health HTTP/1.0\r\n\r\n")
+        status, headers, _ = read_response(s)
+        assert status == 200 and headers["connection"] == "close" and closed(s)
+
+
+# --- one table of error statuses (item 8) ----------------------------------------------------------
+
+def loud_float_wav() -> bytes:
+    """Finite float samples at +-3e38: the model's layer norm overflows and every score is NaN,
+    so the result cannot be sent as JSON: the daemon's own "internal" path."""
+    samples = np.full((16000, 1), 3e38, np.float32)
+    samples[::2] = -3e38
+    buf = io.BytesIO()
+    sf.write(buf, samples, 16000, format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
+def too_many_connections(d: DaemonProcess) -> tuple[int, dict[str, str], Any]:
+    held = []
+    try:
+        for _ in range(MAX_CONNECTIONS):   # a per-uid cap, if lower, refuses these first: busy too
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(d.socket))
+            held.append(s)
+        return raw_request(d.socket, head("GET", "/v1/health"))
+    finally:
+        for s in held:
+            s.close()
+
+
+def post(body: bytes, query: str = "") -> bytes:
+    return head("POST", "/v1/recognize" + query, f"Content-Length: {len(body)}") + body
+
+
+# (code, what, action(daemon) -> (status, headers, JSON)); every code of ERRORS at least once
+ERROR_PATHS: list[tuple[str, str, Callable[[DaemonProcess], tuple[int, dict[str, str], Any]]]] = [
+    ("bad_audio", "empty body", lambda d: raw_request(d.socket, post(b""))),
+    ("bad_option", "granularity=word", lambda d: raw_request(d.socket, post(GOOD, "?granularity=word"))),
+    ("bad_request", "HTTP/0.9 request line", lambda d: raw_request(d.socket, b"GET /v1/health\r\n\r\n")),
+    ("bad_request", "HTTP/2.0 request line", lambda d: raw_request(d.socket, b"GET /v1/health HTTP/2.0\r\n\r\n")),
+    ("bad_request", "target that is not a URL", lambda d: raw_request(d.socket, head("GET", "http://[::1/v1/health"))),
+    ("bad_request", "Content-Length not a number",
+     lambda d: raw_request(d.socket, head("POST", "/v1/recognize", "Content-Length: abc"))),
+    ("not_found", "unknown route", lambda d: raw_request(d.socket, head("GET", "/v1/nothing"))),
+    ("method_not_allowed", "GET on a POST route", lambda d: raw_request(d.socket, head("GET", "/v1/recognize"))),
+    ("method_not_allowed", "unknown method", lambda d: raw_request(d.socket, head("BREW", "/v1/status"))),
+    ("timeout", "cut off in the request line", lambda d: exchange(d, b"GET /v1/hea")[:3]),
+    ("length_required", "POST without Content-Length", lambda d: raw_request(d.socket, head("POST", "/v1/recognize"))),
+    ("length_required", "chunked upload", lambda d: raw_request(
+        d.socket, head("POST", "/v1/recognize", "Transfer-Encoding: chunked") + b"0\r\n\r\n")),
+    ("too_large", "huge Content-Length", lambda d: raw_request(
+        d.socket, head("POST", "/v1/recognize", "Content-Length: 1000000000000"))),
+    ("too_large", "request line too long", lambda d: raw_request(d.socket, head("GET", "/v1/" + "a" * MAX_LINE_BYTES))),
+    ("too_large", "header line too long", lambda d: raw_request(
+        d.socket, head("GET", "/v1/health", "X-A: " + "a" * MAX_LINE_BYTES))),
+    ("too_large", "too many header lines", lambda d: raw_request(
+        d.socket, head("GET", "/v1/health", *[f"X-{i}: 1" for i in range(MAX_HEADERS + 1)]))),
+    ("too_long", "audio over max_seconds", lambda d: raw_request(d.socket, post(wav_clip(MAX_SECONDS + 1)))),
+    ("too_short", "10 ms of audio", lambda d: raw_request(d.socket, post(wav_clip(0.01)))),
+    ("internal", "a result that is not JSON", lambda d: raw_request(d.socket, post(loud_float_wav()))),
+    ("busy", "too many connections", too_many_connections),
+]
+
+
+def test_every_error_code_is_walked():
+    assert {code for code, _, _ in ERROR_PATHS} | {"model_unavailable"} == set(ERRORS)
+
+
+@pytest.fixture(scope="module")
+def document(daemon) -> dict[str, Any]:
+    status, _, doc = daemon.request("GET", "/v1/openapi.json")
+    assert status == 200
+    return doc
+
+
+def check_against_the_table(code: str, status: int, headers: dict[str, str], body: Any,
+                            document: dict[str, Any]) -> None:
+    """The answer's status is ERRORS[code]'s, and the OpenAPI document says so."""
+    assert body["error"]["code"] == code, body
+    assert status == ERRORS[code][0], (status, body)
+    schema = document["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]
+    assert schema["x-status"][code] == status
+    for route in ROUTES:
+        responses = document["paths"][route.path][route.method.lower()]["responses"]
+        if code in route.errors or code in HTTP_ERRORS:
+            assert f"{code}: " in responses[str(status)]["description"], (route.path, code)
+        for other, response in responses.items():
+            if other != str(status):
+                assert f"{code}: " not in response["description"], (route.path, code, other)
+
+
+@pytest.mark.parametrize("code, what, action", ERROR_PATHS, ids=[f"{c}: {w}" for c, w, _ in ERROR_PATHS])
+def test_error_status_comes_from_the_table(daemon, document, code, what, action):
+    status, headers, body = action(daemon)
+    check_against_the_table(code, status, headers, body, document)
+    if code == "method_not_allowed":
+        assert headers["allow"] in ("GET", "POST")
+    if code == "busy":
+        assert int(headers["retry-after"]) >= 1
+    assert daemon.request("GET", "/v1/health")[0] == 200   # and the daemon still serves
+
+
+def test_model_unavailable_status_comes_from_the_table(tmp_path, document):
+    with DaemonProcess(tmp_path / "s.sock", tmp_path / "no-such-model", unavailable_grace=600) as d:
+        deadline = time.monotonic() + 60
+        while (answer := d.request("GET", "/v1/health"))[0] == 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        check_against_the_table("model_unavailable", *answer, document)
+        check_against_the_table("model_unavailable", *raw_request(d.socket, post(GOOD)), document)
 
 
 # --- the log --------------------------------------------------------------------------------------
