@@ -14,6 +14,10 @@ Limits, so that no client can hold a thread, the worker or the GPU forever:
   within `connection_timeout` seconds, else 408 `timeout` (a reaper thread shuts the read side);
 - a request line or header line longer than 64 KiB, or more than 100 header lines, get 413
   `too_large`; a request line without an HTTP version (HTTP/0.9) or with HTTP/2+ gets 400;
+- a malformed header line (whitespace before the colon, a folded continuation line, a name that is
+  not a token, control characters in the value), Content-Length given twice or not a number, or
+  Transfer-Encoding with Content-Length get 400 `bad_request` and the connection is closed: a
+  proxy in front of the socket could frame such a request differently (request smuggling);
 - bodies need Content-Length (chunked uploads get 411 `length_required`); a Content-Length above
   `max_body_bytes` gets 413 `too_large` before any of the body is read (also on Expect: 100-continue);
 - a recognition whose client hangs up while it waits in the queue is not run: the request event
@@ -27,7 +31,6 @@ import email.utils
 import functools
 import http.client
 import http.server
-import io
 import json
 import logging
 import math
@@ -290,6 +293,8 @@ MAX_HEADERS = 100          # most header lines in one request (http.client's lim
 SERVER_HEADER = f"e2vd/{__version__}"
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")          # RFC 9110 §5.6.2
 _HTTP_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])")          # RFC 9112 §2.3
+# RFC 9112 §5: field-name ":" OWS field-value OWS; no control characters in the value but HTAB
+_FIELD_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*\r?\n")
 _SEND_HTTP_1_1 = "send an HTTP/1.1 request as curl --unix-socket SOCKET http://e2vd/v1/... does"
 
 
@@ -335,6 +340,65 @@ class RequestLine:
         if not _TOKEN.fullmatch(self.method):
             raise ApiError("bad_request", f"the method {self.method[:40]!r} is not an HTTP method; {_SEND_HTTP_1_1}")
         return 1, int(match.group(2))
+
+
+def parse_field_line(line: bytes) -> tuple[str, str]:
+    """Split one header line into name and value (RFC 9112 §5). ApiError bad_request for a line
+    that starts with whitespace (obs-fold), has no colon, whitespace before the colon, a name that
+    is not a token, or control characters (HTAB aside) in its value. A lenient parser would drop
+    such a line, or read it differently than a proxy in front of us does (request smuggling)."""
+    match = _FIELD_LINE.fullmatch(line)
+    if match is None:
+        raise ApiError("bad_request", f"{_field_line_problem(line)}; send each header as 'Name: value' "
+                                      "on one line (the connection is closed)")
+    return match.group(1).decode("ascii"), match.group(2).decode("latin-1")
+
+
+def _field_line_problem(line: bytes) -> str:
+    """What is wrong with a header line `_FIELD_LINE` does not match."""
+    shown = repr(line.rstrip(b"\r\n")[:100].decode("latin-1"))
+    name, colon, _ = line.partition(b":")
+    if line[:1] in (b" ", b"\t"):
+        return f"the header line {shown} starts with whitespace (a folded continuation line, obs-fold)"
+    if not colon:
+        return f"the header line {shown} has no colon"
+    if name != name.rstrip(b" \t"):
+        return f"the header line {shown} has whitespace before the colon"
+    if not _TOKEN.fullmatch(name.decode("latin-1")):
+        return f"the header name in {shown} is not a token (letters, digits and !#$%&'*+-.^_`|~)"
+    return f"the value of the header line {shown} has control characters"
+
+
+def parse_header_lines(lines: list[bytes]) -> http.client.HTTPMessage:
+    """The headers of `lines` (each checked by `parse_field_line`), as the stdlib's message type."""
+    headers = http.client.HTTPMessage()
+    for line in lines:
+        name, value = parse_field_line(line)
+        headers[name] = value
+    return headers
+
+
+def content_length(headers: http.client.HTTPMessage) -> int | None:
+    """The body length the headers declare; None without Content-Length. ApiError bad_request for
+    framing that a proxy could read differently (RFC 9112 §6.3): Transfer-Encoding together with
+    Content-Length, Content-Length more than once (even with equal values), or not a decimal
+    number; too_large for a number of more than 18 digits."""
+    values = headers.get_all("Content-Length") or []
+    if values and "Transfer-Encoding" in headers:
+        raise ApiError("bad_request", "the request has both Transfer-Encoding and Content-Length; "
+                                      "send the body with Content-Length only (the connection is closed)")
+    if len(values) > 1:
+        raise ApiError("bad_request", f"Content-Length is given {len(values)} times ({', '.join(values)[:100]}); "
+                                      "send it once, with the exact size of the body (the connection is closed)")
+    if not values:
+        return None
+    if not values[0].isascii() or not values[0].isdigit():
+        raise ApiError("bad_request", f"Content-Length {values[0][:40]!r} is not a whole number of bytes; "
+                                      "send the exact size of the body (the connection is closed)")
+    digits = values[0].lstrip("0") or "0"
+    if len(digits) > 18:
+        raise ApiError("too_large", f"Content-Length is a {len(digits)}-digit number of bytes; send a shorter clip")
+    return int(digits)
 
 
 def keeps_alive(version: tuple[int, int], connection: str) -> bool:
@@ -413,6 +477,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._status = 0
         self.command, self.path, self._version = "", "", (1, 1)
         self.headers = http.client.HTTPMessage()
+        self._content_length: int | None = None
+        self._chunked = False
         self.close_connection = True   # until the request's head has been read
 
     def _handle_request(self) -> None:
@@ -436,9 +502,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     # --- the request's head ---
     def _read_head(self) -> None:
-        """Read the request line and the headers; sets command, path, the HTTP version, headers and
-        close_connection. Blank lines before the request line are skipped (RFC 9112 §2.2).
-        Raises ApiError; the connection is then closed, as its framing cannot be trusted."""
+        """Read the request line and the headers; sets command, path, the HTTP version, headers, the
+        body's framing and close_connection. Blank lines before the request line are skipped (RFC
+        9112 §2.2). Raises ApiError; the connection is then closed, as its framing cannot be trusted."""
         line = self._read_line("request line")
         while line in (b"\r\n", b"\n"):
             line = self._read_line("request line")
@@ -450,7 +516,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if len(lines) == MAX_HEADERS:
                 raise ApiError("too_large", f"the request has more than {MAX_HEADERS} header lines; send fewer")
             lines.append(line)
-        self.headers = http.client.parse_headers(io.BytesIO(b"".join(lines) + b"\r\n"))
+        self.headers = parse_header_lines(lines)
+        self._content_length = content_length(self.headers)
+        self._chunked = "Transfer-Encoding" in self.headers
         self.close_connection = not keeps_alive(self._version, self.headers.get("Connection", ""))
 
     def _read_line(self, what: str) -> bytes:
@@ -568,23 +636,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     # --- bodies ---
     def _check_length(self, required: bool, limit: int | None = None) -> int | None:
-        """Validate the framing headers; returns Content-Length (None if absent and allowed).
-        `limit`: the largest body accepted (default max_body_bytes when `required`, else SMALL_BODY_BYTES)."""
-        if self.headers.get("Transfer-Encoding") is not None:
+        """The body's length for this route (None if it has none and none is `required`); refuses
+        chunked bodies (411), a missing Content-Length where `required` (411) and bodies over
+        `limit` (413; default max_body_bytes when `required`, else SMALL_BODY_BYTES)."""
+        if self._chunked:
             self.close_connection = True
             raise ApiError("length_required", "chunked uploads are not supported; send the body with "
                                               "Content-Length (curl --data-binary @FILE does)")
-        values = self.headers.get_all("Content-Length") or []
-        if not values:
+        length = self._content_length
+        if length is None:
             if required:
                 raise ApiError("length_required", "this request needs a body with Content-Length; "
                                                   "send the audio file's bytes, e.g. curl --data-binary @clip.wav")
             return None
-        if len(set(v.strip() for v in values)) != 1 or not values[0].strip().isdigit():
-            self.close_connection = True
-            raise ApiError("bad_request", f"Content-Length {', '.join(values)!r} is not one whole number of bytes; "
-                                          "send the exact size of the body")
-        length = int(values[0])
         if limit is None:
             limit = self.server.max_body_bytes if required else SMALL_BODY_BYTES
         if length > limit:
@@ -636,14 +700,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _discard_body(self) -> None:
         """After an early error (bad option, wrong route, ...) read and drop an acceptable body, so
         the client gets to read our answer and the connection stays in sync; else close it."""
-        values = self.headers.get_all("Content-Length") or []
-        if self.headers.get("Transfer-Encoding") is not None or len(values) > 1 or (
-                values and (not values[0].strip().isdigit() or int(values[0]) > self.server.max_body_bytes)):
+        length = self._content_length or 0
+        if self._chunked or length > self.server.max_body_bytes:
             self.close_connection = True
             return
         try:
-            if values:
-                self._read_exactly(int(values[0]))
+            self._read_exactly(length)
         except ApiError:
             self.close_connection = True
         self._body_done = True

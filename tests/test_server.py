@@ -135,6 +135,56 @@ def test_keep_alive_and_expect_100_continue(daemon):
         assert status == 200 and headers["connection"] == "close" and closed(s)
 
 
+# --- malformed header lines and framing (item 7) ---------------------------------------------------
+
+SMUGGLED = b"GET /v1/status HTTP/1.1\r\n\r\n"   # a second request hidden in the body
+
+MALFORMED_HEADS: list[tuple[str, bytes, str]] = [
+    ("space before the colon", b"Content-Length : 27", "whitespace before the colon"),
+    ("tab before the colon", b"Content-Length\t: 27", "whitespace before the colon"),
+    ("folded continuation line", b"X-Note: one\r\n two", "obs-fold"),
+    ("no colon", b"Content-Length 27", "no colon"),
+    ("empty name", b": 27", "not a token"),
+    ("name that is not a token", b"Content/Length: 27", "not a token"),
+    ("control character in a value", b"X-Note: a\x01b", "control characters"),
+    ("NUL in a value", b"X-Note: a\x00b", "control characters"),
+    ("bare CR in a value", b"X-Note: a\rb", "control characters"),
+    ("DEL in a value", b"X-Note: a\x7fb", "control characters"),
+    ("Content-Length twice, equal", b"Content-Length: 27\r\nContent-Length: 27", "given 2 times"),
+    ("Content-Length twice, different", b"Content-Length: 27\r\nContent-Length: 0", "given 2 times"),
+    ("Content-Length as a list", b"Content-Length: 27, 27", "not a whole number"),
+    ("Content-Length with a sign", b"Content-Length: +27", "not a whole number"),
+    ("Content-Length in other digits", "Content-Length: ²7".encode("latin-1"), "not a whole number"),
+    ("Transfer-Encoding and Content-Length", b"Transfer-Encoding: chunked\r\nContent-Length: 27",
+     "both Transfer-Encoding and Content-Length"),
+]
+
+
+@pytest.mark.parametrize("what, lines, needle", MALFORMED_HEADS, ids=[m[0] for m in MALFORMED_HEADS])
+def test_malformed_header_lines_and_framing_are_400_and_close_the_connection(daemon, what, lines, needle):
+    """The body is a second request: it must never be answered (before, `Content-Length : 27`
+    was dropped, the POST got 411 and the body was read as the next request)."""
+    assert len(SMUGGLED) == 27
+    data = b"POST /v1/recognize HTTP/1.1\r\nHost: e2vd\r\n" + lines + b"\r\n\r\n" + SMUGGLED
+    status, headers, body, was_closed = exchange(daemon, data)
+    assert status == 400 and body["error"]["code"] == "bad_request", body
+    assert needle in body["error"]["message"], body
+    assert headers["connection"] == "close" and was_closed       # nothing answered the smuggled request
+
+
+def test_well_formed_header_variations_are_accepted(daemon):
+    """What RFC 9112 allows stays allowed: any case, no or tab OWS, obs-text in a value, an
+    empty value, bare LF line ends, leading zeros in Content-Length."""
+    lines = ["content-length:0000027", "X-Note:\tcaf\xe9 ", "X-Empty:", "x-a.b_c~d!: 1"]
+    data = ("POST /v1/warmup HTTP/1.1\nHost: e2vd\n" + "\n".join(lines) + "\n\n").encode("latin-1") + b"x" * 27
+    with connect_unix(str(daemon.socket), 30) as s:
+        s.sendall(data)
+        status, _, body = read_response(s)
+        assert status == 200 and body["status"] == "ready", body
+        s.sendall(head("GET", "/v1/health"))                     # the 27 bytes were the whole body:
+        assert read_response(s)[2] == {"status": "ready"}        # the next request is read as one
+
+
 # --- one table of error statuses (item 8) ----------------------------------------------------------
 
 def loud_float_wav() -> bytes:
@@ -182,6 +232,8 @@ ERROR_PATHS: list[tuple[str, str, Callable[[DaemonProcess], tuple[int, dict[str,
         d.socket, head("POST", "/v1/recognize", "Transfer-Encoding: chunked") + b"0\r\n\r\n")),
     ("too_large", "huge Content-Length", lambda d: raw_request(
         d.socket, head("POST", "/v1/recognize", "Content-Length: 1000000000000"))),
+    ("too_large", "Content-Length of 5000 digits", lambda d: raw_request(
+        d.socket, head("POST", "/v1/recognize", "Content-Length: " + "9" * 5000))),
     ("too_large", "request line too long", lambda d: raw_request(d.socket, head("GET", "/v1/" + "a" * MAX_LINE_BYTES))),
     ("too_large", "header line too long", lambda d: raw_request(
         d.socket, head("GET", "/v1/health", "X-A: " + "a" * MAX_LINE_BYTES))),
