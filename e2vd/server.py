@@ -336,7 +336,8 @@ class RequestLine:
             raise ApiError("bad_request", f"{self.version[:40]!r} in the request line is not an HTTP version; "
                                           f"{_SEND_HTTP_1_1}")
         if match.group(1) != "1":
-            raise ApiError("bad_request", f"this daemon speaks HTTP/1.1 (and 1.0), not {self.version}; {_SEND_HTTP_1_1}")
+            raise ApiError("bad_request", f"this daemon speaks HTTP/1.1 (and 1.0), not {self.version}; "
+                                          f"{_SEND_HTTP_1_1}")
         if not _TOKEN.fullmatch(self.method):
             raise ApiError("bad_request", f"the method {self.method[:40]!r} is not an HTTP method; {_SEND_HTTP_1_1}")
         return 1, int(match.group(2))
@@ -428,8 +429,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     The base class runs the keep-alive loop (`handle` calls `handle_one_request` until
     `close_connection`); the request line and headers are read and checked here, not by the
-    stdlib's parser (which answers HTML and lets a request line without an HTTP version through),
-    and each answer leaves in one write (head and body together, so the client wakes once).
+    stdlib's parser (which answers HTML, lets a request line without an HTTP version through and
+    drops malformed header lines), and each answer leaves in one write (head and body together,
+    so the client wakes once).
     Every request, whatever becomes of it, is logged as one `request` event.
     """
 
@@ -690,7 +692,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.close_connection = True
                 if self.conn.timed_out:
                     raise ApiError("timeout", f"the body did not arrive within {self.server.connection_timeout:g} s "
-                                              f"(got {got} of {length} bytes); send it at once, or raise connection_timeout")
+                                              f"(got {got} of {length} bytes); send it at once, "
+                                              "or raise connection_timeout")
                 raise ApiError("bad_request", f"the body ended after {got} of {length} bytes (Content-Length); "
                                               "send exactly Content-Length bytes")
             chunks.append(chunk)
