@@ -21,7 +21,7 @@ peak (RMS ~1.5 % of the signal's), mostly near the band edge.
 
 Limits and errors: every problem raises `AudioError(code, message)` (a ValueError) whose message
 names the problem and what to do. Codes: "bad_audio" (empty, not audio, truncated or damaged,
-NaN/inf samples, no samples, sample rate below 4 kHz), "too_short" (< 25 ms: emotion2vec's
+NaN/inf samples, samples beyond ±MAX_SAMPLE_MAGNITUDE, no samples, sample rate below 4 kHz), "too_short" (< 25 ms: emotion2vec's
 convolutional front end needs 400 samples at 16 kHz to produce one frame), "too_long" (more
 than `max_seconds`; checked from the header before decoding when the header states a length,
 and enforced again while decoding, so a lying header cannot make us decode more).
@@ -36,6 +36,16 @@ length" placeholder and is accepted; a data size of 0 with data after it is repo
 FLAC fails inside libsndfile while decoding; a cut MP3 decodes fewer frames than its Xing/Info
 header states (tolerance: 2 MPEG frames or 2 %, since MP3 lengths without such a header are
 estimates).
+Sample magnitude: float samples are full scale at ±1.0, but a float file or array may hold any
+finite value. The model layer-norms each whole waveform in fp32 (emotion2vec+ configs set
+`normalize: true`), so its scores do not depend on the scale until the sum of squares overflows:
+measured with the tiny stand-in, a 30 s clip's scores change from about 1e17 on, and scores are
+NaN (an HTTP 500) from about 1e25. Samples beyond ±MAX_SAMPLE_MAGNITUDE = 2^31 are therefore
+"bad_audio". The bound is the full scale of 32-bit integer PCM, the largest of any audio format:
+a float file holding unscaled integer samples (a common export mistake: 16- or 32-bit values
+written as float) stays within it and is still recognised correctly (tests/test_engine.py
+compares a clip at full scale 1 with the same clip at 2^31), and it lies 7 orders of magnitude
+below where the arithmetic fails.
 """
 from __future__ import annotations
 
@@ -49,6 +59,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from e2vd.vocabulary import ExitCode
+
 SAMPLE_RATE = 16000
 """Output sample rate in Hz (emotion2vec's input rate)."""
 MIN_SECONDS = 0.025
@@ -57,6 +69,8 @@ MIN_SOURCE_RATE = 4000
 """Lowest accepted source sample rate in Hz (below telephone band speech is gone)."""
 RESAMPLE_QUALITY = "HQ"
 """python-soxr quality recipe; "HQ" is librosa's default `soxr_hq`, see the module docstring."""
+MAX_SAMPLE_MAGNITUDE = float(2 ** 31)
+"""Largest accepted |sample| (full scale of 32-bit integer PCM); see the module docstring."""
 ERROR_CODES = frozenset({"bad_audio", "too_long", "too_short"})
 
 _FORMATS = "a WAV, FLAC, OGG (Vorbis/Opus) or MP3 file"
@@ -73,6 +87,8 @@ _MAX_FRAMES_PER_BYTE = 1 << 16
 
 class AudioError(ValueError):
     """Audio that cannot be used; `.code` is one of ERROR_CODES, `.message` equals `str(err)`."""
+
+    exit_code = ExitCode.REJECTED
 
     def __init__(self, code: str, message: str) -> None:
         if code not in ERROR_CODES:
@@ -219,13 +235,14 @@ def from_samples(samples: np.ndarray, rate: int, max_seconds: float = 30.0) -> A
     if arr.shape[1] > 64:
         raise AudioError("bad_audio", f"{what} have shape {arr.shape}, i.e. {arr.shape[1]} channels; "
                                       f"pass (frames, channels) — transpose a (channels, frames) array.")
-    arr = _to_float32(arr, what)
     if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)):
         raise AudioError("bad_audio", f"The sample rate must be a whole number of Hz, got {rate!r}.")
     rate = int(rate)
     _check_rate(rate, what)
     check_duration(len(arr) / rate, max_seconds)
-    return _finish(arr, rate, what)
+    if arr.dtype.kind == "f" and arr.size:
+        _check_samples(arr, rate, what)   # before float32, which would turn 1e300 into inf
+    return _finish(_to_float32(arr, what), rate, what)
 
 
 def check_duration(duration_s: float, max_seconds: float) -> None:
@@ -236,7 +253,8 @@ def check_duration(duration_s: float, max_seconds: float) -> None:
 
 
 def _finish(frames: np.ndarray, rate: int, what: str) -> Audio:
-    """Reject empty/short/non-finite audio, downmix (frames, channels) float32 and resample."""
+    """Reject empty/short/non-finite/out-of-range audio, downmix (frames, channels) float32 and
+    resample."""
     n, channels = frames.shape
     if n == 0:
         raise AudioError("bad_audio", f"{what} holds no audio samples (0 frames). "
@@ -246,6 +264,20 @@ def _finish(frames: np.ndarray, rate: int, what: str) -> Audio:
         raise AudioError("too_short", (
             f"{what} is {_beside(duration * 1000, MIN_SECONDS * 1000)} ms long; at least "
             f"{_number(MIN_SECONDS * 1000)} ms is needed. Send a longer recording."))
+    _check_samples(frames, rate, what)
+    mono = _downmix(frames)
+    return Audio(samples=_resample(mono, rate), duration_s=duration,
+                 source_rate=rate, source_channels=channels)
+
+
+def _check_samples(frames: np.ndarray, rate: int, what: str) -> None:
+    """Raise AudioError "bad_audio" for NaN or infinite samples, or samples beyond
+    ±MAX_SAMPLE_MAGNITUDE, naming how many and where the first one is.
+
+    Two reductions without a temporary array on the common path: NaN makes both comparisons
+    false, so one test catches NaN, infinity and out-of-range values alike."""
+    if frames.min() >= -MAX_SAMPLE_MAGNITUDE and frames.max() <= MAX_SAMPLE_MAGNITUDE:
+        return
     finite = np.isfinite(frames)
     if not finite.all():
         bad = np.flatnonzero(~finite.all(axis=1))
@@ -253,9 +285,14 @@ def _finish(frames: np.ndarray, rate: int, what: str) -> Audio:
             f"{what} contains {int((~finite).sum())} NaN or infinite sample values (first at "
             f"{bad[0] / rate:.3f} s). Fix or re-export the recording; a float WAV written from a "
             f"failed computation is the usual cause."))
-    mono = _downmix(frames)
-    return Audio(samples=_resample(mono, rate), duration_s=duration,
-                 source_rate=rate, source_channels=channels)
+    loud = np.abs(frames) > MAX_SAMPLE_MAGNITUDE
+    first = int(np.flatnonzero(loud.any(axis=1))[0])
+    raise AudioError("bad_audio", (
+        f"{int(loud.sum())} sample value(s) of {what[0].lower() + what[1:]} lie beyond ±2^31 = "
+        f"{MAX_SAMPLE_MAGNITUDE:.0f} (peak {float(np.abs(frames).max()):.3g}, first at "
+        f"{first / rate:.3f} s): float audio is full scale at ±1.0 and no audio format reaches "
+        f"that far, so these are not audio samples (the model's arithmetic would overflow on them). "
+        f"Re-export the recording, or scale the samples into [-1, 1] (divide by their peak)."))
 
 
 def _downmix(frames: np.ndarray) -> np.ndarray:

@@ -11,7 +11,8 @@ import pytest
 import soundfile as sf
 
 from conftest import speechlike
-from e2vd.audio import MIN_SECONDS, SAMPLE_RATE, Audio, AudioError, decode, from_samples
+from e2vd.audio import MAX_SAMPLE_MAGNITUDE, MIN_SECONDS, SAMPLE_RATE, Audio, AudioError, decode, from_samples
+from e2vd.vocabulary import ExitCode
 
 
 def encode(seconds: float = 1.0, sr: int = 16000, channels: int = 1, fmt: str = "WAV",
@@ -193,6 +194,38 @@ def test_non_finite_samples(bad):
     x[8000, 0] = bad
     err = error(encode(data=x, fmt="WAV", subtype="FLOAT"))
     assert err.code == "bad_audio" and "NaN or infinite" in err.message and "0.500 s" in err.message
+
+
+@pytest.mark.parametrize("peak", [3e38, -3e38, 1e20, 2.0 ** 31 * 1.001])
+def test_finite_samples_beyond_any_audio_format_are_bad_audio(peak):
+    """Finite float samples around ±3e38 made the model's scores NaN (an HTTP 500 `internal`), and
+    samples of 1e17 and more changed them: anything beyond ±2^31 is refused as bad audio."""
+    x = speechlike(1.0, 16000)
+    x[8000, 0] = peak
+    x[9000, 0] = peak
+    err = error(encode(data=x, fmt="WAV", subtype="FLOAT"))
+    assert err.code == "bad_audio" and err.exit_code == ExitCode.REJECTED
+    assert "2 sample value(s) of the WAV file lie beyond ±2^31 = 2147483648" in err.message
+    assert f"peak {abs(peak):.3g}, first at 0.500 s" in err.message
+    assert "scale the samples into [-1, 1]" in err.message
+
+
+def test_unscaled_integer_samples_stored_as_float_are_still_audio():
+    """The bound is 32-bit PCM's full scale: 16- and 32-bit values written as float pass."""
+    unit = speechlike(1.0, 16000) / np.abs(speechlike(1.0, 16000)).max()
+    for scale in (32768.0, MAX_SAMPLE_MAGNITUDE):
+        x = (unit * scale).astype(np.float32)
+        assert decode(encode(data=x, fmt="WAV", subtype="FLOAT")).duration_s == 1.0
+    assert from_samples(np.float32(-MAX_SAMPLE_MAGNITUDE) * np.ones(1600, np.float32), 16000).duration_s == 0.1
+
+
+def test_float64_samples_beyond_float32_are_named_not_called_infinite():
+    """from_samples checks a float64 array before converting it: 1e300 would become inf."""
+    x = np.zeros(16000)
+    x[4000] = 1e300
+    err = pytest.raises(AudioError, from_samples, x, 16000).value
+    assert err.code == "bad_audio" and "of the samples lie beyond ±2^31" in err.message
+    assert "peak 1e+300, first at 0.250 s" in err.message and "infinite" not in err.message
 
 
 def test_too_long_from_header_and_limit_is_inclusive():
