@@ -45,30 +45,31 @@ import numpy as np
 import torch
 
 from e2vd.audio import Audio, check_duration, decode
-from e2vd.config import MODEL_ID_PATTERN
+from e2vd.config import MODEL_ID_PATTERN, Settings
 from e2vd.gpu import GpuOutOfMemory, choose_device, device_memory
 from e2vd.result import Recognition
+from e2vd.vocabulary import DTYPES, LABELS, ExitCode, Granularity
 
 log = logging.getLogger(__name__)
 
-#: English labels, in the model's order (tokens.txt of emotion2vec+; "<unk>" is "unknown").
-LABELS: tuple[str, ...] = (
-    "angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised", "unknown",
-)
-DEFAULT_MODEL = "iic/emotion2vec_plus_large"
+DEFAULT_MODEL = Settings.model
 #: ModelScope revision (git tag) of iic/emotion2vec_plus_large that e2vd is pinned to: the tag
 #: FunASR users pin (``model_revision="v2.0.5"``); a new upstream upload cannot change results.
 DEFAULT_REVISION = "v2.0.5"
 #: Frames per second of the model's output (320x convolutional down-sampling of 16 kHz audio).
 FRAME_RATE_HZ = 50
-GRANULARITIES = ("utterance", "frame")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: torch's type for each precision name of `e2vd.vocabulary.DTYPES` (tests/test_vocabulary.py
+#: checks that the keys are exactly those names).
+_TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16,
+                                         "bf16": torch.bfloat16}
 HUB_PROBE_TIMEOUT_S = 3.0
 _IMPORT_LOCK = threading.Lock()
 
 
 class ModelError(RuntimeError):
     """The model cannot be resolved, validated or loaded; the message names the file and the fix."""
+
+    exit_code = ExitCode.SERVER
 
 
 # ----------------------------------------------------------------------------------------------
@@ -514,18 +515,18 @@ class Engine:
         self.normalize = normalize
         self.load_seconds = load_seconds
         self.quantized = quantized
-        self._torch_dtype = DTYPES[dtype]
+        self._torch_dtype = _TORCH_DTYPES[dtype]
 
     @classmethod
-    def load(cls, model: str, device: str = "auto", dtype: str = "fp32", *, quantize: bool = False,
-             min_free_mb: int = 2048, busy_policy: str = "refuse",
-             cache_dir: str | None = None) -> "Engine":
+    def load(cls, model: str, device: str = Settings.device, dtype: str = Settings.dtype, *,
+             quantize: bool = Settings.quantize, min_free_mb: int = Settings.min_free_mb,
+             busy_policy: str = Settings.busy_policy, cache_dir: str | None = None) -> "Engine":
         """Resolve, validate and load `model` onto a device; return a ready engine.
 
         `device` is "auto" (the GPU with the most free memory, else CPU), "cpu" or "cuda:N";
         `min_free_mb`/`busy_policy` decide what happens when that GPU has too little free memory
-        (see e2vd.gpu). `dtype` ("fp32", "fp16", "bf16") applies on GPU; on CPU the model runs in
-        fp32. `quantize` applies INT8 dynamic quantization to the Linear layers on CPU.
+        (see e2vd.gpu). `dtype` (one of `e2vd.vocabulary.DTYPES`: "fp32", "fp16", "bf16") applies
+        on GPU; on CPU the model runs in fp32. Defaults are those of `e2vd.config.Settings`. `quantize` applies INT8 dynamic quantization to the Linear layers on CPU.
         Raises ModelError (model or torch problems), e2vd.gpu.DeviceError / GpuBusyError (no such
         GPU; GPU too full and busy_policy "refuse") or ValueError (malformed option), each with a
         message naming the problem and the fix.
@@ -540,7 +541,7 @@ class Engine:
         dtype, quantize = _effective_precision(chosen, dtype, quantize)
         net = build_model(config, load_weights(model_dir / "model.pt"), len(labels),
                           model_dir / "model.pt")
-        net = _place(net, chosen, DTYPES[dtype], quantize)
+        net = _place(net, chosen, _TORCH_DTYPES[dtype], quantize)
         normalize = bool(config["model_conf"].get("normalize", False))
         seconds = time.perf_counter() - start
         log.info("loaded %s from %s on %s as %s%s in %.1f s", model_id, model_dir, chosen, dtype,
@@ -549,8 +550,8 @@ class Engine:
 
     # -- inference -------------------------------------------------------------------------
 
-    def recognize(self, audio: bytes | Audio, granularity: str = "utterance",
-                  embedding: bool = False, max_seconds: float = 30.0) -> Recognition:
+    def recognize(self, audio: bytes | Audio, granularity: str = Granularity.UTTERANCE,
+                  embedding: bool = False, max_seconds: float = Settings.max_seconds) -> Recognition:
         """Recognize the emotion of one clip: audio file bytes (decoded by e2vd.audio) or `Audio`.
 
         Raises e2vd.audio.AudioError for audio that cannot be used, ValueError for a bad option.
@@ -559,7 +560,7 @@ class Engine:
         clip = self._as_audio(audio, max_seconds)
         return self._run([clip], granularity, embedding)[0]
 
-    def recognize_batch(self, clips: Sequence[Audio], granularity: str = "utterance",
+    def recognize_batch(self, clips: Sequence[Audio], granularity: str = Granularity.UTTERANCE,
                         embedding: bool = False) -> list[Recognition]:
         """Recognize several decoded clips; results equal one-by-one `recognize` calls (1e-5).
 
@@ -597,7 +598,7 @@ class Engine:
         for i, clip in enumerate(clips):
             emb = None
             if embedding:
-                emb = feats[i] if granularity == "frame" else feats[i].mean(axis=0)
+                emb = feats[i] if granularity == Granularity.FRAME else feats[i].mean(axis=0)
             results.append(Recognition(
                 labels=list(LABELS),
                 scores=[float(p) for p in probs[i]],
@@ -668,9 +669,9 @@ def _nbytes(obj: object) -> int:
 
 
 def _check_granularity(granularity: str) -> None:
-    """Raise ValueError unless `granularity` is "utterance" or "frame"."""
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, not {granularity!r}")
+    """Raise ValueError unless `granularity` is a `Granularity` value ("utterance" or "frame")."""
+    if granularity not in list(Granularity):
+        raise ValueError(f"granularity must be one of {', '.join(Granularity)}, not {granularity!r}")
 
 
 def _effective_precision(device: str, dtype: str, quantize: bool) -> tuple[str, bool]:

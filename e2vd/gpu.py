@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from e2vd.config import BUSY_POLICIES, DEVICE_PATTERN as _DEVICE
 from e2vd.log import event
+from e2vd.vocabulary import ExitCode
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ MB = 1024 * 1024
 
 class DeviceError(RuntimeError):
     """The requested device cannot be used; the message says which and what to do."""
+
+    exit_code = ExitCode.SERVER
 
 
 class GpuBusyError(DeviceError):

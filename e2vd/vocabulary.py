@@ -52,10 +52,16 @@ def parse_bool_word(text: str) -> bool | None:
 
 
 class ExitCode(enum.IntEnum):
-    """Exit status of every `e2vd` command, the daemon (`e2vd serve`) included."""
+    """Exit status of every `e2vd` command, the daemon (`e2vd serve`) included.
+
+    e2vd's own exception classes carry theirs as the class attribute `exit_code`; `e2vd.cli.main`
+    is the one place that turns an exception into the process's exit status.
+    """
 
     OK = 0
+    FAILED = 1         # `e2vd install`/`uninstall`: a system step failed (groupadd, systemctl, ...)
     USAGE = 2          # bad arguments or configuration: fix the command line or the config file
     UNREACHABLE = 3    # the daemon cannot be reached (socket missing, refused, timed out)
     REJECTED = 4       # the request was refused as bad input (audio, options, size)
     SERVER = 5         # the daemon (or the model, or the socket it needs) failed
+    INTERRUPTED = 130  # stopped by Ctrl-C (SIGINT), as shells report it (128 + 2)

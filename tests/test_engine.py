@@ -17,8 +17,9 @@ import torch
 from conftest import ROOT, speechlike
 from e2vd import engine as engine_mod
 from e2vd import gpu
-from e2vd.audio import Audio, AudioError, from_samples
-from e2vd.engine import LABELS, Engine, ModelError, Recognition
+from e2vd.audio import MAX_SAMPLE_MAGNITUDE, Audio, AudioError, from_samples
+from e2vd.engine import Engine, ModelError, Recognition
+from e2vd.vocabulary import LABELS, ExitCode
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,20 @@ def test_bad_audio_and_options(engine: Engine) -> None:
     assert err.value.code == "too_long"
     with pytest.raises(ValueError, match="granularity"):
         engine.recognize(clip(1.0), granularity="word")
+
+
+def test_scores_do_not_depend_on_the_scale_up_to_the_audio_bound(engine: Engine) -> None:
+    """The model layer-norms the waveform: a clip at full scale 1 and the same clip at
+    e2vd.audio's bound (2^31, 32-bit PCM written as float) score alike, so the bound refuses
+    nothing the model could score correctly, while beyond it (3e38) scores were NaN."""
+    x = speechlike(2.0, seed=3)[:, 0]
+    unit = x / np.abs(x).max()
+    at_one = engine.recognize(from_samples(unit, 16000))
+    at_bound = engine.recognize(from_samples(unit * MAX_SAMPLE_MAGNITUDE, 16000))
+    assert at_bound.scores == pytest.approx(at_one.scores, abs=1e-5)
+    with pytest.raises(AudioError) as err:
+        engine.recognize(from_samples(unit * np.float32(3e38), 16000))
+    assert err.value.code == "bad_audio" and err.value.exit_code == ExitCode.REJECTED
 
 
 def test_decoded_clip_just_past_the_limit_says_so(engine: Engine) -> None:
