@@ -13,7 +13,8 @@ operation) while the model loads.
 Errors: `ClientError` carries the daemon's error (HTTP status, code, message); `DaemonUnreachable`
 means no daemon could be reached, with a message that says how to fix it; `DaemonTimeout` (a kind
 of DaemonUnreachable) means it did not answer in time; `InputError` means local audio was not
-sent (larger than max_body_bytes, not a regular file, or a stream that stalled).
+sent (larger than max_body_bytes, not a regular file, or a stream that stalled). Each carries the
+`e2vd` command's exit status for it as `exit_code` (an `e2vd.vocabulary.ExitCode`).
 
 A file is read at most max_body_bytes + 1 bytes (`body_limit()`: the daemon's configured value on
 this machine), so /dev/zero or a huge file cannot exhaust memory; a FIFO or device is refused
@@ -36,11 +37,13 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-import numpy as np
+from e2vd import config, protocol, result
+from e2vd.vocabulary import ExitCode, Granularity
 
-from e2vd import result
-
-DEFAULT_SOCKET = "/run/e2vd/e2vd.sock"
+#: The daemon's socket when neither `socket` nor $E2VD_SOCKET names one: the daemon's default.
+DEFAULT_SOCKET = config.Settings.socket
+#: The environment variable naming the socket: the one the daemon reads for its `socket` setting.
+SOCKET_ENV = config.env_name("socket")
 #: Seconds one socket operation may block. A cold start (process start + loading a ~2 GB model)
 #: takes tens of seconds; the first response is only sent after it, so the default is generous.
 DEFAULT_TIMEOUT = 300.0
@@ -56,11 +59,15 @@ _CLOSED_EARLY = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPip
 
 
 class E2vdError(Exception):
-    """Base of the client's errors."""
+    """Base of the client's errors; `exit_code` is the `e2vd` command's exit status for it."""
+
+    exit_code = ExitCode.SERVER
 
 
 class DaemonUnreachable(E2vdError):
     """No daemon could be reached on the socket; the message says what happened and how to fix it."""
+
+    exit_code = ExitCode.UNREACHABLE
 
     def __init__(self, socket_path: str, message: str) -> None:
         super().__init__(message)
@@ -76,6 +83,8 @@ class InputError(E2vdError, ValueError):
     """Local audio that was not sent: `.source` (a path or "stdin"), `.code` ("too_large",
     "not_a_file" or "timeout", like the daemon's codes) and `.message` (what to do)."""
 
+    exit_code = ExitCode.REJECTED
+
     def __init__(self, source: str, code: str, message: str) -> None:
         super().__init__(message)
         self.source = source
@@ -87,6 +96,7 @@ class ClientError(E2vdError):
     """The daemon answered with an error: `.status` (HTTP), `.code` (e.g. "bad_audio"), `.message`.
 
     `.retry_after` is the Retry-After header in seconds when the daemon sent one (503 busy/loading).
+    `.exit_code` is REJECTED for a refused request (4xx), SERVER for the daemon's trouble (5xx).
     """
 
     def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
@@ -95,6 +105,7 @@ class ClientError(E2vdError):
         self.code = code
         self.message = message
         self.retry_after = retry_after
+        self.exit_code = ExitCode.REJECTED if self.rejected else ExitCode.SERVER
 
     @property
     def rejected(self) -> bool:
@@ -115,27 +126,15 @@ class Recognition(result.Recognition):
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "Recognition":
-        """Build from the decoded JSON body; raises ValueError naming a missing or malformed
-        field (labels must be strings, one finite score each, at least one)."""
-        try:
-            labels, scores = d["labels"], [float(x) for x in d["scores"]]
-            if (not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels)
-                    or len(scores) != len(labels)):
-                raise ValueError("'labels' must be strings, as many as 'scores' and at least one")
-            if not all(math.isfinite(x) for x in scores):
-                raise ValueError("'scores' must be finite numbers")
-            emb = d.get("embedding")
-            return cls(
-                labels=list(labels),
-                scores=scores,
-                model_labels=[str(x) for x in d.get("model_labels") or []],
-                duration_s=float(d["duration_s"]),
-                embedding=None if emb is None else np.asarray(emb, dtype=np.float32),
-                model=str(d.get("model", "")),
-                timing_ms={str(k): float(v) for k, v in (d.get("timing_ms") or {}).items()},
-            )
-        except (KeyError, TypeError, AttributeError, ValueError, OverflowError) as e:
-            raise ValueError(f"the daemon's answer lacks or mangles field {e}: {str(d)[:200]}") from e
+        """Build from the decoded JSON body (`result.Recognition.from_dict` plus model and
+        timing_ms); raises ValueError naming a missing or malformed field."""
+        return cls.from_dict(d)
+
+    @classmethod
+    def _fields(cls, d: Mapping[str, Any]) -> dict[str, Any]:
+        """The engine's fields, then model and timing_ms (a mapping of names to numbers)."""
+        return {**super()._fields(d), "model": str(d.get("model", "")),
+                "timing_ms": {str(k): float(v) for k, v in (d.get("timing_ms") or {}).items()}}
 
     def to_dict(self, embedding: bool = True) -> dict[str, Any]:
         """JSON-ready dict with the daemon's field names (model and timing_ms included)."""
@@ -251,8 +250,6 @@ def body_limit(env: Mapping[str, str] | None = None) -> BodyLimit:
     ($E2VD_CONFIG or /etc/e2vd/e2vd.toml) < $E2VD_MAX_BODY_BYTES (e2vd.config, the daemon's own
     loader). Asking the daemon would wake it, so this is the configured value, and the daemon stays
     the judge (413 too_large). When the settings cannot be read: the default, with the reason."""
-    from e2vd import config
-
     env = os.environ if env is None else env
     var = config.env_name("max_body_bytes")
     default = config.Settings.max_body_bytes
@@ -358,7 +355,7 @@ class Client:
 
     def __init__(self, socket: str | os.PathLike[str] | None = None, timeout: float = DEFAULT_TIMEOUT,
                  max_body_bytes: int | None = None) -> None:
-        self.socket = os.fspath(socket) if socket is not None else os.environ.get("E2VD_SOCKET") or DEFAULT_SOCKET
+        self.socket = os.fspath(socket) if socket is not None else os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
         self.timeout = check_timeout(timeout)
         self._limit = None if max_body_bytes is None else BodyLimit(
             int(max_body_bytes), "given as Client(max_body_bytes=...)")
@@ -369,24 +366,26 @@ class Client:
     # -- public API ---------------------------------------------------------------------------
 
     def recognize(self, audio: str | os.PathLike[str] | bytes | bytearray | memoryview,
-                  granularity: str = "utterance", embedding: bool = False) -> Recognition:
+                  granularity: str = Granularity.UTTERANCE, embedding: bool = False) -> Recognition:
         """Recognise the emotion in `audio`: a file path (read here, its bytes are sent) or the
-        bytes of an audio file (wav, flac, ogg, mp3...). granularity: "utterance" or "frame"
-        (only changes the embedding's shape). Raises ClientError (e.g. code "bad_audio") and
-        DaemonUnreachable; InputError when a file is not a regular file or is larger than
-        `body_limit` (nothing is sent then); OSError when a local file cannot be read."""
+        bytes of an audio file (wav, flac, ogg, mp3...). granularity: a `Granularity`,
+        "utterance" or "frame" (only changes the embedding's shape; the daemon refuses others).
+        Raises ClientError (e.g. code "bad_audio") and DaemonUnreachable; InputError when a file
+        is not a regular file or is larger than `body_limit` (nothing is sent then); OSError
+        when a local file cannot be read."""
         if isinstance(audio, (bytes, bytearray, memoryview)):
             body = bytes(audio)
         else:
             body = read_audio_file(audio, self.body_limit)
-        query = urllib.parse.urlencode({"granularity": granularity, "embedding": int(bool(embedding))})
+        query = urllib.parse.urlencode({"granularity": str(granularity), "embedding": int(bool(embedding))})
         # Recognition is a pure function of the body: resending it after the connection was
         # closed before any answer byte arrived cannot do anything twice, so it may be retried.
         data = self._request("POST", f"/v1/recognize?{query}", body, idempotent=True)
         try:
             return Recognition.from_json(data)
         except ValueError as e:
-            raise ClientError(502, "internal", str(e)) from None
+            raise ClientError(502, "internal", f"the daemon's answer to POST /v1/recognize is "
+                                               f"malformed: {e}") from None
 
     def health(self) -> dict[str, Any]:
         """GET /v1/health: {"status": "loading"|"ready"}; answers at once, also while loading."""
@@ -532,6 +531,10 @@ def _number(value: float) -> str:
 
 
 def _status_code(status: int) -> str:
-    """An error code for an answer that carried no error document."""
-    return {400: "bad_option", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
-            503: "busy"}.get(status, "internal")
+    """The error code for an answer that carried no error document (the daemon always sends one,
+    so something else answered): the one code `protocol.ERRORS` gives `status`, else the
+    HTTP-level "bad_request" for a 4xx status and "internal" for any other."""
+    codes = [code for code, (code_status, _) in protocol.ERRORS.items() if code_status == status]
+    if len(codes) == 1:
+        return codes[0]
+    return "bad_request" if 400 <= status < 500 else "internal"

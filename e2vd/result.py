@@ -1,13 +1,18 @@
 """The result of one recognition: what `Engine.recognize` returns and `Client.recognize` rebuilds.
 
 Lightweight on purpose (numpy only): the client uses it without importing torch or funasr.
+`Recognition.to_dict` writes the HTTP API's fields; `Recognition.from_dict` reads them back,
+checking every field, so a document from a peer can never build a malformed result.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping, TypeVar
 
 import numpy as np
+
+_R = TypeVar("_R", bound="Recognition")
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,7 @@ class Recognition:
 
     @property
     def top(self) -> Top:
-        """The label with the highest score."""
+        """The label with the highest score (the first of them on a tie)."""
         best = int(np.argmax(self.scores))
         return Top(self.labels[best], float(self.scores[best]))
 
@@ -59,3 +64,44 @@ class Recognition:
         if embedding and self.embedding is not None:
             out["embedding"] = self.embedding.tolist()
         return out
+
+    @classmethod
+    def from_dict(cls: type[_R], d: Mapping[str, Any]) -> _R:
+        """Rebuild a result from `to_dict`'s document (`top` is recomputed, not read).
+
+        Raises ValueError naming the first missing or malformed field: labels must be strings,
+        at least one, with one finite score each; duration_s a finite number; the embedding,
+        when present, a rectangular array of finite numbers (read as float32).
+        """
+        try:
+            return cls(**cls._fields(d))
+        except (KeyError, TypeError, AttributeError, ValueError, OverflowError) as e:
+            raise ValueError(f"the recognition lacks or mangles field {e}: {str(d)[:200]}") from e
+
+    @classmethod
+    def _fields(cls, d: Mapping[str, Any]) -> dict[str, Any]:
+        """The constructor's arguments read from `d`; subclasses add their own fields."""
+        labels, scores = d["labels"], [float(x) for x in d["scores"]]
+        if (not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels)
+                or len(scores) != len(labels)):
+            raise ValueError("'labels' must be strings, as many as 'scores' and at least one")
+        if not all(math.isfinite(x) for x in scores):
+            raise ValueError("'scores' must be finite numbers")
+        duration = float(d["duration_s"])
+        if not math.isfinite(duration):
+            raise ValueError("'duration_s' must be a finite number")
+        return {"labels": list(labels), "scores": scores,
+                "model_labels": [str(x) for x in d.get("model_labels") or []],
+                "duration_s": duration, "embedding": _embedding(d.get("embedding"))}
+
+
+def _embedding(value: Any) -> np.ndarray | None:
+    """A document's embedding as float32 (None stays None); ValueError for ragged or
+    non-finite arrays."""
+    if value is None:
+        return None
+    with np.errstate(over="ignore"):   # beyond float32 becomes inf, refused just below
+        array = np.asarray(value, dtype=np.float32)   # ragged nesting raises ValueError
+    if not np.isfinite(array).all():
+        raise ValueError("'embedding' must hold finite numbers")
+    return array

@@ -18,6 +18,8 @@ import pytest
 from e2vd import Client
 from e2vd.client import (BodyLimit, ClientError, DaemonTimeout, DaemonUnreachable, InputError, Recognition,
                          body_limit, connect_unix, read_audio_file, read_audio_stream)
+from e2vd import protocol
+from e2vd.vocabulary import ExitCode
 from raw_peer import RawPeer, http_answer, json_answer
 from unix_http_server import LABELS, TinyDaemon
 
@@ -142,18 +144,24 @@ def test_connect_waits_in_a_full_backlog_like_during_a_cold_start() -> None:
     path = os.path.join(tempfile.mkdtemp(prefix="e2vd-t-"), "full.sock")
     listener, queued = _full_backlog(path)
     accepted: list[socket.socket] = []
+    room = threading.Event()
 
     def make_room() -> None:
         time.sleep(0.3)
+        room.set()                 # from here on the connect may go through, not before
         accepted.append(listener.accept()[0])
 
     helper = threading.Thread(target=make_room)
     helper.start()
     try:
+        start = time.monotonic()
         sock = connect_unix(path, timeout=30)
-        assert sock.gettimeout() == 30
-        helper.join()
-        assert accepted, "the connection went through before the listener made room"
+        # Read before anything else waits: a connect that did not wait for room returns within
+        # microseconds, long before the helper's 0.3 s sleep ends and it sets `room`.
+        made_room_first = room.is_set()
+        waited = time.monotonic() - start
+        assert made_room_first, f"the connection went through after {waited:.3f} s, before the listener made room"
+        assert waited >= 0.25 and sock.gettimeout() == 30
         sock.close()
     finally:
         helper.join()
@@ -315,12 +323,45 @@ def test_malformed_http_answers_are_server_errors(answer: bytes, what: str) -> N
     json_answer({"labels": [1, 2], "scores": [0.5, 0.5], "duration_s": 1.0}),   # labels not strings
     json_answer({"labels": ["a"], "scores": [float("nan")], "duration_s": 1.0}),
     json_answer({"labels": ["a"], "scores": [1.0], "duration_s": 1.0, "timing_ms": [1]}),
+    json_answer({"labels": ["a"], "scores": [1.0], "duration_s": float("inf")}),
+    json_answer({"labels": ["a"], "scores": [1.0], "duration_s": 1.0, "embedding": [[1.0], [1.0, 2.0]]}),
+    json_answer({"labels": ["a"], "scores": [1.0], "duration_s": 1.0, "embedding": [float("nan")]}),
 ])
 def test_mangled_recognition_answers_are_server_errors(answer: bytes) -> None:
     with RawPeer(answer) as peer, Client(peer.socket) as c:
         with pytest.raises(ClientError) as e:
             c.recognize(b"RIFF")
-    assert e.value.status == 502 and e.value.code == "internal"
+    assert e.value.status == 502 and e.value.code == "internal" and e.value.exit_code == ExitCode.SERVER
+    assert "POST /v1/recognize" in e.value.message   # "answered ... with non-JSON" or "... is malformed"
+
+
+@pytest.mark.parametrize("status, code", [
+    ("400 Bad Request", "bad_request"), ("404 Not Found", "not_found"), ("408 Request Timeout", "timeout"),
+    ("413 Payload Too Large", "too_large"), ("422 Unprocessable Entity", "bad_request"),
+    ("418 I'm a teapot", "bad_request"), ("500 Internal Server Error", "internal"),
+    ("503 Service Unavailable", "internal"), ("502 Bad Gateway", "internal"),
+])
+def test_an_error_without_error_document_gets_a_code_of_protocol_errors(status: str, code: str) -> None:
+    """Something other than the daemon answered (it always sends {"error": ...}): the code is the
+    one protocol.ERRORS gives that status, or the HTTP-level bad_request/internal where several
+    codes share the status or none has it; the exit code follows the status class."""
+    with RawPeer(http_answer("<html>oops</html>", status)) as peer, Client(peer.socket) as c:
+        with pytest.raises(ClientError) as e:
+            c.health()
+    assert e.value.code == code and code in protocol.ERRORS and e.value.status == int(status[:3])
+    assert e.value.exit_code == (ExitCode.REJECTED if status.startswith("4") else ExitCode.SERVER)
+    assert e.value.message == "<html>oops</html>"
+
+
+def test_every_error_carries_its_exit_code(tmp_path: Path) -> None:
+    """The `e2vd` command's exit status for each client error is the exception's own exit_code."""
+    assert DaemonUnreachable("s", "m").exit_code == DaemonTimeout("s", "m").exit_code == ExitCode.UNREACHABLE
+    assert InputError("f", "too_large", "m").exit_code == ExitCode.REJECTED
+    assert ClientError(400, "bad_audio", "m").exit_code == ClientError(422, "too_long", "m").exit_code == ExitCode.REJECTED
+    assert ClientError(503, "busy", "m").exit_code == ClientError(500, "internal", "m").exit_code == ExitCode.SERVER
+    with pytest.raises(DaemonUnreachable) as e:
+        Client(tmp_path / "none.sock").health()
+    assert e.value.exit_code == ExitCode.UNREACHABLE
 
 
 def test_socket_path_that_is_no_socket_says_so(tmp_path: Path) -> None:
