@@ -3,13 +3,17 @@
 funasr's `generate()` is not thread-safe, so every model call (and the model load itself) runs on
 the one worker thread started by `Scheduler.start`. Connection threads decode audio, `submit` a
 `Job` and wait for it. When several jobs are queued at once the worker takes up to `max_batch`
-(0 = auto: `GPU_BATCH` on a GPU, 1 on the CPU, see `auto_batch`) of them and runs each group with equal options through `engine.recognize_batch` (which batches
-only what it can prove equal to one-by-one). A full queue is refused at once (ApiError "busy").
-Right before a group runs, each job's `client_gone` is asked: a job whose client has hung up is
-finished as `abandoned` without running, so clients that gave up cost no inference.
+(0 = auto: `GPU_BATCH` on a GPU, 1 on the CPU, see `auto_batch`) of them and runs each group
+with equal options through `engine.recognize_batch` (which batches only what it can prove equal
+to one-by-one). A full queue is refused at once (`QueueFull`). Right before a group runs, each
+job's `client_gone` is asked: a job whose client has hung up is finished as `abandoned` without
+running, so clients that gave up cost no inference.
 
-The scheduler knows nothing about HTTP or the process lifecycle; it exposes `state`, `pending`
-(queued + running jobs, for the idle clock), `served` and `abandoned`.
+The scheduler knows nothing about HTTP or the process lifecycle (docs/design.md, section 3): it
+raises, or records on the job, its own errors, all `SchedulerError`s (QueueFull,
+ModelUnavailable, OutOfGpuMemory, BadAudio, InferenceFailed), which the server maps to HTTP.
+It exposes `state` (a `vocabulary.State`), `pending` (queued + running jobs, for the idle clock),
+`served` and `abandoned`.
 """
 from __future__ import annotations
 
@@ -21,16 +25,63 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from e2vd.gpu import GpuOutOfMemory
-from e2vd.protocol import BUSY_RETRY_AFTER_S, ApiError
+from e2vd.vocabulary import Granularity, State
 
 if TYPE_CHECKING:  # pragma: no cover
-    from e2vd.audio import Audio
+    from e2vd.audio import Audio, AudioError
     from e2vd.engine import Engine, Recognition
 
 log = logging.getLogger("e2vd")
 
-LOADING, READY, UNAVAILABLE = "loading", "ready", "unavailable"
+# Kept for e2vd.daemon until it uses vocabulary.State itself.
+READY, UNAVAILABLE = State.READY, State.UNAVAILABLE
 GPU_BATCH = 8
+
+
+class SchedulerError(Exception):
+    """A recognition the scheduler could not run; `message` (= str(err)) says why and what to do."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class QueueFull(SchedulerError):
+    """`submit` found the queue full: `queue_size` jobs already wait. Transient."""
+
+    def __init__(self, queue_size: int) -> None:
+        super().__init__(f"the inference queue is full ({queue_size} requests waiting); "
+                         "retry in a moment or raise queue_size")
+        self.queue_size = queue_size
+
+
+class ModelUnavailable(SchedulerError):
+    """The model could not be loaded (or the worker died); `reason` is the load error's message."""
+
+    def __init__(self, reason: str | None) -> None:
+        super().__init__(f"the model could not be loaded: {reason}")
+        self.reason = reason
+
+
+class OutOfGpuMemory(SchedulerError):
+    """The job did not fit in the GPU's free memory, even alone; the engine's message names the
+    clips and the fixes. Transient: the same job may run once other processes free memory."""
+
+
+class BadAudio(SchedulerError):
+    """The engine refused the job's audio (an `e2vd.audio.AudioError`); `code` is the audio
+    module's: bad_audio, too_long or too_short."""
+
+    def __init__(self, error: "AudioError") -> None:
+        super().__init__(error.message)
+        self.code = error.code
+
+
+class InferenceFailed(SchedulerError):
+    """The engine failed unexpectedly on this job; the traceback is in the log."""
+
+    def __init__(self, exc: Exception) -> None:
+        super().__init__(f"inference failed ({type(exc).__name__}: {exc}); the journal has the traceback")
 
 
 def auto_batch(device: str) -> int:
@@ -53,13 +104,13 @@ class Job:
     """
 
     audio: "Audio"
-    granularity: str = "utterance"
+    granularity: str = Granularity.UTTERANCE.value
     embedding: bool = False
     client_gone: Callable[[], bool] | None = None
     enqueued: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
     result: "Recognition | None" = None
-    error: ApiError | None = None
+    error: SchedulerError | None = None
     abandoned: bool = False
     queue_ms: float = 0.0   # from submit to the start of its batch (includes a cold model load)
     infer_ms: float = 0.0   # wall time of the batch it ran in
@@ -74,12 +125,13 @@ class Scheduler:
     """Owns the engine and the single worker thread.
 
     `load` is called on the worker thread and returns the engine; if it raises, the scheduler
-    becomes UNAVAILABLE with `error` set to the exception's message, and every queued or later
-    job fails with "model_unavailable".
+    becomes State.UNAVAILABLE with `error` set to the exception's message, and every queued or
+    later job fails with ModelUnavailable. `on_state` is called on the worker thread with each
+    new state (READY or UNAVAILABLE), before the worker takes any job.
     """
 
     def __init__(self, load: Callable[[], "Engine"], *, queue_size: int = 64, max_batch: int = 0,
-                 on_state: Callable[[str], None] | None = None) -> None:
+                 on_state: Callable[[State], None] | None = None) -> None:
         if queue_size < 1 or max_batch < 0:
             raise ValueError("queue_size must be >= 1 and max_batch >= 0 (0 = auto)")
         self._load = load
@@ -93,7 +145,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.settled = threading.Event()   # set once the model is loaded or has failed
-        self.state = LOADING
+        self.state = State.LOADING
         self.engine: "Engine | None" = None
         self.error: str | None = None
 
@@ -136,12 +188,12 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def submit(self, audio: "Audio", granularity: str = "utterance", embedding: bool = False,
+    def submit(self, audio: "Audio", granularity: str = Granularity.UTTERANCE.value, embedding: bool = False,
                client_gone: Callable[[], bool] | None = None) -> Job:
-        """Queue a job; raises ApiError busy (queue full) or model_unavailable (load failed).
+        """Queue a job; raises QueueFull, or ModelUnavailable once the model failed to load.
         `client_gone`: see `Job`; without it the job always runs."""
-        if self.state == UNAVAILABLE:
-            raise self._unavailable()
+        if self.state == State.UNAVAILABLE:
+            raise self.unavailable()
         job = Job(audio, granularity, embedding, client_gone)
         with self._lock:
             self._pending += 1
@@ -150,16 +202,15 @@ class Scheduler:
         except queue.Full:
             with self._lock:
                 self._pending -= 1
-            raise ApiError("busy", f"the inference queue is full ({self._queue.maxsize} requests waiting); "
-                           f"retry in {BUSY_RETRY_AFTER_S} s or raise queue_size",
-                           retry_after=BUSY_RETRY_AFTER_S) from None
+            raise QueueFull(self._queue.maxsize) from None
         return job
 
-    # --- worker thread ---
-    def _unavailable(self) -> ApiError:
-        return ApiError("model_unavailable", f"the model could not be loaded: {self.error}")
+    def unavailable(self) -> ModelUnavailable:
+        """The error of a model that could not be loaded (meaningful once `state` is UNAVAILABLE)."""
+        return ModelUnavailable(self.error)
 
-    def _set_state(self, state: str) -> None:
+    # --- worker thread ---
+    def _set_state(self, state: State) -> None:
         self.state = state
         if self._on_state is not None:
             try:
@@ -197,11 +248,11 @@ class Scheduler:
             self.max_batch = self.max_batch or auto_batch(str(getattr(self.engine, "device", "cpu")))
         except BaseException as exc:  # noqa: BLE001 - any load failure makes the model unavailable
             self.error = str(exc) or type(exc).__name__
-            self._set_state(UNAVAILABLE)
+            self._set_state(State.UNAVAILABLE)
             self.settled.set()
             self._fail_queued()
             return
-        self._set_state(READY)
+        self._set_state(State.READY)
         self.settled.set()
         try:
             while not self._stop.is_set():
@@ -211,7 +262,7 @@ class Scheduler:
         except BaseException as exc:  # noqa: BLE001 - never leave waiting clients hanging
             log.exception("the inference worker failed")
             self.error = f"the inference worker failed ({type(exc).__name__}: {exc})"
-            self._set_state(UNAVAILABLE)
+            self._set_state(State.UNAVAILABLE)
             self._fail_queued()
 
     def _fail_queued(self) -> None:
@@ -220,7 +271,7 @@ class Scheduler:
             job = self._queue.get()
             if job is None:
                 continue
-            job.error = self._unavailable()
+            job.error = self.unavailable()
             self._finish(job)
 
     def _take_batch(self) -> list[Job]:
@@ -273,21 +324,21 @@ class Scheduler:
         return list(results)
 
     def _run_one(self, job: Job, granularity: str, embedding: bool) -> None:
+        from e2vd.audio import AudioError   # here, not above: importing the scheduler stays light (no numpy)
+
         if self._abandon_if_gone(job):
             return
         start = time.monotonic()
         try:
             job.result = self._infer([job], granularity, embedding)[0]
-        except ValueError as exc:  # AudioError is a ValueError with .code
-            code = getattr(exc, "code", "bad_audio")
-            job.error = ApiError(code if code in ("bad_audio", "too_long", "too_short") else "bad_audio", str(exc))
+        except AudioError as exc:
+            job.error = BadAudio(exc)
         except GpuOutOfMemory as exc:   # transient: other processes hold the GPU's memory
             log.warning("%s", exc)
-            job.error = ApiError("busy", str(exc), retry_after=BUSY_RETRY_AFTER_S)
+            job.error = OutOfGpuMemory(str(exc))
         except Exception as exc:
             log.exception("inference failed")
-            job.error = ApiError("internal", f"inference failed ({type(exc).__name__}: {exc}); "
-                                 "the journal has the traceback")
+            job.error = InferenceFailed(exc)
         job.infer_ms = (time.monotonic() - start) * 1000.0
         job.batch_size = 1
         self._finish(job)

@@ -42,12 +42,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 from urllib.parse import urlsplit
 
 from e2vd import __version__
 from e2vd.protocol import BUSY_RETRY_AFTER_S, ApiError, Route, find_route, openapi, parse_options
-from e2vd.scheduler import UNAVAILABLE, Scheduler
+from e2vd.scheduler import (BadAudio, InferenceFailed, ModelUnavailable, OutOfGpuMemory, QueueFull, Scheduler,
+                            SchedulerError)
+from e2vd.vocabulary import State
+
+if TYPE_CHECKING:  # pragma: no cover
+    from e2vd.audio import AudioError
 
 log = logging.getLogger("e2vd")
 
@@ -59,6 +64,23 @@ REAP_INTERVAL_S = 0.2
 # kept-open connection cannot keep the daemon (and its GPU) awake forever.
 KEEPS_AWAKE_PATHS = frozenset({"/v1/recognize", "/v1/warmup"})
 ABANDONED = 499            # status logged for a request not run because its client hung up (never sent)
+
+# The errors of the layers below HTTP and the code each is answered with; the status is
+# protocol.ERRORS[code], and every "busy" answer carries Retry-After. Audio errors (the scheduler's
+# BadAudio and e2vd.audio.AudioError) keep their own code: bad_audio, too_long or too_short,
+# e2vd.audio's codes, are the API's.
+ERROR_CODES: dict[type[SchedulerError], str] = {
+    QueueFull: "busy",
+    OutOfGpuMemory: "busy",
+    ModelUnavailable: "model_unavailable",
+    InferenceFailed: "internal",
+}
+
+
+def api_error(exc: "SchedulerError | AudioError") -> ApiError:
+    """The HTTP error answering `exc` (see ERROR_CODES)."""
+    code = exc.code if isinstance(exc, BadAudio) or not isinstance(exc, SchedulerError) else ERROR_CODES[type(exc)]
+    return ApiError(code, exc.message, retry_after=BUSY_RETRY_AFTER_S if code == "busy" else None)
 
 
 class Control(Protocol):
@@ -573,11 +595,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _route_health(self, route: Route, options: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         self._read_small_body()
         scheduler = self.server.scheduler
-        if scheduler.state == UNAVAILABLE:
-            err = ApiError("model_unavailable", f"the model could not be loaded: {scheduler.error}")
+        if scheduler.state == State.UNAVAILABLE:
+            err = api_error(scheduler.unavailable())
             self._fields["code"] = err.code
-            return err.status, {"status": "unavailable", **err.body()}
-        return 200, {"status": scheduler.state}
+            return err.status, {"status": State.UNAVAILABLE.value, **err.body()}
+        return 200, {"status": scheduler.state.value}
 
     def _route_status(self, route: Route, options: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         self._read_small_body()
@@ -594,8 +616,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         scheduler = self.server.scheduler
         self.conn.deadline = None
         scheduler.settled.wait()
-        if scheduler.state == UNAVAILABLE:
-            raise ApiError("model_unavailable", f"the model could not be loaded: {scheduler.error}")
+        if scheduler.state == State.UNAVAILABLE:
+            raise api_error(scheduler.unavailable())
         engine = scheduler.engine
         return 200, {"status": "ready", "hold_s": granted, "keep_warm_deadline": deadline,
                      "load_seconds": getattr(engine, "load_seconds", None)}
@@ -613,11 +635,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             audio = decode(body, max_seconds=self.server.max_seconds)
         except AudioError as err:
-            raise ApiError(err.code, err.message) from None
+            raise api_error(err) from None
         t2 = time.monotonic()
         self._fields.update(audio_seconds=round(audio.duration_s, 3), decode_ms=round((t2 - t1) * 1000.0, 2))
-        job = self.server.scheduler.submit(audio, options["granularity"], options["embedding"],
-                                           client_gone=functools.partial(peer_hung_up, self.connection))
+        try:
+            job = self.server.scheduler.submit(audio, options["granularity"], options["embedding"],
+                                               client_gone=functools.partial(peer_hung_up, self.connection))
+        except SchedulerError as err:
+            raise api_error(err) from None
         job.wait()
         self._fields["wait_ms"] = round((time.monotonic() - t2) * 1000.0, 2)
         self._fields["queue_ms"] = round(job.queue_ms, 2)
@@ -625,7 +650,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise ClientGone()
         self._fields.update(infer_ms=round(job.infer_ms, 2), batch_size=job.batch_size)
         if job.error is not None:
-            raise job.error
+            raise api_error(job.error)
         assert job.result is not None
         result = job.result.to_dict()
         result["model"] = self.server.model_name()

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from conftest import speechlike
 
-from e2vd.audio import from_samples
-from e2vd.protocol import ApiError
-from e2vd.scheduler import GPU_BATCH, LOADING, READY, UNAVAILABLE, Scheduler, auto_batch
+from e2vd.audio import AudioError, from_samples
+from e2vd.scheduler import (GPU_BATCH, BadAudio, InferenceFailed, ModelUnavailable, OutOfGpuMemory, QueueFull,
+                            Scheduler, auto_batch)
 from e2vd.server import peer_hung_up
+from e2vd.vocabulary import State
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +49,11 @@ def test_jobs_queued_while_loading_are_batched_and_equal_one_by_one(engine):
     try:
         clips = [clip(1.0, 0), clip(1.0, 1), clip(1.5, 2), clip(1.0, 3)]
         jobs = [sch.submit(c) for c in clips[:3]] + [sch.submit(clips[3], "utterance", embedding=True)]
-        assert sch.state == LOADING and sch.pending == 4
+        assert sch.state == State.LOADING and sch.pending == 4
         gate.set()
         for job in jobs:
             assert job.wait(60)
-        assert states == [READY] and sch.pending == 0 and sch.served == 4
+        assert states == [State.READY] and sch.pending == 0 and sch.served == 4
         assert [j.batch_size for j in jobs] == [3, 3, 3, 1]    # grouped by options in one take
         for job, c in zip(jobs, clips):
             assert job.error is None and job.queue_ms > 0 and job.infer_ms > 0
@@ -64,16 +65,17 @@ def test_jobs_queued_while_loading_are_batched_and_equal_one_by_one(engine):
         sch.stop(10)
 
 
-def test_full_queue_is_refused_busy_with_retry_after(engine):
+def test_full_queue_is_refused_at_once(engine):
+    """(The server answers QueueFull 503 busy with Retry-After: tests/test_server.py.)"""
     gate, load = gated(engine)
     sch = Scheduler(load, queue_size=2, max_batch=1)
     sch.start()
     try:
         a, b = sch.submit(clip(0.5)), sch.submit(clip(0.5))
-        with pytest.raises(ApiError) as info:
+        with pytest.raises(QueueFull) as info:
             sch.submit(clip(0.5))
-        assert info.value.code == "busy" and info.value.status == 503 and info.value.retry_after >= 1
-        assert "queue_size" in info.value.message
+        assert info.value.queue_size == 2 and "queue_size" in info.value.message
+        assert str(info.value) == info.value.message
         assert sch.pending == 2
         gate.set()
         assert a.wait(60) and b.wait(60) and a.result is not None and b.result is not None
@@ -115,13 +117,13 @@ def test_model_that_cannot_load_fails_queued_and_later_jobs(tmp_path):
         queued = sch.submit(clip(0.5))
         gate.set()
         assert queued.wait(60)
-        assert sch.state == UNAVAILABLE and sch.settled.is_set()
+        assert sch.state == State.UNAVAILABLE and sch.settled.is_set()
         assert "missing-model" in sch.error
-        assert queued.error is not None and queued.error.code == "model_unavailable"
-        assert "missing-model" in queued.error.message
-        with pytest.raises(ApiError) as info:
+        assert isinstance(queued.error, ModelUnavailable)
+        assert "missing-model" in queued.error.message and queued.error.reason == sch.error
+        with pytest.raises(ModelUnavailable) as info:
             sch.submit(clip(0.5))
-        assert info.value.code == "model_unavailable"
+        assert "missing-model" in info.value.message
         assert sch.pending == 0
     finally:
         sch.stop(10)
@@ -207,9 +209,46 @@ def test_gpu_out_of_memory_retries_one_by_one_then_answers_busy_and_keeps_servin
         too_long = sch.submit(clip(3.0))
         assert too_long.wait(60)
         err = too_long.error
-        assert err is not None and err.code == "busy" and err.status == 503 and err.retry_after >= 1
-        assert "ran out of memory" in err.message
+        assert isinstance(err, OutOfGpuMemory) and "ran out of memory" in err.message   # 503 busy
         after = sch.submit(clip(1.0))
-        assert after.wait(60) and after.result is not None and sch.state == READY
+        assert after.wait(60) and after.result is not None and sch.state == State.READY
     finally:
         sch.stop(10)
+
+
+class _Failing:
+    """An engine whose every call raises `error`."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def recognize_batch(self, clips, **options):
+        raise self.error
+
+
+@pytest.mark.parametrize("error, kind, code", [
+    (AudioError("too_short", "The audio is 10 ms long; send at least 25 ms."), BadAudio, "too_short"),
+    (AudioError("bad_audio", "The samples are NaN."), BadAudio, "bad_audio"),
+    (RuntimeError("boom"), InferenceFailed, None),
+    (ValueError("not about audio"), InferenceFailed, None),    # only an AudioError is bad audio
+])
+def test_a_failing_job_records_the_schedulers_own_error(error, kind, code):
+    sch = Scheduler(lambda: _Failing(error), queue_size=2, max_batch=1)
+    sch.start()
+    try:
+        job = sch.submit(clip(0.5))
+        assert job.wait(60) and job.result is None
+        assert type(job.error) is kind and str(error) in job.error.message
+        if code is not None:
+            assert job.error.code == code
+        else:
+            assert "the journal has the traceback" in job.error.message
+        assert sch.state == State.READY and sch.served == 1
+    finally:
+        sch.stop(10)
+
+
+def test_ready_and_unavailable_stay_importable_for_the_daemon():
+    from e2vd.scheduler import READY, UNAVAILABLE
+
+    assert READY is State.READY and UNAVAILABLE is State.UNAVAILABLE

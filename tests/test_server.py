@@ -6,7 +6,6 @@ quick) serves most tests; tests that stop the daemon's process start their own.
 """
 from __future__ import annotations
 
-import io
 import re
 import signal
 import socket
@@ -14,9 +13,7 @@ import threading
 import time
 from typing import Any, Callable
 
-import numpy as np
 import pytest
-import soundfile as sf
 from conftest import wav_clip
 from daemon_proc import DaemonProcess, raw_request, read_response
 
@@ -187,16 +184,6 @@ def test_well_formed_header_variations_are_accepted(daemon):
 
 # --- one table of error statuses (item 8) ----------------------------------------------------------
 
-def loud_float_wav() -> bytes:
-    """Finite float samples at +-3e38: the model's layer norm overflows and every score is NaN,
-    so the result cannot be sent as JSON: the daemon's own "internal" path."""
-    samples = np.full((16000, 1), 3e38, np.float32)
-    samples[::2] = -3e38
-    buf = io.BytesIO()
-    sf.write(buf, samples, 16000, format="WAV", subtype="FLOAT")
-    return buf.getvalue()
-
-
 def too_many_connections(d: DaemonProcess) -> tuple[int, dict[str, str], Any]:
     held = []
     try:
@@ -241,13 +228,34 @@ ERROR_PATHS: list[tuple[str, str, Callable[[DaemonProcess], tuple[int, dict[str,
         d.socket, head("GET", "/v1/health", *[f"X-{i}: 1" for i in range(MAX_HEADERS + 1)]))),
     ("too_long", "audio over max_seconds", lambda d: raw_request(d.socket, post(wav_clip(MAX_SECONDS + 1)))),
     ("too_short", "10 ms of audio", lambda d: raw_request(d.socket, post(wav_clip(0.01)))),
-    ("internal", "a result that is not JSON", lambda d: raw_request(d.socket, post(loud_float_wav()))),
     ("busy", "too many connections", too_many_connections),
 ]
 
 
+def test_errors_from_below_http_are_answered_by_one_table():
+    """QueueFull and a GPU out of memory are busy with Retry-After; audio errors keep their code."""
+    from e2vd.audio import ERROR_CODES as AUDIO_CODES, AudioError
+    from e2vd.protocol import BUSY_RETRY_AFTER_S
+    from e2vd.scheduler import BadAudio, InferenceFailed, ModelUnavailable, OutOfGpuMemory, QueueFull, SchedulerError
+    from e2vd.server import ERROR_CODES, api_error
+
+    assert set(ERROR_CODES) | {BadAudio} == set(SchedulerError.__subclasses__())
+    assert AUDIO_CODES <= set(ERRORS)
+    cases = [(QueueFull(64), "busy", "queue_size"), (OutOfGpuMemory("cuda:0 ran out of memory"), "busy", "memory"),
+             (ModelUnavailable("no model.pt"), "model_unavailable", "could not be loaded: no model.pt"),
+             (InferenceFailed(RuntimeError("boom")), "internal", "RuntimeError: boom"),
+             (BadAudio(AudioError("too_long", "31 s > 30 s")), "too_long", "31 s"),
+             (AudioError("too_short", "10 ms"), "too_short", "10 ms")]
+    for exc, code, needle in cases:
+        err = api_error(exc)
+        assert err.code == code and err.status == ERRORS[code][0] and needle in err.message, (exc, err)
+        assert err.retry_after == (BUSY_RETRY_AFTER_S if code == "busy" else None)
+    assert api_error(QueueFull(1)).retry_after >= 1
+
+
 def test_every_error_code_is_walked():
-    assert {code for code, _, _ in ERROR_PATHS} | {"model_unavailable"} == set(ERRORS)
+    """ERROR_PATHS over the wire; model_unavailable and internal in the tests after them."""
+    assert {code for code, _, _ in ERROR_PATHS} | {"model_unavailable", "internal"} == set(ERRORS)
 
 
 @pytest.fixture(scope="module")
@@ -291,6 +299,67 @@ def test_model_unavailable_status_comes_from_the_table(tmp_path, document):
             time.sleep(0.05)
         check_against_the_table("model_unavailable", *answer, document)
         check_against_the_table("model_unavailable", *raw_request(d.socket, post(GOOD)), document)
+
+
+class _Control:
+    """The daemon's side of the server, for an in-process Server."""
+
+    def status(self) -> dict[str, Any]:
+        return {}
+
+    def hold(self, seconds: float) -> tuple[float, float | None]:
+        return seconds, None
+
+
+class _Engine:
+    """An engine whose every recognition returns `scores`, or raises `error`."""
+
+    model_id, device, load_seconds = "fake", "cpu", 0.0
+
+    def __init__(self, scores: list[float] | None = None, error: Exception | None = None) -> None:
+        self.scores, self.error = scores, error
+
+    def recognize_batch(self, clips, **options):
+        from e2vd.result import Recognition
+        from e2vd.vocabulary import LABELS
+
+        if self.error is not None:
+            raise self.error
+        return [Recognition(list(LABELS), list(self.scores), list(LABELS), c.duration_s) for c in clips]
+
+
+def in_process(engine: _Engine, data: bytes) -> tuple[int, dict[str, str], Any]:
+    """Send `data` to an in-process Server (the real one, on a socket pair) whose scheduler runs
+    `engine`; returns the answer."""
+    from e2vd.scheduler import Scheduler
+    from e2vd.server import Server
+
+    scheduler = Scheduler(lambda: engine, queue_size=4, max_batch=1)
+    scheduler.start()
+    server = Server(scheduler, _Control(), max_body_bytes=1_000_000, max_seconds=MAX_SECONDS,
+                    connection_timeout=CONNECTION_TIMEOUT)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        server.add(ours)
+        theirs.settimeout(30)
+        theirs.sendall(data)
+        return read_response(theirs)
+    finally:
+        theirs.close()
+        scheduler.stop(10)
+
+
+@pytest.mark.parametrize("what, engine, needle", [
+    ("a result that is not JSON", _Engine(scores=[float("nan")] * 9), "not valid JSON"),
+    ("an engine that fails", _Engine(error=RuntimeError("boom")), "RuntimeError: boom"),
+])
+def test_internal_status_comes_from_the_table(what, engine, needle):
+    from e2vd import __version__
+    from e2vd.protocol import openapi
+
+    status, headers, body = in_process(engine, post(GOOD))
+    check_against_the_table("internal", status, headers, body, openapi(__version__))
+    assert needle in body["error"]["message"], body
 
 
 # --- the log --------------------------------------------------------------------------------------
