@@ -1,11 +1,12 @@
 """The HTTP API of the daemon: routes, query options, error codes and the OpenAPI document.
 
-This module is the one source for what the daemon speaks (DESIGN §3); `e2vd.server` dispatches
-on `ROUTES`, parses options with `parse_options` and answers errors with `error_body`, and
-`GET /v1/openapi.json` serves `openapi()`. It imports nothing heavy and has no I/O.
+This module is the one source for what the daemon speaks (docs/design.md, section 3, the request
+path): the server routes by `ROUTES`, parses options with `parse_options` and answers errors
+with `ApiError`, and `GET /v1/openapi.json` serves `openapi()`. Labels, granularities, model
+states and boolean spellings come from `e2vd.vocabulary`. It imports nothing heavy and has no I/O.
 
 Error responses always have the shape ``{"error": {"code": str, "message": str}}``. The codes of
-DESIGN §3 (bad_audio, too_large, too_long, too_short, bad_option, busy, model_unavailable,
+the first design (bad_audio, too_large, too_long, too_short, bad_option, busy, model_unavailable,
 internal) are extended with HTTP-level codes (bad_request, not_found, method_not_allowed,
 timeout, length_required), each listed in `ERRORS` with its status. `ERRORS` is the only source of
 an error's HTTP status: `ApiError.status` reads it, the server answers with it, and the OpenAPI
@@ -17,6 +18,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
+
+from e2vd.vocabulary import FALSE_WORDS, LABELS, TRUE_WORDS, Granularity, State, parse_bool_word
 
 API_VERSION = "1"
 
@@ -72,7 +75,7 @@ class ApiError(Exception):
 
 
 def error_body(code: str, message: str) -> dict[str, Any]:
-    """The error schema of DESIGN §3: ``{"error": {"code": code, "message": message}}``."""
+    """The error shape of every error answer: ``{"error": {"code": code, "message": message}}``."""
     return {"error": {"code": code, "message": message}}
 
 
@@ -96,12 +99,12 @@ class Option:
                                + ", ".join(self.choices))
             return raw
         if self.kind == "bool":
-            value = raw.strip().lower()
-            if value in ("1", "true", "yes"):
-                return True
-            if value in ("0", "false", "no"):
-                return False
-            raise ApiError("bad_option", f"{self.name}={raw!r} is not accepted; use {self.name}=1 or {self.name}=0")
+            value = parse_bool_word(raw)
+            if value is None:
+                raise ApiError("bad_option", f"{self.name}={raw!r} is not accepted; use {self.name}=1 or "
+                               f"{self.name}=0 (also accepted: {', '.join(TRUE_WORDS[1:])} / "
+                               f"{', '.join(FALSE_WORDS[1:])})")
+            return value
         if self.kind == "seconds":
             try:
                 value = float(raw.replace(" ", "+"))  # an unescaped '+' in 1e+06 arrives as a space
@@ -114,9 +117,9 @@ class Option:
         raise AssertionError(f"unknown option kind {self.kind!r}")
 
 
-GRANULARITY = Option("granularity", "enum", "utterance",
+GRANULARITY = Option("granularity", "enum", Granularity.UTTERANCE.value,
                      "utterance: one result for the clip; frame: the embedding per 20 ms frame (50 Hz).",
-                     ("utterance", "frame"))
+                     tuple(g.value for g in Granularity))
 EMBEDDING = Option("embedding", "bool", False, "1 to include the embedding in the result (D floats, or T x D for frame).")
 HOLD = Option("hold", "seconds", 0.0, "Keep the model loaded at least this many seconds from now (capped by max_hold).")
 
@@ -195,7 +198,7 @@ def find_route(method: str, path: str) -> Route:
 
 # --- OpenAPI -----------------------------------------------------------------------------------
 
-_LABELS = ["angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised", "unknown"]
+_STATES = [s.value for s in State]
 
 _SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -211,8 +214,9 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["labels", "scores", "top", "model_labels", "duration_s", "model", "timing_ms"],
         "properties": {
-            "labels": {"type": "array", "items": {"type": "string", "enum": _LABELS}, "minItems": 9, "maxItems": 9},
-            "scores": {"type": "array", "items": {"type": "number"}, "minItems": 9, "maxItems": 9,
+            "labels": {"type": "array", "items": {"type": "string", "enum": list(LABELS)},
+                       "minItems": len(LABELS), "maxItems": len(LABELS)},
+            "scores": {"type": "array", "items": {"type": "number"}, "minItems": len(LABELS), "maxItems": len(LABELS),
                        "description": "Same order as labels; they sum to 1."},
             "top": {"type": "object", "properties": {"label": {"type": "string"}, "score": {"type": "number"}}},
             "model_labels": {"type": "array", "items": {"type": "string"},
@@ -227,12 +231,12 @@ _SCHEMAS: dict[str, Any] = {
     },
     "Health": {"type": "object",
                "description": "200 while loading or ready; 503 with status \"unavailable\" and an error when the model cannot load.",
-               "properties": {"status": {"type": "string", "enum": ["loading", "ready", "unavailable"]}}},
+               "properties": {"status": {"type": "string", "enum": _STATES}}},
     "Status": {
         "type": "object",
         "description": "Deadlines are Unix times in seconds (null when none); *_in_s are seconds from now.",
         "properties": {
-            "state": {"type": "string", "enum": ["loading", "ready", "unavailable", "stopping"]},
+            "state": {"type": "string", "enum": [*_STATES, "stopping"]},
             "model": {"type": "string"}, "device": {"type": ["string", "null"]}, "dtype": {"type": "string"},
             "memory": {"type": "object", "additionalProperties": {"type": "integer"}},
             "queue_depth": {"type": "integer", "description": "Recognitions queued or running."},
@@ -252,7 +256,7 @@ _SCHEMAS: dict[str, Any] = {
     },
     "Warmup": {
         "type": "object",
-        "properties": {"status": {"type": "string", "enum": ["ready"]},
+        "properties": {"status": {"type": "string", "enum": [State.READY.value]},
                        "hold_s": {"type": "number", "description": "Hold granted (capped by max_hold)."},
                        "keep_warm_deadline": {"type": ["number", "null"]},
                        "load_seconds": {"type": ["number", "null"]}},

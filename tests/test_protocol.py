@@ -28,6 +28,8 @@ def test_recognize_defaults():
     ("embedding=1", {"granularity": "utterance", "embedding": True}),
     ("embedding=true&granularity=utterance", {"granularity": "utterance", "embedding": True}),
     ("embedding=0", {"granularity": "utterance", "embedding": False}),
+    ("embedding=on", {"granularity": "utterance", "embedding": True}),
+    ("embedding=%20OFF%20", {"granularity": "utterance", "embedding": False}),
 ])
 def test_recognize_options(query, expected):
     assert parse_options(query, RECOGNIZE) == expected
@@ -69,6 +71,29 @@ def test_find_route_errors():
         find_route("GET", "/v1/recognize")
     assert info.value.code == "method_not_allowed" and info.value.status == 405
     assert info.value.headers == {"Allow": "POST"}
+
+
+def test_bool_options_accept_the_spellings_settings_accept():
+    """One vocabulary: what E2VD_QUANTIZE=on means, embedding=on means too."""
+    from e2vd.vocabulary import FALSE_WORDS, TRUE_WORDS
+
+    for word in TRUE_WORDS + tuple(w.upper() for w in TRUE_WORDS):
+        assert parse_options(f"embedding={word}", RECOGNIZE)["embedding"] is True
+    for word in FALSE_WORDS:
+        assert parse_options(f"embedding={word}", RECOGNIZE)["embedding"] is False
+    with pytest.raises(ApiError) as info:
+        parse_options("embedding=2", RECOGNIZE)
+    assert "use embedding=1 or embedding=0 (also accepted: true, yes, on / false, no, off)" in info.value.message
+
+
+def test_document_uses_the_shared_vocabulary():
+    from e2vd.vocabulary import LABELS, Granularity, State
+
+    schemas = openapi()["components"]["schemas"]
+    assert schemas["Recognition"]["properties"]["labels"]["items"]["enum"] == list(LABELS)
+    assert schemas["Health"]["properties"]["status"]["enum"] == [s.value for s in State]
+    assert schemas["Status"]["properties"]["state"]["enum"] == [*(s.value for s in State), "stopping"]
+    assert find_route("POST", "/v1/recognize").options[0].choices == tuple(g.value for g in Granularity)
 
 
 def test_api_error_rejects_unknown_codes():
