@@ -1,6 +1,8 @@
 """The `e2vd` command: argument parsing and dispatch to the module that does the work.
 
-Exit codes (DESIGN §3): 0 ok, 2 usage, 3 daemon unreachable, 4 request rejected, 5 server error.
+Exit codes: `e2vd.vocabulary.ExitCode` (0 ok, 1 install/uninstall failed, 2 usage, 3 daemon
+unreachable, 4 request rejected, 5 server error, 130 interrupted). e2vd's exceptions carry theirs
+as `exit_code`; `main` is the one place that turns an exception into the exit status.
 This module imports nothing heavy at start; each subcommand imports what it needs.
 Messages for people go to stderr, one line each, never a traceback; results (tables, JSON) go to
 stdout. When stdout's reader goes away (`| head`), the command says so in one line, sends no more
@@ -22,10 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence, TextIO
 
+from e2vd.vocabulary import ExitCode, Granularity, State
+
 if TYPE_CHECKING:
     from e2vd.client import Client
 
-EXIT_OK, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_REJECTED, EXIT_SERVER = 0, 2, 3, 4, 5
+#: What each exit status means, for `e2vd --help` (every ExitCode has its words).
+EXIT_WORDS: dict[ExitCode, str] = {
+    ExitCode.OK: "ok", ExitCode.FAILED: "install/uninstall failed", ExitCode.USAGE: "usage",
+    ExitCode.UNREACHABLE: "daemon unreachable", ExitCode.REJECTED: "request rejected (bad input)",
+    ExitCode.SERVER: "server error", ExitCode.INTERRUPTED: "interrupted",
+}
 
 SERVICE, SOCKET_UNIT = "e2vd.service", "e2vd.socket"
 #: Seconds `e2vd warmup` waits for the model by default (e2vd-warmup.service allows 600).
@@ -36,7 +45,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with usage errors on one line (what is wrong, where to read more), exit 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: {message}; see `{self.prog} --help`\n")
+        self.exit(ExitCode.USAGE, f"{self.prog}: {message}; see `{self.prog} --help`\n")
 
 
 def _timeout_arg(text: str) -> float:
@@ -69,10 +78,11 @@ def _embedding_arg(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser for every subcommand (the contract of DESIGN §3)."""
+    from e2vd.install import Options   # its defaults are the options' defaults
+
     p = _Parser(
         prog="e2vd", description="Emotion2Vec+ speech emotion recognition daemon and client.",
-        epilog="exit codes: 0 ok, 2 usage, 3 daemon unreachable, 4 request rejected (bad input), "
-               "5 server error")
+        epilog="exit codes: " + ", ".join(f"{int(code)} {EXIT_WORDS[code]}" for code in ExitCode))
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("serve", help="run the daemon in the foreground")
@@ -92,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "files larger than max_body_bytes are refused before sending")
     r.add_argument("--socket", type=_socket_arg,
                    help="daemon socket (default $E2VD_SOCKET or /run/e2vd/e2vd.sock)")
-    r.add_argument("--granularity", choices=["utterance", "frame"], default="utterance",
+    r.add_argument("--granularity", choices=[g.value for g in Granularity], default=Granularity.UTTERANCE.value,
                    help="embedding per utterance (D,) or per 20 ms frame (T, D)")
     r.add_argument("--embedding", metavar="OUT.npy", type=_embedding_arg,
                    help="write the embedding to OUT.npy; with several files, one file each: "
@@ -116,9 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for the model to load (default 590)")
 
     i = sub.add_parser("install", help="install and start the systemd units (root)")
-    i.add_argument("--group", default="e2vd")
-    i.add_argument("--warmup-calendar", default="Mon..Fri 08:55", help="OnCalendar= of e2vd-warmup.timer")
-    i.add_argument("--warmup-until", default="18:00", help="keep warm until this local time")
+    i.add_argument("--group", default=Options.group, help=f"the socket's group (default {Options.group})")
+    i.add_argument("--warmup-calendar", default=Options.warmup_calendar,
+                   help=f"OnCalendar= of e2vd-warmup.timer (default {Options.warmup_calendar!r})")
+    i.add_argument("--warmup-until", default=Options.warmup_until,
+                   help=f"keep warm until this local time (default {Options.warmup_until})")
     i.add_argument("--model", help="model for a new /etc/e2vd/e2vd.toml: ModelScope id or absolute directory")
     i.add_argument("--no-start", action="store_true", help="enable the units but do not start them")
 
@@ -128,13 +140,46 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the `e2vd` command; returns the process exit code."""
+    """Run the `e2vd` command; returns the process exit status.
+
+    The one place where an exception becomes an exit status: an exception that carries an
+    `ExitCode` as `exit_code` (e2vd's own) is printed as one line and exits with that code;
+    Ctrl-C exits INTERRUPTED; anything else is a bug and propagates with its traceback."""
     _tolerate_undecodable_names()
     try:
         args = build_parser().parse_args(argv)
     except BrokenPipeError:  # --help into a closed pipe
         _stdout_closed()
-        return EXIT_OK
+        return int(ExitCode.OK)
+    try:
+        return int(_dispatch(args))
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return int(ExitCode.INTERRUPTED)
+    except Exception as exc:
+        code = exit_code_of(exc)
+        if code is None:
+            raise
+        _err(_failure(args.command, exc))
+        return int(code)
+
+
+def _failure(command: str, exc: BaseException) -> str:
+    """The one line for an e2vd exception that ended `command`: its message, and for the
+    daemon's errors what the operator can do about them."""
+    from e2vd.client import ClientError
+
+    return f"{command}: {_explain(exc) if isinstance(exc, ClientError) else exc}"
+
+
+def exit_code_of(exc: BaseException) -> ExitCode | None:
+    """The exit status `exc` carries as `exit_code` (every e2vd exception class has one), or None."""
+    code = getattr(exc, "exit_code", None)
+    return code if isinstance(code, ExitCode) else None
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the subcommand `args.command`; its exit status, or an exception carrying one."""
     if args.command == "serve":
         from e2vd import daemon
 
@@ -147,11 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return install.main(args)
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "recognize": cmd_recognize, "status": cmd_status, "warmup": cmd_warmup}
-    try:
-        return commands[args.command](args)
-    except KeyboardInterrupt:
-        _err("interrupted")
-        return 130
+    return commands[args.command](args)
 
 
 # -- output helpers ---------------------------------------------------------------------------
@@ -270,7 +311,7 @@ def _wait_until_ready(client, waking: Waking) -> None:
             state = client.health().get("status")
         except ClientError:
             return
-        if state != "loading":
+        if state != State.LOADING:
             return
         waking.text = "loading the emotion model"
         if time.monotonic() > deadline:
@@ -391,32 +432,26 @@ def _check_embedding_dir(path: Path) -> str | None:
         return f"--embedding: directory {path.parent} cannot be examined: {getattr(e, 'strerror', None) or e}"
 
 
-def cmd_recognize(args: argparse.Namespace) -> int:
+def cmd_recognize(args: argparse.Namespace) -> ExitCode:
     """Recognise every file over one connection; print a table or JSON Lines; exit 0/2/3/4/5."""
-    from e2vd.client import DaemonUnreachable
-
     problems = _check_files(args.files)
     if problems:
         for msg in problems:
             _err(msg)
         _err("nothing was sent; fix the file names and try again")
-        return EXIT_USAGE
+        return ExitCode.USAGE
     emb_paths = embedding_paths(args.embedding, args.files) if args.embedding else [None] * len(args.files)
     if args.embedding and (why := _check_embedding_dir(emb_paths[0])):
         _err(why)
-        return EXIT_USAGE
-    worst = EXIT_OK
+        return ExitCode.USAGE
+    worst = ExitCode.OK
     with _client(args) as client:
-        try:
-            with Waking("waking the e2vd daemon") as waking:
-                if waking.enabled:
-                    _wait_until_ready(client, waking)
-        except DaemonUnreachable as e:
-            _err(str(e))
-            return EXIT_UNREACHABLE
+        with Waking("waking the e2vd daemon") as waking:   # DaemonUnreachable: main says it
+            if waking.enabled:
+                _wait_until_ready(client, waking)
         for n, (name, emb_path) in enumerate(zip(args.files, emb_paths)):
             code, go_on = _recognize_one(client, args, name, emb_path, first=n == 0)
-            if go_on is False and code in (EXIT_UNREACHABLE, EXIT_USAGE):
+            if go_on is False and code in (ExitCode.UNREACHABLE, ExitCode.USAGE):
                 return code  # no daemon, or nowhere to write embeddings: the rest cannot succeed
             worst = max(worst, code)
             left = len(args.files) - n - 1
@@ -432,7 +467,7 @@ def cmd_recognize(args: argparse.Namespace) -> int:
 
 
 def _recognize_one(client: "Client", args: argparse.Namespace, name: str, emb_path: Path | None,
-                   first: bool) -> tuple[int, bool | None]:
+                   first: bool) -> tuple[ExitCode, bool | None]:
     """Recognise one file ("-": stdin) and print its result or error; returns (exit code for
     this file, go on: True, False when the other files cannot succeed, None when stdout closed)."""
     import numpy as np
@@ -448,26 +483,26 @@ def _recognize_one(client: "Client", args: argparse.Namespace, name: str, emb_pa
         result = client.recognize(audio, granularity=args.granularity, embedding=bool(args.embedding))
     except DaemonUnreachable as e:
         _err(str(e))
-        return EXIT_UNREACHABLE, False
+        return e.exit_code, False
     except ClientError as e:
         _err(f"{label}: {_explain(e)}")
         shown = not args.json or _out(json.dumps({"file": name, "error": {"code": e.code, "message": e.message}}))
         go_on = e.code != "model_unavailable"
-        return (EXIT_REJECTED if e.rejected else EXIT_SERVER), (go_on if shown else None)
+        return e.exit_code, (go_on if shown else None)
     except InputError as e:  # too large, not a regular file, stdin stalled: nothing was sent
         _err(e.message)
         shown = not args.json or _out(json.dumps({"file": name, "error": {"code": e.code, "message": e.message}}))
-        return EXIT_REJECTED, (True if shown else None)
+        return e.exit_code, (True if shown else None)
     except OSError as e:  # the file vanished or became unreadable after the check
         _err(f"{label}: cannot read: {e.strerror or e}")
-        return EXIT_REJECTED, True
+        return ExitCode.REJECTED, True
     if emb_path is not None and result.embedding is not None:
         try:
             np.save(emb_path, result.embedding)
         except OSError as e:
             _err(f"{label}: cannot write the embedding to {emb_path}: {e.strerror or e}; "
                  f"choose another --embedding path")
-            return EXIT_USAGE, False
+            return ExitCode.USAGE, False
         if not args.json:
             _err(f"{label}: wrote embedding {tuple(result.embedding.shape)} to {emb_path}")
     if args.json:
@@ -478,7 +513,7 @@ def _recognize_one(client: "Client", args: argparse.Namespace, name: str, emb_pa
         text = json.dumps(doc, ensure_ascii=False)
     else:
         text = ("" if first else "\n") + format_table(label, result, unicode=_can_unicode(sys.stdout))
-    return EXIT_OK, (True if _out(text) else None)
+    return ExitCode.OK, (True if _out(text) else None)
 
 
 def _explain(e) -> str:
@@ -644,7 +679,7 @@ def _local_time(ts: float, fmt: str) -> str:
         return f"{ts:g} (Unix time)"
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def cmd_status(args: argparse.Namespace) -> ExitCode:
     """Report systemd's view, and the daemon's own status only where asking cannot wake it."""
     from e2vd.client import ClientError, DaemonUnreachable
 
@@ -652,13 +687,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {}
     lines: list[str] = []
     ask_daemon = args.socket is not None
-    code = EXIT_OK
+    code = ExitCode.OK
     if isinstance(units, str):
         report["systemd"] = {"available": False, "reason": units}
         lines.append(f"systemd: not available: {units}")
         if not ask_daemon:
             lines.append("to ask a daemon started by hand, pass --socket PATH")
-            code = EXIT_UNREACHABLE
+            code = ExitCode.UNREACHABLE
     else:
         report["systemd"] = {"available": True, "units": {u.id: {**u.props, "Listen": u.listen}
                                                            for u in units.values()}}
@@ -670,7 +705,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         ask_daemon = ask_daemon or (svc is not None and (svc.get("ActiveState"), svc.get("SubState"))
                                     in (("active", "running"), ("activating", "start")))
         if svc is None or not svc.loaded:
-            code = EXIT_UNREACHABLE if not ask_daemon else EXIT_OK
+            code = ExitCode.UNREACHABLE if not ask_daemon else ExitCode.OK
     if ask_daemon:
         client = _client(argparse.Namespace(socket=args.socket, timeout=10.0))
         try:
@@ -679,15 +714,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         except DaemonUnreachable as e:
             report["daemon"] = {"reachable": False, "error": str(e)}
             lines.append(f"daemon on {client.socket}: unreachable: {e}")
-            code = EXIT_UNREACHABLE
+            code = e.exit_code
         except ClientError as e:
             report["daemon"] = {"reachable": True, "error": {"code": e.code, "message": e.message}}
             lines.append(f"daemon on {client.socket}: {_explain(e)}")
-            code = EXIT_SERVER
+            code = ExitCode.SERVER   # a status request cannot be bad input: any error is the daemon's
         else:
             if _nesting(st) > MAX_ANSWER_DEPTH:
                 st = {"error": f"the daemon's status nests more than {MAX_ANSWER_DEPTH} levels; not shown"}
-                code = EXIT_SERVER
+                code = ExitCode.SERVER
             report["daemon"] = {"reachable": True, "socket": client.socket, "status": st}
             lines.append(f"daemon on {client.socket}:")
             lines.extend(_describe_daemon(st))
@@ -703,8 +738,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # -- warmup -----------------------------------------------------------------------------------
 
-def cmd_warmup(args: argparse.Namespace) -> int:
-    """Wake the daemon, wait for the model, ask it to stay warm; exit 0/2/3/5."""
+def cmd_warmup(args: argparse.Namespace) -> ExitCode:
+    """Wake the daemon, wait for the model, ask it to stay warm; 0 or 2 here, and the exit code
+    of a DaemonUnreachable/ClientError that leaves through `main`."""
     from e2vd.client import ClientError, DaemonUnreachable
     from e2vd.durations import format_duration, parse_clock, parse_duration, seconds_until
 
@@ -719,25 +755,18 @@ def cmd_warmup(args: argparse.Namespace) -> int:
                 now = time.strftime("%H:%M")
                 _err(f"--until {args.until}: that time has already passed today (it is {now}); "
                      f"not waking the daemon. Use --hold DURATION to keep it warm from now.")
-                return EXIT_OK
+                return ExitCode.OK
     except ValueError as e:
         _err(f"warmup: {e}")
-        return EXIT_USAGE
+        return ExitCode.USAGE
     if hold is not None and not math.isfinite(hold):
         _err(f"warmup: --hold {args.hold}: too long to be a duration; give e.g. 9h (the daemon caps it at max_hold)")
-        return EXIT_USAGE
+        return ExitCode.USAGE
     if args.timeout is None:
         args.timeout = WARMUP_TIMEOUT
     with _client(args) as client:
-        try:
-            with Waking("waking the e2vd daemon and loading the model"):
-                answer = client.warmup(hold)
-        except DaemonUnreachable as e:
-            _err(str(e))
-            return EXIT_UNREACHABLE
-        except ClientError as e:
-            _err(f"warmup failed: {_explain(e)}")
-            return EXIT_REJECTED if e.rejected else EXIT_SERVER
+        with Waking("waking the e2vd daemon and loading the model"):
+            answer = client.warmup(hold)   # DaemonUnreachable, ClientError: main says it, exits
         try:
             st = client.status()  # only to name the model and device in the message
         except (DaemonUnreachable, ClientError):
@@ -760,7 +789,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
             msg += f"; keeping it warm for {format_duration(hold)} (until {until})"
     if not _out(msg):
         _err("stdout was closed by its reader; the daemon is warm all the same")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

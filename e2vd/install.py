@@ -25,8 +25,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from e2vd.config import MODEL_ID_PATTERN
+from e2vd.config import BUSY_POLICIES, FIELDS, MODEL_ID_PATTERN, Settings
 from e2vd.durations import parse_clock
+from e2vd.vocabulary import DTYPES, ExitCode
 
 UNITS = ("e2vd.socket", "e2vd.service", "e2vd-warmup.service", "e2vd-warmup.timer")
 ENABLE = ("e2vd.socket", "e2vd-warmup.timer")
@@ -40,42 +41,92 @@ DATA_DIRS = ("var/cache/e2vd", "var/cache/private/e2vd", "var/lib/e2vd", "var/li
 HOME_ROOTS = (Path("/root"), Path("/home"), Path("/run/user"))
 TMP_ROOTS = (Path("/tmp"), Path("/var/tmp"))
 
-DEFAULT_CONFIG = """\
+_CONFIG_HEAD = """\
 # /etc/e2vd/e2vd.toml - settings of the e2vd daemon (written by `e2vd install`, never overwritten).
 # Every key may also be set as E2VD_<KEY> in the service's environment
 # (systemctl edit e2vd.service -> [Service] Environment=E2VD_IDLE_TIMEOUT=600).
 # The values shown are the defaults; uncomment a line to change it, then: systemctl restart e2vd
-#
-# Model: a ModelScope id (downloaded once into cache_dir) or an absolute local directory.
-# A local directory must be readable by the service's dynamic user and must not lie under
-# /root or /home (the service cannot see them).
-# model = "iic/emotion2vec_plus_large"
-# device = "auto"            # auto, cpu or cuda:N
-# dtype = "fp32"             # fp32, fp16 or bf16
-# min_free_mb = 2048         # auto only picks a GPU with this much free memory
-# busy_policy = "refuse"     # when no GPU has room: refuse or cpu
-#
-# Lifecycle (seconds): exit after idle_timeout with nothing to do; `e2vd warmup` may keep the
-# daemon warm for at most max_hold; a silent connection is closed after connection_timeout.
-# idle_timeout = 300
-# max_hold = 43200
-# connection_timeout = 30
-# drain_timeout = 60
-# unavailable_grace = 60
-#
-# Requests
-# max_seconds = 30           # longest audio accepted
-# max_body_bytes = 50000000
-# queue_size = 64
-# max_batch = 0             # clips per batch; 0 = auto: 8 on a GPU, 1 on the CPU
-#
-# cache_dir = "/var/cache/e2vd"
-# log_level = "INFO"
 """
+
+#: The default config file's sections: a comment, then each key it shows with a note. The values
+#: are those of e2vd.config.Settings; tests/test_install.py checks that every setting is shown.
+_CONFIG_SECTIONS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
+    ("Model: a ModelScope id (downloaded once into cache_dir) or an absolute local directory.\n"
+     "A local directory must be readable by the service's dynamic user and must not lie under\n"
+     "/root or /home (the service cannot see them).",
+     (("model", ""),
+      ("device", "auto, cpu or cuda:N"),
+      ("dtype", f"{', '.join(DTYPES[:-1])} or {DTYPES[-1]} (fp16/bf16 on a GPU only)"),
+      ("quantize", "INT8 dynamic quantization of the Linear layers (CPU only)"),
+      ("min_free_mb", "auto only picks a GPU with this much free memory"),
+      ("busy_policy", f"when no GPU has room: {' or '.join(BUSY_POLICIES)}"))),
+    ("Lifecycle (seconds): exit after idle_timeout with nothing to do; `e2vd warmup` may keep the\n"
+     "daemon warm for at most max_hold; a silent connection is closed after connection_timeout.",
+     (("idle_timeout", ""), ("max_hold", ""), ("connection_timeout", ""), ("drain_timeout", ""),
+      ("unavailable_grace", "a model that cannot load: answer 503 this long, then exit"))),
+    ("Requests",
+     (("max_seconds", "longest audio accepted"),
+      ("max_body_bytes", ""),
+      ("queue_size", ""),
+      ("max_batch", "clips per batch; 0 = auto: 8 on a GPU, 1 on the CPU"),
+      ("max_connections_per_uid", "connections one user may hold open at once"))),
+    ("",
+     (("cache_dir", ""),
+      ("log_level", ""),
+      ("socket", "only for `e2vd serve` run by hand: e2vd.socket decides under systemd"))),
+)
+
+
+def _toml_value(value: object) -> str:
+    """`value` (a default of Settings) as TOML: strings quoted, booleans lower case, whole floats
+    without a fraction (300.0 -> 300, which the config reads as 300 seconds)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)   # a JSON string is a valid TOML basic string
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return repr(value)
+
+
+def default_config(model: str | None = None) -> str:
+    """The text of a new /etc/e2vd/e2vd.toml: every setting as a commented-out line with its
+    default from `Settings`; `model`, when given, as the one line in force."""
+    sections = _config_sections()
+    shown = {key: f"# {key} = {_toml_value(getattr(Settings, key))}"
+             for _, keys in sections for key, _ in keys}
+    if model is not None:
+        shown["model"] = f"model = {_toml_value(model)}"
+    width = max(len(shown[key]) for _, keys in sections for key, note in keys if note)
+    lines = [_CONFIG_HEAD.rstrip("\n")]
+    for comment, keys in sections:
+        lines.append("#")
+        lines.extend(f"# {line}" for line in comment.splitlines())
+        lines.extend(f"{shown[key]:<{width}}  # {note}" if note else shown[key] for key, note in keys)
+    return "\n".join(lines) + "\n"
+
+
+def _config_sections() -> list[tuple[str, tuple[tuple[str, str], ...]]]:
+    """_CONFIG_SECTIONS limited to the settings that exist, then any setting they do not list
+    (a new one), so the file always shows every setting of `Settings`."""
+    listed = {key for _, keys in _CONFIG_SECTIONS for key, _ in keys}
+    sections = [(comment, tuple((k, n) for k, n in keys if k in FIELDS)) for comment, keys in _CONFIG_SECTIONS]
+    rest = tuple((key, "") for key in FIELDS if key not in listed)
+    return sections + ([("Other settings (see the README)", rest)] if rest else [])
 
 
 class InstallError(RuntimeError):
-    """Installing or uninstalling failed; the message says what and what to do."""
+    """Installing or uninstalling failed; the message says what and what to do. A system step
+    that failed (groupadd, systemctl, damaged templates) exits 1."""
+
+    exit_code = ExitCode.FAILED
+
+
+class InstallUsageError(InstallError):
+    """The command was given something it cannot use (an option, or not run as root); nothing
+    was changed. Exits 2, like every usage error of `e2vd`."""
+
+    exit_code = ExitCode.USAGE
 
 
 @dataclass(frozen=True)
@@ -151,43 +202,40 @@ def _set_key(text: str, key: str, value: str, unit: str) -> str:
 
 
 def validate(options: Options) -> None:
-    """Raise InstallError naming the bad option and the fix."""
+    """Raise InstallUsageError naming the bad option and the fix."""
     if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,30}", options.group):
-        raise InstallError(f"--group {options.group!r} is not a valid group name (lower case, digits, _ and -)")
+        raise InstallUsageError(f"--group {options.group!r} is not a valid group name (lower case, digits, _ and -)")
     try:
         parse_clock(options.warmup_until)   # what `e2vd warmup --until` will accept at run time
     except ValueError as err:
-        raise InstallError(f"--warmup-until: {err}") from None
+        raise InstallUsageError(f"--warmup-until: {err}") from None
     if shutil.which("systemd-analyze"):
         cp = subprocess.run(["systemd-analyze", "calendar", options.warmup_calendar], capture_output=True, text=True)
         if cp.returncode != 0:
-            raise InstallError(f"--warmup-calendar {options.warmup_calendar!r} is not a systemd calendar "
-                               f"expression ({cp.stderr.strip()}); see `man systemd.time`, e.g. 'Mon..Fri 08:55'")
+            raise InstallUsageError(f"--warmup-calendar {options.warmup_calendar!r} is not a systemd calendar "
+                                    f"expression ({cp.stderr.strip()}); see `man systemd.time`, e.g. 'Mon..Fri 08:55'")
     if options.model is not None:
         validate_model(options.model)
 
 
 def validate_model(model: str) -> None:
-    """Raise InstallError unless `model` is a ModelScope id or an absolute directory the service can read."""
+    """Raise InstallUsageError unless `model` is a ModelScope id or an absolute directory the service can read."""
     if MODEL_ID_PATTERN.fullmatch(model) and not os.path.exists(model):
         return
     path = Path(model)
     if not path.is_absolute():
-        raise InstallError(f"--model {model!r} is neither a ModelScope id (owner/name) nor an absolute directory")
+        raise InstallUsageError(f"--model {model!r} is neither a ModelScope id (owner/name) nor an absolute directory")
     if not (path / "model.pt").is_file():
-        raise InstallError(f"--model {model}: no model.pt in that directory; give the directory that holds "
-                           "config.yaml, tokens.txt and model.pt")
+        raise InstallUsageError(f"--model {model}: no model.pt in that directory; give the directory that holds "
+                                "config.yaml, tokens.txt and model.pt")
     if _hidden(path.resolve()):
-        raise InstallError(f"--model {model} lies below /root, /home or /tmp, which the service cannot see; "
-                           "move it to e.g. /srv/e2vd-models/")
+        raise InstallUsageError(f"--model {model} lies below /root, /home or /tmp, which the service cannot see; "
+                                "move it to e.g. /srv/e2vd-models/")
 
 
 def config_text(options: Options) -> str:
     """The default /etc/e2vd/e2vd.toml, with `model = ...` set when the operator chose one."""
-    if options.model is None:
-        return DEFAULT_CONFIG
-    line = f"model = {json.dumps(options.model)}"   # a JSON string is a valid TOML basic string
-    return DEFAULT_CONFIG.replace('# model = "iic/emotion2vec_plus_large"', line, 1)
+    return default_config(options.model)
 
 
 def render_units(layout: Layout, options: Options, templates: Path | None = None) -> dict[str, str]:
@@ -318,18 +366,17 @@ def uninstall(*, purge: bool = False, root: Path = Path("/"), say=print) -> None
         say(f"removed group {group}")
 
 
-def main(args: argparse.Namespace) -> int:
-    """Entry point of `e2vd install` and `e2vd uninstall` (args from e2vd.cli's parser)."""
+def main(args: argparse.Namespace) -> ExitCode:
+    """Entry point of `e2vd install` and `e2vd uninstall` (args from e2vd.cli's parser).
+
+    Returns ExitCode.OK; raises InstallUsageError when not run as root or given a bad option
+    (nothing changed), InstallError when a system step failed. `e2vd.cli.main` prints the
+    message and exits with the error's `exit_code`."""
     if os.geteuid() != 0:
-        print(f"e2vd {args.command}: must run as root (it writes /etc/systemd/system and manages the "
-              f"e2vd group); try: sudo {sys.argv[0] if sys.argv else 'e2vd'} {args.command}", file=sys.stderr)
-        return 2
-    try:
-        if args.command == "install":
-            install(Options(args.group, args.warmup_calendar, args.warmup_until, args.model), start=not args.no_start)
-        else:
-            uninstall(purge=args.purge)
-    except InstallError as exc:
-        print(f"e2vd {args.command}: {exc}", file=sys.stderr)
-        return 2 if "--" in str(exc) else 1
-    return 0
+        raise InstallUsageError(f"must run as root (it writes /etc/systemd/system and manages the "
+                                f"e2vd group); try: sudo {sys.argv[0] if sys.argv else 'e2vd'} {args.command}")
+    if args.command == "install":
+        install(Options(args.group, args.warmup_calendar, args.warmup_until, args.model), start=not args.no_start)
+    else:
+        uninstall(purge=args.purge)
+    return ExitCode.OK

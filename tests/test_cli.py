@@ -3,6 +3,7 @@ against a real Unix-socket HTTP server (unix_http_server) and, in test_cli_daemo
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ from conftest import write_audio
 from e2vd import cli
 from e2vd.client import Recognition
 from e2vd.durations import format_duration, parse_clock, parse_duration, seconds_until
+from e2vd.vocabulary import ExitCode
 from raw_peer import RawPeer, http_answer, json_answer
 from unix_http_server import LABELS, TinyDaemon
 
@@ -180,7 +182,7 @@ def test_recognize_rejected_file_exit_4_others_still_done(clips: list[Path], tmp
     bad.write_bytes(b"not audio, just text")
     with TinyDaemon() as d:
         code, out, err = run(["recognize", str(clips[0]), str(bad), str(clips[1]), "--socket", d.socket], capsys)
-    assert code == cli.EXIT_REJECTED
+    assert code == ExitCode.REJECTED
     assert f"{bad}: cannot decode" in err and "bad_audio, HTTP 400" in err and "libsndfile" in err
     assert f"{clips[0]}: happy" in out and f"{clips[1]}: happy" in out
 
@@ -190,7 +192,7 @@ def test_recognize_server_error_exit_5(tmp_path: Path, capsys) -> None:
     boom.write_bytes(b"boom")
     with TinyDaemon() as d:
         code, _, err = run(["recognize", str(boom), "--json", "--socket", d.socket], capsys)
-    assert code == cli.EXIT_SERVER and "journalctl -u e2vd" in err
+    assert code == ExitCode.SERVER and "journalctl -u e2vd" in err
 
 
 def test_recognize_missing_file_exit_2_sends_nothing(clips: list[Path], tmp_path: Path, capsys) -> None:
@@ -198,7 +200,7 @@ def test_recognize_missing_file_exit_2_sends_nothing(clips: list[Path], tmp_path
         code, out, err = run(["recognize", str(clips[0]), str(tmp_path / "nope.wav"), str(tmp_path),
                               "--socket", d.socket], capsys)
         assert d.connections == 0
-    assert code == cli.EXIT_USAGE and out == ""
+    assert code == ExitCode.USAGE and out == ""
     assert "nope.wav: no such file" in err and "is a directory" in err and "nothing was sent" in err
 
 
@@ -207,13 +209,13 @@ def test_recognize_embedding_into_missing_directory_exit_2(clips: list[Path], tm
         code, out, err = run(["recognize", str(clips[0]), "--embedding", str(tmp_path / "no" / "e.npy"),
                               "--socket", d.socket], capsys)
         assert d.connections == 0
-    assert code == cli.EXIT_USAGE and out == "" and "does not exist" in err
+    assert code == ExitCode.USAGE and out == "" and "does not exist" in err
 
 
 def test_recognize_unreachable_exit_3_with_fix(clips: list[Path], capsys) -> None:
     path = os.path.join(tempfile.mkdtemp(prefix="e2vd-t-"), "none.sock")
     code, out, err = run(["recognize", str(clips[0]), "--socket", path], capsys)
-    assert code == cli.EXIT_UNREACHABLE and out == ""
+    assert code == ExitCode.UNREACHABLE and out == ""
     assert path in err and "systemctl enable --now e2vd.socket" in err
 
 
@@ -278,14 +280,14 @@ def test_status_never_connects_without_systemd_or_socket(capsys) -> None:
     if not isinstance(units, str):
         pytest.skip("systemd runs here; the sdbox tests cover status with systemd")
     code, out, _ = run(["status"], capsys)
-    assert code == cli.EXIT_UNREACHABLE
+    assert code == ExitCode.UNREACHABLE
     assert "systemd: not available" in out and "--socket PATH" in out
 
 
 def test_status_socket_unreachable_exit_3(capsys) -> None:
     path = os.path.join(tempfile.mkdtemp(prefix="e2vd-t-"), "none.sock")
     code, out, _ = run(["status", "--socket", path], capsys)
-    assert code == cli.EXIT_UNREACHABLE and "unreachable" in out and "systemctl enable --now e2vd.socket" in out
+    assert code == ExitCode.UNREACHABLE and "unreachable" in out and "systemctl enable --now e2vd.socket" in out
 
 
 def test_warmup_hold_and_until(capsys) -> None:
@@ -307,13 +309,92 @@ def test_warmup_hold_and_until(capsys) -> None:
             code, _, err = run(["warmup", "--until", earlier, "--socket", d.socket], capsys)
             assert code == 0 and "already passed today" in err and len(d.requests) == n
         code, _, err = run(["warmup", "--hold", "9x", "--socket", d.socket], capsys)
-        assert code == cli.EXIT_USAGE and "bad duration '9x'" in err and len(d.requests) == n
+        assert code == ExitCode.USAGE and "bad duration '9x'" in err and len(d.requests) == n
 
 
 def test_warmup_unreachable_exit_3(capsys) -> None:
     path = os.path.join(tempfile.mkdtemp(prefix="e2vd-t-"), "none.sock")
     code, _, err = run(["warmup", "--hold", "1m", "--socket", path], capsys)
-    assert code == cli.EXIT_UNREACHABLE and "systemctl enable --now e2vd.socket" in err
+    assert code == ExitCode.UNREACHABLE and "systemctl enable --now e2vd.socket" in err
+
+
+@pytest.mark.parametrize("answer, code, words", [
+    (http_answer('{"error": {"code": "bad_option", "message": "hold=x is not accepted"}}', "400 Bad Request"),
+     ExitCode.REJECTED, "warmup: hold=x is not accepted [bad_option, HTTP 400]"),
+    (http_answer('{"error": {"code": "model_unavailable", "message": "model.pt is missing"}}',
+                 "503 Service Unavailable"),
+     ExitCode.SERVER, "warmup: model.pt is missing [model_unavailable, HTTP 503]; the daemon cannot load"),
+])
+def test_warmup_refused_exits_with_the_errors_own_code(answer: bytes, code: ExitCode, words: str, capsys) -> None:
+    with RawPeer(answer) as peer:
+        got, out, err = run(["warmup", "--socket", peer.socket], capsys)
+    assert got == code and out == "" and err.count("\n") == 1 and words in err, err
+
+
+# -- exit codes: e2vd's exceptions carry theirs, main alone maps them ---------------------------
+
+def test_help_lists_every_exit_code() -> None:
+    epilog = cli.build_parser().epilog
+    assert set(cli.EXIT_WORDS) == set(ExitCode)
+    for code in ExitCode:
+        assert f"{int(code)} {cli.EXIT_WORDS[code]}" in epilog
+
+
+def _failing(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> None:
+    """Make `e2vd status` raise `exc`, as any subcommand's code could."""
+    def fail(args: object) -> ExitCode:
+        raise exc
+    monkeypatch.setattr(cli, "cmd_status", fail)
+
+
+@pytest.mark.parametrize("module, name, args, code", [
+    ("e2vd.client", "DaemonUnreachable", ("/x.sock", "no daemon socket at /x.sock"), ExitCode.UNREACHABLE),
+    ("e2vd.client", "DaemonTimeout", ("/x.sock", "no answer within 1 s"), ExitCode.UNREACHABLE),
+    ("e2vd.client", "InputError", ("a.wav", "too_large", "a.wav: too large"), ExitCode.REJECTED),
+    ("e2vd.engine", "ModelError", ("model.pt is missing",), ExitCode.SERVER),
+    ("e2vd.audio", "AudioError", ("bad_audio", "not audio"), ExitCode.REJECTED),
+    ("e2vd.gpu", "GpuBusyError", ("cuda:0 has 10 MiB free",), ExitCode.SERVER),
+    ("e2vd.install", "InstallError", ("`systemctl daemon-reload` failed",), ExitCode.FAILED),
+    ("e2vd.install", "InstallUsageError", ("--group 'A B' is not valid",), ExitCode.USAGE),
+])
+def test_main_exits_with_the_code_the_exception_carries(module: str, name: str, args: tuple, code: ExitCode,
+                                                        monkeypatch, capsys) -> None:
+    exc = getattr(importlib.import_module(module), name)(*args)
+    assert exc.exit_code == code
+    _failing(monkeypatch, exc)
+    got, out, err = run(["status"], capsys)
+    assert got == code and type(got) is int and out == ""
+    assert err == f"e2vd: status: {exc}\n"
+
+
+def test_main_lets_a_bug_keep_its_traceback_and_maps_ctrl_c(monkeypatch, capsys) -> None:
+    _failing(monkeypatch, ZeroDivisionError("a bug"))
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["status"])
+    _failing(monkeypatch, KeyboardInterrupt())
+    assert run(["status"], capsys) == (ExitCode.INTERRUPTED, "", "e2vd: interrupted\n") and ExitCode.INTERRUPTED == 130
+
+
+def test_install_errors_exit_through_main_with_their_own_code(monkeypatch, capsys) -> None:
+    """install.py no longer picks an exit status from its message (`2 if "--" in str(exc) else 1`):
+    it raises, and main exits with the exception's code."""
+    from e2vd import install
+
+    monkeypatch.setattr(install.os, "geteuid", lambda: 1000)
+    code, out, err = run(["install", "--no-start"], capsys)
+    assert code == ExitCode.USAGE and out == "" and err.startswith("e2vd: install: must run as root")
+    monkeypatch.setattr(install.os, "geteuid", lambda: 0)
+
+    def groupadd_fails(options, **kw) -> None:
+        raise install.InstallError("`groupadd --system e2vd` failed (exit 10): cannot lock /etc/group")
+    monkeypatch.setattr(install, "install", groupadd_fails)
+    code, _, err = run(["install"], capsys)
+    assert code == ExitCode.FAILED and err == "e2vd: install: `groupadd --system e2vd` failed (exit 10): cannot lock /etc/group\n"
+    monkeypatch.undo()
+    monkeypatch.setattr(install.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(install.Layout, "detect", lambda: pytest.fail("a bad option must stop before anything else"))
+    code, _, err = run(["install", "--group", "Bad Group", "--no-start"], capsys)   # validated first: nothing changes
+    assert code == ExitCode.USAGE and "--group 'Bad Group' is not a valid group name" in err
 
 
 # -- `e2vd` as a process: bounded input, one-line failures (issue 7, items 3 and 9) ------------
@@ -352,7 +433,7 @@ def test_recognize_dev_zero_by_name_is_refused_at_once(clips: list[Path]) -> Non
     with TinyDaemon() as d:
         proc = e2vd("recognize", str(clips[0]), "/dev/zero", "--socket", d.socket, memory_gib=1)
         assert d.connections == 0
-    one_line(proc, cli.EXIT_USAGE, "/dev/zero: a character device, not a regular file",
+    one_line(proc, ExitCode.USAGE, "/dev/zero: a character device, not a regular file",
              "e2vd recognize -", "nothing was sent", lines=2)
 
 
@@ -363,7 +444,7 @@ def test_recognize_fifo_by_name_is_refused_without_waiting(clips: list[Path], tm
     with TinyDaemon() as d:
         proc = e2vd("recognize", str(fifo), "--socket", d.socket)
         assert d.connections == 0
-    one_line(proc, cli.EXIT_USAGE, f"{fifo}: a FIFO (named pipe), not a regular file", lines=2)
+    one_line(proc, ExitCode.USAGE, f"{fifo}: a FIFO (named pipe), not a regular file", lines=2)
 
 
 def test_recognize_stdin_endless_is_cut_at_max_body_bytes() -> None:
@@ -372,12 +453,12 @@ def test_recognize_stdin_endless_is_cut_at_max_body_bytes() -> None:
             proc = e2vd("recognize", "-", "--socket", d.socket, stdin=zero, memory_gib=1,
                         env={"E2VD_MAX_BODY_BYTES": "100000"})
             assert d.requests == []
-            one_line(proc, cli.EXIT_REJECTED, "stdin: larger than 100000 bytes",
+            one_line(proc, ExitCode.REJECTED, "stdin: larger than 100000 bytes",
                      "max_body_bytes", "from $E2VD_MAX_BODY_BYTES", "nothing was sent")
         with open("/dev/zero", "rb") as zero:  # no setting anywhere: the daemon's default
             proc = e2vd("recognize", "-", "--socket", d.socket, stdin=zero, memory_gib=1)
             assert d.requests == []
-    one_line(proc, cli.EXIT_REJECTED, "stdin: larger than 50000000 bytes", "the default")
+    one_line(proc, ExitCode.REJECTED, "stdin: larger than 50000000 bytes", "the default")
 
 
 def test_recognize_large_file_refused_others_still_done(clips: list[Path], tmp_path: Path) -> None:
@@ -389,7 +470,7 @@ def test_recognize_large_file_refused_others_still_done(clips: list[Path], tmp_p
         proc = e2vd("recognize", str(clips[0]), str(big), str(clips[1]), "--json", "--socket", d.socket,
                     env={"E2VD_CONFIG": str(toml)})
         assert [r[3] for r in d.requests] == [clips[0].stat().st_size, clips[1].stat().st_size]
-    one_line(proc, cli.EXIT_REJECTED, f"{big}: larger than 200000 bytes", f"from {toml}",
+    one_line(proc, ExitCode.REJECTED, f"{big}: larger than 200000 bytes", f"from {toml}",
              "set $E2VD_MAX_BODY_BYTES")
     docs = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [doc["file"] for doc in docs] == [str(clips[0]), str(big), str(clips[1])]
@@ -410,7 +491,7 @@ def test_recognize_stdin_audio_and_a_stalled_writer(clips: list[Path]) -> None:
             os.close(r)
             os.close(w)
         assert len(d.requests) == 1
-    one_line(proc, cli.EXIT_REJECTED, "stdin: the audio did not arrive in full within 0.5 s (4 bytes so far)",
+    one_line(proc, ExitCode.REJECTED, "stdin: the audio did not arrive in full within 0.5 s (4 bytes so far)",
              "--timeout")
 
 
@@ -421,9 +502,9 @@ def test_recognize_stdin_must_be_a_pipe_or_file(clips: list[Path]) -> None:
     finally:
         os.close(slave)
         os.close(master)
-    one_line(proc, cli.EXIT_USAGE, "stdin is a terminal", lines=2)
+    one_line(proc, ExitCode.USAGE, "stdin is a terminal", lines=2)
     proc = e2vd("recognize", "-", str(clips[0]), "-", "--socket", "/nonexistent.sock")
-    one_line(proc, cli.EXIT_USAGE, "stdin can be read only once", lines=2)
+    one_line(proc, ExitCode.USAGE, "stdin can be read only once", lines=2)
 
 
 @pytest.mark.parametrize("command", ["recognize", "warmup"])
@@ -434,7 +515,7 @@ def test_unusable_timeout_is_a_usage_error(command: str, value: str, clips: list
         args = [str(clips[0])] if command == "recognize" else []
         proc = e2vd(command, *args, "--timeout", value, "--socket", d.socket)
         assert d.connections == 0
-    one_line(proc, cli.EXIT_USAGE, f"e2vd {command}: argument --timeout: '{value}'", "seconds > 0",
+    one_line(proc, ExitCode.USAGE, f"e2vd {command}: argument --timeout: '{value}'", "seconds > 0",
              f"`e2vd {command} --help`")
 
 
@@ -443,7 +524,7 @@ def test_peer_that_does_not_speak_http_exit_3(argv: list[str], clips: list[Path]
     with RawPeer(b"SSH-2.0-OpenSSH_9.2p1\r\n") as peer:
         proc = e2vd(*[a.format(clip=clips[0]) for a in argv], "--socket", peer.socket)
     out_or_err = proc.stdout + proc.stderr
-    assert "Traceback" not in out_or_err and proc.returncode == cli.EXIT_UNREACHABLE, out_or_err
+    assert "Traceback" not in out_or_err and proc.returncode == ExitCode.UNREACHABLE, out_or_err
     assert "does not speak HTTP" in out_or_err and "not the e2vd daemon" in out_or_err
 
 
@@ -451,7 +532,7 @@ def test_peer_that_does_not_speak_http_exit_3(argv: list[str], clips: list[Path]
 def test_response_header_over_64k_exit_5(argv: list[str], clips: list[Path]) -> None:
     with RawPeer(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n") as peer:
         proc = e2vd(*[a.format(clip=clips[0]) for a in argv], "--socket", peer.socket)
-    one_line(proc, cli.EXIT_SERVER, "malformed answer", "LineTooLong")
+    one_line(proc, ExitCode.SERVER, "malformed answer", "LineTooLong")
     if "--json" in argv:
         assert json.loads(proc.stdout)["error"]["code"] == "internal"
 
@@ -461,7 +542,7 @@ def test_mangled_answers_exit_5(clips: list[Path]) -> None:
                    http_answer("[" * 100_000 + "]" * 100_000)):
         with RawPeer(answer) as peer:
             proc = e2vd("recognize", str(clips[0]), "--socket", peer.socket)
-        one_line(proc, cli.EXIT_SERVER, f"{clips[0]}: ", "HTTP 502")
+        one_line(proc, ExitCode.SERVER, f"{clips[0]}: ", "HTTP 502")
 
 
 def test_status_with_odd_numbers_and_absurd_nesting() -> None:
@@ -477,7 +558,7 @@ def test_status_with_odd_numbers_and_absurd_nesting() -> None:
     with RawPeer(json_answer({"state": "ready", "deep": nested})) as peer:
         for argv in (["status"], ["status", "--json"]):
             proc = e2vd(*argv, "--socket", peer.socket)
-            assert proc.returncode == cli.EXIT_SERVER and "Traceback" not in proc.stderr, proc.stderr
+            assert proc.returncode == ExitCode.SERVER and "Traceback" not in proc.stderr, proc.stderr
             assert "nests more than 16 levels" in proc.stdout
 
 
@@ -496,16 +577,16 @@ def test_closed_stdout_one_line_and_no_more_work(clips: list[Path]) -> None:
     Now: one line, the rest is not sent, exit code of what was done (0: the reader chose to stop)."""
     with TinyDaemon() as d:
         proc = _closed_pipe_run("recognize", *map(str, clips), "--socket", d.socket)
-        one_line(proc, cli.EXIT_OK, "stdout was closed by its reader; stopped after 1 of 3 file(s), 2 not sent")
+        one_line(proc, ExitCode.OK, "stdout was closed by its reader; stopped after 1 of 3 file(s), 2 not sent")
         assert len(d.requests) == 1
         bad = clips[0].with_name("bad.wav")
         bad.write_bytes(b"not audio")
         proc = _closed_pipe_run("recognize", str(bad), str(clips[0]), "--json", "--socket", d.socket)
-        one_line(proc, cli.EXIT_REJECTED, "stopped after 1 of 2", lines=2)  # the rejection, then the stop
+        one_line(proc, ExitCode.REJECTED, "stopped after 1 of 2", lines=2)  # the rejection, then the stop
         proc = _closed_pipe_run("status", "--socket", d.socket)
-        one_line(proc, cli.EXIT_OK, "the status was not shown")
+        one_line(proc, ExitCode.OK, "the status was not shown")
         proc = _closed_pipe_run("warmup", "--hold", "1m", "--socket", d.socket)
-        one_line(proc, cli.EXIT_OK, "the daemon is warm all the same")
+        one_line(proc, ExitCode.OK, "the daemon is warm all the same")
     proc = _closed_pipe_run("--help")
     assert proc.returncode == 0 and proc.stderr == ""
 
@@ -515,7 +596,7 @@ def test_warmup_unusable_hold_exit_2(hold: str) -> None:
     with TinyDaemon() as d:
         proc = e2vd("warmup", "--hold", hold, "--socket", d.socket)
         assert d.connections == 0
-    one_line(proc, cli.EXIT_USAGE, "warmup: ")
+    one_line(proc, ExitCode.USAGE, "warmup: ")
 
 
 def test_warmup_hold_beyond_any_calendar() -> None:
@@ -533,20 +614,20 @@ def test_socket_paths_that_cannot_work(clips: list[Path], tmp_path: Path) -> Non
     for path, words in ((plain, "is a regular file, not a socket"), (tmp_path, "is a directory, not a socket"),
                         ("/tmp/" + "s" * 120, "too long for AF_UNIX")):
         proc = e2vd("recognize", str(clips[0]), "--socket", str(path))
-        one_line(proc, cli.EXIT_UNREACHABLE, words)
+        one_line(proc, ExitCode.UNREACHABLE, words)
     proc = e2vd("status", "--socket", "")
-    one_line(proc, cli.EXIT_USAGE, "--socket: empty path")
+    one_line(proc, ExitCode.USAGE, "--socket: empty path")
 
 
 def test_bad_file_and_embedding_names_exit_2(clips: list[Path], tmp_path: Path) -> None:
     proc = e2vd("recognize", str(tmp_path / ("n" * 300)), "--socket", "/nonexistent.sock")
-    one_line(proc, cli.EXIT_USAGE, "File name too long", "nothing was sent", lines=2)
+    one_line(proc, ExitCode.USAGE, "File name too long", "nothing was sent", lines=2)
     for out in ("", ".", "/", str(tmp_path) + "/"):
         proc = e2vd("recognize", str(clips[0]), "--embedding", out, "--socket", "/nonexistent.sock")
-        one_line(proc, cli.EXIT_USAGE, "--embedding", "names no file")
+        one_line(proc, ExitCode.USAGE, "--embedding", "names no file")
     proc = e2vd("recognize", str(clips[0]), "--embedding", str(tmp_path / ("d" * 300) / "e.npy"),
                 "--socket", "/nonexistent.sock")
-    one_line(proc, cli.EXIT_USAGE, "--embedding: directory", "File name too long")
+    one_line(proc, ExitCode.USAGE, "--embedding: directory", "File name too long")
 
 
 def test_file_name_that_is_not_utf8(clips: list[Path], tmp_path: Path) -> None:
@@ -588,8 +669,8 @@ def test_permission_problems_as_another_user(clips: list[Path]) -> None:
     finally:
         shutil.rmtree(private)
         shutil.rmtree(public)
-    one_line(runs[0], cli.EXIT_USAGE, f"{clip}: not reachable by you (permission denied", lines=2)
-    one_line(runs[1], cli.EXIT_UNREACHABLE, "permission denied", "usermod -aG e2vd")
+    one_line(runs[0], ExitCode.USAGE, f"{clip}: not reachable by you (permission denied", lines=2)
+    one_line(runs[1], ExitCode.UNREACHABLE, "permission denied", "usermod -aG e2vd")
 
 
 # -- against the real daemon (`e2vd serve` with the tiny stand-in) ----------------------------
@@ -640,7 +721,7 @@ def test_daemon_recognize_bad_audio_exit_4(daemon, clips: list[Path], tmp_path: 
     garbage.write_bytes(os.urandom(4000))
     tiny = write_audio(tmp_path / "blip.wav", seconds=0.01)
     code, out, err = run(["recognize", str(garbage), str(clips[0]), str(tiny), "--socket", str(daemon.socket)], capsys)
-    assert code == cli.EXIT_REJECTED
+    assert code == ExitCode.REJECTED
     assert f"{garbage}: " in err and "bad_audio, HTTP 400" in err
     assert f"{tiny}: " in err and "too_short" in err
     assert f"{clips[0]}: " in out  # the good file in between was still recognised
@@ -666,7 +747,7 @@ def test_daemon_without_model_exit_5_and_stops_early(clips: list[Path], tmp_path
     missing = tmp_path / "no-such-model"
     with DaemonProcess(tmp_path / "e2vd.sock", missing, unavailable_grace=60) as d:
         code, out, err = run(["recognize", str(clips[0]), str(clips[1]), "--socket", str(d.socket)], capsys)
-        assert code == cli.EXIT_SERVER and out == ""
+        assert code == ExitCode.SERVER and out == ""
         assert f"{clips[0]}: " in err and str(missing) in err and "model_unavailable, HTTP 503" in err
         assert "skipping the other 1 file(s)" in err
         code, out, _ = run(["status", "--socket", str(d.socket)], capsys)

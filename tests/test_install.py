@@ -13,6 +13,7 @@ import pytest
 
 import sdbox
 from e2vd import install
+from e2vd.vocabulary import ExitCode
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = str(Path(sys.executable))          # the venv's python, as the operator would run it
@@ -62,6 +63,39 @@ def srv_model() -> Path:
     (d / "model.pt").write_bytes(b"")
     yield d
     shutil.rmtree(d)
+
+
+def test_default_config_shows_every_setting_with_the_default_of_settings(tmp_path: Path) -> None:
+    """The default /etc/e2vd/e2vd.toml takes its values from e2vd.config.Settings: uncommenting
+    every line gives exactly the defaults, and no setting is missing from it."""
+    from e2vd.config import FIELDS, Settings, load_settings
+
+    text = install.default_config()
+    assert tomllib.loads(text) == {}, "defaults are comments"
+    shown = [line[2:].split("  #")[0] for line in text.splitlines()
+             if line.startswith("# ") and " = " in line.split("#")[1]]
+    assert sorted(line.split(" = ")[0] for line in shown) == sorted(FIELDS)
+    uncommented = tmp_path / "all.toml"
+    uncommented.write_text("\n".join(shown) + "\n")
+    assert load_settings(env={}, config_path=str(uncommented)) == Settings()
+
+
+def test_default_config_with_a_model_sets_that_line_only() -> None:
+    text = install.default_config('/srv/models/e2v "quoted"')
+    assert tomllib.loads(text) == {"model": '/srv/models/e2v "quoted"'}
+    assert text.replace('model = "/srv/models/e2v \\"quoted\\""', f"# model = \"{install.Settings.model}\"") \
+        == install.default_config()
+
+
+def test_install_errors_carry_their_exit_codes(tmp_path: Path) -> None:
+    """Bad options are usage errors (2, nothing written); a failed system step is 1."""
+    with pytest.raises(install.InstallUsageError) as bad:
+        _install(tmp_path, group="Bad Group")
+    assert bad.value.exit_code == ExitCode.USAGE and isinstance(bad.value, install.InstallError)
+    assert install.InstallError("x").exit_code == ExitCode.FAILED
+    with pytest.raises(install.InstallError) as failed:
+        install._run(["false"])
+    assert type(failed.value) is install.InstallError and "`false` failed (exit 1)" in str(failed.value)
 
 
 def test_install_model_goes_into_a_new_config_only(tmp_path: Path, srv_model: Path) -> None:

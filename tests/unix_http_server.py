@@ -17,7 +17,9 @@ import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler
 
-LABELS = ["angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised", "unknown"]
+from e2vd import vocabulary
+
+LABELS = list(vocabulary.LABELS)   # the daemon's labels, as a JSON answer lists them
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
