@@ -516,19 +516,24 @@ def _recognize_one(client: "Client", args: argparse.Namespace, name: str, emb_pa
     return ExitCode.OK, (True if _out(text) else None)
 
 
+#: What the operator can do about each of the daemon's error codes (keys: protocol.ERRORS).
+ERROR_HINTS: dict[str, str] = {
+    "bad_audio": "the file is not audio libsndfile can decode (wav, flac, ogg, mp3): check it with `file` or re-export it",
+    "too_long": "cut the clip into shorter pieces (see max_seconds in /etc/e2vd/e2vd.toml)",
+    "too_short": "give at least a fraction of a second of speech",
+    "too_large": "the file exceeds the daemon's max_body_bytes; shorten or compress it",
+    "busy": "the daemon's queue is full; retry in a moment",
+    "model_unavailable": "the daemon cannot load its model; see `journalctl -u e2vd` and `e2vd status`",
+    "internal": "the daemon failed; see `journalctl -u e2vd`",
+}
+
+
 def _explain(e) -> str:
-    """The daemon's error plus what the operator can do about it."""
-    hints = {
-        "bad_audio": "the file is not audio libsndfile can decode (wav, flac, ogg, mp3): check it with `file` or re-export it",
-        "too_long": "cut the clip into shorter pieces (see max_seconds in /etc/e2vd/e2vd.toml)",
-        "too_short": "give at least a fraction of a second of speech",
-        "too_large": "the file exceeds the daemon's max_body_bytes; shorten or compress it",
-        "busy": "the daemon's queue is full; retry in a moment"
-                + (f" (it suggests {e.retry_after:g} s)" if e.retry_after else ""),
-        "model_unavailable": "the daemon cannot load its model; see `journalctl -u e2vd` and `e2vd status`",
-        "internal": "the daemon failed; see `journalctl -u e2vd`",
-    }
-    hint = hints.get(e.code)
+    """The daemon's error plus what the operator can do about it (ERROR_HINTS; for busy, the
+    Retry-After the daemon suggested)."""
+    hint = ERROR_HINTS.get(e.code)
+    if hint and e.code == "busy" and e.retry_after:
+        hint += f" (it suggests {e.retry_after:g} s)"
     return f"{e.message} [{e.code}, HTTP {e.status}]" + (f"; {hint}" if hint and hint not in e.message else "")
 
 
