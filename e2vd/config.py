@@ -17,7 +17,9 @@ where None means "not given" (argparse's default) and strings are parsed like en
 Value forms: durations (idle_timeout, max_hold, connection_timeout, drain_timeout,
 unavailable_grace) are seconds as a number, or a string like "90s", "30m", "9h", "1h30m";
 booleans are true/false (TOML) or 1/0, true/false, yes/no, on/off (environment); log_level is
-DEBUG, INFO, WARNING, ERROR or CRITICAL in any case (stored upper-case).
+DEBUG, INFO, WARNING, ERROR or CRITICAL in any case (stored upper-case). max_connections_per_uid
+(>= 1) caps the connections one peer uid may hold open at once, root included; the daemon's
+overall cap (e2vd.server.MAX_CONNECTIONS, 256) still applies above it.
 
 Every problem raises ConfigError at start, naming where the value came from (the file and key,
 the environment variable, or the command-line option) and what is accepted. Unknown keys are
@@ -76,6 +78,7 @@ class Settings:
     queue_size: int = 64                         # requests waiting for the worker, then 503 busy
     max_batch: int = 0                           # clips per inference batch; 0 = auto (8 GPU, 1 CPU)
     connection_timeout: float = 30.0             # a silent connection is closed after this
+    max_connections_per_uid: int = 32            # open connections one peer uid may hold (root too)
     drain_timeout: float = 60.0                  # SIGTERM: time to finish in-flight work
     unavailable_grace: float = 60.0              # model failed to load: answer 503 this long, then exit
     cache_dir: str = "/var/cache/e2vd"           # model download cache
@@ -277,4 +280,5 @@ _CHECKS: dict[str, Callable[[object], None]] = {
     "drain_timeout": _at_least(0, " seconds"), "unavailable_grace": _at_least(0, " seconds"),
     "connection_timeout": _positive(" seconds"), "max_seconds": _positive(" seconds"),
     "max_body_bytes": _positive(" bytes"), "queue_size": _at_least(1), "max_batch": _at_least(0),
+    "max_connections_per_uid": _at_least(1, " connections"),
 }

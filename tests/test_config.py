@@ -36,6 +36,7 @@ def test_defaults_match_the_contract(tmp_path):
         "/run/e2vd/e2vd.sock", "iic/emotion2vec_plus_large", "auto", "fp32", 300.0, 30.0)
     assert (s.max_body_bytes, s.connection_timeout, s.min_free_mb, s.busy_policy) == (
         50_000_000, 30.0, 2048, "refuse")
+    assert s.max_connections_per_uid == 32
     assert DEFAULT_CONFIG_PATH == "/etc/e2vd/e2vd.toml"
 
 
@@ -76,7 +77,7 @@ def test_every_key_settable_from_file_and_env(tmp_path):
     changed = dict(socket="/tmp/x.sock", model="/srv/m", device="cuda:0", dtype="bf16", quantize=True,
                    min_free_mb=100, busy_policy="cpu", idle_timeout=1.5, max_hold=2.0, max_seconds=3.0,
                    max_body_bytes=4, queue_size=5, max_batch=6, connection_timeout=7.0, drain_timeout=8.0,
-                   unavailable_grace=9.0, cache_dir="/c", log_level="DEBUG")
+                   unavailable_grace=9.0, cache_dir="/c", log_level="DEBUG", max_connections_per_uid=3)
     assert set(changed) == {f.name for f in dataclasses.fields(Settings)}
     lines = []
     for k, v in changed.items():
@@ -122,6 +123,8 @@ def test_cli_string_overrides_are_parsed(tmp_path):
     ('busy_policy = "wait"\n', ["key 'busy_policy'", "refuse, cpu"]),
     ('log_level = "LOUD"\n', ["key 'log_level'", "DEBUG, INFO"]),
     ('queue_size = 0\n', ["key 'queue_size'", ">= 1"]),
+    ('max_connections_per_uid = 0\n', ["key 'max_connections_per_uid'", ">= 1 connections", "got 0"]),
+    ('max_connections_per_uid = 2.5\n', ["key 'max_connections_per_uid'", "whole number"]),
     ('max_seconds = 0\n', ["key 'max_seconds'", "> 0"]),
     ('max_seconds = nan\n', ["key 'max_seconds'", "finite"]),
     ('model = ""\n', ["key 'model'", "empty"]),
@@ -144,6 +147,7 @@ def test_file_errors_name_file_key_and_accepted_values(tmp_path, text, needles):
     ({"E2VD_CONNECTION_TIMEOUT": "0"}, ["E2VD_CONNECTION_TIMEOUT", "> 0"]),
     ({"E2VD_DEVICE": "cuda:x"}, ["E2VD_DEVICE", "cuda:N"]),
     ({"E2VD_MAX_SECONDS": "inf"}, ["E2VD_MAX_SECONDS", "finite"]),
+    ({"E2VD_MAX_CONNECTIONS_PER_UID": "-1"}, ["E2VD_MAX_CONNECTIONS_PER_UID", ">= 1 connections"]),
 ])
 def test_env_errors_name_the_variable(tmp_path, env, needles):
     msg = fails(env=env, config_path=toml(tmp_path, ""))
@@ -156,6 +160,8 @@ def test_override_errors_name_the_option(tmp_path):
     assert "--idle-timeout" in msg and ">= 0" in msg
     msg = fails(overrides={"idel_timeout": 3}, env={}, config_path=toml(tmp_path, ""))
     assert "'idel_timeout'" in msg and "did you mean 'idle_timeout'" in msg
+    msg = fails(overrides={"max_connections_per_uid": "none"}, env={}, config_path=toml(tmp_path, ""))
+    assert "--max-connections-per-uid" in msg and "whole number" in msg
 
 
 def test_directory_and_unreadable_file(tmp_path):
@@ -193,7 +199,7 @@ def test_config_error_is_a_value_error():
 
 
 def test_reference_keys_exist():
-    """DESIGN §3 names these keys; they must stay."""
+    """The README's settings table and docs/design.md name these keys; they must stay."""
     names = {f.name for f in dataclasses.fields(Settings)}
     assert {"model", "device", "dtype", "idle_timeout", "max_hold", "max_seconds", "max_body_bytes",
             "queue_size", "connection_timeout", "socket"} <= names
