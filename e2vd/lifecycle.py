@@ -1,0 +1,155 @@
+"""When the daemon exits: the keep-warm hold, the idle clock and the unavailable grace.
+
+`LifecycleClock` only decides. It reads no clock, never sleeps and does no I/O: every method
+takes `now` (seconds on one monotonic clock; `time.monotonic()` in the daemon) from its caller,
+so a test walks it through hours in microseconds. The daemon's main loop reports what happens
+(`loaded`, `failed`, `busy`, `idle`), connection threads add keep-warm holds (`hold`), and the
+loop sleeps until `deadline(now)` and leaves through its one shutdown path once `expired(now)`
+names a reason. Safe to call from any thread (one lock, held only inside these methods).
+The design is in docs/design.md (the lifecycle).
+
+The rules, by phase:
+- loading: never expires. systemd's start timeout, extended while the model loads, bounds it.
+- ready: the daemon exits `idle_timeout` seconds after the latest of: the moment the model was
+  ready, the keep-warm deadline, and the end of the last thing that held it awake. The caller
+  reports that end with `busy(now, until)`: math.inf while work is in progress (no deadline at
+  all then), else when the last hold ends or ended (e.g. a connection's last use +
+  connection_timeout). `idle(now)` reports that nothing holds it, with no end known: work whose
+  end was not reported counts as ended at `now`.
+- unavailable (the model failed to load, or the inference worker died): exits
+  `unavailable_grace` seconds after the failure, whatever is in progress, so that socket
+  activation can never restart a broken model in a tight loop.
+"""
+from __future__ import annotations
+
+import enum
+import math
+import threading
+from dataclasses import dataclass
+
+
+class Reason(enum.Enum):
+    """Why the daemon exits."""
+
+    IDLE = "idle"                 # idle_timeout passed with nothing to do
+    SIGNAL = "signal"             # SIGTERM/SIGINT (systemctl stop)
+    UNAVAILABLE = "unavailable"   # the model could not be loaded; unavailable_grace passed
+
+
+class Phase(enum.Enum):
+    """What the clock knows about the model."""
+
+    LOADING = "loading"
+    READY = "ready"
+    UNAVAILABLE = "unavailable"
+
+
+@dataclass(frozen=True)
+class Hold:
+    """The outcome of one keep-warm request (POST /v1/warmup?hold=S)."""
+
+    asked: float          # seconds asked for
+    granted: float        # seconds granted: `asked` capped by max_hold (0: no hold)
+    until: float | None   # the keep-warm deadline now in force (this hold or a longer one), or None
+
+    @property
+    def capped(self) -> bool:
+        """Whether max_hold cut the hold short."""
+        return self.granted < self.asked
+
+
+class LifecycleClock:
+    """Decides when the daemon exits; see the module docstring for the rules.
+
+    idle_timeout, max_hold and unavailable_grace are seconds (the settings of the same names).
+    """
+
+    def __init__(self, idle_timeout: float, max_hold: float, unavailable_grace: float) -> None:
+        self.idle_timeout = float(idle_timeout)
+        self.max_hold = float(max_hold)
+        self.unavailable_grace = float(unavailable_grace)
+        self._lock = threading.Lock()
+        self._phase = Phase.LOADING
+        self._ready_at = -math.inf
+        self._failed_at = math.inf
+        self._keep_until = -math.inf
+        self._held_until = -math.inf            # end of the last hold (inf: work in progress)
+
+    # --- what happened ---
+    def loaded(self, now: float) -> None:
+        """The model is loaded: the idle clock may run from `now` on."""
+        with self._lock:
+            if self._phase is Phase.LOADING:
+                self._phase, self._ready_at = Phase.READY, now
+
+    def failed(self, now: float) -> None:
+        """The model is unavailable from `now` on: exit unavailable_grace seconds later.
+        Only the first failure counts."""
+        with self._lock:
+            if self._phase is not Phase.UNAVAILABLE:
+                self._phase, self._failed_at = Phase.UNAVAILABLE, now
+
+    def hold(self, seconds: float, now: float) -> Hold:
+        """Keep the daemon warm at least `seconds` from `now`, capped by max_hold. A hold never
+        shortens a longer one already in force; 0 (or less) asks for none."""
+        asked = max(0.0, float(seconds))
+        granted = min(asked, self.max_hold)
+        with self._lock:
+            if granted > 0:
+                self._keep_until = max(self._keep_until, now + granted)
+            until = self._keep_until if self._keep_until > now else None
+        return Hold(asked, granted, until)
+
+    def busy(self, now: float, until: float = math.inf) -> None:
+        """What held the daemon awake, as seen at `now`, ends (or ended) at `until`: math.inf
+        while work is in progress; a time before `now` means nothing holds it any more and the
+        idle clock runs from then. Replaces the previous report."""
+        with self._lock:
+            self._held_until = until
+
+    def idle(self, now: float) -> None:
+        """Nothing holds the daemon awake at `now`, and the caller knows no end of the last hold:
+        work in progress reported before counts as ended at `now`; a reported end stays."""
+        with self._lock:
+            if self._held_until == math.inf:
+                self._held_until = now
+
+    # --- what follows ---
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    def held(self, now: float) -> bool:
+        """Whether the last report says something holds the daemon awake at `now`."""
+        with self._lock:
+            return self._held_until > now
+
+    def keep_warm_until(self, now: float) -> float | None:
+        """The keep-warm deadline while it lies after `now`, else None."""
+        with self._lock:
+            return self._keep_until if self._keep_until > now else None
+
+    def deadline(self, now: float, *, if_idle_now: bool = False) -> float | None:
+        """When the daemon exits if nothing changes after `now`; None while loading, while work is
+        in progress, or never (idle_timeout infinite). `if_idle_now`: as if the work in progress
+        ended at `now` (what GET /v1/status shows, asked from inside a request)."""
+        with self._lock:
+            if self._phase is Phase.LOADING:
+                return None
+            if self._phase is Phase.UNAVAILABLE:
+                return self._failed_at + self.unavailable_grace
+            held = self._held_until
+            if held == math.inf:
+                if not if_idle_now:
+                    return None
+                held = now
+            end = max(held, self._keep_until, self._ready_at)
+        at = end + self.idle_timeout
+        return at if math.isfinite(at) else None
+
+    def expired(self, now: float) -> Reason | None:
+        """The reason to exit at `now` (Reason.IDLE or Reason.UNAVAILABLE), or None."""
+        at = self.deadline(now)
+        if at is None or now < at:
+            return None
+        return Reason.UNAVAILABLE if self._phase is Phase.UNAVAILABLE else Reason.IDLE
