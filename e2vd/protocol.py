@@ -153,33 +153,34 @@ def parse_options(query: str, options: tuple[Option, ...]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Route:
-    """One endpoint: `handler` names the server method that answers it."""
+    """One endpoint. `name` is its operationId in the OpenAPI document; the function that
+    answers it is `e2vd.routes.ROUTE_FUNCTIONS[route]`."""
 
     method: str
     path: str
-    handler: str
+    name: str
     summary: str
     options: tuple[Option, ...] = ()
     body: bool = False
     errors: tuple[str, ...] = field(default=())
 
 
-ROUTES: tuple[Route, ...] = (
-    Route("POST", "/v1/recognize", "recognize",
-          "Recognise the emotion in the audio file sent as the body (wav, flac, ogg, mp3).",
-          (GRANULARITY, EMBEDDING), body=True,
-          errors=("bad_audio", "bad_option", "bad_request", "timeout", "length_required", "too_large",
-                  "too_long", "too_short", "busy", "model_unavailable", "internal")),
-    Route("GET", "/v1/health", "health",
-          "Answers at once, also while the model loads: {\"status\": \"loading\"|\"ready\"}.",
-          errors=("model_unavailable",)),
-    Route("GET", "/v1/status", "status",
-          "State, model, device, dtype, memory, queue depth, requests served, uptime and deadlines."),
-    Route("POST", "/v1/warmup", "warmup",
-          "Keep the model loaded for `hold` seconds (capped by max_hold); returns when it is ready.",
-          (HOLD,), errors=("bad_option", "model_unavailable")),
-    Route("GET", "/v1/openapi.json", "openapi", "This document."),
-)
+RECOGNIZE = Route("POST", "/v1/recognize", "recognize",
+                  "Recognise the emotion in the audio file sent as the body (wav, flac, ogg, mp3).",
+                  (GRANULARITY, EMBEDDING), body=True,
+                  errors=("bad_audio", "bad_option", "bad_request", "timeout", "length_required", "too_large",
+                          "too_long", "too_short", "busy", "model_unavailable", "internal"))
+HEALTH = Route("GET", "/v1/health", "health",
+               "Answers at once, also while the model loads: {\"status\": \"loading\"|\"ready\"}.",
+               errors=("model_unavailable",))
+STATUS = Route("GET", "/v1/status", "status",
+               "State, model, device, dtype, memory, queue depth, requests served, uptime and deadlines.")
+WARMUP = Route("POST", "/v1/warmup", "warmup",
+               "Keep the model loaded for `hold` seconds (capped by max_hold); returns when it is ready.",
+               (HOLD,), errors=("bad_option", "model_unavailable"))
+OPENAPI = Route("GET", "/v1/openapi.json", "openapi", "This document.")
+
+ROUTES: tuple[Route, ...] = (RECOGNIZE, HEALTH, STATUS, WARMUP, OPENAPI)
 
 
 def find_route(method: str, path: str) -> Route:
@@ -279,8 +280,8 @@ def openapi(version: str = "0") -> dict[str, Any]:
     paths: dict[str, Any] = {}
     for route in ROUTES:
         ok: dict[str, Any] = {"description": "OK"}
-        if route.handler in _OK_SCHEMA:
-            ok["content"] = {"application/json": {"schema": {"$ref": f"#/components/schemas/{_OK_SCHEMA[route.handler]}"}}}
+        if route.name in _OK_SCHEMA:
+            ok["content"] = {"application/json": {"schema": {"$ref": f"#/components/schemas/{_OK_SCHEMA[route.name]}"}}}
         else:
             ok["content"] = {"application/json": {"schema": {"type": "object"}}}
         responses: dict[str, Any] = {"200": ok}
@@ -290,7 +291,7 @@ def openapi(version: str = "0") -> dict[str, Any]:
                 "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
             entry["description"] = " ".join(filter(None, [entry["description"], f"{code}: {ERRORS[code][1]}"]))
         op: dict[str, Any] = {
-            "operationId": route.handler, "summary": route.summary, "responses": dict(sorted(responses.items())),
+            "operationId": route.name, "summary": route.summary, "responses": dict(sorted(responses.items())),
             "parameters": [{"name": o.name, "in": "query", "required": False, "description": o.description,
                             "schema": _option_schema(o)} for o in route.options],
         }

@@ -16,7 +16,7 @@ from conftest import speechlike
 from e2vd.audio import AudioError, from_samples
 from e2vd.scheduler import (GPU_BATCH, BadAudio, InferenceFailed, ModelUnavailable, OutOfGpuMemory, QueueFull,
                             Scheduler, auto_batch)
-from e2vd.server import peer_hung_up
+from e2vd.handler import peer_hung_up
 from e2vd.vocabulary import State
 
 

@@ -19,7 +19,8 @@ from daemon_proc import DaemonProcess, raw_request, read_response
 
 from e2vd.client import connect_unix
 from e2vd.protocol import ERRORS, HTTP_ERRORS, ROUTES
-from e2vd.server import MAX_CONNECTIONS, MAX_HEADERS, MAX_LINE_BYTES, peer_hung_up
+from e2vd.http_wire import MAX_HEADERS, MAX_LINE_BYTES
+from e2vd.server import MAX_CONNECTIONS
 
 CONNECTION_TIMEOUT = 2
 MAX_SECONDS = 5
@@ -232,27 +233,6 @@ ERROR_PATHS: list[tuple[str, str, Callable[[DaemonProcess], tuple[int, dict[str,
 ]
 
 
-def test_errors_from_below_http_are_answered_by_one_table():
-    """QueueFull and a GPU out of memory are busy with Retry-After; audio errors keep their code."""
-    from e2vd.audio import ERROR_CODES as AUDIO_CODES, AudioError
-    from e2vd.protocol import BUSY_RETRY_AFTER_S
-    from e2vd.scheduler import BadAudio, InferenceFailed, ModelUnavailable, OutOfGpuMemory, QueueFull, SchedulerError
-    from e2vd.server import ERROR_CODES, api_error
-
-    assert set(ERROR_CODES) | {BadAudio} == set(SchedulerError.__subclasses__())
-    assert AUDIO_CODES <= set(ERRORS)
-    cases = [(QueueFull(64), "busy", "queue_size"), (OutOfGpuMemory("cuda:0 ran out of memory"), "busy", "memory"),
-             (ModelUnavailable("no model.pt"), "model_unavailable", "could not be loaded: no model.pt"),
-             (InferenceFailed(RuntimeError("boom")), "internal", "RuntimeError: boom"),
-             (BadAudio(AudioError("too_long", "31 s > 30 s")), "too_long", "31 s"),
-             (AudioError("too_short", "10 ms"), "too_short", "10 ms")]
-    for exc, code, needle in cases:
-        err = api_error(exc)
-        assert err.code == code and err.status == ERRORS[code][0] and needle in err.message, (exc, err)
-        assert err.retry_after == (BUSY_RETRY_AFTER_S if code == "busy" else None)
-    assert api_error(QueueFull(1)).retry_after >= 1
-
-
 def test_every_error_code_is_walked():
     """ERROR_PATHS over the wire; model_unavailable and internal in the tests after them."""
     assert {code for code, _, _ in ERROR_PATHS} | {"model_unavailable", "internal"} == set(ERRORS)
@@ -376,19 +356,6 @@ def test_control_bytes_from_the_path_are_escaped_on_stderr(daemon):
 
 
 # --- clients that hang up -------------------------------------------------------------------------
-
-def test_peer_hung_up_only_once_the_client_closed_for_good():
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    with ours, theirs:
-        assert not peer_hung_up(ours)
-        theirs.sendall(head("GET", "/v1/health"))        # a pipelined next request
-        assert not peer_hung_up(ours)
-        theirs.shutdown(socket.SHUT_WR)                  # done sending, still reading the answer
-        assert not peer_hung_up(ours)
-        theirs.close()
-        assert peer_hung_up(ours)
-    assert peer_hung_up(ours)                            # closed on our side too
-
 
 def test_recognitions_whose_client_hung_up_are_not_run_logged_or_counted(tiny_model, tmp_path):
     """While the daemon's process is stopped, 3 clients send a recognition and wait, 5 send one

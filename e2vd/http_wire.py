@@ -1,0 +1,184 @@
+"""The HTTP/1.1 wire format of requests and answers (RFC 9112): pure functions, no I/O.
+
+The connection handler reads the bytes (e2vd.http_io) and hands them here: `RequestLine.parse`
+and `.check` for the request line, `parse_field_line`/`parse_header_lines` for the header lines,
+`RequestHead.build` for what they mean together (body framing, keep-alive, Expect), and
+`response_head` for the head of every answer. Parsing is strict, because every byte from a client
+is hostile (docs/design.md, section 5): anything a proxy in front of the socket could read
+differently (request smuggling) is refused with ApiError bad_request, never guessed at.
+"""
+from __future__ import annotations
+
+import email.utils
+import http.client
+import re
+from dataclasses import dataclass
+from http import HTTPStatus
+from urllib.parse import urlsplit
+
+from e2vd import __version__
+from e2vd.protocol import ApiError
+
+MAX_LINE_BYTES = 65536     # longest request line or header line (http.client's limit)
+MAX_HEADERS = 100          # most header lines in one request (http.client's limit)
+SERVER_HEADER = f"e2vd/{__version__}"
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")          # RFC 9110 §5.6.2
+_HTTP_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])")          # RFC 9112 §2.3
+# RFC 9112 §5: field-name ":" OWS field-value OWS; no control characters in the value but HTAB
+_FIELD_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*\r?\n")
+_SEND_HTTP_1_1 = "send an HTTP/1.1 request as curl --unix-socket SOCKET http://e2vd/v1/... does"
+
+
+@dataclass(frozen=True)
+class RequestLine:
+    """A request line split into method, request target and HTTP version ("" when missing), as
+    sent; `parse` splits it, `check` validates it."""
+
+    method: str
+    target: str
+    version: str
+
+    @classmethod
+    def parse(cls, line: bytes) -> "RequestLine":
+        """Split `METHOD TARGET HTTP/1.x` (RFC 9112 §3: any run of SP, HTAB, VT, FF or CR separates);
+        ApiError bad_request unless it has two or three parts and the target splits as a URL."""
+        words = [word.decode("latin-1") for word in line.split()]
+        if len(words) not in (2, 3):
+            shown = repr(line.rstrip(b"\r\n")[:200].decode("latin-1"))
+            raise ApiError("bad_request", f"the request line {shown} is not 'METHOD /path HTTP/1.1'; {_SEND_HTTP_1_1}")
+        method, target, version = (*words, "")[:3]
+        if target.startswith("//"):   # as the stdlib does: never read as //host/path
+            target = "/" + target.lstrip("/")
+        try:
+            urlsplit(target)
+        except ValueError as exc:
+            raise ApiError("bad_request", f"the request target {target[:200]!r} is not a URL ({exc}); "
+                                          "send a path such as /v1/health") from None
+        return cls(method, target, version)
+
+    def check(self) -> tuple[int, int]:
+        """The HTTP version as (1, minor); ApiError bad_request for a line without an HTTP version
+        (HTTP/0.9), another version than 1.x or a method that is not a token."""
+        if not self.version:
+            raise ApiError("bad_request", f"the request line has no HTTP version (HTTP/0.9 is not spoken here); "
+                                          f"send '{self.method[:40]} {self.target[:200]} HTTP/1.1'")
+        match = _HTTP_VERSION.fullmatch(self.version)
+        if match is None:
+            raise ApiError("bad_request", f"{self.version[:40]!r} in the request line is not an HTTP version; "
+                                          f"{_SEND_HTTP_1_1}")
+        if match.group(1) != "1":
+            raise ApiError("bad_request", f"this daemon speaks HTTP/1.1 (and 1.0), not {self.version}; "
+                                          f"{_SEND_HTTP_1_1}")
+        if not _TOKEN.fullmatch(self.method):
+            raise ApiError("bad_request", f"the method {self.method[:40]!r} is not an HTTP method; {_SEND_HTTP_1_1}")
+        return 1, int(match.group(2))
+
+
+def parse_field_line(line: bytes) -> tuple[str, str]:
+    """Split one header line into name and value (RFC 9112 §5). ApiError bad_request for a line
+    that starts with whitespace (obs-fold), has no colon, whitespace before the colon, a name that
+    is not a token, or control characters (HTAB aside) in its value. A lenient parser would drop
+    such a line, or read it differently than a proxy in front of us does (request smuggling)."""
+    match = _FIELD_LINE.fullmatch(line)
+    if match is None:
+        raise ApiError("bad_request", f"{_field_line_problem(line)}; send each header as 'Name: value' "
+                                      "on one line (the connection is closed)")
+    return match.group(1).decode("ascii"), match.group(2).decode("latin-1")
+
+
+def _field_line_problem(line: bytes) -> str:
+    """What is wrong with a header line `_FIELD_LINE` does not match."""
+    shown = repr(line.rstrip(b"\r\n")[:100].decode("latin-1"))
+    name, colon, _ = line.partition(b":")
+    if line[:1] in (b" ", b"\t"):
+        return f"the header line {shown} starts with whitespace (a folded continuation line, obs-fold)"
+    if not colon:
+        return f"the header line {shown} has no colon"
+    if name != name.rstrip(b" \t"):
+        return f"the header line {shown} has whitespace before the colon"
+    if not _TOKEN.fullmatch(name.decode("latin-1")):
+        return f"the header name in {shown} is not a token (letters, digits and !#$%&'*+-.^_`|~)"
+    return f"the value of the header line {shown} has control characters"
+
+
+def parse_header_lines(lines: list[bytes]) -> http.client.HTTPMessage:
+    """The headers of `lines` (each checked by `parse_field_line`), as the stdlib's message type."""
+    headers = http.client.HTTPMessage()
+    for line in lines:
+        name, value = parse_field_line(line)
+        headers[name] = value
+    return headers
+
+
+def content_length(headers: http.client.HTTPMessage) -> int | None:
+    """The body length the headers declare; None without Content-Length. ApiError bad_request for
+    framing that a proxy could read differently (RFC 9112 §6.3): Transfer-Encoding together with
+    Content-Length, Content-Length more than once (even with equal values), or not a decimal
+    number; too_large for a number of more than 18 digits."""
+    values = headers.get_all("Content-Length") or []
+    if values and "Transfer-Encoding" in headers:
+        raise ApiError("bad_request", "the request has both Transfer-Encoding and Content-Length; "
+                                      "send the body with Content-Length only (the connection is closed)")
+    if len(values) > 1:
+        raise ApiError("bad_request", f"Content-Length is given {len(values)} times ({', '.join(values)[:100]}); "
+                                      "send it once, with the exact size of the body (the connection is closed)")
+    if not values:
+        return None
+    if not values[0].isascii() or not values[0].isdigit():
+        raise ApiError("bad_request", f"Content-Length {values[0][:40]!r} is not a whole number of bytes; "
+                                      "send the exact size of the body (the connection is closed)")
+    digits = values[0].lstrip("0") or "0"
+    if len(digits) > 18:
+        raise ApiError("too_large", f"Content-Length is a {len(digits)}-digit number of bytes; send a shorter clip")
+    return int(digits)
+
+
+def keeps_alive(version: tuple[int, int], connection: str) -> bool:
+    """Whether the connection stays open after the answer (RFC 9112 §9.3): HTTP/1.1 unless the
+    Connection header says close, HTTP/1.0 only when it says keep-alive."""
+    options = {option.strip().lower() for option in connection.split(",")}
+    if "close" in options:
+        return False
+    return version >= (1, 1) or "keep-alive" in options
+
+
+def response_head(status: int, length: int, headers: dict[str, str] | None = None, *,
+                  close: bool = False) -> bytes:
+    """The head of a JSON answer of `length` bytes: status line, Server, Date, Content-Type,
+    Content-Length, `headers`, "Connection: close" when `close`, and the blank line."""
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", f"Server: {SERVER_HEADER}",
+             f"Date: {email.utils.formatdate(usegmt=True)}", "Content-Type: application/json",
+             f"Content-Length: {length}", *(f"{name}: {value}" for name, value in (headers or {}).items())]
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+@dataclass(frozen=True)
+class RequestHead:
+    """A request's line and headers, checked: what reading its body and answering it needs.
+
+    `content_length` is None without Content-Length; `chunked` is true when Transfer-Encoding is
+    sent (the daemon refuses such bodies); `keep_alive` says whether the connection may carry
+    another request after the answer."""
+
+    method: str
+    target: str
+    version: tuple[int, int]
+    headers: http.client.HTTPMessage
+    content_length: int | None
+    chunked: bool
+    keep_alive: bool
+
+    @classmethod
+    def build(cls, request: RequestLine, version: tuple[int, int], lines: list[bytes]) -> "RequestHead":
+        """The head of `request` (already checked: `version` is its `check()`) with header `lines`;
+        ApiError bad_request or too_large as `parse_header_lines` and `content_length` raise them."""
+        headers = parse_header_lines(lines)
+        return cls(request.method, request.target, version, headers, content_length(headers),
+                   "Transfer-Encoding" in headers, keeps_alive(version, headers.get("Connection", "")))
+
+    @property
+    def expects_continue(self) -> bool:
+        """Whether the client waits for "100 Continue" before it sends the body (HTTP/1.1 only)."""
+        return self.version >= (1, 1) and self.headers.get("Expect", "").lower() == "100-continue"

@@ -1,0 +1,255 @@
+"""e2vd.handler: one connection's requests read, routed, answered and logged in turn, on an
+in-process Server (the real one) over socket pairs, with a stand-in engine: keep-alive, pipelining,
+errors that keep the connection in sync or close it, HEAD, draining, abandoned requests and the
+`request` event. (tests/test_server.py runs the same code in a daemon process.)"""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import wav_clip
+from test_routes import FakeControl, FakeEngine
+
+from e2vd import protocol
+from e2vd.handler import peer_hung_up
+from e2vd.routes import ROUTE_FUNCTIONS
+from e2vd.scheduler import Scheduler
+from e2vd.server import Server
+
+GOOD = wav_clip(0.5)
+
+
+def head(method: str, target: str, *lines: str, version: str = "HTTP/1.1") -> bytes:
+    return ("\r\n".join([f"{method} {target} {version}", "Host: e2vd", *lines]) + "\r\n\r\n").encode("latin-1")
+
+
+def post(body: bytes, query: str = "") -> bytes:
+    return head("POST", "/v1/recognize" + query, f"Content-Length: {len(body)}") + body
+
+
+class Client:
+    """The client end of a connection: answers are read with a buffer of their own, so that
+    pipelined answers that arrive together are each read whole."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.buf = sock, b""
+        sock.settimeout(30)
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _more(self) -> bool:
+        chunk = self.sock.recv(65536)
+        self.buf += chunk
+        return bool(chunk)
+
+    def recv_exactly(self, n: int) -> bytes:
+        while len(self.buf) < n and self._more():
+            pass
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+    def response(self) -> tuple[int, dict[str, str], Any]:
+        """One answer: (status, lower-cased headers, JSON or {})."""
+        while b"\r\n\r\n" not in self.buf:
+            if not self._more():
+                raise ConnectionError(f"closed before a complete answer: {self.buf!r}")
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+        body = self.recv_exactly(int(headers.get("content-length", "0")))
+        return int(lines[0].split()[1]), headers, json.loads(body) if body else {}
+
+    def rest(self) -> bytes:
+        """Everything until the daemon closes the connection."""
+        while self._more():
+            pass
+        data, self.buf = self.buf, b""
+        return data
+
+    def closed(self) -> bool:
+        """Whether the daemon closed the connection (rather than sending more); waits for either."""
+        try:
+            return not self.buf and not self._more()
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class InProcess:
+    """A Server on a Scheduler whose load waits for `gate` (set at once unless `gated`)."""
+
+    def __init__(self, engine: FakeEngine, gated: bool = False) -> None:
+        self.gate = threading.Event()
+        if not gated:
+            self.gate.set()
+        self.scheduler = Scheduler(lambda: self.gate.wait(30) and engine, queue_size=8, max_batch=8)
+        self.scheduler.start()
+        self.server = Server(self.scheduler, FakeControl(), max_body_bytes=1_000_000, max_seconds=5,
+                             connection_timeout=2)
+        self.clients: list[Client] = []
+
+    def connect(self) -> Client:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.add(ours)
+        self.clients.append(Client(theirs))
+        return self.clients[-1]
+
+    def close(self) -> None:
+        self.gate.set()
+        for client in self.clients:
+            client.close()
+        self.scheduler.stop(10)
+
+
+@pytest.fixture
+def daemon(caplog) -> Iterator[InProcess]:
+    caplog.set_level(logging.DEBUG, logger="e2vd")
+    d = InProcess(FakeEngine())
+    yield d
+    d.close()
+
+
+def request_events(caplog, count: int) -> list[dict[str, Any]]:
+    """The fields of the first `count` request events, once there are that many (they are logged
+    just after the answer leaves)."""
+    deadline = time.monotonic() + 10
+    while True:
+        found = [dict(r.e2vd_fields, message=r.getMessage()) for r in caplog.records
+                 if getattr(r, "e2vd_event", None) == "request"]
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.02)
+
+
+# --- the connection loop --------------------------------------------------------------------------
+
+def test_keep_alive_pipelining_and_one_event_per_request(daemon, caplog):
+    s = daemon.connect()
+    s.sendall(head("GET", "/v1/health") + post(GOOD) + head("GET", "/v1/status"))   # all at once
+    assert s.response()[2] == {"status": "ready"}
+    status, headers, result = s.response()
+    assert status == 200 and result["top"]["label"] == "happy" and "connection" not in headers
+    assert s.response()[2] == {"state": "ready", "queue_depth": 0}
+    events = request_events(caplog, 3)
+    assert [(e["method"], e["path"], e["status"]) for e in events] == [
+        ("GET", "/v1/health", 200), ("POST", "/v1/recognize", 200), ("GET", "/v1/status", 200)]
+    assert [e["request_id"] for e in events] == ["000001", "000002", "000003"]
+    assert events[1]["top_label"] == "happy" and events[1]["body_bytes"] == len(GOOD)
+    assert daemon.server.requests_served == 1
+    s.sendall(head("GET", "/v1/health", "Connection: close"))
+    status, headers, _ = s.response()
+    assert status == 200 and headers["connection"] == "close" and s.closed()
+
+
+def test_http_1_0_closes_unless_asked_to_keep_alive(daemon):
+    s = daemon.connect()
+    s.sendall(head("GET", "/v1/health", "Connection: keep-alive", version="HTTP/1.0"))
+    assert s.response()[0] == 200
+    s.sendall(head("GET", "/v1/health", version="HTTP/1.0"))
+    assert s.response()[1]["connection"] == "close" and s.closed()
+
+
+def test_an_early_error_drops_the_body_and_keeps_the_connection_in_sync(daemon, caplog):
+    s = daemon.connect()
+    s.sendall(post(GOOD, "?granularity=word") + head("GET", "/v1/health"))
+    status, headers, body = s.response()
+    assert status == 400 and body["error"]["code"] == "bad_option" and "connection" not in headers
+    assert s.response()[2] == {"status": "ready"}              # the body was not read as a request
+    assert request_events(caplog, 1)[0]["code"] == "bad_option"
+
+
+def test_an_error_in_the_head_closes_the_connection(daemon):
+    s = daemon.connect()
+    s.sendall(b"GET /v1/health HTTP/1.1\r\nX : 1\r\n\r\n" + head("GET", "/v1/status"))
+    status, headers, body = s.response()
+    assert status == 400 and body["error"]["code"] == "bad_request" and headers["connection"] == "close"
+    assert s.closed()
+
+
+def test_head_is_answered_without_a_body_and_closes(daemon):
+    s = daemon.connect()
+    s.sendall(head("HEAD", "/v1/health"))
+    data = s.rest()
+    assert data.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n") and data.endswith(b"\r\n\r\n")
+    assert b"Allow: GET\r\n" in data and b"Connection: close\r\n" in data
+
+
+def test_expect_100_continue(daemon):
+    s = daemon.connect()
+    s.sendall(head("POST", "/v1/recognize", f"Content-Length: {len(GOOD)}", "Expect: 100-continue"))
+    assert s.recv_exactly(25) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    s.sendall(GOOD)
+    assert s.response()[0] == 200
+    s.sendall(head("POST", "/v1/recognize", "Content-Length: 2000000", "Expect: 100-continue"))
+    status, headers, body = s.response()
+    assert status == 413 and body["error"]["code"] == "too_large" and headers["connection"] == "close"
+
+
+def test_an_unexpected_failure_is_500_internal_and_the_connection_goes_on(daemon, monkeypatch, caplog):
+    def broken(req):
+        raise KeyError("no such thing")
+
+    monkeypatch.setitem(ROUTE_FUNCTIONS, protocol.STATUS, broken)
+    s = daemon.connect()
+    s.sendall(head("GET", "/v1/status"))
+    status, _, body = s.response()
+    assert status == 500 and body["error"]["code"] == "internal"
+    assert "unexpected KeyError: 'no such thing'" in body["error"]["message"]
+    s.sendall(head("GET", "/v1/health"))
+    assert s.response()[0] == 200
+    assert any("request 000001 failed" in r.getMessage() for r in caplog.records)
+
+
+def test_draining_answers_the_current_request_then_closes(daemon):
+    s = daemon.connect()
+    s.sendall(head("GET", "/v1/health"))
+    assert s.response()[0] == 200
+    daemon.server.drain()
+    assert s.closed()                                     # idle: closed at once
+
+
+def test_a_recognition_whose_client_hung_up_is_logged_499_and_not_counted(caplog):
+    caplog.set_level(logging.DEBUG, logger="e2vd")
+    d = InProcess(FakeEngine(), gated=True)
+    try:
+        gone, waiting = d.connect(), d.connect()
+        gone.sendall(post(GOOD))
+        waiting.sendall(post(GOOD))
+        deadline = time.monotonic() + 10
+        while d.scheduler.pending < 2:                   # both queued behind the loading model
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        gone.close()
+        d.gate.set()
+        assert waiting.response()[0] == 200
+        events = request_events(caplog, 2)
+        [abandoned] = [e for e in events if e["status"] == 499]
+        assert abandoned["abandoned"] is True and "code" not in abandoned and "infer_ms" not in abandoned
+        assert "abandoned: the client hung up before its turn" in abandoned["message"]
+        assert d.server.requests_served == 1 and d.scheduler.abandoned == 1
+    finally:
+        d.close()
+
+
+# --- is the client still there? -------------------------------------------------------------------
+
+def test_peer_hung_up_only_once_the_client_closed_for_good():
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours, theirs:
+        assert not peer_hung_up(ours)
+        theirs.sendall(head("GET", "/v1/health"))        # a pipelined next request
+        assert not peer_hung_up(ours)
+        theirs.shutdown(socket.SHUT_WR)                  # done sending, still reading the answer
+        assert not peer_hung_up(ours)
+        theirs.close()
+        assert peer_hung_up(ours)
+    assert peer_hung_up(ours)                            # closed on our side too
