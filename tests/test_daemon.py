@@ -1,23 +1,41 @@
-"""The daemon end to end: `python -m e2vd serve` in a subprocess, real Unix sockets, tiny stand-in.
+"""The daemon: in subprocesses where only a process shows it, in-process where a clock can be moved.
 
-One shared daemon serves the API tests (start-up costs seconds here); lifecycle tests (idle exit,
-SIGTERM, unavailable model, stale/live sockets) each start their own with short timeouts.
+1. One shared daemon subprocess (`python -m e2vd serve`, real Unix socket, tiny stand-in model)
+   serves the API tests and the per-uid connection cap (start-up costs seconds here).
+2. A few lifecycle tests need a real process (exit code and socket removal after an idle exit,
+   a second daemon refused on a live socket, the silent-connection timeout of the real server).
+3. The lifecycle itself runs in-process: a `Daemon` on a real bound socket, its clock moved by
+   hand (`ManualClock` + `Daemon.look()`), a `FakeEngine` whose inference waits on a gate, a
+   loader that waits on another, a `FakeNotify` in place of systemd's notify socket, and real
+   signals (os.kill(os.getpid(), SIGTERM)). Nothing sleeps to synchronise.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import math
+import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
+from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 from conftest import write_audio
 from daemon_proc import DaemonProcess, http_request, read_response
+from fake_notify import FakeNotify
 
 from e2vd.client import connect_unix
+from e2vd.config import Settings
+from e2vd.daemon import Daemon, SocketError, bind_socket, open_listener
+from e2vd.lifecycle import Reason
+from e2vd.result import Recognition
 
 LABELS = ["angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised", "unknown"]
 
@@ -172,29 +190,43 @@ def test_socket_mode(daemon):
     assert daemon.socket.stat().st_mode & 0o777 == 0o660
 
 
-# --- lifecycle: each test runs its own daemon ---
+HEALTH = b"GET /v1/health HTTP/1.1\r\nHost: e2vd\r\n\r\n"
+
+
+def test_one_uid_may_hold_max_connections_per_uid_and_no_more(daemon):
+    """32 connections of one uid are served; the 33rd gets 503 busy naming the setting."""
+    deadline = time.monotonic() + 10
+    while daemon.request("GET", "/v1/status")[2]["connections"] != 1:   # only the status request itself
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    held = [connect_unix(str(daemon.socket), 30) for _ in range(32)]
+    try:
+        for s in held:                                       # each one is accepted and served
+            s.sendall(HEALTH)
+            assert read_response(s)[0] == 200
+        with connect_unix(str(daemon.socket), 30) as extra:   # answered at once, before any request
+            status, headers, body = read_response(extra)
+        assert status == 503 and body["error"]["code"] == "busy" and int(headers["retry-after"]) >= 1
+        message = body["error"]["message"]
+        assert f"uid {os.getuid()}" in message and "max_connections_per_uid = 32" in message, message
+        for s in held[::8]:                                  # the 32 are still served
+            s.sendall(HEALTH)
+            assert read_response(s)[0] == 200
+    finally:
+        for s in held:
+            s.close()
+
+
+# --- lifecycle in subprocesses: what only a process shows ----------------------------------------
 
 def test_idle_exit_after_timeout(tiny_model, tmp_path):
     d = DaemonProcess(tmp_path / "s.sock", tiny_model, idle_timeout=1, wait_ready=True)
     with d:
         assert d.wait(60) == 0
     assert not d.socket.exists()          # we bound it, so we removed it
-    assert "idle_exit" in d.log_text() or "idle for" in d.log_text()
-
-
-def test_no_idle_exit_while_a_connection_is_open_or_a_request_in_flight(tiny_model, tmp_path, clip):
-    d = DaemonProcess(tmp_path / "s.sock", tiny_model, idle_timeout=1, connection_timeout=20, wait_ready=True)
-    with d:
-        with connect_unix(str(d.socket), 30) as s:
-            time.sleep(3)                  # silent connection open for 3 x idle_timeout
-            head = (f"POST /v1/recognize HTTP/1.1\r\nHost: e2vd\r\nContent-Length: {len(clip)}\r\n\r\n").encode()
-            s.sendall(head + clip[:1000])
-            time.sleep(3)                  # request in flight (upload half-done) for 3 x idle_timeout
-            s.sendall(clip[1000:])
-            status, _, body = read_response(s)
-            assert status == 200, body
-            assert d.proc.poll() is None
-        assert d.wait(60) == 0             # connection closed: now it idles out
+    log = d.log_text()
+    assert log.count("event=idle_exit") == 1 and "event=stopped" not in log
+    assert log.count("event=model_loaded") == 1 and log.count("event=start ") == 1
 
 
 def test_silent_connection_is_closed_after_connection_timeout(tiny_model, tmp_path):
@@ -208,124 +240,484 @@ def test_silent_connection_is_closed_after_connection_timeout(tiny_model, tmp_pa
             time.sleep(0.05)
 
 
-def test_sigterm_during_a_request_finishes_it_and_exits_0(tiny_model, tmp_path, clip):
-    d = DaemonProcess(tmp_path / "s.sock", tiny_model, idle_timeout=600, wait_ready=True)
-    with d:
-        with connect_unix(str(d.socket), 60) as s:
-            head = (f"POST /v1/recognize HTTP/1.1\r\nHost: e2vd\r\nContent-Length: {len(clip)}\r\n\r\n").encode()
-            s.sendall(head + clip[:1000])
-            time.sleep(0.5)
-            d.proc.send_signal(signal.SIGTERM)
-            time.sleep(1.0)
-            assert d.proc.poll() is None   # still draining our request
-            with pytest.raises(OSError):   # but no longer accepting
-                http_request(d.socket, "GET", "/v1/health", timeout=5)
-            s.sendall(clip[1000:])
-            status, _, body = read_response(s)
-            assert status == 200 and body["labels"] == LABELS
-        assert d.wait(30) == 0
+# --- binding the socket ----------------------------------------------------------------------------
 
-
-def test_model_that_cannot_load_answers_503_then_exits_nonzero(tmp_path, clip):
-    missing = tmp_path / "no-such-model"
-    d = DaemonProcess(tmp_path / "s.sock", missing, unavailable_grace=3)
-    with d:
-        deadline = time.monotonic() + 60
-        while True:
-            status, headers, body = d.request("GET", "/v1/health")
-            if status != 200 or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        assert status == 503 and body["error"]["code"] == "model_unavailable"
-        assert "no-such-model" in body["error"]["message"]
-        status, _, body = d.request("POST", "/v1/recognize", clip)
-        assert status == 503 and body["error"]["code"] == "model_unavailable"
-        status, _, body = d.request("POST", "/v1/warmup?hold=10")
-        assert status == 503 and body["error"]["code"] == "model_unavailable"
-        assert d.proc.poll() is None       # still answering during the grace period
-        assert d.wait(60) == 5
-    assert "could not be loaded" in d.log_text()
-
-
-def test_stale_socket_file_is_replaced(tiny_model, tmp_path):
+def test_stale_socket_file_is_replaced(tmp_path):
     path = tmp_path / "s.sock"
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(path))
     stale.close()                          # the file stays; nothing listens
-    assert path.exists()
-    with DaemonProcess(path, tiny_model, idle_timeout=600) as d:
-        assert d.request("GET", "/v1/health")[0] == 200
+    sock = bind_socket(str(path))
+    try:
+        assert path.stat().st_mode & 0o777 == 0o660
+        with connect_unix(str(path), 5):
+            pass
+    finally:
+        sock.close()
 
 
-def test_non_socket_file_is_refused(tiny_model, tmp_path):
-    path = tmp_path / "s.sock"
-    path.write_text("not a socket")
-    d = DaemonProcess(path, tiny_model)
-    out = subprocess.run(d.command(), env=d.environment(), capture_output=True, text=True, timeout=60)
-    assert out.returncode == 5 and "not a socket" in out.stderr
-    assert path.read_text() == "not a socket"
+def test_live_socket_and_non_socket_files_are_refused(tmp_path):
+    live = tmp_path / "live.sock"
+    first = bind_socket(str(live))
+    try:
+        with pytest.raises(SocketError, match="already listening"):
+            bind_socket(str(live))
+    finally:
+        first.close()
+    plain = tmp_path / "plain"
+    plain.write_text("not a socket")
+    with pytest.raises(SocketError, match="not a socket"):
+        bind_socket(str(plain))
+    assert plain.read_text() == "not a socket"
+    with pytest.raises(SocketError, match="does not exist"):
+        bind_socket(str(tmp_path / "no-such-dir" / "s.sock"))
 
 
-def test_queue_full_answers_503_busy_with_retry_after(tiny_model, tmp_path, clip):
-    d = DaemonProcess(tmp_path / "s.sock", tiny_model, idle_timeout=600, queue_size=1)
-    with d:
+# --- the lifecycle in-process ----------------------------------------------------------------------
+
+T0 = 1000.0   # where a ManualClock starts
+
+
+class ManualClock:
+    """A monotonic clock that moves only when told to."""
+
+    def __init__(self, start: float = T0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FakeEngine:
+    """Stands in for e2vd.engine.Engine: equal scores for every clip; inference waits on `gate`."""
+
+    model_id, device, dtype, load_seconds, model_dir, quantized = "fake/model", "cpu", "fp32", 0.25, None, False
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def recognize_batch(self, audios: list, granularity: str = "utterance", embedding: bool = False) -> list:
+        self.entered.set()
+        assert self.gate.wait(60), "the test never opened the inference gate"
+        return [Recognition(list(LABELS), [1.0 / 9] * 9, [f"m/{x}" for x in LABELS], a.duration_s) for a in audios]
+
+    def memory(self) -> dict[str, int]:
+        return {"param_bytes": 1000}
+
+
+@dataclasses.dataclass
+class InProcess:
+    """A Daemon built for one test; `run(body)` serves on this thread while `body(self)` drives it."""
+
+    daemon: Daemon
+    clock: ManualClock
+    engine: FakeEngine
+    notify: FakeNotify
+    socket: str
+    load_gate: threading.Event
+
+    def run(self, body: Callable[["InProcess"], None], timeout: float = 60.0) -> int:
+        """The daemon's exit code. It must exit by itself within `timeout` s of body's end (else
+        it is stopped and the test fails); what body raised is raised here."""
+        assert threading.current_thread() is threading.main_thread(), "signals need the main thread"
+        failures: list[BaseException] = []
+        exited = threading.Event()
+
+        def drive() -> None:
+            try:
+                body(self)
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
+                failures.append(exc)
+            if not exited.wait(0 if failures else timeout):
+                if not failures:
+                    failures.append(AssertionError(f"the daemon did not exit within {timeout} s of the test's end"))
+                self.daemon._on_signal(signal.SIGTERM, None)   # stop it (no real signal: it may be exiting)
+                self.clock.advance(1e9)                        # past any drain deadline
+                self.engine.gate.set()
+                self.load_gate.set()
+                self.daemon.wake()
+
+        driver = threading.Thread(target=drive, name="test-driver")
+        driver.start()
+        try:
+            code = self.daemon.run()
+        finally:
+            exited.set()
+            driver.join(timeout)
+        if failures:
+            raise failures[0]
+        self.notify.wait_for("STOPPING=1")   # every way out says so; the datagram may still be in flight
+        return code
+
+    def ready(self) -> None:
+        """Wait until the model is loaded and READY=1 has gone out."""
+        self.notify.wait_for("READY=1")
+
+    def serving(self) -> None:
+        """The main loop, looking at the clock as it is now, decides to go on serving."""
+        assert self.daemon.look(), "the main loop did not look at its clocks"
+        assert self.daemon.exiting is None, f"the daemon decided to exit ({self.daemon.exiting})"
+
+    def exits(self, reason: Reason) -> None:
+        """The main loop, looking at the clock as it is now, decides to exit for `reason`."""
+        assert self.daemon.look()
+        assert self.daemon.exiting is reason
+
+    def request_over(self) -> None:
+        """Wait until the connection threads have finished their requests' book-keeping (the
+        answer leaves before it): only then may the test move the clock on."""
+        wait_until("the requests to end", lambda: self.daemon.server.active == 0)
+
+    def request(self, method: str, url: str, body: bytes | None = None) -> tuple[int, dict[str, str], Any]:
+        return http_request(self.socket, method, url, body, timeout=30)
+
+    def connect(self) -> socket.socket:
+        return connect_unix(self.socket, 30)
+
+
+def wait_until(what: str, cond: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Wait for a state no event announces (e.g. a connection thread's progress)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for: {what}"
+        time.sleep(0.005)
+
+
+def recognize_head(clip: bytes) -> bytes:
+    return f"POST /v1/recognize HTTP/1.1\r\nHost: e2vd\r\nContent-Length: {len(clip)}\r\n\r\n".encode()
+
+
+def events(caplog: pytest.LogCaptureFixture, *names: str) -> list[tuple[str, dict]]:
+    return [(r.e2vd_event, r.e2vd_fields) for r in caplog.records if getattr(r, "e2vd_event", None) in names]
+
+
+EXIT_EVENTS = ("idle_exit", "stopped", "exit_unavailable")
+
+
+@pytest.fixture
+def in_process(tmp_path, monkeypatch, caplog):
+    """make(load_error=None, loading=False, **settings) -> InProcess (socket tmp_path/s.sock unless given)."""
+    caplog.set_level(logging.DEBUG)
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        monkeypatch.delenv(name, raising=False)
+    made: list[InProcess] = []
+
+    def make(load_error: str | None = None, loading: bool = False, hold_fds: bool = False,
+             **settings: Any) -> InProcess:
+        notify = FakeNotify(tmp_path / f"notify{len(made)}", hold_fds=hold_fds)
+        monkeypatch.setenv("NOTIFY_SOCKET", notify.path)
+        values = dict(socket=str(tmp_path / "s.sock"), model="fake/model", device="cpu", idle_timeout=300.0,
+                      connection_timeout=30.0, max_hold=3600.0, drain_timeout=60.0, unavailable_grace=60.0)
+        values.update(settings)
+        s = Settings(**values)
+        engine, gate = FakeEngine(), threading.Event()
+        if not loading:
+            gate.set()
+
+        def load() -> FakeEngine:
+            assert gate.wait(60), "the test never let the model load"
+            if load_error:
+                raise RuntimeError(load_error)
+            return engine
+
+        clock = ManualClock()
+        ip = InProcess(Daemon(s, open_listener(s.socket), load=load, clock=clock), clock, engine, notify,
+                       s.socket, gate)
+        made.append(ip)
+        return ip
+
+    yield make
+    for ip in made:
+        ip.engine.gate.set()
+        ip.load_gate.set()
+        ip.notify.close()
+
+
+def test_ready_is_sent_by_the_load_itself_before_the_first_answer_leaves(in_process, clip, caplog):
+    ip = in_process(loading=True, hold_fds=True)   # a systemd slow to read its notify socket
+    answer: list = []
+
+    def body(ip: InProcess) -> None:
+        with ip.connect() as s:
+            s.sendall(recognize_head(clip) + clip)
+            ip.notify.wait_for("STATUS=Loading model fake/model")
+            wait_until("the request to be queued", lambda: ip.daemon.scheduler.pending == 1)
+            ip.clock.advance(5.0)                            # EXTEND_TIMEOUT_USEC every 5 s while loading
+            ip.serving()
+            ip.notify.wait_for("EXTEND_TIMEOUT_USEC=30000000", count=2)
+            assert "READY=1" not in ip.notify.lines()
+            ip.load_gate.set()                               # the model loads; nobody ticks
+            ip.notify.wait_for("BARRIER=1")
+            s.settimeout(0.3)
+            with pytest.raises(TimeoutError):                # no answer before systemd has read READY=1
+                s.recv(1)
+            ip.notify.release()
+            s.settimeout(30)
+            answer.append(read_response(s))
+            answer.append(ip.notify.lines())                 # what systemd had when the answer came
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    assert ip.run(body) == 0
+    (status, _, result), lines = answer
+    assert status == 200 and result["labels"] == LABELS
+    assert lines[0] == "EXTEND_TIMEOUT_USEC=30000000"       # the first thing said while loading
+    ready = lines.index("READY=1")
+    assert lines[ready + 1].startswith("STATUS=Ready on cpu: 0 request(s) served")
+    assert lines[ready + 2] == "BARRIER=1"
+    assert [name for name, _ in events(caplog, "model_loaded")] == ["model_loaded"]
+
+
+def test_idle_exit_comes_exactly_idle_timeout_after_ready(in_process, caplog, tmp_path):
+    ip = in_process(idle_timeout=300)
+
+    def body(ip: InProcess) -> None:
+        ip.ready()
+        ip.clock.advance(299.999)
+        ip.serving()
+        ip.notify.wait_for("; idle exit in 1 s")
+        ip.clock.advance(0.001)
+        ip.exits(Reason.IDLE)
+
+    assert ip.run(body) == 0
+    assert not Path(ip.socket).exists()                    # we bound it, so we removed it
+    assert ip.notify.lines().count("STOPPING=1") == 1
+    assert ip.notify.messages[-1] == "STOPPING=1\nSTATUS=Idle exit after 0 request(s)"
+    (name, fields), = events(caplog, *EXIT_EVENTS)
+    assert name == "idle_exit" and fields == {"alive_seconds": 300.0, "requests_served": 0,
+                                              "idle_timeout_seconds": 300}
+
+
+def test_an_open_connection_holds_the_daemon_only_until_connection_timeout_after_its_last_use(in_process):
+    """Cheap requests (health, status) on a kept-open connection do not renew its hold."""
+    ip = in_process(idle_timeout=10, connection_timeout=30)
+
+    def body(ip: InProcess) -> None:
+        ip.ready()
+        with ip.connect() as s:                              # opened at T0
+            s.sendall(HEALTH)
+            assert read_response(s)[0] == 200
+            for _ in range(3):                               # a poller, every 10 s
+                ip.clock.advance(10)
+                s.sendall(b"GET /v1/status HTTP/1.1\r\nHost: e2vd\r\n\r\n")
+                assert read_response(s)[0] == 200
+                ip.request_over()
+            ip.clock.advance(9.999)
+            ip.serving()                                     # held until T0+30, then idle_timeout 10
+            ip.clock.advance(0.001)
+            ip.exits(Reason.IDLE)
+            assert s.recv(100) == b""                         # the open connection is closed on the way out
+
+    assert ip.run(body) == 0
+
+
+def test_recognize_on_a_kept_open_connection_renews_its_hold(in_process, clip):
+    ip = in_process(idle_timeout=10, connection_timeout=30)
+
+    def body(ip: InProcess) -> None:
+        ip.ready()
+        with ip.connect() as s:                              # opened at T0
+            ip.clock.advance(20)
+            s.sendall(recognize_head(clip) + clip)
+            assert read_response(s)[0] == 200                # ended at T0+20: held until T0+50
+            wait_until("the hold to be renewed", lambda: ip.daemon.server.holding(ip.clock()).until == T0 + 50)
+            ip.clock.advance(39.999)
+            ip.serving()
+            ip.clock.advance(0.001)
+            ip.exits(Reason.IDLE)
+
+    assert ip.run(body) == 0
+
+
+def test_work_in_flight_holds_the_daemon_however_long_and_the_clock_restarts_when_it_ends(in_process, clip):
+    ip = in_process(idle_timeout=10, connection_timeout=30)
+    ip.engine.gate.clear()
+
+    def body(ip: InProcess) -> None:
+        ip.ready()
+        s = ip.connect()
+        s.sendall(recognize_head(clip) + clip[:1000])        # an upload in progress ...
+        wait_until("the request to start", lambda: ip.daemon.server.active == 1)
+        ip.clock.advance(10_000)
+        ip.serving()
+        s.sendall(clip[1000:])                               # ... then inference in progress
+        assert ip.engine.entered.wait(30)
+        ip.clock.advance(10_000)
+        ip.serving()
+        ip.notify.wait_for("busy (1 in progress, 1 connection(s))")
+        ip.engine.gate.set()
+        assert read_response(s)[0] == 200
+        ip.request_over()
+        s.close()                                            # closed at T0 + 20000: nothing holds it
+        wait_until("the connection to close", lambda: ip.daemon.server.connections == 0)
+        ip.clock.advance(9.999)
+        ip.serving()
+        ip.clock.advance(0.001)
+        ip.exits(Reason.IDLE)
+
+    assert ip.run(body) == 0
+
+
+def test_keep_warm_hold_is_capped_and_defers_the_idle_clock(in_process, caplog):
+    ip = in_process(idle_timeout=300, max_hold=100)
+
+    def body(ip: InProcess) -> None:
+        status, _, answer = ip.request("POST", "/v1/warmup?hold=600")
+        assert status == 200 and answer["status"] == "ready" and answer["hold_s"] == 100
+        assert answer["keep_warm_deadline"] == pytest.approx(time.time() + 100, abs=5)
+        wait_until("the connection to close", lambda: ip.daemon.server.connections == 0)
+        ip.serving()
+        ip.notify.wait_for("; kept warm until ")
+        ip.clock.advance(399.999)                            # hold 100, then idle_timeout 300
+        ip.serving()
+        ip.clock.advance(0.001)
+        ip.exits(Reason.IDLE)
+
+    assert ip.run(body) == 0
+    assert events(caplog, "keep_warm") == [("keep_warm", {"hold_seconds": 100.0, "capped": True})]
+
+
+def test_sigterm_during_a_request_finishes_it_and_exits_0(in_process, clip, caplog):
+    ip = in_process()
+    ip.engine.gate.clear()
+    answer: list = []
+
+    def body(ip: InProcess) -> None:
+        ip.ready()
+        with ip.connect() as s:
+            s.sendall(recognize_head(clip) + clip)
+            assert ip.engine.entered.wait(30)
+            os.kill(os.getpid(), signal.SIGTERM)
+            ip.notify.wait_for("STOPPING=1")
+            with pytest.raises(OSError):                     # no longer accepting
+                ip.connect()
+            ip.engine.gate.set()
+            answer.append(read_response(s))
+
+    assert ip.run(body) == 0
+    status, _, result = answer[0]
+    assert status == 200 and result["labels"] == LABELS
+    assert ip.notify.lines().count("STOPPING=1") == 1
+    assert events(caplog, "stopping") == [("stopping", {"signal": "SIGTERM", "in_flight": 1, "queued": 1})]
+    (name, fields), = events(caplog, *EXIT_EVENTS)
+    assert name == "stopped" and fields["signal"] == "SIGTERM" and fields["requests_served"] == 1
+
+
+def test_sigterm_gives_up_a_stalled_upload_after_drain_timeout(in_process, clip, caplog):
+    ip = in_process(drain_timeout=5)
+    stalled: list[socket.socket] = []
+
+    def body(ip: InProcess) -> None:
+        ip.ready()
+        s = ip.connect()
+        stalled.append(s)                                    # kept open until the daemon has exited
+        s.sendall(recognize_head(clip))                      # the body never comes
+        wait_until("the request to start", lambda: ip.daemon.server.active == 1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        ip.notify.wait_for("STOPPING=1")
+        ip.clock.advance(5)                                  # drain_timeout
+
+    try:
+        assert ip.run(body) == 0
+    finally:
+        for s in stalled:
+            s.close()
+    assert [n for n, _ in events(caplog, "drain_abandoned", *EXIT_EVENTS)] == ["drain_abandoned", "stopped"]
+
+
+def test_a_second_signal_stops_the_drain_at_once(in_process, clip, caplog):
+    ip = in_process(drain_timeout=600)
+    ip.engine.gate.clear()
+
+    def body(ip: InProcess) -> None:
+        ip.ready()
+        with ip.connect() as s:
+            s.sendall(recognize_head(clip) + clip)
+            assert ip.engine.entered.wait(30)
+            os.kill(os.getpid(), signal.SIGTERM)
+            ip.notify.wait_for("STOPPING=1")
+            os.kill(os.getpid(), signal.SIGINT)
+
+    assert ip.run(body) == 0
+    assert [n for n, _ in events(caplog, "drain_abandoned", *EXIT_EVENTS)] == ["drain_abandoned", "stopped"]
+
+
+def test_model_that_cannot_load_answers_503_then_exits_after_the_grace(in_process, clip, caplog):
+    ip = in_process(load_error="model.pt is truncated", unavailable_grace=60)
+
+    def body(ip: InProcess) -> None:
+        ip.notify.wait_for("STATUS=Model unavailable")
+        for method, url, data in (("GET", "/v1/health", None), ("POST", "/v1/recognize", clip),
+                                  ("POST", "/v1/warmup?hold=10", None)):
+            status, _, answer = ip.request(method, url, data)
+            assert status == 503 and answer["error"]["code"] == "model_unavailable", (url, answer)
+            assert "model.pt is truncated" in answer["error"]["message"]
+        ip.clock.advance(59.999)                             # the grace counts from the failure
+        ip.serving()
+        ip.clock.advance(0.001)
+        ip.exits(Reason.UNAVAILABLE)
+
+    assert ip.run(body) == 5
+    assert "READY=1" not in ip.notify.lines() and ip.notify.lines().count("STOPPING=1") == 1
+    assert [n for n, _ in events(caplog, "model_unavailable", *EXIT_EVENTS)] == ["model_unavailable",
+                                                                                  "exit_unavailable"]
+    fields = events(caplog, "exit_unavailable")[0][1]
+    assert fields == {"model": "fake/model", "error": "model.pt is truncated", "grace_seconds": 60.0}
+
+
+def test_queue_full_answers_503_busy_with_retry_after(in_process, clip):
+    ip = in_process(queue_size=1, loading=True)             # the model cannot load before the test says so
+
+    def body(ip: InProcess) -> None:
         first: list = []
-        t = threading.Thread(target=lambda: first.append(d.request("POST", "/v1/recognize", clip)))
+        t = threading.Thread(target=lambda: first.append(ip.request("POST", "/v1/recognize", clip)))
         t.start()
-        deadline = time.monotonic() + 30
-        while (st := d.request("GET", "/v1/status")[2])["queue_depth"] < 1:   # waits for the model
-            assert time.monotonic() < deadline and t.is_alive()
-            time.sleep(0.02)
-        if st["state"] != "loading":
-            t.join(60)
-            pytest.skip("the model loaded before the queue could be observed full")
-        status, headers, body = d.request("POST", "/v1/recognize", clip)
-        t.join(60)
-        assert status == 503 and body["error"]["code"] == "busy" and int(headers["retry-after"]) >= 1
+        wait_until("the first request to be queued", lambda: ip.daemon.scheduler.pending == 1)
+        status, headers, answer = ip.request("POST", "/v1/recognize", clip)
+        assert status == 503 and answer["error"]["code"] == "busy" and int(headers["retry-after"]) >= 1
+        assert "queue_size" in answer["error"]["message"]
+        ip.load_gate.set()
+        t.join(30)
         assert first[0][0] == 200
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    assert ip.run(body) == 0
 
 
-def test_sd_notify_ready_status_extend_and_stopping(tiny_model, tmp_path):
-    notify_path = tmp_path / "notify"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns:
-        ns.bind(str(notify_path))
-        ns.settimeout(60)
-        d = DaemonProcess(tmp_path / "s.sock", tiny_model, idle_timeout=2, env={"NOTIFY_SOCKET": str(notify_path)})
-        with d:
-            messages: list[str] = []
-            while not any("STOPPING=1" in m for m in messages):
-                messages.append(ns.recv(4096).decode())
-            assert d.wait(30) == 0
-    text = "\n".join(messages)
-    assert messages[0].startswith("EXTEND_TIMEOUT_USEC=")               # first thing while loading
-    ready = next(i for i, m in enumerate(messages) if "READY=1" in m)
-    assert "STATUS=Ready on cpu" in messages[ready]
-    assert all("READY=1" not in m for m in messages[:ready])
-    assert "idle exit in" in text and "STATUS=Loading model" in text
-    assert "STOPPING=1" in messages[-1]
+def test_other_uids_are_served_while_one_uid_is_at_its_cap(in_process):
+    if os.geteuid() != 0 or not os.access("/usr/bin/python3", os.X_OK):
+        pytest.skip("needs root (to connect as another uid) and /usr/bin/python3")
+    folder = Path(tempfile.mkdtemp(prefix="e2vd-uid-"))     # reachable by uid 65534 (tmp_path is not)
+    try:
+        folder.chmod(0o755)
+        ip = in_process(max_connections_per_uid=2, socket=str(folder / "s.sock"))
+        os.chmod(ip.socket, 0o666)
+        nobody = ("import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect(%r)\n"
+                  "s.sendall(b'GET /v1/health HTTP/1.1\\r\\nHost: e2vd\\r\\n\\r\\n')\n"
+                  "print(s.recv(100).split()[1].decode())\n" % ip.socket)
 
+        def body(ip: InProcess) -> None:
+            ip.ready()
+            mine = [ip.connect(), ip.connect()]
+            for s in mine:
+                s.sendall(HEALTH)
+                assert read_response(s)[0] == 200
+            with ip.connect() as extra:                      # answered at once, before any request
+                status, _, answer = read_response(extra)
+            assert status == 503 and "max_connections_per_uid = 2" in answer["error"]["message"]
+            other = subprocess.run(["/usr/bin/python3", "-c", nobody], user=65534, group=65534,
+                                   capture_output=True, text=True, timeout=30)
+            assert (other.returncode, other.stdout.strip()) == (0, "200"), other.stderr
+            for s in mine:
+                s.sendall(HEALTH)
+                assert read_response(s)[0] == 200
+                s.close()
+            os.kill(os.getpid(), signal.SIGTERM)
 
-def test_keep_warm_hold_defers_the_idle_clock(tiny_model, tmp_path):
-    d = DaemonProcess(tmp_path / "s.sock", tiny_model, idle_timeout=1, wait_ready=True)
-    with d:
-        status, _, body = d.request("POST", "/v1/warmup?hold=6")
-        assert status == 200 and body["hold_s"] == 6
-        time.sleep(2.5)                     # 2.5 x idle_timeout, inside the hold
-        assert d.proc.poll() is None
-        st = d.request("GET", "/v1/status")[2]
-        assert st["keep_warm_deadline"] is not None and st["idle_exit_in_s"] > 1
-        assert d.wait(60) == 0              # hold over, then idle_timeout: exit 0
-    assert "keep_warm" in d.log_text() and "idle_exit" in d.log_text()
-
-
-def test_sigterm_gives_up_a_stalled_request_after_drain_timeout(tiny_model, tmp_path, clip):
-    d = DaemonProcess(tmp_path / "s.sock", tiny_model, idle_timeout=600, drain_timeout=1,
-                      connection_timeout=60, wait_ready=True)
-    with d:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.connect(str(d.socket))
-            s.sendall(f"POST /v1/recognize HTTP/1.1\r\nHost: e2vd\r\nContent-Length: {len(clip)}\r\n\r\n".encode())
-            time.sleep(0.5)                 # the upload stalls; SIGTERM must not wait for it forever
-            d.proc.send_signal(signal.SIGTERM)
-            assert d.wait(30) == 0
-    assert "drain_abandoned" in d.log_text()
+        assert ip.run(body) == 0
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
