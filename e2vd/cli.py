@@ -65,7 +65,9 @@ def _timeout_arg(text: str) -> float:
 def _socket_arg(text: str) -> str:
     """--socket: a non-empty path."""
     if not text.strip():
-        raise argparse.ArgumentTypeError("empty path: give the daemon's socket, e.g. /run/e2vd/e2vd.sock")
+        from e2vd.config import Settings
+
+        raise argparse.ArgumentTypeError(f"empty path: give the daemon's socket, e.g. {Settings.socket}")
     return text
 
 
@@ -78,7 +80,10 @@ def _embedding_arg(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser for every subcommand (the contract of DESIGN §3)."""
+    from e2vd.config import Settings, env_name
     from e2vd.install import Options   # its defaults are the options' defaults
+
+    default_socket, socket_env = Settings.socket, env_name("socket")   # as e2vd.client reads them
 
     p = _Parser(
         prog="e2vd", description="Emotion2Vec+ speech emotion recognition daemon and client.",
@@ -101,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="audio files (wav, flac, ogg, mp3, ...); - reads one from stdin (within --timeout); "
                         "files larger than max_body_bytes are refused before sending")
     r.add_argument("--socket", type=_socket_arg,
-                   help="daemon socket (default $E2VD_SOCKET or /run/e2vd/e2vd.sock)")
+                   help=f"daemon socket (default ${socket_env} or {default_socket})")
     r.add_argument("--granularity", choices=[g.value for g in Granularity], default=Granularity.UTTERANCE.value,
                    help="embedding per utterance (D,) or per 20 ms frame (T, D)")
     r.add_argument("--embedding", metavar="OUT.npy", type=_embedding_arg,
@@ -118,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("warmup", help="wake the daemon and keep it warm")
     w.add_argument("--socket", type=_socket_arg,
-                   help="daemon socket (default $E2VD_SOCKET or /run/e2vd/e2vd.sock)")
+                   help=f"daemon socket (default ${socket_env} or {default_socket})")
     g = w.add_mutually_exclusive_group()
     g.add_argument("--hold", metavar="DURATION", help="keep warm this long, e.g. 90s, 30m, 9h")
     g.add_argument("--until", metavar="HH:MM", help="keep warm until this local time today")
