@@ -141,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("uninstall", help="remove the systemd units (root)")
     u.add_argument("--purge", action="store_true", help="also remove the config and the model cache")
+
+    from e2vd import report   # light: what the report computes with is imported when it runs
+
+    report.add_arguments(sub.add_parser(
+        "report", help="GPU-held hours, use and cost from the journal",
+        description="GPU-held hours, use and cost of e2vd over a period, from the journal; "
+                    "--what-if replays the requests against another idle timeout or warmup."))
     return p
 
 
@@ -195,6 +202,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from e2vd import install
 
         return install.main(args)
+    if args.command == "report":
+        from e2vd import report
+
+        return report.run(args)
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "recognize": cmd_recognize, "status": cmd_status, "warmup": cmd_warmup}
     return commands[args.command](args)
