@@ -1,8 +1,9 @@
 """The HTTP API of the daemon: routes, query options, error codes and the OpenAPI document.
 
 This module is the one source for what the daemon speaks (docs/design.md, section 3, the request
-path): the server routes by `ROUTES`, parses options with `parse_options` and answers errors
-with `ApiError`, and `GET /v1/openapi.json` serves `openapi()`. Labels, granularities, model
+path): the handler finds each request's route in `ROUTES` with `find_route` (e2vd.routes maps
+each route to its function), parses options with `parse_options` and answers errors with
+`ApiError`, and `GET /v1/openapi.json` serves `openapi()`. Labels, granularities, model
 states and boolean spellings come from `e2vd.vocabulary`. It imports nothing heavy and has no I/O.
 
 Error responses always have the shape ``{"error": {"code": str, "message": str}}``. The codes of

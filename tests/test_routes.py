@@ -20,19 +20,18 @@ from e2vd.vocabulary import LABELS
 
 
 class FakeEngine:
-    """Recognises every clip as `happy`, or raises `error`."""
+    """Recognises every clip as `happy` (or with `scores`), or raises `error`."""
 
     model_id, device, load_seconds = "fake-model", "cpu", 1.5
 
-    def __init__(self, error: Exception | None = None) -> None:
+    def __init__(self, error: Exception | None = None, scores: list[float] | None = None) -> None:
         self.error = error
+        self.scores = scores or [1.0 if label == "happy" else 0.0 for label in LABELS]
 
     def recognize_batch(self, clips, granularity="utterance", embedding=False):
         if self.error is not None:
             raise self.error
-        scores = [0.0] * len(LABELS)
-        scores[LABELS.index("happy")] = 1.0
-        return [Recognition(list(LABELS), scores, list(LABELS), c.duration_s) for c in clips]
+        return [Recognition(list(LABELS), list(self.scores), list(LABELS), c.duration_s) for c in clips]
 
 
 class FakeBody:

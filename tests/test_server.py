@@ -1,8 +1,10 @@
-"""e2vd.server against a real daemon on the tiny stand-in: request parsing, framing, error statuses,
-abandoned requests and what reaches the log. Raw bytes on real Unix sockets, no mocks.
+"""The HTTP side of the daemon (e2vd.server, handler, http_io, http_wire, routes) against a real
+daemon on the tiny stand-in: request parsing, framing, error statuses, abandoned requests and what
+reaches the log. Raw bytes on real Unix sockets, no mocks.
 
 One shared daemon (connection_timeout 2 s, max_seconds 5, so the timeout and too_long paths stay
-quick) serves most tests; tests that stop the daemon's process start their own.
+quick) serves most tests; tests that stop the daemon's process start their own. The one path a
+real model cannot reach any more (500 internal) runs on an in-process Server with a stand-in engine.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from typing import Any, Callable
 import pytest
 from conftest import wav_clip
 from daemon_proc import DaemonProcess, raw_request, read_response
+from test_handler import InProcess
+from test_routes import FakeEngine
 
 from e2vd.client import connect_unix
 from e2vd.protocol import ERRORS, HTTP_ERRORS, ROUTES
@@ -281,63 +285,22 @@ def test_model_unavailable_status_comes_from_the_table(tmp_path, document):
         check_against_the_table("model_unavailable", *raw_request(d.socket, post(GOOD)), document)
 
 
-class _Control:
-    """The daemon's side of the server, for an in-process Server."""
-
-    def status(self) -> dict[str, Any]:
-        return {}
-
-    def hold(self, seconds: float) -> tuple[float, float | None]:
-        return seconds, None
-
-
-class _Engine:
-    """An engine whose every recognition returns `scores`, or raises `error`."""
-
-    model_id, device, load_seconds = "fake", "cpu", 0.0
-
-    def __init__(self, scores: list[float] | None = None, error: Exception | None = None) -> None:
-        self.scores, self.error = scores, error
-
-    def recognize_batch(self, clips, **options):
-        from e2vd.result import Recognition
-        from e2vd.vocabulary import LABELS
-
-        if self.error is not None:
-            raise self.error
-        return [Recognition(list(LABELS), list(self.scores), list(LABELS), c.duration_s) for c in clips]
-
-
-def in_process(engine: _Engine, data: bytes) -> tuple[int, dict[str, str], Any]:
-    """Send `data` to an in-process Server (the real one, on a socket pair) whose scheduler runs
-    `engine`; returns the answer."""
-    from e2vd.scheduler import Scheduler
-    from e2vd.server import Server
-
-    scheduler = Scheduler(lambda: engine, queue_size=4, max_batch=1)
-    scheduler.start()
-    server = Server(scheduler, _Control(), max_body_bytes=1_000_000, max_seconds=MAX_SECONDS,
-                    connection_timeout=CONNECTION_TIMEOUT)
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        server.add(ours)
-        theirs.settimeout(30)
-        theirs.sendall(data)
-        return read_response(theirs)
-    finally:
-        theirs.close()
-        scheduler.stop(10)
-
-
 @pytest.mark.parametrize("what, engine, needle", [
-    ("a result that is not JSON", _Engine(scores=[float("nan")] * 9), "not valid JSON"),
-    ("an engine that fails", _Engine(error=RuntimeError("boom")), "RuntimeError: boom"),
+    ("a result that is not JSON", FakeEngine(scores=[float("nan")] * 9), "not valid JSON"),
+    ("an engine that fails", FakeEngine(error=RuntimeError("boom")), "RuntimeError: boom"),
 ])
 def test_internal_status_comes_from_the_table(what, engine, needle):
+    """In process (tests/test_handler.py's InProcess): the decoder refuses what made real scores NaN."""
     from e2vd import __version__
     from e2vd.protocol import openapi
 
-    status, headers, body = in_process(engine, post(GOOD))
+    d = InProcess(engine)
+    try:
+        s = d.connect()
+        s.sendall(post(GOOD))
+        status, headers, body = s.response()
+    finally:
+        d.close()
     check_against_the_table("internal", status, headers, body, openapi(__version__))
     assert needle in body["error"]["message"], body
 
