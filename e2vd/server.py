@@ -185,10 +185,12 @@ class Server:
         threading.Thread(target=self._serve, args=(conn,), name="e2vd-conn", daemon=True).start()
 
     def request_ended(self, conn: Connection, path: str) -> None:
-        """Called by the connection's handler after each request (path as sent, query included).
-        A request to one of KEEPS_AWAKE_PATHS renews the connection's hold (`last_active`)."""
+        """Called by the connection's handler when a request has been answered (path as sent,
+        query included): a request to one of KEEPS_AWAKE_PATHS renews the connection's hold
+        (`last_active`), then the connection is no longer in a request."""
         if urlsplit(path).path in KEEPS_AWAKE_PATHS:
             conn.last_active = self.clock()
+        conn.in_request = False
         self._changed()
 
     def _changed(self) -> None:
