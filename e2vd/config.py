@@ -16,12 +16,13 @@ where None means "not given" (argparse's default) and strings are parsed like en
 
 Value forms: durations (idle_timeout, max_hold, connection_timeout, drain_timeout,
 unavailable_grace) are seconds as a number, or a string like "90s", "30m", "9h", "1h30m";
-booleans are true/false (TOML) or 1/0, true/false, yes/no, on/off (environment); log_level is
+booleans are true/false (TOML) or, in the environment, the spellings of
+`e2vd.vocabulary.TRUE_WORDS`/`FALSE_WORDS` (1/0, true/false, yes/no, on/off); log_level is
 DEBUG, INFO, WARNING, ERROR or CRITICAL in any case (stored upper-case). max_connections_per_uid
 (>= 1) caps the connections one peer uid may hold open at once, root included; the daemon's
 overall cap (e2vd.server.MAX_CONNECTIONS, 256) still applies above it.
 
-Every problem raises ConfigError at start, naming where the value came from (the file and key,
+Every problem raises ConfigError (exit status USAGE, 2) at start, naming where the value came from (the file and key,
 the environment variable, or the command-line option) and what is accepted. Unknown keys are
 errors too (with a "did you mean" hint), so a typo cannot silently leave a default in force.
 Environment variables starting with E2VD_ that are not settings are errors as well, except
@@ -39,6 +40,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from e2vd.durations import parse_duration
+from e2vd.vocabulary import DTYPES, FALSE_WORDS, TRUE_WORDS, ExitCode, parse_bool_word
 
 DEFAULT_CONFIG_PATH = "/etc/e2vd/e2vd.toml"
 CONFIG_ENV = "E2VD_CONFIG"
@@ -47,17 +49,16 @@ IGNORED_ENV_PREFIXES = ("E2VD_SDBOX_", "E2VD_TEST_", "E2VD_BENCH_")
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(?::(\d+))?")   # group 1: the GPU index
 MODEL_ID_PATTERN = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # a ModelScope id "owner/name" (fullmatch)
-DTYPES = ("fp32", "fp16", "bf16")
 BUSY_POLICIES = ("refuse", "cpu")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DURATION_KEYS = frozenset({"idle_timeout", "max_hold", "connection_timeout", "drain_timeout",
                            "unavailable_grace"})
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
 
 
 class ConfigError(ValueError):
     """A setting that cannot be used; the message names its source and the accepted values."""
+
+    exit_code = ExitCode.USAGE
 
 
 @dataclass(frozen=True)
@@ -200,15 +201,15 @@ def _show(raw: object) -> str:
 
 
 def _to_bool(raw: object, from_text: bool) -> bool:
+    """A TOML boolean as it is; from the environment or a flag, a spelling of parse_bool_word."""
     if isinstance(raw, bool):
         return raw
     if from_text and isinstance(raw, str):
-        text = raw.strip().lower()
-        if text in _TRUE:
-            return True
-        if text in _FALSE:
-            return False
-    accepted = "1/0, true/false, yes/no, on/off" if from_text else "true or false (no quotes)"
+        value = parse_bool_word(raw)
+        if value is not None:
+            return value
+    spellings = ", ".join(f"{yes}/{no}" for yes, no in zip(TRUE_WORDS, FALSE_WORDS))
+    accepted = spellings if from_text else "true or false (no quotes)"
     raise ValueError(f"expected a boolean ({accepted}), got {_show(raw)}")
 
 

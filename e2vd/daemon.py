@@ -22,8 +22,9 @@ to by the signal handlers (signal.set_wakeup_fd), the worker thread (model loade
 connection threads (a request ended, a connection closed); with nothing happening it sleeps until
 the clock's deadline, at most STATUS_EVERY_S. The design is in docs/design.md.
 
-Exit codes (`e2vd.vocabulary.ExitCode`): 0 idle exit or stopped by a signal; 2 bad configuration;
-5 cannot listen on the socket or the model is unavailable.
+Exit codes (`e2vd.vocabulary.ExitCode`): 0 idle exit or stopped by a signal; 2 bad configuration
+(ConfigError, which `main` lets through to `e2vd.cli.main` like every command's errors); 5 cannot
+listen on the socket (SocketError's own code, after its journal event) or the model is unavailable.
 """
 from __future__ import annotations
 
@@ -36,7 +37,6 @@ import selectors
 import signal
 import socket
 import stat
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -518,15 +518,15 @@ class Report:
                   model=s.model, error=error, grace_seconds=s.unavailable_grace)
 
 
-def main(overrides: Mapping[str, object], config_path: str | None = None) -> int:
-    """`e2vd serve`: run the daemon in the foreground; returns the process exit code."""
-    from e2vd.config import ConfigError, load_settings
+def main(overrides: Mapping[str, object], config_path: str | None = None) -> ExitCode:
+    """`e2vd serve`: run the daemon in the foreground; returns the process exit code.
 
-    try:
-        settings = load_settings(dict(overrides), config_path=config_path)
-    except ConfigError as exc:
-        print(f"e2vd serve: {exc}", file=sys.stderr)
-        return ExitCode.USAGE
+    Raises ConfigError (its exit_code: USAGE) for settings that cannot be used: `e2vd.cli.main`
+    prints it and exits with that code. A socket that cannot be listened on is logged as the
+    journal event socket_error and ends the daemon with SocketError's exit_code."""
+    from e2vd.config import load_settings
+
+    settings = load_settings(dict(overrides), config_path=config_path)
     from e2vd.log import setup_logging
 
     setup_logging(settings.log_level)   # before anything imports funasr (it calls basicConfig)
@@ -539,5 +539,5 @@ def main(overrides: Mapping[str, object], config_path: str | None = None) -> int
         listener = open_listener(settings.socket)
     except SocketError as exc:
         event("socket_error", str(exc), logging.ERROR, socket=settings.socket)
-        return ExitCode.SERVER
+        return exc.exit_code
     return Daemon(settings, listener).run()

@@ -17,12 +17,16 @@ import socket
 
 from systemd import daemon as sd   # systemd-python; this module's name does not shadow it (absolute import)
 
+from e2vd.vocabulary import ExitCode
+
 BARRIER_TIMEOUT_S = 5.0   # how long ready() waits for systemd to have read READY=1 (sd_notify_barrier's default)
 _LISTEN_VARS = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 
 
 class SocketError(RuntimeError):
     """The daemon cannot listen on its socket; the message says why and what to do."""
+
+    exit_code = ExitCode.SERVER
 
 
 def listen_socket() -> socket.socket | None:

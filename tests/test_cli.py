@@ -397,6 +397,16 @@ def test_install_errors_exit_through_main_with_their_own_code(monkeypatch, capsy
     assert code == ExitCode.USAGE and "--group 'Bad Group' is not a valid group name" in err
 
 
+def test_serve_with_bad_settings_exits_2_through_main(tmp_path: Path) -> None:
+    """daemon.main lets ConfigError through; cli.main prints it on one line and exits 2."""
+    proc = e2vd("serve", "--socket", str(tmp_path / "s.sock"), env={"E2VD_QUANTIZE": "maybe"})
+    one_line(proc, ExitCode.USAGE, "e2vd: serve: Bad value for environment variable E2VD_QUANTIZE",
+             "1/0, true/false, yes/no, on/off")
+    proc = e2vd("serve", "--config", str(tmp_path / "none.toml"))
+    one_line(proc, ExitCode.USAGE, f"e2vd: serve: Config file {tmp_path / 'none.toml'} does not exist")
+    assert not (tmp_path / "s.sock").exists()
+
+
 # -- `e2vd` as a process: bounded input, one-line failures (issue 7, items 3 and 9) ------------
 
 def e2vd(*argv: str, env: dict[str, str] | None = None, stdin: object = subprocess.DEVNULL,

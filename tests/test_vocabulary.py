@@ -158,6 +158,14 @@ def test_cli_hints_name_only_protocol_codes() -> None:
     assert cli.ERROR_HINTS and set(cli.ERROR_HINTS) <= set(protocol.ERRORS), set(cli.ERROR_HINTS) - set(protocol.ERRORS)
 
 
+def test_config_and_systemd_errors_carry_their_exit_codes() -> None:
+    from e2vd import config, systemd
+
+    assert config.ConfigError("x").exit_code == ExitCode.USAGE
+    assert systemd.SocketError("x").exit_code == ExitCode.SERVER
+    assert config.DTYPES is DTYPES
+
+
 def test_exit_codes_are_the_documented_contract() -> None:
     """docs/design.md §6 and the README: 0 ok, 2 usage, 3 unreachable, 4 rejected, 5 server error;
     1 is install/uninstall's failed system step, 130 Ctrl-C."""
