@@ -33,8 +33,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("e2vd")
 
-# Kept for e2vd.daemon until it uses vocabulary.State itself.
-READY, UNAVAILABLE = State.READY, State.UNAVAILABLE
 GPU_BATCH = 8
 
 

@@ -247,8 +247,3 @@ def test_a_failing_job_records_the_schedulers_own_error(error, kind, code):
     finally:
         sch.stop(10)
 
-
-def test_ready_and_unavailable_stay_importable_for_the_daemon():
-    from e2vd.scheduler import READY, UNAVAILABLE
-
-    assert READY is State.READY and UNAVAILABLE is State.UNAVAILABLE
