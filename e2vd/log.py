@@ -35,12 +35,12 @@ Event names and their fields (journald name = E2VD_ + upper case; durations in s
     model_loaded        model, device, dtype, load_seconds, memory_bytes (and memory_<key> for
                         each key of Engine.memory(), e.g. memory_param_bytes)
     model_unavailable   model, error, grace_seconds (503 model_unavailable until exit_unavailable)
-    exit_unavailable    error, grace_seconds (exits non-zero)
+    exit_unavailable    model, error, grace_seconds (exits non-zero)
     request             request_id, client_uid, client_pid, method, path, status (HTTP status;
                         499 when abandoned), code (error code, only on errors), abandoned (true:
                         the client hung up before its recognition ran; it was not run and
-                        nothing was answered), body_bytes, audio_seconds, queue_ms, infer_ms,
-                        total_ms, batch_size, top_label, top_score, hold_seconds (warmup)
+                        nothing was answered), body_bytes, audio_seconds, read_ms, decode_ms,
+                        wait_ms, queue_ms, infer_ms, total_ms, batch_size, top_label, top_score, hold_seconds (warmup)
     keep_warm           hold_seconds, capped (true when cut to max_hold)
     idle_exit           alive_seconds, requests_served, idle_timeout_seconds
     stopping            signal, in_flight, queued (SIGTERM/SIGINT received, draining)
@@ -72,9 +72,10 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "device_chosen": ("device", "reason", "gpu_name", "free_mb", "min_free_mb"),
     "model_loaded": ("model", "device", "dtype", "load_seconds", "memory_bytes"),
     "model_unavailable": ("model", "error", "grace_seconds"),
-    "exit_unavailable": ("error", "grace_seconds"),
+    "exit_unavailable": ("model", "error", "grace_seconds"),
     "request": ("request_id", "client_uid", "client_pid", "method", "path", "status", "code",
-                "abandoned", "body_bytes", "audio_seconds", "queue_ms", "infer_ms", "total_ms",
+                "abandoned", "body_bytes", "audio_seconds", "read_ms", "decode_ms", "wait_ms",
+                "queue_ms", "infer_ms", "total_ms",
                 "batch_size", "top_label", "top_score", "hold_seconds"),
     "keep_warm": ("hold_seconds", "capped"),
     "idle_exit": ("alive_seconds", "requests_served", "idle_timeout_seconds"),

@@ -299,3 +299,19 @@ def test_native_journal_protocol_on_our_own_socket():
     assert first["PRIORITY"] == "6" and first["SYSLOG_IDENTIFIER"] == "e2vd"
     assert second["MESSAGE"] == "two\nlines" and second["PRIORITY"] == "3"
     assert proc.stderr == ""  # nothing went to stderr
+
+
+def test_readme_journal_table_lists_every_documented_field():
+    """The README's journal table is what operators query by: every field of every documented
+    event must appear in that event's row."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    rows = {}
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.split("|")]
+        if len(cells) >= 4 and cells[1].startswith("`") and "E2VD_" not in cells[1]:
+            for name in re.findall(r"`([a-z_]+)`", cells[1]):
+                rows[name] = cells[2]
+    for name, fields in log.EVENT_FIELDS.items():
+        assert name in rows, f"README journal table has no row for {name}"
+        for f in fields:
+            assert f"`{f.upper()}`" in rows[name], f"README row {name} lacks {f.upper()}"
