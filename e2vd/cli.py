@@ -1,6 +1,6 @@
 """The `e2vd` command: argument parsing and dispatch to the module that does the work.
 
-Exit codes: `e2vd.vocabulary.ExitCode` (0 ok, 1 install/uninstall failed, 2 usage, 3 daemon
+Exit codes: `e2vd.vocabulary.ExitCode` (0 ok, 1 a system step failed, 2 usage, 3 daemon
 unreachable, 4 request rejected, 5 server error, 130 interrupted). e2vd's exceptions carry theirs
 as `exit_code`; `main` is the one place that turns an exception into the exit status.
 This module imports nothing heavy at start; each subcommand imports what it needs.
@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
 #: What each exit status means, for `e2vd --help` (every ExitCode has its words).
 EXIT_WORDS: dict[ExitCode, str] = {
-    ExitCode.OK: "ok", ExitCode.FAILED: "install/uninstall failed", ExitCode.USAGE: "usage",
+    ExitCode.OK: "ok", ExitCode.FAILED: "a system step failed (systemctl, groupadd, the journal)",
+    ExitCode.USAGE: "usage",
     ExitCode.UNREACHABLE: "daemon unreachable", ExitCode.REJECTED: "request rejected (bad input)",
     ExitCode.SERVER: "server error", ExitCode.INTERRUPTED: "interrupted",
 }
@@ -779,9 +780,6 @@ def cmd_warmup(args: argparse.Namespace) -> ExitCode:
                 return ExitCode.OK
     except ValueError as e:
         _err(f"warmup: {e}")
-        return ExitCode.USAGE
-    if hold is not None and not math.isfinite(hold):
-        _err(f"warmup: --hold {args.hold}: too long to be a duration; give e.g. 9h (the daemon caps it at max_hold)")
         return ExitCode.USAGE
     if args.timeout is None:
         args.timeout = WARMUP_TIMEOUT

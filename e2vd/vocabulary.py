@@ -59,7 +59,8 @@ class ExitCode(enum.IntEnum):
     """
 
     OK = 0
-    FAILED = 1         # `e2vd install`/`uninstall`: a system step failed (groupadd, systemctl, ...)
+    FAILED = 1         # a system step the command needs failed: groupadd/systemctl (install,
+                       # uninstall), reading the journal (report)
     USAGE = 2          # bad arguments or configuration: fix the command line or the config file
     UNREACHABLE = 3    # the daemon cannot be reached (socket missing, refused, timed out)
     REJECTED = 4       # the request was refused as bad input (audio, options, size)

@@ -168,7 +168,7 @@ def test_config_and_systemd_errors_carry_their_exit_codes() -> None:
 
 def test_exit_codes_are_the_documented_contract() -> None:
     """docs/design.md §6 and the README: 0 ok, 2 usage, 3 unreachable, 4 rejected, 5 server error;
-    1 is install/uninstall's failed system step, 130 Ctrl-C."""
+    1 a failed system step (install, uninstall, report), 130 Ctrl-C."""
     assert {c.name: int(c) for c in ExitCode} == {
         "OK": 0, "FAILED": 1, "USAGE": 2, "UNREACHABLE": 3, "REJECTED": 4, "SERVER": 5, "INTERRUPTED": 130}
 
