@@ -291,7 +291,11 @@ def _requests_slice(source: JournalSource, since: int, until: int, units: Sequen
 
 CHUNK = 8192
 _FLOAT_FIELDS = {"total_ms": "E2VD_TOTAL_MS", "queue_ms": "E2VD_QUEUE_MS", "audio_s": "E2VD_AUDIO_SECONDS",
-                 "infer_ms": "E2VD_INFER_MS", "hold_s": "E2VD_HOLD_SECONDS"}
+                 "infer_ms": "E2VD_INFER_MS"}
+
+
+def _is_warmup(paths: dict[bytes, int], code: int) -> bool:
+    return next(p for p, c in paths.items() if c == code) == b"/v1/warmup"
 
 
 def _read_requests(reader: Any, since: int, until: int, units: Sequence[str], has_instance_field: bool) -> Requests:
@@ -301,7 +305,8 @@ def _read_requests(reader: Any, since: int, until: int, units: Sequence[str], ha
     instances: dict[tuple[bytes, bytes], int] = {}
     names: list[str] = []
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("ts", "instance", "status", "path", "uid", "batch",
-                                                          *_FLOAT_FIELDS)}
+                                                          "hold_s", *_FLOAT_FIELDS)}
+    warmup_codes: dict[int, bool] = {}
     done = False
     while not done:
         ts: list[int] = []
@@ -325,22 +330,30 @@ def _read_requests(reader: Any, since: int, until: int, units: Sequence[str], ha
         cols["batch"].append(_ints([e.get("E2VD_BATCH_SIZE") for e in entries], 1))
         for key, name in _FLOAT_FIELDS.items():
             cols[key].append(_floats([e.get(name) for e in entries]))
-        cols["path"].append(np.array([paths.setdefault(_one(e.get("E2VD_PATH", b"")), len(paths)) for e in entries],
-                                     dtype=np.int32))
+        try:
+            codes = [paths.setdefault(e.get("E2VD_PATH", b""), len(paths)) for e in entries]
+        except TypeError:           # a field repeated in an entry: its first value
+            codes = [paths.setdefault(_one(e.get("E2VD_PATH", b"")), len(paths)) for e in entries]
+        cols["path"].append(np.array(codes, dtype=np.int32))
+        hold = np.zeros(len(entries))
+        for i in (i for i, c in enumerate(codes) if warmup_codes.setdefault(c, _is_warmup(paths, c))):
+            hold[i] = _float(entries[i].get("E2VD_HOLD_SECONDS"))
+        cols["hold_s"].append(hold)
         if len(units) > 1 or has_instance_field:
-            keys = [(_one(e.get("_SYSTEMD_UNIT", b"")), _one(e.get("E2VD_INSTANCE", b""))) for e in entries]
+            idx = []
+            for k in ((_one(e.get("_SYSTEMD_UNIT", b"")), _one(e.get("E2VD_INSTANCE", b""))) for e in entries):
+                i = instances.get(k)
+                if i is None:
+                    name = instance_of(k[0].decode("utf-8", "replace") or None, k[1].decode("utf-8", "replace") or None)
+                    if name not in names:
+                        names.append(name)
+                    i = instances[k] = names.index(name)
+                idx.append(i)
+            cols["instance"].append(np.array(idx, dtype=np.int32))
         else:
-            keys = [(units[0].encode(), b"")] * len(entries)
-        idx = []
-        for k in keys:
-            i = instances.get(k)
-            if i is None:
-                name = instance_of(k[0].decode("utf-8", "replace") or None, k[1].decode("utf-8", "replace") or None)
-                if name not in names:
-                    names.append(name)
-                i = instances[k] = names.index(name)
-            idx.append(i)
-        cols["instance"].append(np.array(idx, dtype=np.int32))
+            if not names:
+                names.append(instance_of(units[0]))
+            cols["instance"].append(np.zeros(len(entries), dtype=np.int32))
 
     def cat(key: str, dtype: Any) -> np.ndarray:
         return np.concatenate(cols[key]).astype(dtype) if cols[key] else np.zeros(0, dtype=dtype)

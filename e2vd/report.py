@@ -238,7 +238,7 @@ def _what_if_doc(u: Usage, runs: list[Run], records: Records, period: Period,
         out.append({"label": ("recorded: " if baseline else "") + sc.label(recorded_timeout),
                     "recorded": baseline, "idle_timeout_s": timeout,
                     "warmup": {whatif.RECORDED: "recorded", None: "none"}.get(sc.warmup, str(sc.warmup)),  # type: ignore[arg-type]
-                    "gpu_held_hours": _r(h), "gpu_held_seconds": _r(held / US), "cold_starts": cold,
+                    "held_hours": _r(h), "held_seconds": _r(held / US), "cold_starts": cold,
                     "saving_percent": _r(100.0 * (1 - h / always_on_h), 3) if always_on_h > 0 else None,
                     "cost": _cost(h, always_on_h, prices)})
     return {"recorded_idle_timeout_s": recorded_timeout, "start_delay_s": _r(delay, 3), "load_s": _r(load, 3),
@@ -376,6 +376,8 @@ def _comparison_lines(doc: dict[str, Any]) -> list[str]:
     out = [f"{'':<16}{'always on':>14}{'on demand':>14}{'saving':>10}",
            f"{'GPU held':<16}{_num(doc['always_on_hours'], 1) + ' h':>14}{_num(doc['gpu_held_hours'], 1) + ' h':>14}"
            f"{_pct(doc['saving_percent']):>10}"]
+    if not doc["gpu_held_seconds"] and any(doc["held_seconds"].values()):
+        out.append("(no run held a GPU in this period: the runs above used the CPU)")
     c = doc["cost"]
     if c is not None:
         label = f"cost ({c['currency']})" if c["currency"] else "cost"
@@ -414,15 +416,15 @@ def _bar(cells: float) -> str:
 
 
 def _what_if_lines(w: dict[str, Any], with_cost: bool) -> list[str]:
-    out = [f"what if: {w['replayed_requests']:,} requests replayed; a cold start holds "
-           f"{w['start_delay_s']:.1f} s + {w['load_s']:.1f} s before serving"]
-    out.append(f"{'settings':<34}{'GPU held':>11}{'cold starts':>13}" + (f"{'cost':>12}" if with_cost else "")
+    out = [f"what if: {w['replayed_requests']:,} requests replayed; a cold start: process "
+           f"{w['start_delay_s']:.1f} s + model {w['load_s']:.1f} s"]
+    out.append(f"{'settings':<34}{'held':>11}{'cold starts':>13}" + (f"{'cost':>12}" if with_cost else "")
                + f"{'saving':>9}")
     for s in w["scenarios"]:
         label = re.sub(r"idle_timeout=([\d.e+]+)", r"idle \1 s", s["label"]).replace("recorded: ", "* ")
-        out.append(f"{label[:33]:<34}{_num(s['gpu_held_hours'], 1) + ' h':>11}{s['cold_starts']:>13,}"
+        out.append(f"{label[:33]:<34}{_hours(s['held_seconds']):>11}{s['cold_starts']:>13,}"
                    + (f"{_num(s['cost']['on_demand'], 2):>12}" if with_cost else "") + f"{_pct(s['saving_percent']):>9}")
-    out.append("* the recorded settings replayed: compare with the measured hours above")
+    out.append("* the recorded settings replayed: compare with the measured time above")
     return out
 
 

@@ -220,7 +220,8 @@ def test_a_month_like_the_issue_table_equals_the_hand_computation(tz, tmp_path, 
 
     # the text report: the comparison table, a bar per active day, within 80 columns
     rc, text, _ = run_report(capsys, path, "--month", "2026-09", "--price-per-hour", "9.90",
-                             "--always-on-price-per-hour", "1.78", "--currency", "EUR")
+                             "--always-on-price-per-hour", "1.78", "--currency", "EUR",
+                             "--what-if", "idle_timeout=60,300,900", "--what-if", "warmup=recorded,none,08:00-19:00")
     assert rc == 0
     assert max(len(line) for line in text.splitlines()) <= 80, text
     assert re.search(r"GPU held\s+720\.0 h\s+202\.0 h\s+71\.9 %", text), text
@@ -245,16 +246,16 @@ def test_the_recorded_settings_replayed_reproduce_the_measured_month(tz, tmp_pat
     assert (w["recorded_idle_timeout_s"], w["start_delay_s"], w["load_s"]) == (300.0, 0.5, 3.5)
     rows = {(s["idle_timeout_s"], s["warmup"]): s for s in w["scenarios"]}
     assert rows[(300.0, "recorded")]["recorded"] and w["scenarios"][0]["recorded"]
-    assert rows[(300.0, "recorded")]["gpu_held_seconds"] == doc["gpu_held_seconds"]
+    assert rows[(300.0, "recorded")]["held_seconds"] == doc["gpu_held_seconds"]
     assert rows[(300.0, "recorded")]["cold_starts"] == 26
     # no warmup, idle 300 s: recognitions 6 min apart never meet a running daemon (each holds it
     # 0.5 + 3.5 + 1.8 + 300 = 305.8 s): 87 cold starts a weekday
     assert rows[(300.0, "none")]["cold_starts"] == 22 * 87 + 4
-    assert rows[(300.0, "none")]["gpu_held_seconds"] == pytest.approx((22 * 87 + 4) * 305.3, abs=1e-6)
+    assert rows[(300.0, "none")]["held_seconds"] == pytest.approx((22 * 87 + 4) * 305.3, abs=1e-6)
     # no warmup, idle 900 s: one daemon a weekday, from 09:00:00.5 to 900 s after the 87th answer
     # (arrived 09:00 + 86 * 360 s, answered 1.8 s later); Saturdays as before but 900 s
     assert rows[(900.0, "none")]["cold_starts"] == 22 + 4
-    assert rows[(900.0, "none")]["gpu_held_seconds"] == pytest.approx(
+    assert rows[(900.0, "none")]["held_seconds"] == pytest.approx(
         22 * (hms(9) + 360 * 86 + 1.8 + 900 - hms(9, 0, 0.5)) + 4 * (4.0 + 1.8 + 900 - 0.5), abs=1e-6)
 
 
@@ -358,9 +359,10 @@ def test_cpu_runs_are_not_gpu_held_and_instances_are_reported_apart_and_together
     b = Machine(journal, unit="e2vd@big.service")
     b.current, b.machine_id, b._pid = a.current, a.machine_id, 5000      # same boot, other pids
     a.run(at(day, 10), [Req(at(day, 10, 0, 10), 2.0)], device="cuda:0", end="stopped", end_at=at(day, 11))
-    a.run(at(day, 12), [Req(at(day, 12, 0, 10), 2.0)], device="cpu", end="stopped", end_at=at(day, 12, 30))
-    b.run(at(day, 10, 30), [Req(at(day, 10, 31), 2.0)], device="cuda:1", end="stopped", end_at=at(day, 14))
-    doc = report_json(capsys, journal.write(tmp_path / "two.journal"), "--since", "2026-09-07", "--until", "2026-09-08")
+    a.run(at(day, 12), [Req(at(day, 12, 0, 10), 2.0)], device="cpu", load=2.0, end="stopped", end_at=at(day, 12, 30))
+    b.run(at(day, 10, 30), [Req(at(day, 10, 31), 2.0)], device="cuda:1", load=6.0, end="stopped", end_at=at(day, 14))
+    path = journal.write(tmp_path / "two.journal")
+    doc = report_json(capsys, path, "--since", "2026-09-07", "--until", "2026-09-08")
     assert doc["instances"] == ["e2vd", "e2vd@big"]
     assert doc["held_seconds"] == {"cuda:0": 3599.5, "cuda:1": 12599.5, "cpu": 1799.5}
     assert doc["gpu_held_seconds"] == 3599.5 + 12599.5 and doc["always_on_hours"] == 48.0
@@ -369,6 +371,13 @@ def test_cpu_runs_are_not_gpu_held_and_instances_are_reported_apart_and_together
     assert doc["by_instance"]["e2vd@big"]["requests"]["total"] == 1
     # inference on the CPU run does not count as GPU busy time
     assert doc["gpu_busy_percent"] == pytest.approx(100 * 4.0 / (3599.5 + 12599.5), abs=1e-4)
+    # connect -> ready: 0.5 s to the process, then 2.0, 3.5 and 6.0 s of loading; p95 interpolated
+    assert (doc["cold_starts"]["connect_to_ready_p50_s"], doc["cold_starts"]["connect_to_ready_p95_s"]) == (4.0, 6.25)
+    only = report_json(capsys, path, "--since", "2026-09-07", "--until", "2026-09-08", "--unit", "e2vd@big.service")
+    assert only["instances"] == ["e2vd@big"] and only["held_seconds"] == {"cuda:1": 12599.5}
+    assert "by_instance" not in only and only["always_on_hours"] == 24.0
+    rc, text, _ = run_report(capsys, path, "--since", "2026-09-07", "--until", "2026-09-08")
+    assert rc == 0 and re.search(r"^e2vd@big\s+3\.50 h\s+1\s+1\s+85\.4 %$", text, re.M), text
 
 
 def test_what_if_idle_timeouts_and_warmup_windows_equal_a_hand_computation(tz, tmp_path, capsys) -> None:
@@ -383,7 +392,7 @@ def test_what_if_idle_timeouts_and_warmup_windows_equal_a_hand_computation(tz, t
                       "--what-if", "idle_timeout=60,300,15m", "--what-if", "warmup=none,10:00-10:30")
     # recorded: 10:00:00.5 -> 10:08:02 (10:03 came within 300 s of 10:00:06) and 10:20:00.5 -> 10:25:06
     assert doc["gpu_held_seconds"] == (hms(10, 8, 2) - hms(10, 0, 0.5)) + (hms(10, 25, 6) - hms(10, 20, 0.5)) == 787.0
-    got = {(s["idle_timeout_s"], s["warmup"]): (s["gpu_held_seconds"], s["cold_starts"])
+    got = {(s["idle_timeout_s"], s["warmup"]): (s["held_seconds"], s["cold_starts"])
            for s in doc["what_if"]["scenarios"]}
     assert got == {
         (300.0, "recorded"): (787.0, 2),
@@ -398,8 +407,8 @@ def test_what_if_idle_timeouts_and_warmup_windows_equal_a_hand_computation(tz, t
         (900.0, "10:00-10:30"): (hms(10, 45) - hms(10, 0, 0.5), 1),
     }
     for s in doc["what_if"]["scenarios"]:      # 3.60 an hour: a thousandth of the held seconds
-        assert s["cost"]["on_demand"] == pytest.approx(s["gpu_held_seconds"] / 1000, abs=0.005)
-        assert s["saving_percent"] == pytest.approx(100 * (1 - s["gpu_held_seconds"] / 86400), abs=1e-3)
+        assert s["cost"]["on_demand"] == pytest.approx(s["held_seconds"] / 1000, abs=0.005)
+        assert s["saving_percent"] == pytest.approx(100 * (1 - s["held_seconds"] / 86400), abs=1e-3)
     assert doc["what_if"]["replayed_requests"] == 3
     scenarios = whatif.parse_what_if(["idle_timeout=1m,2h", "warmup=none"])
     assert [(s.idle_timeout_s, s.warmup) for s in scenarios] == [(60.0, None), (7200.0, None)]
