@@ -461,7 +461,7 @@ def render_csv(doc: dict[str, Any]) -> str:
                 "audio_hours", "inference_seconds", "cold_starts", "keep_warm_hours"])
     for d in doc["days"]:
         cpu = sum(v for k, v in d["held_seconds"].items() if not is_gpu(k))
-        w.writerow([d["date"], d["weekday"], d["gpu_held_hours"], d["gpu_held_seconds"], round(cpu, 6),
+        w.writerow([d["date"], d["weekday"], d["gpu_held_hours"], d["gpu_held_seconds"], round(float(cpu), 6),
                     d["requests"], d["audio_hours"], d["inference_seconds"], d["cold_starts"], d["keep_warm_hours"]])
     return buf.getvalue()
 
