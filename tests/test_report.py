@@ -417,6 +417,36 @@ def test_what_if_idle_timeouts_and_warmup_windows_equal_a_hand_computation(tz, t
             whatif.parse_what_if([bad])
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_replaying_random_arrivals_with_the_recorded_settings_gives_the_measured_time(tz, tmp_path, capsys,
+                                                                                      seed) -> None:
+    """The replay and the daemon's rules agree: a week of random arrivals (bursts, gaps around the
+    idle timeout, warmups on some mornings) grouped into runs by tests/journalfiles.py's own
+    implementation of those rules; replayed with the recorded settings, the held time and the
+    cold starts are the measured ones to the microsecond."""
+    import random
+
+    tz("Europe/Berlin")
+    rng = random.Random(seed)
+    m = Machine()
+    m.boot(at(dt.date(2026, 9, 6), 6))
+    arrivals = []
+    for day in [dt.date(2026, 9, d) for d in range(7, 14)]:
+        if rng.random() < 0.5:
+            arrivals.append(warmup(at(day, 8, 55), rng.choice([600.0, 3600.0, 4 * 3600.0])))
+        t = at(day, 7)
+        while t < at(day, 20):
+            t += rng.choice([rng.uniform(1, 30), rng.uniform(100, 140), rng.uniform(600, 3000)])
+            arrivals.append(Req(round(t, 3), round(rng.uniform(0.2, 8.0), 3), audio=1.0))
+    m.serve(arrivals, idle_timeout=120, start_delay=0.7, load=2.3)
+    doc = report_json(capsys, m.journal.write(tmp_path / "random.journal"), "--since", "2026-09-07",
+                      "--until", "2026-09-14", "--what-if", "idle_timeout=120")
+    (base,) = doc["what_if"]["scenarios"]
+    assert base["recorded"] and base["idle_timeout_s"] == 120.0
+    assert (base["held_seconds"], base["cold_starts"]) == (doc["gpu_held_seconds"], doc["cold_starts"]["count"])
+    assert doc["cold_starts"]["count"] > 20
+
+
 def test_a_journal_without_e2vd_records_says_so_and_exits_0(tz, tmp_path, capsys) -> None:
     tz("UTC")
     m = Machine()
