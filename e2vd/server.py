@@ -50,6 +50,9 @@ log = logging.getLogger("e2vd")
 
 MAX_CONNECTIONS = 256      # open connections (one thread each); more are answered 503 busy
 REAP_INTERVAL_S = 0.2
+LINGER_S = 2.0             # a refused connection is read and dropped this long before it is closed
+MAX_LINGERING = 64         # refused connections lingering at once; beyond, they are closed at once
+LINGER_READ_BYTES = 1 << 20   # most bytes read from one lingering connection per reaper tick
 # Requests that use the model: finishing one renews its connection's hold on the daemon (the idle
 # rule, see Server.holding). Health, status and openapi do not, so a client polling them on a
 # kept-open connection cannot keep the daemon (and its GPU) awake forever.
@@ -120,6 +123,7 @@ class Server:
         self._lock = threading.Lock()
         self._conns: set[Connection] = set()
         self._next_id = 0
+        self._refused = Refusals()
         self._reaper = threading.Thread(target=self._reap_loop, name="e2vd-reaper", daemon=True)
         self._reaper.start()
 
@@ -180,7 +184,7 @@ class Server:
                 refusal = None
                 self._conns.add(conn)
         if refusal is not None:
-            _refuse(sock, refusal)
+            self._refused.refuse(sock, refusal, time.monotonic())
             return
         threading.Thread(target=self._serve, args=(conn,), name="e2vd-conn", daemon=True).start()
 
@@ -227,6 +231,7 @@ class Server:
         while True:
             time.sleep(REAP_INTERVAL_S)
             now = time.monotonic()
+            self._refused.reap(now)
             with self._lock:
                 late = [c for c in self._conns if c.deadline is not None and now > c.deadline]
             for conn in late:
@@ -241,18 +246,67 @@ class Server:
             return f"{self._next_id:06d}"
 
 
-def _refuse(sock: socket.socket, message: str) -> None:
-    """Answer 503 busy without reading the request (never blocks) and close the connection."""
-    err = ApiError("busy", message, retry_after=BUSY_RETRY_AFTER_S)
-    body = json.dumps(err.body()).encode()
-    head = response_head(err.status, len(body), {"Retry-After": str(err.retry_after)}, close=True)
-    try:
-        sock.setblocking(False)
-        sock.send(head + body)
-    except OSError:
-        pass
-    finally:
+class Refusals:
+    """Connections answered 503 busy at once (over a cap), closed gracefully.
+
+    The answer is sent without reading the request, then the write side is shut and the
+    connection lingers for LINGER_S while whatever the client sends is read and dropped
+    (RFC 9112 section 9.6). Closing at once would make a client that writes its request before it
+    reads (curl, http.client) fail with EPIPE, "Broken pipe", instead of showing the 503's message.
+    At most MAX_LINGERING linger at once, so refusals cannot pile up file descriptors.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lingering: list[tuple[socket.socket, float]] = []
+
+    def refuse(self, sock: socket.socket, message: str, now: float) -> None:
+        """Answer 503 busy with `message` (never blocks), then let the connection linger."""
+        err = ApiError("busy", message, retry_after=BUSY_RETRY_AFTER_S)
+        body = json.dumps(err.body()).encode()
+        head = response_head(err.status, len(body), {"Retry-After": str(err.retry_after)}, close=True)
+        try:
+            sock.setblocking(False)
+            sock.send(head + body)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            sock.close()
+            return
+        with self._lock:
+            if len(self._lingering) < MAX_LINGERING:
+                self._lingering.append((sock, now + LINGER_S))
+                return
         sock.close()
+
+    def reap(self, now: float) -> None:
+        """Read and drop what lingering connections sent; close those at EOF or past LINGER_S."""
+        with self._lock:
+            lingering, self._lingering = self._lingering, []
+        keep = [(sock, until) for sock, until in lingering if not _drained_or_late(sock, until, now)]
+        with self._lock:
+            self._lingering.extend(keep)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._lingering)
+
+
+def _drained_or_late(sock: socket.socket, until: float, now: float) -> bool:
+    """Read and drop up to LINGER_READ_BYTES of what `sock` has, without blocking; close it and
+    return True at EOF, on an error, or once `now` is past `until`."""
+    if now < until:
+        try:
+            for _ in range(LINGER_READ_BYTES >> 16):
+                if not sock.recv(1 << 16):
+                    break
+            else:
+                return False          # still sending: read more at the next tick
+        except BlockingIOError:
+            return False
+        except OSError:
+            pass
+    sock.close()
+    return True
 
 
 def _shutdown(sock: socket.socket, how: int) -> None:

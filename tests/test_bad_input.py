@@ -40,7 +40,8 @@ GOOD = audio_bytes(0.5)
 def daemon(tiny_model, tmp_path_factory):
     sock = tmp_path_factory.mktemp("bad") / "e2vd.sock"
     with DaemonProcess(sock, tiny_model, wait_ready=True, idle_timeout=600,
-                       connection_timeout=CONNECTION_TIMEOUT, max_body_bytes=MAX_BODY, max_seconds=30) as d:
+                       connection_timeout=CONNECTION_TIMEOUT, max_body_bytes=MAX_BODY, max_seconds=30,
+                       max_connections_per_uid=1000) as d:
         yield d
 
 
@@ -106,6 +107,8 @@ def too_many_connections(d: DaemonProcess) -> tuple[int, Any]:
             s.connect(str(d.socket))
             held.append(s)
         status, _, payload = raw_request(d.socket, head("GET", "/v1/health"))
+        # the overall cap, not the per-uid one (this daemon allows one uid all of them)
+        assert f"{MAX_CONNECTIONS} connections open" in payload["error"]["message"], payload
         return status, payload
     finally:
         for s in held:

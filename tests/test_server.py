@@ -9,6 +9,7 @@ real model cannot reach any more (500 internal) runs on an in-process Server wit
 from __future__ import annotations
 
 import re
+import select
 import signal
 import socket
 import threading
@@ -354,3 +355,20 @@ def test_recognitions_whose_client_hung_up_are_not_run_logged_or_counted(tiny_mo
         assert status == 200 and result["top"]["label"] in result["labels"]
         assert d.request("GET", "/v1/status")[2]["requests_served"] == waiting + 1
         assert "Traceback" not in d.log_text()
+
+
+def test_a_refused_client_that_writes_first_still_reads_the_503(tiny_model, tmp_path):
+    """Over max_connections_per_uid the daemon answers 503 busy at once; a client that writes its
+    request before reading (curl, http.client) must get that answer, not EPIPE: the daemon shuts
+    its write side and reads what the client sends before it closes (a lingering close)."""
+    with DaemonProcess(tmp_path / "s.sock", tiny_model, wait_ready=True, idle_timeout=600,
+                       max_connections_per_uid=1) as d:
+        with connect_unix(str(d.socket), 30) as held:
+            held.sendall(head("GET", "/v1/health"))
+            assert read_response(held)[0] == 200
+            with connect_unix(str(d.socket), 30) as extra:
+                assert select.select([extra], [], [], 30)[0], "no 503 within 30 s"
+                time.sleep(0.3)   # past the moment the daemon used to close a refused connection
+                extra.sendall(post(GOOD))   # EPIPE here when the daemon closed it at once
+                status, _, body = read_response(extra)
+            assert status == 503 and "max_connections_per_uid = 1" in body["error"]["message"]
