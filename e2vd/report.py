@@ -3,8 +3,8 @@
 `add_arguments(parser)` adds the options to a (sub)parser; `run(args)` prints the report and
 returns the exit status (`e2vd.vocabulary.ExitCode`): OK (also when the period had no e2vd
 activity: the report says so), FAILED (1) when the journal cannot be read, USAGE (2) for bad
-options; errors are one line on stderr. `build(...)` returns
-the report as the JSON document `--json` prints (keys documented in the README, "e2vd report").
+options; errors are one line on stderr. `build(...)` returns the report as the JSON document
+`--json` prints (keys documented in the README, "e2vd report").
 
 Reading is `e2vd.journalread`, the sums `e2vd.usage`, the replay of other settings
 `e2vd.whatif`. Nothing here imports torch, funasr or ray.
@@ -36,9 +36,7 @@ EXIT_OK, EXIT_JOURNAL, EXIT_USAGE = ExitCode.OK, ExitCode.FAILED, ExitCode.USAGE
 DEFAULT_DAYS = 30
 BAR_WIDTH = 34
 _EIGHTHS = " ▏▎▍▌▋▊▉█"
-
-
-_RELATIVE = re.compile(r"^-\d")
+_RELATIVE = re.compile(r"^-\d")      # "-2h", "-1 day": a value of --since/--until, not an option
 
 
 class UsageError(ValueError):

@@ -35,7 +35,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from e2vd.timestamps import US, Period, day_start
+from e2vd.timestamps import US, Period
 
 LIFECYCLE_EVENTS = ("start", "device_chosen", "model_loaded", "keep_warm", "idle_exit", "stopped",
                     "exit_unavailable")

@@ -27,9 +27,8 @@ import pytest
 import journalfiles
 from journalfiles import Machine, Req, warmup
 from e2vd import report, whatif
-from e2vd.timestamps import local_timestamp as lt, parse_timespan, parse_timestamp
 from e2vd.journalread import JournalSource, read_records
-from e2vd.timestamps import US
+from e2vd.timestamps import US, local_timestamp as lt, parse_timespan, parse_timestamp
 from e2vd.usage import build_runs
 
 ROOT = Path(__file__).resolve().parent.parent
