@@ -80,7 +80,7 @@ def _embedding_arg(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser for every subcommand (the contract of DESIGN §3)."""
+    """The parser for every subcommand (the contract in docs/design.md, section 6)."""
     from e2vd.config import Settings, env_name
     from e2vd.install import Options   # its defaults are the options' defaults
 

@@ -544,7 +544,8 @@ class Engine:
         net = _place(net, chosen, _TORCH_DTYPES[dtype], quantize)
         normalize = bool(config["model_conf"].get("normalize", False))
         seconds = time.perf_counter() - start
-        log.info("loaded %s from %s on %s as %s%s in %.1f s", model_id, model_dir, chosen, dtype,
+        # debug: the daemon's model_loaded event says this in the journal
+        log.debug("loaded %s from %s on %s as %s%s in %.1f s", model_id, model_dir, chosen, dtype,
                  " (int8-quantized)" if quantize else "", seconds)
         return cls(net, model_id, model_dir, chosen, dtype, labels, normalize, seconds, quantize)
 

@@ -128,7 +128,7 @@ def _get_nvml():
             else:
                 _nvml = pynvml
                 return _nvml
-        log.info("No GPU: %s; using the CPU.", _nvml_problem)
+        log.debug("No GPU: %s; using the CPU.", _nvml_problem)   # device_chosen says it once
         return None
 
 

@@ -209,12 +209,14 @@ class Scheduler:
 
     # --- worker thread ---
     def _set_state(self, state: State) -> None:
-        self.state = state
+        """Tell the observer first, then show `state` to everyone: GET /v1/health cannot say
+        "ready" before the daemon has told systemd READY=1."""
         if self._on_state is not None:
             try:
                 self._on_state(state)
             except Exception:  # a broken observer must not kill the worker
                 log.exception("state observer failed")
+        self.state = state
 
     def _finish(self, job: Job) -> None:
         with self._lock:

@@ -232,6 +232,9 @@ def test_idle_exit_after_timeout(tiny_model, tmp_path):
     log = d.log_text()
     assert log.count("event=idle_exit") == 1 and "event=stopped" not in log
     assert log.count("event=model_loaded") == 1 and log.count("event=start ") == 1
+    # each event once: the engine's and NVML's own lines do not repeat model_loaded/device_chosen
+    assert [line for line in log.splitlines() if " loaded " in line and "event=model_loaded" not in line] == []
+    assert "No GPU:" not in log and log.count("event=device_chosen") <= 1
 
 
 def test_silent_connection_is_closed_after_connection_timeout(tiny_model, tmp_path):

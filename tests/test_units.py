@@ -1,5 +1,5 @@
 """The systemd units: `systemd-analyze verify` is silent, the sandbox exposure is low, and the
-settings the lifecycle relies on (DESIGN §4) are present.  Runs without root: verify and
+settings the lifecycle relies on (docs/design.md, section 2) are present.  Runs without root: verify and
 `security --offline` read the unit files only."""
 from __future__ import annotations
 

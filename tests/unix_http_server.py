@@ -1,6 +1,6 @@
 """A small real HTTP/1.1 server on a Unix socket, for testing the client's transport on its own.
 
-It is not the daemon: it speaks the daemon's wire format (DESIGN §3) with answers computed from
+It is not the daemon: it speaks the daemon's wire format (docs/design.md, section 3) with answers computed from
 the request (the body length becomes duration_s, so a test can tell the body arrived whole), and
 it can misbehave on purpose (close kept-alive connections, hang up without answering, never
 answer) to exercise reconnects and timeouts. Everything runs over a real AF_UNIX socket.
