@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from e2vd import __version__, systemd
-from e2vd.lifecycle import LifecycleClock, Phase, Reason
+from e2vd.lifecycle import LifecycleClock, Reason
 from e2vd.log import event
 from e2vd.scheduler import Scheduler
 from e2vd.server import Server
@@ -302,7 +302,7 @@ class Daemon:
             self._last_status = self.report.line(now)
             systemd.ready(self._last_status)
         elif state == State.UNAVAILABLE:
-            self.report.model_unavailable(loading=self.lifecycle.phase is Phase.LOADING)
+            self.report.model_unavailable(loading=self.lifecycle.phase is State.LOADING)
             self.lifecycle.failed(now)
         self.wake()   # the main loop sends the STATUS= line and runs the grace clock
 
@@ -330,7 +330,7 @@ class Daemon:
         now = self.clock()
         at = self.lifecycle.deadline(now)
         wait = min(STATUS_EVERY_S, math.inf if at is None else at - now)
-        if self.lifecycle.phase is Phase.LOADING:
+        if self.lifecycle.phase is State.LOADING:
             wait = min(wait, self._next_extend - now)
         return max(0.0, wait)
 
@@ -349,7 +349,7 @@ class Daemon:
                 self.lifecycle.busy(now, holding.until)
             else:
                 self.lifecycle.idle(now)
-            if self.lifecycle.phase is Phase.LOADING and now >= self._next_extend:
+            if self.lifecycle.phase is State.LOADING and now >= self._next_extend:
                 self._next_extend = now + EXTEND_EVERY_S
                 systemd.extend_timeout(EXTEND_BY_S)
             reason = self.lifecycle.expired(now)
@@ -413,7 +413,7 @@ class Report:
                 memory = dict(engine.memory())
             except Exception as exc:  # status must answer even if the probe fails
                 event("memory_probe_failed", f"engine.memory() failed: {exc}")
-        idle_at = lc.deadline(now, if_idle_now=True) if lc.phase is Phase.READY else None
+        idle_at = lc.deadline(now, if_idle_now=True) if lc.phase is State.READY else None
         keep = lc.keep_warm_until(now)
         return {
             "state": "stopping" if d.exiting else sch.state,
@@ -443,10 +443,10 @@ class Report:
         d, s, sch, lc = self.d, self.d.settings, self.d.scheduler, self.d.lifecycle
         if d.exiting:
             return f"Stopping: finishing {d.server.active} request(s)"
-        if lc.phase is Phase.LOADING:
+        if lc.phase is State.LOADING:
             return f"Loading model {s.model} (device {s.device})"
         at = lc.deadline(now)
-        if lc.phase is Phase.UNAVAILABLE:
+        if lc.phase is State.UNAVAILABLE:
             return f"Model unavailable: {sch.error}; exiting in {max(0, math.ceil((at or now) - now))} s"
         head = f"Ready on {getattr(sch.engine, 'device', '?')}: {d.server.requests_served} request(s) served"
         keep = lc.keep_warm_until(now)

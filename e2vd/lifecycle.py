@@ -27,6 +27,8 @@ import math
 import threading
 from dataclasses import dataclass
 
+from e2vd.vocabulary import State
+
 
 class Reason(enum.Enum):
     """Why the daemon exits."""
@@ -34,14 +36,6 @@ class Reason(enum.Enum):
     IDLE = "idle"                 # idle_timeout passed with nothing to do
     SIGNAL = "signal"             # SIGTERM/SIGINT (systemctl stop)
     UNAVAILABLE = "unavailable"   # the model could not be loaded; unavailable_grace passed
-
-
-class Phase(enum.Enum):
-    """What the clock knows about the model."""
-
-    LOADING = "loading"
-    READY = "ready"
-    UNAVAILABLE = "unavailable"
 
 
 @dataclass(frozen=True)
@@ -69,7 +63,7 @@ class LifecycleClock:
         self.max_hold = float(max_hold)
         self.unavailable_grace = float(unavailable_grace)
         self._lock = threading.Lock()
-        self._phase = Phase.LOADING
+        self._phase = State.LOADING
         self._ready_at = -math.inf
         self._failed_at = math.inf
         self._keep_until = -math.inf
@@ -79,15 +73,15 @@ class LifecycleClock:
     def loaded(self, now: float) -> None:
         """The model is loaded: the idle clock may run from `now` on."""
         with self._lock:
-            if self._phase is Phase.LOADING:
-                self._phase, self._ready_at = Phase.READY, now
+            if self._phase is State.LOADING:
+                self._phase, self._ready_at = State.READY, now
 
     def failed(self, now: float) -> None:
         """The model is unavailable from `now` on: exit unavailable_grace seconds later.
         Only the first failure counts."""
         with self._lock:
-            if self._phase is not Phase.UNAVAILABLE:
-                self._phase, self._failed_at = Phase.UNAVAILABLE, now
+            if self._phase is not State.UNAVAILABLE:
+                self._phase, self._failed_at = State.UNAVAILABLE, now
 
     def hold(self, seconds: float, now: float) -> Hold:
         """Keep the daemon warm at least `seconds` from `now`, capped by max_hold. A hold never
@@ -116,7 +110,7 @@ class LifecycleClock:
 
     # --- what follows ---
     @property
-    def phase(self) -> Phase:
+    def phase(self) -> State:
         return self._phase
 
     def held(self, now: float) -> bool:
@@ -134,9 +128,9 @@ class LifecycleClock:
         in progress, or never (idle_timeout infinite). `if_idle_now`: as if the work in progress
         ended at `now` (what GET /v1/status shows, asked from inside a request)."""
         with self._lock:
-            if self._phase is Phase.LOADING:
+            if self._phase is State.LOADING:
                 return None
-            if self._phase is Phase.UNAVAILABLE:
+            if self._phase is State.UNAVAILABLE:
                 return self._failed_at + self.unavailable_grace
             held = self._held_until
             if held == math.inf:
@@ -152,4 +146,4 @@ class LifecycleClock:
         at = self.deadline(now)
         if at is None or now < at:
             return None
-        return Reason.UNAVAILABLE if self._phase is Phase.UNAVAILABLE else Reason.IDLE
+        return Reason.UNAVAILABLE if self._phase is State.UNAVAILABLE else Reason.IDLE

@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from e2vd.lifecycle import Hold, LifecycleClock, Phase, Reason
+from e2vd.lifecycle import Hold, LifecycleClock, Reason
+from e2vd.vocabulary import State
 
 IDLE, MAX_HOLD, GRACE = 300.0, 3600.0, 60.0
 T0 = 1000.0   # an arbitrary monotonic time
@@ -28,7 +29,7 @@ def exits_at(clock: LifecycleClock, at: float) -> None:
 def test_loading_never_expires():
     clock = LifecycleClock(IDLE, MAX_HOLD, GRACE)
     clock.idle(T0)
-    assert clock.phase is Phase.LOADING
+    assert clock.phase is State.LOADING
     assert clock.deadline(T0 + 1e6) is None and clock.expired(T0 + 1e6) is None
 
 
@@ -143,14 +144,14 @@ def test_unavailable_exits_after_the_grace_whatever_is_in_progress():
     clock.busy(T0)
     clock.hold(MAX_HOLD, T0)
     clock.failed(T0 + 3)
-    assert clock.phase is Phase.UNAVAILABLE
+    assert clock.phase is State.UNAVAILABLE
     assert clock.deadline(T0 + 4) == T0 + 3 + GRACE
     assert clock.expired(T0 + 3 + GRACE - 1e-6) is None
     assert clock.expired(T0 + 3 + GRACE) is Reason.UNAVAILABLE
     clock.failed(T0 + 50)              # only the first failure counts
     assert clock.deadline(T0 + 60) == T0 + 3 + GRACE
     clock.loaded(T0 + 61)              # and nothing brings it back
-    assert clock.phase is Phase.UNAVAILABLE
+    assert clock.phase is State.UNAVAILABLE
 
 
 def test_failure_after_ready_starts_the_grace():
