@@ -111,6 +111,7 @@ class LifecycleClock:
     # --- what follows ---
     @property
     def phase(self) -> State:
+        """The model's state as the clock knows it (loading, ready, unavailable)."""
         return self._phase
 
     def held(self, now: float) -> bool:
