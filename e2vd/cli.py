@@ -160,7 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     Ctrl-C exits INTERRUPTED; anything else is a bug and propagates with its traceback."""
     _tolerate_undecodable_names()
     try:
-        args = build_parser().parse_args(argv)
+        from e2vd.report import join_relative_times   # "--since -2h", as journalctl takes it
+
+        args = build_parser().parse_args(join_relative_times(sys.argv[1:] if argv is None else argv))
     except BrokenPipeError:  # --help into a closed pipe
         _stdout_closed()
         return int(ExitCode.OK)

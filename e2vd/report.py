@@ -45,12 +45,26 @@ class UsageError(ValueError):
     exit_code = ExitCode.USAGE
 
 
+def join_relative_times(argv: Sequence[str]) -> list[str]:
+    """`argv` with "--since -2h" / "--until -1 day" joined into "--since=-2h", so that argparse
+    reads a relative time that starts with "-" as the option's value (as journalctl does), not as
+    another option. Other arguments are left as they are."""
+    out: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        if args[i] in ("--since", "--until", "-S", "-U") and i + 1 < len(args) \
+                and _RELATIVE.match(args[i + 1]):
+            out.append(f"{args[i]}={args[i + 1]}")
+            i += 2
+            continue
+        out.append(args[i])
+        i += 1
+    return out
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `e2vd report`."""
-    # "--since -2h" as journalctl takes it: let argparse read "-2h", "-1 day" as values, not options
-    # (argparse only does so for negative numbers; no option of this parser begins with "-<digit>")
-    if hasattr(p, "_negative_number_matcher"):
-        p._negative_number_matcher = _RELATIVE
     src = p.add_mutually_exclusive_group()
     src.add_argument("-D", "--directory", metavar="DIR",
                      help="read the journal files in DIR (like journalctl -D); default: the system journal")
@@ -517,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m e2vd.report ...`: the same as `e2vd report ...`."""
     p = argparse.ArgumentParser(prog="e2vd report", description=__doc__.splitlines()[0])
     add_arguments(p)
-    return run(p.parse_args(argv))
+    return run(p.parse_args(join_relative_times(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

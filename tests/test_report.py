@@ -567,3 +567,15 @@ def test_report_in_a_real_systemd_equals_the_runs_alive_seconds() -> None:
     assert doc["gpu_held_seconds"] == 0 and doc["requests"]["recognitions"] == 2 * len(alive)
     assert doc["cold_starts"]["count"] == len(alive) and doc["cold_starts"]["measured"] == len(alive)
     print(f"\nreport: {doc['held_seconds']['cpu']:.3f} s held; the runs' alive_seconds add up to {sum(alive):.3f} s")
+
+
+def test_relative_times_through_the_e2vd_command(tmp_path) -> None:
+    """`e2vd report --since -2h` (the real command line, not the module's own parser)."""
+    m = Machine()
+    now = report._now()
+    m.boot(now - 86400)
+    path = m.journal.write(tmp_path / "empty.journal")
+    proc = subprocess.run([sys.executable, "-m", "e2vd", "report", "--file", str(path), "--since", "-2h",
+                           "--until", "-1h", "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["period"]["hours"] == 1.0
