@@ -139,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"keep warm until this local time (default {Options.warmup_until})")
     i.add_argument("--model", help="model for a new /etc/e2vd/e2vd.toml: ModelScope id or absolute directory")
     i.add_argument("--no-start", action="store_true", help="enable the units but do not start them")
+    i.add_argument("--web", nargs="?", const="127.0.0.1:7860", default=None, metavar="ADDR:PORT",
+                   help="also install the browser page (e2vd-web.socket) on ADDR:PORT (default 127.0.0.1:7860); "
+                        "every local user can reach a TCP port, whatever the e2vd group says")
+    i.add_argument("--web-public", action="store_true",
+                   help="allow a --web address other than loopback (other machines reach the page and the daemon)")
 
     u = sub.add_parser("uninstall", help="remove the systemd units (root)")
     u.add_argument("--purge", action="store_true", help="also remove the config and the model cache")
@@ -149,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
         "report", help="GPU-held hours, use and cost from the journal",
         description="GPU-held hours, use and cost of e2vd over a period, from the journal; "
                     "--what-if replays the requests against another idle timeout or warmup."))
+
+    from e2vd import web   # light: the front's server is imported when it runs
+
+    web.add_arguments(sub.add_parser(
+        "web", help="serve the browser page (run by e2vd-web.socket; never wakes the daemon by itself)",
+        description="The browser front: serves the page and forwards /v1/* to the daemon's socket. "
+                    "Socket-activated by e2vd-web.socket (`e2vd install --web`); exits when idle."))
     return p
 
 
@@ -209,6 +221,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from e2vd import report
 
         return report.run(args)
+    if args.command == "web":
+        from e2vd import web
+
+        return web.run(args)
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "recognize": cmd_recognize, "status": cmd_status, "warmup": cmd_warmup}
     return commands[args.command](args)

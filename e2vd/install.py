@@ -182,6 +182,8 @@ class Options:
     warmup_calendar: str = "Mon..Fri 08:55"
     warmup_until: str = "18:00"
     model: str | None = None        # written into a new config file; None keeps the default
+    web: str | None = None          # `--web ADDR:PORT`: also install the browser page's units (e2vd.web_install)
+    web_public: bool = False        # `--web-public`: allow a non-loopback --web address
 
 
 def template_dir() -> Path:
@@ -216,6 +218,15 @@ def validate(options: Options) -> None:
                                     f"expression ({cp.stderr.strip()}); see `man systemd.time`, e.g. 'Mon..Fri 08:55'")
     if options.model is not None:
         validate_model(options.model)
+    if options.web_public and not options.web:
+        raise InstallUsageError("--web-public goes with --web ADDR:PORT (the page's address)")
+    if options.web:
+        from e2vd.web_install import ListenError, check
+
+        try:
+            check(options.web, options.web_public)
+        except ListenError as err:
+            raise InstallUsageError(f"--web: {err}") from None
 
 
 def validate_model(model: str) -> None:
@@ -241,8 +252,10 @@ def config_text(options: Options) -> str:
 def render_units(layout: Layout, options: Options, templates: Path | None = None) -> dict[str, str]:
     """The four unit files' text for this layout and these options, keyed by unit name."""
     d = templates or template_dir()
-    units = {u: (d / u).read_text() for u in UNITS}
-    for name in ("e2vd.service", "e2vd-warmup.service"):
+    from e2vd import web_install
+
+    units = {u: (d / u).read_text() for u in UNITS + (web_install.WEB_UNITS if options.web else ())}
+    for name in [u for u in units if u.endswith(".service")]:
         if f"\nExecStart={TEMPLATE_COMMAND} " not in units[name]:
             raise InstallError(f"template {name} must start {TEMPLATE_COMMAND}; the systemd/ files are damaged")
         text = units[name].replace(f"ExecStart={TEMPLATE_COMMAND} ", f"ExecStart={layout.command} ")
@@ -262,6 +275,9 @@ def render_units(layout: Layout, options: Options, templates: Path | None = None
     units["e2vd.socket"] = _set_key(units["e2vd.socket"], "SocketGroup", options.group, "e2vd.socket")
     units["e2vd-warmup.timer"] = _set_key(units["e2vd-warmup.timer"], "OnCalendar", options.warmup_calendar,
                                           "e2vd-warmup.timer")
+    if options.web:
+        units = web_install.render(units, web_install.check(options.web, options.web_public), options.web_public,
+                                   options.group)
     return units
 
 
@@ -315,16 +331,25 @@ def install(options: Options, *, start: bool = True, root: Path = Path("/"), lay
         _write(config, config_text(options))
         say(f"wrote default {config}" + (f" with model = {json.dumps(options.model)}" if options.model else ""))
     if not live:
-        _run(["systemctl", f"--root={root}", "enable", *ENABLE])
-        say(f"enabled {', '.join(ENABLE)} in {root}")
+        enable = ENABLE + (("e2vd-web.socket",) if options.web else ())
+        _run(["systemctl", f"--root={root}", "enable", *enable])
+        say(f"enabled {', '.join(enable)} in {root}")
         return
     _run(["systemctl", "daemon-reload"])
     if "e2vd.socket" in changed and subprocess.run(["systemctl", "is-active", "--quiet", "e2vd.socket"]).returncode == 0:
         # a new group or mode only applies to a newly created socket; this also stops a running daemon
         _run(["systemctl", "restart", "e2vd.socket"])
         say("restarted e2vd.socket to apply its new settings")
-    _run(["systemctl", "enable", *(["--now"] if start else []), *ENABLE])
-    say(f"enabled{' and started' if start else ''} {', '.join(ENABLE)}")
+    enable = ENABLE + (("e2vd-web.socket",) if options.web else ())
+    if options.web and "e2vd-web.socket" in changed and subprocess.run(
+            ["systemctl", "is-active", "--quiet", "e2vd-web.socket"]).returncode == 0:
+        _run(["systemctl", "stop", "e2vd-web.service", "e2vd-web.socket"])   # a new address needs a new socket
+    _run(["systemctl", "enable", *(["--now"] if start else []), *enable])
+    say(f"enabled{' and started' if start else ''} {', '.join(enable)}")
+    if options.web:
+        from e2vd.web_listen import parse_address
+
+        say(f"the browser page: {parse_address(options.web).url}")
     if layout.read_only_paths:
         say(f"note: the units bind {', '.join(map(str, layout.read_only_paths))} read-only (Python lives there)")
 
@@ -340,16 +365,19 @@ def uninstall(*, purge: bool = False, root: Path = Path("/"), say=print) -> None
     if live:
         subprocess.run(["systemctl", "disable", "--now", *ENABLE], capture_output=True)
         subprocess.run(["systemctl", "stop", "e2vd.service", "e2vd-warmup.service"], capture_output=True)
+        subprocess.run(["systemctl", "disable", "--now", "e2vd-web.socket"], capture_output=True)   # --web
+        subprocess.run(["systemctl", "stop", "e2vd-web.service"], capture_output=True)
     else:
         subprocess.run(["systemctl", f"--root={root}", "disable", *ENABLE], capture_output=True)
-    for name in UNITS:
+        subprocess.run(["systemctl", f"--root={root}", "disable", "e2vd-web.socket"], capture_output=True)
+    for name in UNITS + ("e2vd-web.socket", "e2vd-web.service"):
         path = root / UNIT_DIR / name
         if path.exists():
             path.unlink()
             say(f"removed {path}")
     if live:
         _run(["systemctl", "daemon-reload"])
-        subprocess.run(["systemctl", "reset-failed", *UNITS], capture_output=True)
+        subprocess.run(["systemctl", "reset-failed", *UNITS, "e2vd-web.service"], capture_output=True)
     if not purge:
         say(f"kept {root / CONFIG_PATH} and the model cache {root / 'var/cache/e2vd'} (--purge removes them)")
         return
@@ -376,7 +404,8 @@ def main(args: argparse.Namespace) -> ExitCode:
         raise InstallUsageError(f"must run as root (it writes /etc/systemd/system and manages the "
                                 f"e2vd group); try: sudo {sys.argv[0] if sys.argv else 'e2vd'} {args.command}")
     if args.command == "install":
-        install(Options(args.group, args.warmup_calendar, args.warmup_until, args.model), start=not args.no_start)
+        install(Options(args.group, args.warmup_calendar, args.warmup_until, args.model,
+                        getattr(args, "web", None), getattr(args, "web_public", False)), start=not args.no_start)
     else:
         uninstall(purge=args.purge)
     return ExitCode.OK

@@ -1,0 +1,238 @@
+"""Forwarding one validated /v1/* request from the browser front to the daemon's Unix socket,
+streaming both ways (docs/design.md, the browser front).
+
+The front never passes on bytes of the client's head: it writes a new request from what it has
+validated (the route's own method and path, the options re-encoded, Content-Length, the
+Content-Type if one was sent, `Connection: close`). The body goes through in pieces of at most
+PIECE_BYTES as they arrive, so a 40 MB upload is never held whole. The daemon's answer comes back
+the same way: its status and JSON body unchanged, its Retry-After and Allow headers,
+with the front's own Server, Date and Connection. When the daemon cannot be reached or closes
+without an answer the client gets 502, when it does not answer within `answer_timeout` 504, both
+in the daemon's error shape.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import select
+import socket
+import struct
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Callable
+from urllib.parse import urlencode
+
+from e2vd.http_wire import response_head
+from e2vd.protocol import Route, error_body
+
+PIECE_BYTES = 1 << 16          # most bytes moved in one read or write
+SMALL_ANSWER_BYTES = 1 << 16   # error answers up to this size are read whole, to log their code
+_RELAYED = {"retry-after": re.compile(r"[0-9]{1,9}"),
+            "allow": re.compile(r"[A-Z]+(, ?[A-Z]+){0,15}")}
+_CONTENT_TYPE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+/[!#$%&'*+\-.^_`|~0-9A-Za-z]+([ \t]*;[\x20-\x7e\t]*)?")
+
+
+class GatewayError(Exception):
+    """The daemon could not be reached (502 daemon_unreachable) or did not answer in time (504
+    daemon_timeout); `message` says what to do. Raised only before any of the answer went out."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+    def body(self) -> dict:
+        return error_body(self.code, self.message)
+
+
+def unreachable(message: str) -> GatewayError:
+    return GatewayError(502, "daemon_unreachable", message)
+
+
+def timed_out(message: str) -> GatewayError:
+    return GatewayError(504, "daemon_timeout", message)
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """The daemon as the front reaches it. Seconds: `connect_timeout` for room in the socket's
+    backlog (full while a cold daemon starts), `answer_timeout` for its answer (a cold start
+    with the model's load included)."""
+
+    socket_path: str
+    connect_timeout: float = 30.0
+    answer_timeout: float = 300.0
+
+
+@dataclass
+class Outcome:
+    """What a forwarded request came to: the status sent to the client, the daemon's error code
+    (None on success), bytes each way, and whether the client's connection must close (its body
+    was not read to the end, or the answer was cut short)."""
+
+    status: int = 0
+    code: str | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    close: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def request_head(route: Route, pairs: list[tuple[str, str]], length: int | None, content_type: str | None) -> bytes:
+    """The head the daemon gets: the route's method and path, `pairs` re-encoded as the query,
+    Content-Length when there is a body, a Content-Type that is a plain media type, no keep-alive."""
+    query = urlencode(pairs)
+    lines = [f"{route.method} {route.path}{'?' + query if query else ''} HTTP/1.1", "Host: e2vd"]
+    if length is not None:
+        lines.append(f"Content-Length: {length}")
+    if content_type and _CONTENT_TYPE.fullmatch(content_type) and len(content_type) <= 200:
+        lines.append(f"Content-Type: {content_type}")
+    lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def connect(upstream: Upstream) -> socket.socket:
+    """A connection to the daemon's socket; GatewayError with the reason and the fix."""
+    path = upstream.socket_path
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    seconds = max(upstream.connect_timeout, 0.001)
+    # a blocking connect waits for room in a full backlog, bounded by SO_SNDTIMEO (as e2vd.client does)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
+    try:
+        sock.connect(path)
+    except BlockingIOError:
+        sock.close()
+        raise timed_out(f"the daemon's socket {path} stayed full for {seconds:g} s (many clients while it "
+                        "starts); try again in a moment") from None
+    except FileNotFoundError:
+        sock.close()
+        raise unreachable(f"no daemon socket at {path}: e2vd.socket is not listening "
+                          "(sudo systemctl enable --now e2vd.socket)") from None
+    except PermissionError:
+        sock.close()
+        raise unreachable(f"the page's server may not use {path}: its service must be in the socket's group "
+                          "(SupplementaryGroups=e2vd in e2vd-web.service; `sudo e2vd install --web` writes it)") from None
+    except ConnectionRefusedError:
+        sock.close()
+        raise unreachable(f"nothing listens on {path} (e2vd.socket stopped?): "
+                          "sudo systemctl enable --now e2vd.socket") from None
+    except OSError as exc:
+        sock.close()
+        raise unreachable(f"cannot connect to {path}: {exc.strerror or exc}") from None
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 0))
+    sock.settimeout(upstream.answer_timeout)
+    return sock
+
+
+def forward(upstream: Upstream, head: bytes, length: int, read_body: Callable[[int], bytes],
+            write: Callable[[bytes], bool], close_after: bool) -> Outcome:
+    """Send `head` and `length` body bytes (from `read_body(most)`, which raises for a client that
+    stops short: the daemon's connection is closed and the exception goes to the caller) to the
+    daemon, and relay its answer through `write` (False: the client has gone). `close_after`: the
+    client asked to close after this answer. GatewayError before any of the answer was written."""
+    out = Outcome()
+    sock = connect(upstream)
+    try:
+        early = _send(sock, head, length, read_body, out)
+        out.close = close_after or early
+        _relay(sock, upstream, write, out)
+    finally:
+        sock.close()
+    return out
+
+
+def _send(sock: socket.socket, head: bytes, length: int, read_body: Callable[[int], bytes], out: Outcome) -> bool:
+    """Send the head and stream the body; True when the daemon answered (or went away) before
+    all of it was sent, so the client's body was not read to its end."""
+    try:
+        sock.sendall(head)
+    except socket.timeout:
+        raise timed_out("the daemon did not take the request in time") from None
+    except OSError:
+        return True
+    while out.bytes_up < length:
+        piece = read_body(min(PIECE_BYTES, length - out.bytes_up))
+        try:
+            sock.sendall(piece)
+        except socket.timeout:
+            raise timed_out(f"the daemon stopped reading the upload for {sock.gettimeout():g} s "
+                            f"(after {out.bytes_up} of {length} bytes)") from None
+        except OSError:
+            return True          # it answered early and closed (e.g. 413), or died: read what it said
+        out.bytes_up += len(piece)
+        if select.select([sock], [], [], 0)[0]:
+            return out.bytes_up < length   # an answer (or EOF) before the whole body: stop sending
+    return False
+
+
+def _relay(sock: socket.socket, upstream: Upstream, write: Callable[[bytes], bool], out: Outcome) -> None:
+    """Read the daemon's answer and pass it on as it arrives."""
+    resp = http.client.HTTPResponse(sock)
+    try:
+        resp.begin()
+    except socket.timeout:
+        raise timed_out(f"the daemon did not answer within {upstream.answer_timeout:g} s; "
+                        "see `e2vd status` and journalctl -u e2vd") from None
+    except (http.client.HTTPException, OSError) as exc:
+        raise unreachable("the daemon closed the connection without an answer (it may have crashed or "
+                          f"been stopped: journalctl -u e2vd): {type(exc).__name__}") from None
+    try:
+        phrase_ok = bool(HTTPStatus(resp.status).phrase)
+    except ValueError:
+        phrase_ok = False
+    length_text = resp.getheader("Content-Length", "")
+    json_type = resp.getheader("Content-Type", "").split(";")[0].strip().lower() == "application/json"
+    if not phrase_ok or not length_text.isdigit() or resp.getheader("Transfer-Encoding") or not json_type:
+        raise unreachable(f"the daemon's answer is not one the page's server understands (status {resp.status}, "
+                          f"Content-Length {length_text[:20]!r}); see journalctl -u e2vd")
+    length = int(length_text)
+    headers = {}
+    for name in ("Retry-After", "Allow"):
+        value = resp.getheader(name)
+        if value is not None and _RELAYED[name.lower()].fullmatch(value):
+            headers[name] = value
+    out.status = resp.status
+    first = b""
+    if resp.status >= 400 and length <= SMALL_ANSWER_BYTES:
+        first = _read(resp, length, upstream)
+        out.code = _error_code(first)
+    if not write(response_head(resp.status, length, headers, close=out.close) + first):
+        out.close = True
+        return
+    out.bytes_down = len(first)
+    while out.bytes_down < length:
+        try:
+            piece = resp.read(min(PIECE_BYTES, length - out.bytes_down))
+        except (OSError, http.client.HTTPException):
+            piece = b""
+        if not piece:
+            out.notes.append(f"the daemon's answer stopped after {out.bytes_down} of {length} bytes")
+            out.close = True
+            return
+        if not write(piece):
+            out.close = True
+            return
+        out.bytes_down += len(piece)
+
+
+def _read(resp: http.client.HTTPResponse, length: int, upstream: Upstream) -> bytes:
+    try:
+        data = resp.read(length)
+    except socket.timeout:
+        raise timed_out(f"the daemon's answer stalled for {upstream.answer_timeout:g} s") from None
+    except (OSError, http.client.HTTPException):
+        data = b""
+    if len(data) < length:
+        raise unreachable(f"the daemon's answer stopped after {len(data)} of {length} bytes; see journalctl -u e2vd")
+    return data
+
+
+def _error_code(data: bytes) -> str | None:
+    """The code of a JSON error answer, if it is one."""
+    try:
+        code = json.loads(data)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return code if isinstance(code, str) else None

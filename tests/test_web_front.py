@@ -1,0 +1,408 @@
+"""The browser front (`e2vd web`, issue 9) over real TCP and Unix sockets, without a browser:
+the page, the badge that never wakes the daemon, forwarding to a real daemon on the tiny stand-in
+(answers and errors byte for byte as the daemon sends them), 502/504, streaming a 40 MB upload
+and a 40 MB answer within the front's memory, hostile input (the daemon's own bad-request corpus,
+lying Content-Length, slow uploads, unknown routes, huge headers, other web sites), the idle exit.
+
+Fronts run as subprocesses started the way systemd starts them (the listening socket on fd 3);
+the daemon sits behind `systemd-socket-activate`, so a test sees whether anything woke it.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from conftest import wav_clip
+from daemon_proc import http_request, read_response
+from test_server import MALFORMED_HEADS
+from webfront import ActivatedDaemon, FrontProcess, cmdline, peak_rss_kib
+
+from e2vd.http_wire import MAX_HEADERS, MAX_LINE_BYTES
+
+pytestmark = pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
+                                reason="systemd-socket-activate is not installed (apt-get install systemd)")
+REQUEST_TIMEOUT = 3
+GOOD = wav_clip(1.0, seed=3)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("web")
+
+
+@pytest.fixture(scope="module")
+def daemon(tiny_model, work):
+    """A socket-activated daemon (asleep until something connects to it)."""
+    with ActivatedDaemon(work / "e2vd.sock", tiny_model, idle_timeout=600, connection_timeout=5) as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def front(daemon, work):
+    with FrontProcess(daemon.socket, work, request_timeout=REQUEST_TIMEOUT) as f:
+        yield f
+
+
+def head(method: str, target: str, *lines: str, host: str = "") -> bytes:
+    return ("\r\n".join([f"{method} {target} HTTP/1.1", f"Host: {host}", *lines]) + "\r\n\r\n").encode("latin-1")
+
+
+def exchange(front: FrontProcess, data: bytes, then: Callable[[socket.socket], None] | None = None):
+    """Send `data` on a fresh connection, read one answer: (status, headers, JSON, closed after)."""
+    with front.raw(data) as s:
+        if then is not None:
+            then(s)
+        status, headers, body = read_response(s)
+        try:
+            closed = s.recv(1) == b""
+        except (ConnectionResetError, TimeoutError):
+            closed = True
+        return status, headers, body, closed
+
+
+def host(front: FrontProcess) -> str:
+    return f"127.0.0.1:{front.port}"
+
+
+# ------------------------------------------------------------------------- the page and the badge
+def test_the_page_is_one_self_contained_file_with_a_strict_policy(front):
+    status, headers, body = front.request("GET", "/")
+    html = body.decode()
+    assert status == 200 and headers["content-type"] == "text/html; charset=utf-8"
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", html), "nothing may load from elsewhere"
+    assert "http://" not in html.replace("http://localhost:PORT", "") and "https://" not in html
+    csp = headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp and "'unsafe-inline'" not in csp
+    assert csp.count("'sha256-") == 2 and headers["x-content-type-options"] == "nosniff"
+    for needle in ('type="file"', 'id="record"', 'name="granularity"', 'id="embedding"', 'id="go"', 'id="warm"',
+                   'id="badge"', 'name="viewport"', 'id="history"'):
+        assert needle in html, needle
+
+
+def test_opening_the_page_and_polling_the_badge_never_wake_the_daemon(front, daemon):
+    if daemon.started:
+        pytest.skip("an earlier test woke the daemon (run this module in order)")
+    for _ in range(3):
+        assert front.request("GET", "/")[0] == 200
+        status, badge = front.json("GET", "/web/status")
+        assert status == 200
+    assert badge["state"] == "unknown", badge   # no systemd here: the front says so, and asks nobody
+    assert badge["limits"] == {"max_body_bytes": 50_000_000, "max_seconds": 30.0}
+    time.sleep(0.5)
+    assert not daemon.started, "the page or its badge started the daemon"
+
+
+def test_bad_options_and_routes_are_refused_without_waking_the_daemon(front, daemon):
+    if daemon.started:
+        pytest.skip("an earlier test woke the daemon (run this module in order)")
+    status, err = front.json("POST", "/v1/recognize?granularity=word", GOOD)
+    assert (status, err["error"]["code"]) == (400, "bad_option") and "utterance, frame" in err["error"]["message"]
+    status, err = front.json("GET", "/v1/nothing")
+    assert (status, err["error"]["code"]) == (404, "not_found")
+    status, headers, data = front.request("GET", "/v1/recognize")
+    assert (status, headers["allow"], json.loads(data)["error"]["code"]) == (405, "POST", "method_not_allowed")
+    status, err = front.json("GET", "/nothing-here")
+    assert (status, err["error"]["code"]) == (404, "not_found")
+    assert not daemon.started
+
+
+# ------------------------------------------------------------------------- forwarding
+def test_recognize_through_the_front_equals_the_daemon_and_errors_pass_unchanged(front, daemon):
+    status, result = front.json("POST", "/v1/recognize?granularity=frame&embedding=1", GOOD)
+    assert status == 200, result
+    assert daemon.started, "Recognize is what wakes the daemon"
+    _, _, direct = http_request(daemon.socket, "POST", "/v1/recognize?granularity=frame&embedding=1", GOOD)
+    assert len(result["scores"]) == 9 and len(result["embedding"]) == len(direct["embedding"]) >= 49   # 50 Hz
+    assert result["scores"] == pytest.approx(direct["scores"], abs=1e-6) and result["top"] == direct["top"]
+    for body in (b"this is a text file, not audio\n", b"", wav_clip(0.01)):
+        via = front.request("POST", "/v1/recognize", body)
+        d_status, _, d_body = http_request(daemon.socket, "POST", "/v1/recognize", body)
+        assert via[0] == d_status and via[0] in (400, 422)
+        assert json.loads(via[2]) == d_body, "the daemon's error passes through unchanged"
+
+
+def test_warmup_and_status_are_forwarded(front, daemon):
+    status, answer = front.json("POST", "/v1/warmup")
+    assert status == 200 and answer["status"] == "ready", answer
+    status, st = front.json("GET", "/v1/status")
+    assert status == 200 and st["state"] == "ready"
+
+
+def test_the_front_never_forwards_a_header_it_did_not_validate(work):
+    with RecordingPeer(work / "rec.sock") as peer, FrontProcess(peer.path, work) as f:
+        data = (f"POST /v1/recognize?embedding=yes&granularity=utterance HTTP/1.1\r\nHost: {host(f)}\r\n"
+                "X-Forwarded-For: 10.0.0.1\r\nCookie: a=b\r\nAuthorization: Bearer x\r\nContent-Type: audio/wav\r\n"
+                "Content-Length: 4\r\nExpect: 100-continue\r\nTransfer-Encoding: identity\r\n\r\nRIFF").encode()
+        status, _, _, _ = exchange(f, data)
+        assert status == 400   # Transfer-Encoding with Content-Length: refused before anything is sent on
+        assert peer.heads == []
+        data = data.replace(b"Transfer-Encoding: identity\r\n", b"")
+        with f.raw(data) as s:
+            assert s.recv(4096).startswith(b"HTTP/1.1 100 Continue")
+            status, _, body = read_response(s)
+        assert status == 200 and body == {"ok": True, "got": 4}
+        sent = peer.heads[-1].decode("latin-1").split("\r\n")
+        assert sent == ["POST /v1/recognize?embedding=yes&granularity=utterance HTTP/1.1", "Host: e2vd",
+                        "Content-Length: 4", "Content-Type: audio/wav", "Connection: close"]
+
+
+def test_502_without_a_daemon_and_504_when_it_does_not_answer(work):
+    with FrontProcess(work / "no-such.sock", work) as f:
+        status, err = f.json("POST", "/v1/recognize", GOOD)
+        assert (status, err["error"]["code"]) == (502, "daemon_unreachable")
+        assert "no daemon socket" in err["error"]["message"] and "e2vd.socket" in err["error"]["message"]
+    with RecordingPeer(work / "mute.sock", mode="silent") as peer, \
+            FrontProcess(peer.path, work, daemon_timeout=1) as f:
+        t0 = time.monotonic()
+        status, err = f.json("POST", "/v1/recognize", GOOD)
+        assert (status, err["error"]["code"]) == (504, "daemon_timeout") and time.monotonic() - t0 < 10
+    with RecordingPeer(work / "hangup.sock", mode="hangup") as peer, FrontProcess(peer.path, work) as f:
+        status, err = f.json("GET", "/v1/health")
+        assert (status, err["error"]["code"]) == (502, "daemon_unreachable")
+        assert "without an answer" in err["error"]["message"]
+        assert f.request("GET", "/")[0] == 200, "the front keeps serving"
+
+
+def test_a_40_mb_upload_and_a_40_mb_answer_stream_through_in_little_memory(work):
+    """Neither direction is held whole: the front's peak RSS stays far below the 40 MB it moved."""
+    size = 40 * 2**20
+    with RecordingPeer(work / "sink.sock", answer_bytes=size) as peer, FrontProcess(peer.path, work) as f:
+        before = peak_rss_kib(_wait_serving(f))
+        conn = f.connection()
+        conn.putrequest("POST", "/v1/recognize")
+        conn.putheader("Content-Length", str(size))
+        conn.endheaders()
+        block = bytes(range(256)) * 4096   # 1 MiB
+        for _ in range(40):
+            conn.send(block)
+        resp = conn.getresponse()
+        got = 0
+        while piece := resp.read(1 << 20):
+            got += len(piece)
+        conn.close()
+        assert resp.status == 200 and got == size and peer.body_bytes == [size]
+        peak = peak_rss_kib(f.proc.pid)
+        print(f"\nfront peak RSS: {before / 1024:.1f} MiB before, {peak / 1024:.1f} MiB after moving 2 x 40 MiB")
+        assert peak - before < 16 * 1024 and peak < 60 * 1024
+
+
+# ------------------------------------------------------------------------- hostile input
+@pytest.mark.parametrize("what, lines, needle", MALFORMED_HEADS, ids=[m[0] for m in MALFORMED_HEADS])
+def test_the_daemons_malformed_header_corpus_is_400_and_never_forwarded(front, what, lines, needle):
+    smuggled = b"GET /v1/status HTTP/1.1\r\n\r\n"
+    data = f"POST /v1/recognize HTTP/1.1\r\nHost: {host(front)}\r\n".encode() + lines + b"\r\n\r\n" + smuggled
+    status, headers, body, closed = exchange(front, data)
+    assert status == 400 and body["error"]["code"] == "bad_request" and needle in body["error"]["message"], body
+    assert headers["connection"] == "close" and closed
+
+
+HOSTILE = [
+    ("no HTTP version", b"GET /\r\n\r\n", 400, "bad_request"),
+    ("HTTP/2.0", b"GET / HTTP/2.0\r\n\r\n", 400, "bad_request"),
+    ("request line too long", None, 413, "too_large"),
+    ("header line too long", None, 413, "too_large"),
+    ("too many header lines", None, 413, "too_large"),
+    ("chunked upload", "chunked", 411, "length_required"),
+    ("POST without Content-Length", "nolength", 411, "length_required"),
+    ("Content-Length over max_body_bytes", "huge", 413, "too_large"),
+    ("Content-Length of 5000 digits", "digits", 413, "too_large"),
+    ("unknown method", "BREW", 405, "method_not_allowed"),
+    ("no Host", b"GET / HTTP/1.1\r\n\r\n", 400, "bad_request"),
+    ("another Host (DNS rebinding)", "rebind", 403, "forbidden"),
+    ("a POST from another web site", "origin", 403, "forbidden"),
+    ("a cross-site fetch of the badge", "fetchsite", 403, "forbidden"),
+]
+
+
+def _hostile(front: FrontProcess, kind: object) -> bytes:
+    h = host(front)
+    if isinstance(kind, bytes):
+        return kind
+    return {
+        "request line too long": head("GET", "/" + "a" * MAX_LINE_BYTES, host=h),
+        "header line too long": head("GET", "/", "X-A: " + "a" * MAX_LINE_BYTES, host=h),
+        "too many header lines": head("GET", "/", *[f"X-{i}: 1" for i in range(MAX_HEADERS + 1)], host=h),
+        "chunked": head("POST", "/v1/recognize", "Transfer-Encoding: chunked", host=h) + b"0\r\n\r\n",
+        "nolength": head("POST", "/v1/recognize", host=h),
+        "huge": head("POST", "/v1/recognize", "Content-Length: 1000000000", host=h),
+        "digits": head("POST", "/v1/recognize", "Content-Length: " + "9" * 5000, host=h),
+        "BREW": head("BREW", "/v1/status", host=h),
+        "rebind": head("GET", "/web/status", host=f"evil.example:{front.port}"),
+        "origin": head("POST", "/v1/warmup", "Origin: http://evil.example", "Content-Length: 0", host=h),
+        "fetchsite": head("GET", "/web/status", "Sec-Fetch-Site: cross-site", host=h),
+    }[kind]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("what, kind, status, code", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_requests_get_clear_4xx_and_the_front_keeps_serving(front, daemon, what, kind, status, code):
+    data = _hostile(front, {"request line too long": "request line too long", "header line too long":
+                            "header line too long", "too many header lines": "too many header lines"}.get(what, kind))
+    got, _, body, _ = exchange(front, data)
+    assert (got, body["error"]["code"]) == (status, code), body
+    assert body["error"]["message"]
+    assert front.request("GET", "/")[0] == 200
+
+
+def test_a_lying_content_length_and_a_slow_upload_get_408_within_the_request_timeout(front):
+    h = host(front)
+    t0 = time.monotonic()
+    status, _, body, closed = exchange(front, head("POST", "/v1/recognize", "Content-Length: 100000", host=h) + GOOD[:10])
+    took = time.monotonic() - t0
+    assert (status, body["error"]["code"], closed) == (408, "timeout", True), body
+    assert "got 10 of 100000 bytes" in body["error"]["message"]
+    assert REQUEST_TIMEOUT - 0.5 < took < REQUEST_TIMEOUT + 5
+
+    def trickle(s: socket.socket) -> None:   # one byte every 0.2 s: never silent, never done
+        for byte in GOOD[:60]:
+            try:
+                s.sendall(bytes([byte]))
+            except OSError:
+                return
+            time.sleep(0.2)
+
+    t0 = time.monotonic()
+    status, _, body, _ = exchange(front, head("POST", "/v1/recognize", f"Content-Length: {len(GOOD)}", host=h), trickle)
+    assert (status, body["error"]["code"]) == (408, "timeout")
+    assert time.monotonic() - t0 < REQUEST_TIMEOUT + 15
+    t0 = time.monotonic()
+    status, _, body, _ = exchange(front, b"GET /web/sta", lambda s: None)   # stops in the request line
+    assert (status, body["error"]["code"]) == (408, "timeout") and time.monotonic() - t0 < REQUEST_TIMEOUT + 5
+    # a body that ends early (the client half-closes) is a clear 400
+    status, _, body, _ = exchange(front, head("POST", "/v1/recognize", "Content-Length: 100", host=h) + b"x" * 10,
+                                  lambda s: s.shutdown(socket.SHUT_WR))
+    assert (status, body["error"]["code"]) == (400, "bad_request") and "10 of 100" in body["error"]["message"]
+    assert front.request("GET", "/")[0] == 200
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(front):
+    conn = front.connection()
+    for path in ("/", "/web/status", "/"):
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        assert resp.status == 200 and not resp.will_close
+        resp.read()
+    conn.close()
+
+
+# ------------------------------------------------------------------------- the process
+def test_the_front_exits_after_its_idle_timeout_and_is_started_again(work):
+    with FrontProcess(work / "none.sock", work, idle_timeout=1, request_timeout=2) as f:
+        conn = f.connection()
+        conn.request("GET", "/")
+        conn.getresponse().read()      # a kept-open connection holds it up ...
+        time.sleep(1.5)
+        assert f.proc.poll() is None
+        assert f.proc.wait(15) == 0    # ... until the front closes it (request timeout), then 1 s idle
+        conn.close()
+        assert "idle_exit" in f.log_text()
+        f.spawn()                      # the socket is still there: what systemd does on the next connection
+        assert f.request("GET", "/")[0] == 200
+
+
+def test_a_non_loopback_socket_is_refused_without_public(work):
+    with FrontProcess(work / "none.sock", work, host="0.0.0.0") as f:
+        assert f.proc.wait(15) == 2
+        assert "--public" in f.log_text() and "every local user" in f.log_text()
+    cp = subprocess.run([sys.executable, "-m", "e2vd", "web", "--listen", "0.0.0.0:7999"], capture_output=True,
+                        text=True, timeout=30)
+    assert cp.returncode == 2 and "--public" in cp.stderr
+
+
+def test_too_many_connections_get_503_busy(work):
+    with FrontProcess(work / "none.sock", work, extra=["--max-connections", "2"]) as f:
+        held = [socket.create_connection(("127.0.0.1", f.port)) for _ in range(2)]
+        try:
+            time.sleep(0.3)
+            status, headers, body, _ = exchange(f, head("GET", "/", host=host(f)))
+            assert (status, body["error"]["code"], headers["retry-after"]) == (503, "busy", "1")
+        finally:
+            for s in held:
+                s.close()
+        time.sleep(0.3)
+        assert f.request("GET", "/")[0] == 200
+
+
+# ------------------------------------------------------------------------- helpers
+def _wait_serving(front: FrontProcess) -> int:
+    assert front.request("GET", "/")[0] == 200
+    assert "web" in cmdline(front.proc.pid)
+    return front.proc.pid
+
+
+class RecordingPeer:
+    """A stand-in daemon on a Unix socket. mode "sink": reads each request's head and body (in
+    pieces) and answers 200 with `answer_bytes` of JSON (or {"ok": true, "got": N}); "silent":
+    accepts and never answers; "hangup": reads the head and closes."""
+
+    def __init__(self, path: Path, mode: str = "sink", answer_bytes: int = 0) -> None:
+        self.path, self.mode, self.answer_bytes = path, mode, answer_bytes
+        self.heads: list[bytes] = []
+        self.body_bytes: list[int] = []
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._held: list[socket.socket] = []
+
+    def __enter__(self) -> "RecordingPeer":
+        self.path.unlink(missing_ok=True)
+        self._listener.bind(str(self.path))
+        self._listener.listen(16)
+        threading.Thread(target=self._serve, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._listener.close()
+        for s in self._held:
+            s.close()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            if self.mode == "silent":
+                self._held.append(conn)
+                continue
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn:
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                piece = conn.recv(65536)
+                if not piece:
+                    return
+                buf += piece
+            head_bytes, body = buf.split(b"\r\n\r\n", 1)
+            self.heads.append(head_bytes)
+            if self.mode == "hangup":
+                return
+            m = re.search(rb"\r\nContent-Length: (\d+)", head_bytes)
+            length, got = (int(m[1]) if m else 0), len(body)
+            while got < length:
+                piece = conn.recv(1 << 16)
+                if not piece:
+                    break
+                got += len(piece)
+            self.body_bytes.append(got)
+            if self.answer_bytes:
+                payload = b'{"pad": "' + b"x" * (self.answer_bytes - 11) + b'"}'
+            else:
+                payload = json.dumps({"ok": True, "got": got}).encode()
+            conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+                         "Connection: close\r\n\r\n".encode())
+            view = memoryview(payload)
+            for i in range(0, len(view), 1 << 20):
+                conn.sendall(view[i:i + (1 << 20)])
