@@ -193,3 +193,42 @@ class ActivatedDaemon:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def chromium_unavailable() -> str | None:
+    """Why a headless Chromium cannot be driven here, or None."""
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        return "Debian's chromium and chromium-driver are not installed (scripts/test.sh installs them)"
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install -e '.[test]')"
+    return None
+
+
+def start_chromium(profile: Path, downloads: Path, fake_audio: Path | None = None, size: str = "1100,900"):
+    """A headless Chromium driven by selenium through Debian's chromium-driver, with a fresh
+    profile, downloads into `downloads`, and the fake microphone playing `fake_audio` (a WAV).
+    Flags for a closed network and a root user (--no-sandbox)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--disable-default-apps", "--disable-extensions",
+                 "--password-store=basic", f"--user-data-dir={profile}", f"--window-size={size}",
+                 "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+                 *([f"--use-file-for-fake-audio-capture={fake_audio}"] if fake_audio else [])):
+        opts.add_argument(flag)
+    opts.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                           "download.prompt_for_download": False})
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    driver.set_page_load_timeout(60)
+    return driver
