@@ -6,7 +6,14 @@ start took (process start to READY=1: ExecMainStartTimestampMonotonic to
 ActiveEnterTimestampMonotonic, on the CLOCK_MONOTONIC this process shares). Source two is the
 daemon's own GET /v1/status, asked only while systemd says its process exists.
 
-That question goes over one kept-open connection: the daemon counts a new connection as use
+Where systemd cannot be asked over D-Bus although it runs (dbus-daemon cannot resolve a
+DynamicUser= uid: systemd gives it SYSTEMD_NSS_DYNAMIC_BYPASS=1, and it drops such connections
+during Hello; seen with systemd 252 and dbus-daemon 1.14 on Debian 12), the badge reads what
+systemd keeps on the file system instead: the unit's cgroup exists and is populated exactly while
+its process runs (cgroup.events), and e2vd.socket's socket file exists while it listens. Then the
+expected start time is the daemon's own load_seconds, as its status reports it.
+
+The daemon is asked over one kept-open connection: the daemon counts a new connection as use
 (docs/design.md, the idle rule) but never a status request, so a page polling the badge does not
 keep the daemon awake; only a reconnection (after the daemon closed a connection left silent for
 connection_timeout) holds it, for at most connection_timeout.
@@ -36,6 +43,8 @@ PROPS = ("Id", "LoadState", "ActiveState", "SubState", "MainPID", "StatusText", 
 MIN_INTERVAL_S = 0.5     # answers within this of each other share one look (many tabs, one question)
 DAEMON_TIMEOUT_S = 2.0   # a running daemon answers /v1/status at once, also while it loads
 LOAD_FILE = "last_load.json"
+SYSTEMD_RUNTIME = Path("/run/systemd/system")   # exists when systemd is PID 1 (sd_booted(3))
+CGROUP_ROOTS = (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup/systemd"))
 
 #: The badge's states; the page words each one.
 STATES = ("asleep", "starting", "ready", "warm", "stopping", "unavailable", "down", "not_installed", "unknown")
@@ -78,6 +87,26 @@ def systemctl_show(units: tuple[str, ...] = (SERVICE, SOCKET_UNIT), props: tuple
     if proc.returncode != 0:
         return " ".join(proc.stderr.split())[:300] or f"systemctl exited {proc.returncode}"
     return parse_systemctl_show(proc.stdout)
+
+
+def unit_running(unit: str, roots: tuple[Path, ...] = CGROUP_ROOTS) -> bool | None:
+    """Whether `unit` (a system service) has processes, from its cgroup (systemd creates
+    system.slice/UNIT while the unit runs): True/False, or None when no cgroup tree tells."""
+    for root in roots:
+        if not (root / "system.slice").is_dir():
+            continue
+        events = root / "system.slice" / unit / "cgroup.events"
+        try:
+            return "populated 1" in events.read_text().splitlines()
+        except FileNotFoundError:
+            procs = root / "system.slice" / unit / "cgroup.procs"   # cgroup v1: no cgroup.events
+            try:
+                return bool(procs.read_text().split())
+            except OSError:
+                return False
+        except OSError:
+            return None
+    return None
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -137,8 +166,12 @@ class StatusSource:
 
     def __init__(self, socket_path: str, limits: dict[str, float] | None = None, state_dir: str | None = None,
                  show: Callable[[], dict[str, UnitState] | str] = systemctl_show,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 running: Callable[[str], bool | None] = unit_running, booted: Callable[[], bool] | None = None) -> None:
+        self.socket_path = socket_path
         self.daemon = DaemonStatus(socket_path)
+        self.running = running
+        self.booted = booted or SYSTEMD_RUNTIME.is_dir
         self.limits = dict(limits or {})
         self.show = show
         self.clock = clock
@@ -162,8 +195,7 @@ class StatusSource:
     def _look(self, now: float) -> Badge:
         units = self.show()
         if isinstance(units, str):
-            return self._badge("unknown", f"systemd cannot be asked ({units}); Recognize still works "
-                                          "and starts the daemon when it sleeps")
+            return self._look_without_bus(units)
         svc, sock = units.get(SERVICE), units.get(SOCKET_UNIT)
         if svc is None or not svc.loaded:
             return self._badge("not_installed", "e2vd is not installed: run `sudo e2vd install`")
@@ -190,6 +222,24 @@ class StatusSource:
                 return self._badge("starting", "starting: loading the model", elapsed_s=elapsed, **extra)
             return self._badge("ready", "running (its status could not be read)", **extra)
         return self._from_daemon(doc, elapsed, extra)
+
+    def _look_without_bus(self, why: str) -> Badge:
+        """The badge from systemd's file-system state (module docstring), when D-Bus refused."""
+        running = self.running(SERVICE) if self.booted() else None
+        if running is None:
+            return self._badge("unknown", f"systemd cannot be asked ({why}); Recognize still works "
+                                          "and starts the daemon when it sleeps")
+        if not os.path.exists(self.socket_path):
+            return self._badge("down", f"no daemon socket at {self.socket_path}: requests cannot wake the daemon "
+                                       "(sudo systemctl enable --now e2vd.socket)")
+        if not running:
+            return self._badge("asleep", "asleep: no daemon process; the first Recognize starts it")
+        doc = self.daemon.ask()
+        if doc is None:
+            return self._badge("starting", "starting: the daemon's process runs, its status does not answer yet")
+        if doc.get("state") == "ready" and (load := _number(doc.get("load_seconds"))) is not None:
+            self._remember(round(load, 1))
+        return self._from_daemon(doc, _number(doc.get("uptime_s")), {})
 
     def _from_daemon(self, doc: dict[str, Any], elapsed: float | None, extra: dict[str, Any]) -> Badge:
         state, device = doc.get("state"), doc.get("device")
@@ -226,7 +276,9 @@ class StatusSource:
         ready = _number(svc.get("ActiveEnterTimestampMonotonic"))
         if not start or not ready or ready < start:
             return
-        seconds = round((ready - start) / 1e6, 1)
+        self._remember(round((ready - start) / 1e6, 1))
+
+    def _remember(self, seconds: float) -> None:
         if seconds != self.expected_load_s:
             self.expected_load_s = seconds
             self._write_load(seconds)
