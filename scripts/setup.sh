@@ -38,7 +38,7 @@ case $MODEL in
 esac
 
 echo "== systemd units"
-e2vd install ${MODEL:+--model "$MODEL"}
+e2vd install ${MODEL:+--model "$MODEL"} --web   # --web: the browser page on 127.0.0.1:7860 (e2vd-web.socket)
 
 echo "== first request (wakes the daemon through the socket)"
 clip=$(mktemp --suffix=.wav)
@@ -52,3 +52,11 @@ sf.write(sys.argv[1], (0.3 * np.sin(2 * np.pi * 180 * t) * (0.5 + 0.5 * np.sin(2
 PY
 e2vd recognize "$clip"
 e2vd status
+
+echo "== the browser page (opening it starts only the page's small front, never the daemon)"
+if curl -fsS -o /dev/null --max-time 10 http://127.0.0.1:7860/; then
+    echo "open http://127.0.0.1:7860/ in a browser on this machine (from another: ssh -L 7860:127.0.0.1:7860 $(hostname))"
+else
+    echo "setup.sh: the page does not answer on 127.0.0.1:7860; see systemctl status e2vd-web.socket e2vd-web.service" >&2
+    exit 1
+fi
