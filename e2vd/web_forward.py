@@ -18,6 +18,7 @@ import re
 import select
 import socket
 import struct
+import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Callable
@@ -27,6 +28,7 @@ from e2vd.http_wire import response_head
 from e2vd.protocol import Route, error_body
 
 PIECE_BYTES = 1 << 16          # most bytes moved in one read or write
+CLIENT_GONE = 499              # logged status of a request whose client hung up before the answer
 SMALL_ANSWER_BYTES = 1 << 16   # error answers up to this size are read whole, to log their code
 _RELAYED = {"retry-after": re.compile(r"[0-9]{1,9}"),
             "allow": re.compile(r"[A-Z]+(, ?[A-Z]+){0,15}")}
@@ -127,16 +129,24 @@ def connect(upstream: Upstream) -> socket.socket:
 
 
 def forward(upstream: Upstream, head: bytes, length: int, read_body: Callable[[int], bytes],
-            write: Callable[[bytes], bool], close_after: bool) -> Outcome:
+            write: Callable[[bytes], bool], close_after: bool, client: socket.socket | None = None) -> Outcome:
     """Send `head` and `length` body bytes (from `read_body(most)`, which raises for a client that
     stops short: the daemon's connection is closed and the exception goes to the caller) to the
     daemon, and relay its answer through `write` (False: the client has gone). `close_after`: the
-    client asked to close after this answer. GatewayError before any of the answer was written."""
+    client asked to close after this answer. GatewayError before any of the answer was written.
+
+    While the daemon works, `client` (the browser's socket) is watched: when it hangs up, the
+    daemon's connection is closed at once, so a recognition still queued there is not run (the
+    daemon skips jobs whose client has gone); the outcome is then status 499 with `close`."""
     out = Outcome()
     sock = connect(upstream)
     try:
         early = _send(sock, head, length, read_body, out)
         out.close = close_after or early
+        if client is not None and not _await_answer(sock, client, upstream):
+            out.status, out.close = CLIENT_GONE, True
+            out.notes.append("the client hung up before the daemon answered")
+            return out
         _relay(sock, upstream, write, out)
     finally:
         sock.close()
@@ -165,6 +175,32 @@ def _send(sock: socket.socket, head: bytes, length: int, read_body: Callable[[in
         if select.select([sock], [], [], 0)[0]:
             return out.bytes_up < length   # an answer (or EOF) before the whole body: stop sending
     return False
+
+
+def _await_answer(sock: socket.socket, client: socket.socket, upstream: Upstream) -> bool:
+    """Wait until the daemon's answer starts (True), or the client hangs up (False). Bytes the
+    client sends meanwhile (a pipelined request) stay unread; from then on it is not watched.
+    Past `answer_timeout`, GatewayError 504."""
+    deadline = time.monotonic() + upstream.answer_timeout
+    watched = [sock, client]
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise timed_out(f"the daemon did not answer within {upstream.answer_timeout:g} s; "
+                            "see `e2vd status` and journalctl -u e2vd")
+        ready = select.select(watched, [], [], left)[0]
+        if sock in ready:
+            return True
+        if client in ready:
+            try:
+                gone = client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            except BlockingIOError:
+                gone = False
+            except OSError:
+                gone = True
+            if gone:
+                return False
+            watched = [sock]
 
 
 def _relay(sock: socket.socket, upstream: Upstream, write: Callable[[bytes], bool], out: Outcome) -> None:

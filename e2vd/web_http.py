@@ -32,7 +32,7 @@ from e2vd.http_io import SMALL_BODY_BYTES, Wire
 from e2vd.http_wire import SERVER_HEADER, RequestHead, response_head
 from e2vd.log import event
 from e2vd.protocol import ApiError, error_body, find_route, parse_options
-from e2vd.web_forward import GatewayError, Upstream, forward, request_head
+from e2vd.web_forward import CLIENT_GONE, GatewayError, Upstream, forward, request_head
 from e2vd.web_page import Page
 from e2vd.web_status import StatusSource
 
@@ -340,7 +340,7 @@ class Front:
         content_type = head.headers.get("Content-Type") if route.body else None
         try:
             out = forward(self.upstream, request_head(route, pairs, length, content_type),
-                          length or 0, reader.read, wire.write, close_after=not head.keep_alive)
+                          length or 0, reader.read, wire.write, close_after=not head.keep_alive, client=wire.sock)
         except GatewayError as err:
             ex.bytes_up, ex.unread = reader.got, (length or 0) - reader.got
             raise FrontError.of(err, close=ex.unread > 0) from None
@@ -349,6 +349,8 @@ class Front:
             raise FrontError.of(err, close=True) from None
         wire.received()
         ex.status, ex.code, ex.bytes_up, ex.bytes_down = out.status, out.code, out.bytes_up, out.bytes_down
+        if out.status == CLIENT_GONE:
+            return False
         ex.unread = (length or 0) - reader.got
         if out.close and ex.unread:
             linger(wire.sock, ex.unread)

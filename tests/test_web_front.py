@@ -172,6 +172,24 @@ def test_502_without_a_daemon_and_504_when_it_does_not_answer(work):
         assert f.request("GET", "/")[0] == 200, "the front keeps serving"
 
 
+def test_a_client_that_hangs_up_closes_the_daemons_connection_at_once(work):
+    """So a recognition still queued in the daemon is not run (it skips jobs whose client left)."""
+    with RecordingPeer(work / "slow.sock", mode="silent") as peer, FrontProcess(peer.path, work) as f:
+        with f.raw(head("POST", "/v1/recognize", f"Content-Length: {len(GOOD)}", host=host(f)) + GOOD):
+            deadline = time.monotonic() + 20
+            while not peer._held:
+                assert time.monotonic() < deadline, "the front did not connect to the daemon"
+                time.sleep(0.05)
+        held = peer._held[0]          # the client has closed its connection: the front must close this one
+        held.settimeout(10)
+        t0 = time.monotonic()
+        while held.recv(65536):
+            pass
+        assert time.monotonic() - t0 < 5
+        assert f.request("GET", "/")[0] == 200
+        assert "-> 499" in f.log_text()
+
+
 def test_a_40_mb_upload_and_a_40_mb_answer_stream_through_in_little_memory(work):
     """Neither direction is held whole: the front's peak RSS stays far below the 40 MB it moved."""
     size = 40 * 2**20
