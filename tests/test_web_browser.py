@@ -211,3 +211,11 @@ def test_recording_from_the_fake_microphone_gives_a_result(browser, front):
     assert meta.startswith(chosen.split(" (")[0]), meta
     duration = float(meta.split(": ", 1)[1].split(" s of audio")[0])
     assert abs(duration - recorded) <= 0.06, (meta, recorded)   # the WAV the page made holds what it recorded
+
+
+def test_warm_up_loads_the_model_and_says_for_how_long(browser, front):
+    browser.get(front.url)
+    by_id(browser, "warm").click()
+    text = wait(browser, "the warm-up", lambda d: "stays warm for" in by_id(d, "progress").text
+                and by_id(d, "progress").text, WAIT_S)
+    assert "10 min" in text and by_id(browser, "message").text == ""
