@@ -136,7 +136,7 @@ class Handler:
         route = find_route(head.method, url.path)
         options = parse_options(url.query, route.options)
         status, payload = ROUTE_FUNCTIONS[route](
-            Request(self.server.app, options, body, ex.fields, self.client_gone))
+            Request(self.server.app, options, body, ex.fields, self.client_gone, url.query))
         self._send_json(ex, status, payload)
 
     def _send_error(self, ex: Exchange, err: ApiError) -> None:

@@ -3,17 +3,22 @@ deadline, and writing the answer (docs/design.md, section 3).
 
 `Wire` is one connection's reading and writing end: it waits for the next request, reads the
 request's head line by line and its body bytes, and sends each answer in one write. `Body` is
-one request's body: the rules of Content-Length and the size limits, for the routes that read a
-body, the routes that take none, and the answers that must drop one. The request deadline itself
-is enforced by the server's reaper (it shuts the read side of a late connection, see
-`e2vd.server`); the socket timeout set here is only the backstop behind it.
+one request's body, framed by Content-Length or Transfer-Encoding: chunked (decoded by
+`e2vd.http_chunked`), piece by piece as it arrives: the size limits, for the routes that read a
+body, the routes that take none, and the answers that must drop one. What the body holds (raw
+audio or a multipart form) is `e2vd.upload`'s business. The request deadline itself is enforced
+by the server's reaper (it shuts the read side of a late connection, see `e2vd.server`): head
+and body, every chunk of a chunked one included, must arrive within connection_timeout of the
+request's first byte. The socket timeout set here is only the backstop behind the reaper.
 """
 from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from e2vd.http_chunked import ChunkedReader
 from e2vd.http_wire import MAX_HEADERS, MAX_LINE_BYTES, RequestHead, RequestLine
 from e2vd.protocol import ApiError
 
@@ -22,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 SMALL_BODY_BYTES = 65536   # largest body accepted (and discarded) on routes that take none
 BACKSTOP_S = 5.0           # the socket timeout during a request is connection_timeout plus this
-_CHUNK_BYTES = 1 << 20     # most body bytes read in one call
+PIECE_BYTES = 1 << 20      # most body bytes read in one call (and handed on as one piece)
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
@@ -81,13 +86,7 @@ class Wire:
         """One line of the request's head, with its LF. ApiError too_large when it is longer than
         MAX_LINE_BYTES, timeout when the request deadline cut it off, bad_request when the client
         stopped sending in the middle of it."""
-        try:
-            line = self.rfile.readline(MAX_LINE_BYTES + 1)
-        except TimeoutError:   # the backstop behind the reaper
-            self.conn.timed_out = True
-            line = b""
-        except OSError:
-            line = b""
+        line = self.read_raw_line(MAX_LINE_BYTES)
         if len(line) > MAX_LINE_BYTES:
             raise ApiError("too_large", f"a {what} of the request is longer than {MAX_LINE_BYTES} bytes; "
                                         "send a shorter one")
@@ -99,29 +98,36 @@ class Wire:
                                           "send the whole request")
         return line
 
-    def read_exactly(self, length: int) -> bytes:
-        """`length` bytes of body within the request deadline. ApiError timeout when the deadline
-        passes first, bad_request when the client stops short."""
-        chunks: list[bytes] = []
-        got = 0
-        while got < length:
-            try:
-                chunk = self.rfile.read1(min(length - got, _CHUNK_BYTES))
-            except TimeoutError:   # the backstop behind the reaper
-                self.conn.timed_out = True
-                chunk = b""
-            except OSError:
-                chunk = b""
-            if not chunk:
-                if self.conn.timed_out:
-                    raise ApiError("timeout", f"the body did not arrive within {self.connection_timeout:g} s "
-                                              f"(got {got} of {length} bytes); send it at once, "
-                                              "or raise connection_timeout")
-                raise ApiError("bad_request", f"the body ended after {got} of {length} bytes (Content-Length); "
-                                              "send exactly Content-Length bytes")
-            chunks.append(chunk)
-            got += len(chunk)
-        return b"".join(chunks)
+    def read_raw_line(self, limit: int) -> bytes:
+        """Up to `limit` + 1 bytes, up to and with the next LF: a line without its LF when the
+        connection ended or the request deadline passed first (`conn.timed_out` says which), one
+        longer than `limit` when it is too long (nothing more of it is read)."""
+        try:
+            return self.rfile.readline(limit + 1)
+        except TimeoutError:   # the backstop behind the reaper
+            self.conn.timed_out = True
+        except OSError:
+            pass
+        return b""
+
+    def read_some(self, most: int) -> bytes:
+        """Between 1 and `most` body bytes, as soon as any have arrived; b"" when the connection
+        ended or the request deadline passed first (`conn.timed_out` says which)."""
+        try:
+            return self.rfile.read1(most)
+        except TimeoutError:   # the backstop behind the reaper
+            self.conn.timed_out = True
+        except OSError:
+            pass
+        return b""
+
+    def stopped(self, got: str, ended: str) -> ApiError:
+        """The error for a body that stopped arriving after `got` (e.g. "4 of 10 bytes"): timeout
+        when the request deadline cut it off, else bad_request, saying `ended` (what to send)."""
+        if self.conn.timed_out:
+            return ApiError("timeout", f"the body did not arrive within {self.connection_timeout:g} s (got {got}); "
+                                       "send it at once, or raise connection_timeout")
+        return ApiError("bad_request", f"the body ended after {got}; {ended}")
 
     def write(self, data: bytes) -> bool:
         """Send `data` in one write; False when the client hung up (it gets nothing more)."""
@@ -133,20 +139,35 @@ class Wire:
 
 
 class Body:
-    """The body of one request, read as its head frames it.
+    """The body of one request, read as its head frames it (Content-Length or chunked), piece by
+    piece as it arrives.
 
-    A route that takes a body `read`s it (Content-Length required, at most max_body_bytes); a
-    route that takes none `skip`s a small one (at most SMALL_BODY_BYTES), so the connection stays
-    in sync; an error answered before the body was read `discard`s it. `close` becomes true when
-    the connection cannot carry another request: the body was refused unread, or it was cut off.
+    A route that takes a body reads its `pieces` (or all of it with `read`): at most
+    max_body_bytes; a route that takes none `skip`s a small one (at most SMALL_BODY_BYTES), so the
+    connection stays in sync; an error answered before the body was read whole `discard`s the rest.
+    `received` counts the body bytes read so far (chunk data only, for a chunked body). `close`
+    becomes true when the connection cannot carry another request: the body was refused unread,
+    or its framing broke, or it was cut off.
     """
 
     def __init__(self, wire: Wire, head: RequestHead, max_body_bytes: int) -> None:
         self.wire = wire
         self.head = head
         self.max_body_bytes = max_body_bytes
-        self.done = False    # read, skipped or discarded
+        self.received = 0
+        self.done = False    # read, skipped or discarded to its end
         self.close = False
+        self._reader: Iterator[bytes] | None = None
+
+    @property
+    def content_type(self) -> str:
+        """The Content-Type header as sent ("" without one)."""
+        return self.head.headers.get("Content-Type", "")
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the body is sent with Transfer-Encoding: chunked."""
+        return self.head.chunked
 
     def invite(self, takes_body: bool) -> None:
         """Expect: 100-continue: refuse a body that will not be accepted before the client sends it
@@ -158,18 +179,18 @@ class Body:
             self.close = True
 
     def check_length(self, required: bool, limit: int | None = None) -> int | None:
-        """The body's length (None if it has none and none is `required`). Refuses chunked bodies
-        (411), a missing Content-Length where `required` (411) and bodies over `limit` (413;
-        default max_body_bytes when `required`, else SMALL_BODY_BYTES)."""
-        if self.head.chunked:
-            self.close = True
-            raise ApiError("length_required", "chunked uploads are not supported; send the body with "
-                                              "Content-Length (curl --data-binary @FILE does)")
+        """The body's declared length: None for a chunked body (its size is counted as it arrives)
+        or when it has none and none is `required`. Refuses a missing body where `required` (411)
+        and a Content-Length over `limit` (413; default max_body_bytes when `required`, else
+        SMALL_BODY_BYTES), before any of it is read."""
         length = self.head.content_length
+        if self.head.chunked:
+            return None
         if length is None:
             if required:
-                raise ApiError("length_required", "this request needs a body with Content-Length; "
-                                                  "send the audio file's bytes, e.g. curl --data-binary @clip.wav")
+                raise ApiError("length_required", "this request needs a body, sent with Content-Length or "
+                                                  "Transfer-Encoding: chunked; send the audio file's bytes, "
+                                                  "e.g. curl --data-binary @clip.wav")
             return None
         if limit is None:
             limit = self.max_body_bytes if required else SMALL_BODY_BYTES
@@ -179,37 +200,64 @@ class Body:
                                         "(max_body_bytes); send a shorter clip or raise max_body_bytes")
         return length
 
+    def pieces(self) -> Iterator[bytes]:
+        """The body of a route that takes one (at most max_body_bytes), in pieces of at most
+        PIECE_BYTES as they arrive; the request's deadline ends with the last one. Raises at once
+        what `check_length(required=True)` raises, then, while iterating, timeout, bad_request
+        (cut short, broken chunk framing) or too_large (a chunked body the moment it would cross
+        max_body_bytes)."""
+        self.check_length(required=True)
+        self._reader = self._frames(self.max_body_bytes)
+        return self._reader
+
     def read(self) -> bytes:
-        """The body of a route that takes one (Content-Length required, up to max_body_bytes)."""
-        body = self._exactly(self.check_length(required=True) or 0)
-        self.done = True
-        self.wire.received()
-        return body
+        """The whole body of a route that takes one (see `pieces`)."""
+        return b"".join(self.pieces())
 
     def skip(self) -> None:
         """The body of a route that takes none: a small one is read and ignored."""
-        length = self.check_length(required=False)
-        if length:
-            self._exactly(length)
-        self.done = True
-        self.wire.received()
+        self.check_length(required=False)
+        for _ in self._frames(SMALL_BODY_BYTES):
+            pass
 
     def discard(self) -> None:
-        """After an early error (bad option, wrong route, ...) read and drop an acceptable body, so
-        the client gets to read the answer and the connection stays in sync; else close it."""
-        length = self.head.content_length or 0
-        if self.head.chunked or length > self.max_body_bytes:
-            self.close = True
+        """After an early error (bad option, wrong route, a bad form, ...) read and drop the rest of
+        an acceptable body, so the client gets to read the answer and the connection stays in
+        sync; close it instead when the body is too large or its framing fails."""
+        if self.done or self.close:
             return
+        if self._reader is None:
+            if (self.head.content_length or 0) > self.max_body_bytes:
+                self.close = True
+                return
+            self._reader = self._frames(self.max_body_bytes)
         try:
-            self._exactly(length)
+            for _ in self._reader:
+                pass
         except ApiError:
             self.close = True
-        self.done = True
 
-    def _exactly(self, length: int) -> bytes:
+    def _frames(self, limit: int) -> Iterator[bytes]:
+        """The body's bytes as its head frames them, at most `limit` (a Content-Length was checked
+        against it already); marks the connection for closing when they fail."""
+        source = ChunkedReader(self.wire, limit) if self.head.chunked else self._sized(self.head.content_length or 0)
         try:
-            return self.wire.read_exactly(length)
+            for piece in source:
+                self.received += len(piece)
+                yield piece
         except ApiError:
             self.close = True
             raise
+        self.done = True
+        self.wire.received()
+
+    def _sized(self, length: int) -> Iterator[bytes]:
+        """Exactly `length` bytes (Content-Length)."""
+        got = 0
+        while got < length:
+            piece = self.wire.read_some(min(length - got, PIECE_BYTES))
+            if not piece:
+                raise self.wire.stopped(f"{got} of {length} bytes", "send exactly Content-Length bytes "
+                                        "(the connection is closed)")
+            got += len(piece)
+            yield piece

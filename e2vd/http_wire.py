@@ -2,7 +2,8 @@
 
 The connection handler reads the bytes (e2vd.http_io) and hands them here: `RequestLine.parse`
 and `.check` for the request line, `parse_field_line`/`parse_header_lines` for the header lines,
-`RequestHead.build` for what they mean together (body framing, keep-alive, Expect), and
+`RequestHead.build` for what they mean together (body framing, keep-alive, Expect),
+`parse_chunk_size` for the size lines of a chunked body (read by e2vd.http_chunked), and
 `response_head` for the head of every answer. Parsing is strict, because every byte from a client
 is hostile (docs/design.md, section 5): anything a proxy in front of the socket could read
 differently (request smuggling) is refused with ApiError bad_request, never guessed at.
@@ -21,11 +22,16 @@ from e2vd.protocol import ApiError
 
 MAX_LINE_BYTES = 65536     # longest request line or header line (http.client's limit)
 MAX_HEADERS = 100          # most header lines in one request (http.client's limit)
+MAX_CHUNK_SIZE_DIGITS = 16  # most hex digits of a chunk size, leading zeros aside (2^64 - 1)
 SERVER_HEADER = f"e2vd/{__version__}"
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")          # RFC 9110 §5.6.2
 _HTTP_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])")          # RFC 9112 §2.3
 # RFC 9112 §5: field-name ":" OWS field-value OWS; no control characters in the value but HTAB
 _FIELD_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*\r?\n")
+# RFC 9112 §7.1: chunk-size [ chunk-ext ] CRLF; the extensions are ignored, but hold no control
+# characters (HTAB aside): a bare CR or LF in them is read as a line end by some parsers
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]+)([ \t]*;[^\x00-\x08\x0a-\x1f\x7f]*)?\r\n")
+_SEND_CHUNKED = "send each chunk as its size in hex, CRLF, the bytes, CRLF, and end with 0 CRLF CRLF (the connection is closed)"
 _SEND_HTTP_1_1 = "send an HTTP/1.1 request as curl --unix-socket SOCKET http://e2vd/v1/... does"
 
 
@@ -117,8 +123,8 @@ def content_length(headers: http.client.HTTPMessage) -> int | None:
     number; too_large for a number of more than 18 digits."""
     values = headers.get_all("Content-Length") or []
     if values and "Transfer-Encoding" in headers:
-        raise ApiError("bad_request", "the request has both Transfer-Encoding and Content-Length; "
-                                      "send the body with Content-Length only (the connection is closed)")
+        raise ApiError("bad_request", "the request has both Transfer-Encoding and Content-Length; send the "
+                                      "body with one of them, not both (the connection is closed)")
     if len(values) > 1:
         raise ApiError("bad_request", f"Content-Length is given {len(values)} times ({', '.join(values)[:100]}); "
                                       "send it once, with the exact size of the body (the connection is closed)")
@@ -131,6 +137,42 @@ def content_length(headers: http.client.HTTPMessage) -> int | None:
     if len(digits) > 18:
         raise ApiError("too_large", f"Content-Length is a {len(digits)}-digit number of bytes; send a shorter clip")
     return int(digits)
+
+
+def is_chunked(headers: http.client.HTTPMessage, version: tuple[int, int]) -> bool:
+    """Whether the body is sent with Transfer-Encoding: chunked (RFC 9112 §6.1, §7.1). ApiError
+    bad_request for any other transfer coding (gzip, identity, "chunked, chunked", ...), which this
+    daemon does not decode, and for Transfer-Encoding in an HTTP/1.0 request, whose framing a proxy
+    could read differently."""
+    values = headers.get_all("Transfer-Encoding") or []
+    if not values:
+        return False
+    shown = ", ".join(values)[:100]
+    if version < (1, 1):
+        raise ApiError("bad_request", f"Transfer-Encoding ({shown!r}) in an HTTP/1.0 request; send HTTP/1.1 "
+                                      "for a chunked body, or the body with Content-Length (the connection is closed)")
+    codings = [coding.strip().lower() for value in values for coding in value.split(",")]
+    if codings != ["chunked"]:
+        raise ApiError("bad_request", f"Transfer-Encoding {shown!r} is not supported; send the body plain, with "
+                                      "Content-Length or with 'Transfer-Encoding: chunked' alone (the connection is closed)")
+    return True
+
+
+def parse_chunk_size(line: bytes) -> int:
+    """The size of the chunk whose size line is `line` (RFC 9112 §7.1: hex digits, optional
+    extensions, which are ignored, then CRLF); 0 for the last chunk. ApiError bad_request for
+    anything else: no hex digits, a bare LF, control characters in an extension, or more than
+    MAX_CHUNK_SIZE_DIGITS significant digits (nothing is ever allocated from a size)."""
+    match = _CHUNK_LINE.fullmatch(line)
+    shown = repr(line.rstrip(b"\r\n")[:60].decode("latin-1"))
+    if match is None:
+        raise ApiError("bad_request", f"the chunk size line {shown} is not a hex size (with optional ';extensions') "
+                                      f"ending in CRLF; {_SEND_CHUNKED}")
+    digits = match.group(1).lstrip(b"0") or b"0"
+    if len(digits) > MAX_CHUNK_SIZE_DIGITS:
+        raise ApiError("bad_request", f"the chunk size in {shown} has {len(digits)} hex digits, more than "
+                                      f"{MAX_CHUNK_SIZE_DIGITS}; {_SEND_CHUNKED}")
+    return int(digits, 16)
 
 
 def keeps_alive(version: tuple[int, int], connection: str) -> bool:
@@ -158,9 +200,9 @@ def response_head(status: int, length: int, headers: dict[str, str] | None = Non
 class RequestHead:
     """A request's line and headers, checked: what reading its body and answering it needs.
 
-    `content_length` is None without Content-Length; `chunked` is true when Transfer-Encoding is
-    sent (the daemon refuses such bodies); `keep_alive` says whether the connection may carry
-    another request after the answer."""
+    `content_length` is None without Content-Length; `chunked` is true for a body sent with
+    Transfer-Encoding: chunked (the only transfer coding accepted); `keep_alive` says whether the
+    connection may carry another request after the answer."""
 
     method: str
     target: str
@@ -173,10 +215,11 @@ class RequestHead:
     @classmethod
     def build(cls, request: RequestLine, version: tuple[int, int], lines: list[bytes]) -> "RequestHead":
         """The head of `request` (already checked: `version` is its `check()`) with header `lines`;
-        ApiError bad_request or too_large as `parse_header_lines` and `content_length` raise them."""
+        ApiError bad_request or too_large as `parse_header_lines`, `content_length` and
+        `is_chunked` raise them."""
         headers = parse_header_lines(lines)
         return cls(request.method, request.target, version, headers, content_length(headers),
-                   "Transfer-Encoding" in headers, keeps_alive(version, headers.get("Connection", "")))
+                   is_chunked(headers, version), keeps_alive(version, headers.get("Connection", "")))
 
     @property
     def expects_continue(self) -> bool:

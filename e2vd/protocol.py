@@ -9,7 +9,8 @@ states and boolean spellings come from `e2vd.vocabulary`. It imports nothing hea
 Error responses always have the shape ``{"error": {"code": str, "message": str}}``. The codes of
 the first design (bad_audio, too_large, too_long, too_short, bad_option, busy, model_unavailable,
 internal) are extended with HTTP-level codes (bad_request, not_found, method_not_allowed,
-timeout, length_required), each listed in `ERRORS` with its status. `ERRORS` is the only source of
+timeout, length_required) and bad_form (a multipart upload that is malformed or does not hold
+exactly one file part, see e2vd.upload), each listed in `ERRORS` with its status. `ERRORS` is the only source of
 an error's HTTP status: `ApiError.status` reads it, the server answers with it, and the OpenAPI
 document lists it (per operation, and for every code in the Error schema's `x-status`).
 """
@@ -27,15 +28,20 @@ API_VERSION = "1"
 # code -> (HTTP status, what it means; shown in the OpenAPI document)
 ERRORS: dict[str, tuple[int, str]] = {
     "bad_audio": (400, "The body is not audio libsndfile can read (wav, flac, ogg, mp3), or its samples are unusable."),
-    "bad_option": (400, "A query option is unknown, repeated or has a bad value."),
+    "bad_option": (400, "A query option (or a form field carrying one) is unknown, repeated, given both in the "
+                        "query and the form, or has a bad value."),
+    "bad_form": (400, "The multipart/form-data body is malformed (boundary, part headers, no closing boundary, "
+                      "nested multipart) or does not hold exactly one file part."),
     "bad_request": (400, "The HTTP request itself is malformed (request line, HTTP version other than 1.x, header "
-                         "lines, Content-Length, short body); the connection is closed after the answer."),
+                         "lines, Content-Length, Transfer-Encoding other than chunked, chunk framing, short body); "
+                         "the connection is closed after the answer."),
     "not_found": (404, "No such route; see GET /v1/openapi.json."),
     "method_not_allowed": (405, "The route exists but not for this method; the Allow header lists the methods."),
     "timeout": (408, "The request was not received completely within connection_timeout seconds."),
-    "length_required": (411, "The body must be sent with Content-Length; chunked uploads are not supported."),
-    "too_large": (413, "The body is larger than the daemon accepts (max_body_bytes), or the request line or a "
-                       "header line is longer than 64 KiB, or there are more than 100 header lines."),
+    "length_required": (411, "The request has no body: send it with Content-Length or Transfer-Encoding: chunked."),
+    "too_large": (413, "The body is larger than the daemon accepts (max_body_bytes; a chunked body is refused the "
+                       "moment it would cross it), or the request line or a header line is longer than 64 KiB, or "
+                       "there are more than 100 header lines."),
     "too_long": (422, "The audio is longer than max_seconds."),
     "too_short": (422, "The audio is too short to analyse."),
     "internal": (500, "The daemon failed unexpectedly; the journal has the details."),
@@ -125,11 +131,13 @@ EMBEDDING = Option("embedding", "bool", False, "1 to include the embedding in th
 HOLD = Option("hold", "seconds", 0.0, "Keep the model loaded at least this many seconds from now (capped by max_hold).")
 
 
-def parse_options(query: str, options: tuple[Option, ...]) -> dict[str, Any]:
-    """Parse a URL query string against `options`; returns every option's value (defaults filled in).
+def parse_options(query: str, options: tuple[Option, ...], form: dict[str, str] | None = None) -> dict[str, Any]:
+    """Parse a URL query string, and the option fields of a multipart form (raw text by name),
+    against `options`; returns every option's value (defaults filled in).
 
     Unknown, repeated or malformed options raise ApiError("bad_option") with a message naming the
-    accepted options, so a typo never silently falls back to a default.
+    accepted options, so a typo never silently falls back to a default. An option given both in the
+    query and in the form is refused the same way, whatever the two values: neither source wins.
     """
     known = {o.name: o for o in options}
     values: dict[str, Any] = {o.name: o.default for o in options}
@@ -145,6 +153,15 @@ def parse_options(query: str, options: tuple[Option, ...]) -> dict[str, Any]:
             raise ApiError("bad_option", f"unknown option {name!r}; this route accepts: {accepted}")
         if name in seen:
             raise ApiError("bad_option", f"option {name!r} is given twice; give it once")
+        seen.add(name)
+        values[name] = known[name].parse(raw)
+    for name, raw in (form or {}).items():
+        if name not in known:
+            raise ApiError("bad_option", f"unknown form field {name!r}; this route's option fields are: "
+                           + (", ".join(known) or "none"))
+        if name in seen:
+            raise ApiError("bad_option", f"option {name!r} is given both in the query and as a form field; "
+                           "give it once, in either")
         seen.add(name)
         values[name] = known[name].parse(raw)
     return values
@@ -167,10 +184,11 @@ class Route:
 
 
 RECOGNIZE = Route("POST", "/v1/recognize", "recognize",
-                  "Recognise the emotion in the audio file sent as the body (wav, flac, ogg, mp3).",
+                  "Recognise the emotion in the audio file sent as the body (wav, flac, ogg, mp3), raw or as "
+                  "the one file part of a multipart/form-data form.",
                   (GRANULARITY, EMBEDDING), body=True,
-                  errors=("bad_audio", "bad_option", "bad_request", "timeout", "length_required", "too_large",
-                          "too_long", "too_short", "busy", "model_unavailable", "internal"))
+                  errors=("bad_audio", "bad_option", "bad_form", "bad_request", "timeout", "length_required",
+                          "too_large", "too_long", "too_short", "busy", "model_unavailable", "internal"))
 HEALTH = Route("GET", "/v1/health", "health",
                "Answers at once, also while the model loads: {\"status\": \"loading\"|\"ready\"}.",
                errors=("model_unavailable",))
@@ -276,6 +294,28 @@ def _option_schema(option: Option) -> dict[str, Any]:
     return {"type": "number", "minimum": 0, "default": option.default}
 
 
+def _request_body(route: Route) -> dict[str, Any]:
+    """The requestBody of a route that takes the audio (e2vd.upload): raw, or a multipart form."""
+    raw = {"schema": {"type": "string", "format": "binary"}}
+    fields = {o.name: {**_option_schema(o), "description": o.description} for o in route.options}
+    if "embedding" in fields:
+        fields["embedding"] = {"type": "string", "enum": [*TRUE_WORDS, *FALSE_WORDS], "description": EMBEDDING.description}
+    form = {"type": "object", "required": ["file"],
+            "properties": {"file": {"type": "string", "format": "binary",
+                                    "description": "The audio file. Any field name is accepted for the one part "
+                                                   "that is not an option field; 'file' is preferred, 'audio' "
+                                                   "the other usual name."}, **fields}}
+    return {"required": True,
+            "description": "The audio file (wav, flac, ogg, mp3), up to max_body_bytes, framed by Content-Length or "
+                           "Transfer-Encoding: chunked. Raw: the body is the file's bytes, whatever its Content-Type "
+                           "(any type but multipart/*; e2vd's client and CLI send it so: the fastest path). "
+                           "multipart/form-data: exactly one file part plus optional option fields; an option "
+                           "given both in the query and as a form field is refused (bad_option).",
+            "content": {"application/octet-stream": raw, "audio/*": raw,
+                        "multipart/form-data": {"schema": form,
+                                                "encoding": {"file": {"contentType": "audio/*, application/octet-stream"}}}}}
+
+
 def openapi(version: str = "0") -> dict[str, Any]:
     """The OpenAPI 3.1 document of every route, option and error in this module."""
     paths: dict[str, Any] = {}
@@ -297,9 +337,7 @@ def openapi(version: str = "0") -> dict[str, Any]:
                             "schema": _option_schema(o)} for o in route.options],
         }
         if route.body:
-            op["requestBody"] = {"required": True, "description": "The audio file's bytes, sent with Content-Length.",
-                                 "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-                                             "audio/*": {"schema": {"type": "string", "format": "binary"}}}}
+            op["requestBody"] = _request_body(route)
         paths.setdefault(route.path, {})[route.method.lower()] = op
     return {
         "openapi": "3.1.0",

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from e2vd import __version__, protocol
 from e2vd.protocol import BUSY_RETRY_AFTER_S, ApiError, Route
+from e2vd.upload import receive, upload_kind
 from e2vd.scheduler import (BadAudio, InferenceFailed, ModelUnavailable, OutOfGpuMemory, QueueFull, Scheduler,
                             SchedulerError)
 from e2vd.vocabulary import State
@@ -73,10 +75,25 @@ class App:
 
 
 class RequestBody(Protocol):
-    """A request's body as the routes read it (e2vd.http_io.Body)."""
+    """A request's body as the routes read it (e2vd.http_io.Body; e2vd.upload reads it for recognize)."""
+
+    @property
+    def content_type(self) -> str:
+        """The Content-Type header ("" without one)."""
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the body is sent with Transfer-Encoding: chunked."""
+
+    @property
+    def received(self) -> int:
+        """Body bytes read so far."""
+
+    def pieces(self) -> Iterator[bytes]:
+        """The body's bytes as they arrive (a body required, at most max_body_bytes)."""
 
     def read(self) -> bytes:
-        """The whole body (Content-Length required, at most max_body_bytes)."""
+        """The whole body (a body required, at most max_body_bytes)."""
 
     def skip(self) -> None:
         """Read and ignore a small body (routes that take none)."""
@@ -91,6 +108,7 @@ class Request:
     body: RequestBody
     fields: dict[str, Any]             # the request event's fields (README "Journal fields"); add yours
     client_gone: Callable[[], bool]    # whether the client has hung up; quick, never blocks
+    query: str = ""                    # the URL's query string, as sent (options may come in a form too)
 
 
 def health(req: Request) -> Answer:
@@ -130,26 +148,37 @@ def warmup(req: Request) -> Answer:
 
 
 def recognize(req: Request) -> Answer:
-    """POST /v1/recognize: read and decode the audio here (the connection's thread), run it on
-    the scheduler's worker, answer the result. The request event gets each step's time."""
+    """POST /v1/recognize: receive the upload (raw or a form, e2vd.upload) and decode the audio
+    here (the connection's thread), run it on the scheduler's worker, answer the result. Options
+    come from the query or the form's option fields (never both for one option). The request
+    event gets each step's time and how the audio came (`upload`, `chunked`)."""
     from e2vd.audio import AudioError, decode   # here: importing the server stays light (no numpy)
 
     app, fields = req.app, req.fields
     t0 = time.monotonic()
-    body = req.body.read()
-    t1 = time.monotonic()
-    fields.update(body_bytes=len(body), read_ms=round((t1 - t0) * 1000.0, 2))
-    if not body:
-        raise ApiError("bad_audio", "the body is empty; send the audio file's bytes, "
-                                    "e.g. curl --data-binary @clip.wav")
+    fields["upload"] = upload_kind(req.body.content_type)
+    if req.body.chunked:
+        fields["chunked"] = True
     try:
-        audio = decode(body, max_seconds=app.max_seconds)
+        upload = receive(req.body, [option.name for option in protocol.RECOGNIZE.options])
+    finally:
+        fields["body_bytes"] = req.body.received
+    options = req.options
+    if upload.fields:
+        options = protocol.parse_options(req.query, protocol.RECOGNIZE.options, form=upload.fields)
+    t1 = time.monotonic()
+    fields["read_ms"] = round((t1 - t0) * 1000.0, 2)
+    if not upload.audio:
+        raise ApiError("bad_audio", f"{upload.what} is empty; send the audio file's bytes, "
+                                    "e.g. curl --data-binary @clip.wav or curl -F file=@clip.wav")
+    try:
+        audio = decode(upload.audio, max_seconds=app.max_seconds)
     except AudioError as err:
         raise api_error(err) from None
     t2 = time.monotonic()
     fields.update(audio_seconds=round(audio.duration_s, 3), decode_ms=round((t2 - t1) * 1000.0, 2))
     try:
-        job = app.scheduler.submit(audio, req.options["granularity"], req.options["embedding"],
+        job = app.scheduler.submit(audio, options["granularity"], options["embedding"],
                                    client_gone=req.client_gone)
     except SchedulerError as err:
         raise api_error(err) from None

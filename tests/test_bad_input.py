@@ -1,4 +1,4 @@
-"""A corpus of bad (and odd-but-fine) input against one real daemon: each case gets the right HTTP
+"""A corpus of bad (and odd-but-fine) input against one real daemon (raw, chunked and multipart uploads): each case gets the right HTTP
 status and error code, and after each case the daemon still recognises a good clip.
 
 The daemon runs with short limits (connection_timeout 2 s, max_body_bytes 25 MB, max_seconds 30)
@@ -18,6 +18,7 @@ import pytest
 import soundfile as sf
 from conftest import speechlike
 from daemon_proc import DaemonProcess, raw_request, read_response
+from forms import Part, chunked, form
 
 from e2vd.client import connect_unix
 
@@ -77,6 +78,41 @@ def trickle(s: socket.socket) -> None:
             time.sleep(0.5)
     except OSError:
         pass
+
+
+def chunked_trickle(s: socket.socket) -> None:
+    """Send a one-byte chunk every 0.5 s (never silent for connection_timeout) until the daemon gives up."""
+    try:
+        for _ in range(CONNECTION_TIMEOUT * 6):
+            s.send(b"1\r\nx\r\n")
+            time.sleep(0.5)
+    except OSError:
+        pass
+
+
+def post_chunked(d: DaemonProcess, data: bytes, *lines: str) -> tuple[int, Any]:
+    """`data` sent as it is after a chunked POST /v1/recognize head with `lines`."""
+    return raw(d, head("POST", "/v1/recognize", "Transfer-Encoding: chunked", *lines) + data)
+
+
+def post_form(d: DaemonProcess, *parts: Part, query: str = "", chunk: int | None = None,
+              **form_args: Any) -> tuple[int, Any]:
+    """A multipart/form-data POST of `parts`, with Content-Length, or chunked in pieces of `chunk` bytes."""
+    body, content_type = form(*parts, **form_args)
+    if chunk is not None:
+        return post_chunked(d, chunked(body, chunk), f"Content-Type: {content_type}")
+    return raw(d, head("POST", "/v1/recognize" + query, f"Content-Type: {content_type}",
+                       f"Content-Length: {len(body)}") + body)
+
+
+def crossing_max_body_chunked(d: DaemonProcess) -> tuple[int, Any]:
+    """A chunked body refused the moment its chunks would cross max_body_bytes: 20 MB, then 6 MB more."""
+    big = b"\0" * 20_000_000
+    return hold_open(d, head("POST", "/v1/recognize", "Transfer-Encoding: chunked")
+                     + b"%x\r\n%s\r\n%x\r\n" % (len(big), big, 6_000_000))
+
+
+FILE: Part = ("file", GOOD, "a.wav")
 
 
 def hang_up_mid_upload(d: DaemonProcess) -> None:
@@ -188,8 +224,45 @@ CASES: list[tuple[str, Callable[..., Any], int | None, str | None]] = [
     ("HEAD /v1/health", lambda d, t: raw(d, head("HEAD", "/v1/health")), 405, None),
     ("unknown method", lambda d, t: raw(d, head("BREW", "/v1/status")), 405, "method_not_allowed"),
     # --- framing ---
-    ("chunked upload", lambda d, t: raw(d, head("POST", "/v1/recognize", "Transfer-Encoding: chunked")
-                                        + b"10\r\n" + GOOD[:16] + b"\r\n0\r\n\r\n"), 411, "length_required"),
+    # --- chunked bodies ---
+    ("chunked upload (ok)", lambda d, t: post_chunked(d, chunked(GOOD)), 200, None),
+    ("chunked with extensions and trailers (ok)", lambda d, t: post_chunked(
+        d, b"10;a=b\r\n" + GOOD[:16] + b"\r\n" + chunked(GOOD[16:], 999, b"X-Sum: 1\r\n")), 200, None),
+    ("chunk size not hex", lambda d, t: post_chunked(d, b"1g\r\n" + GOOD[:16] + b"\r\n0\r\n\r\n"), 400, "bad_request"),
+    ("chunk size over 16 hex digits", lambda d, t: post_chunked(d, b"1" * 17 + b"\r\n"), 400, "bad_request"),
+    ("chunk longer than its size", lambda d, t: post_chunked(d, b"10\r\n" + GOOD[:20] + b"\r\n0\r\n\r\n"),
+     400, "bad_request"),
+    ("chunk extension over 4 KiB", lambda d, t: post_chunked(d, b"10;" + b"x" * 5000 + b"\r\n"), 400, "bad_request"),
+    ("chunked body without its last chunk", lambda d, t: hold_open(
+        d, head("POST", "/v1/recognize", "Transfer-Encoding: chunked") + chunked(GOOD)[:-5],
+        lambda s: s.shutdown(socket.SHUT_WR)), 400, "bad_request"),
+    ("chunked trickle", lambda d, t: hold_open(d, head("POST", "/v1/recognize", "Transfer-Encoding: chunked"),
+                                               chunked_trickle), 408, "timeout"),
+    ("chunk declared over max_body_bytes", lambda d, t: post_chunked(d, b"%x\r\n" % (MAX_BODY + 1)), 413, "too_large"),
+    ("chunks crossing max_body_bytes", lambda d, t: crossing_max_body_chunked(d), 413, "too_large"),
+    ("Transfer-Encoding gzip", lambda d, t: post_chunked(d, b"0\r\n\r\n", "Transfer-Encoding: gzip"), 400, "bad_request"),
+    ("chunked and Content-Length", lambda d, t: post_chunked(d, chunked(GOOD), f"Content-Length: {len(GOOD)}"),
+     400, "bad_request"),
+    # --- multipart/form-data ---
+    ("multipart upload (ok)", lambda d, t: post_form(d, FILE), 200, None),
+    ("multipart chunked, options as fields (ok)", lambda d, t: post_form(
+        d, ("granularity", b"frame", None), FILE, ("embedding", b"1", None), chunk=1000), 200, None),
+    ("form with two file parts", lambda d, t: post_form(d, FILE, ("audio", GOOD, "b.wav")), 400, "bad_form"),
+    ("form with a stray text field", lambda d, t: post_form(d, FILE, ("submit", b"Upload", None)), 400, "bad_form"),
+    ("form without a file part", lambda d, t: post_form(d, ("granularity", b"frame", None)), 400, "bad_form"),
+    ("form without its closing boundary", lambda d, t: post_form(d, FILE, end=b"\r\n"), 400, "bad_form"),
+    ("form boundary over 70 bytes", lambda d, t: post_form(d, FILE, boundary="b" * 71), 400, "bad_form"),
+    ("form part header over 4 KiB", lambda d, t: post_form(d, ("file", GOOD, "a" * 5000)), 400, "bad_form"),
+    ("nested multipart", lambda d, t: post_form(d, FILE, part_headers={"Content-Type": "multipart/mixed; boundary=x"}),
+     400, "bad_form"),
+    ("multipart/mixed body", lambda d, t: raw(d, head("POST", "/v1/recognize", "Content-Type: multipart/mixed; boundary=b",
+                                                      "Content-Length: 7") + b"--b--\r\n"), 400, "bad_form"),
+    ("option in the query and the form", lambda d, t: post_form(d, FILE, ("embedding", b"1", None), query="?embedding=1"),
+     400, "bad_option"),
+    ("form field granularity=word", lambda d, t: post_form(d, FILE, ("granularity", b"word", None)), 400, "bad_option"),
+    ("form over max_body_bytes (Expect: 100-continue)", lambda d, t: raw(d, head(
+        "POST", "/v1/recognize", f"Content-Type: {form()[1]}", f"Content-Length: {MAX_BODY + 1}",
+        "Expect: 100-continue")), 413, "too_large"),
     ("POST without Content-Length", lambda d, t: raw(d, head("POST", "/v1/recognize")), 411, "length_required"),
     ("Content-Length not a number", lambda d, t: raw(d, head("POST", "/v1/recognize", "Content-Length: abc")), 400, "bad_request"),
     ("negative Content-Length", lambda d, t: raw(d, head("POST", "/v1/recognize", "Content-Length: -5")), 400, "bad_request"),

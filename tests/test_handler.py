@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import wav_clip
+from forms import chunked, form
 from test_routes import FakeControl, FakeEngine
 
 from e2vd import protocol
@@ -192,6 +193,49 @@ def test_expect_100_continue(daemon):
     s.sendall(head("POST", "/v1/recognize", "Content-Length: 2000000", "Expect: 100-continue"))
     status, headers, body = s.response()
     assert status == 413 and body["error"]["code"] == "too_large" and headers["connection"] == "close"
+
+
+def test_chunked_and_multipart_uploads_on_one_kept_alive_connection(daemon, caplog):
+    s = daemon.connect()
+    body, content_type = form(("file", GOOD, "a.wav"), ("granularity", b"frame", None))
+    s.sendall(head("POST", "/v1/recognize", "Transfer-Encoding: chunked") + chunked(GOOD, 1000, b"X-Sum: 1\r\n")
+              + head("POST", "/v1/recognize", f"Content-Type: {content_type}", f"Content-Length: {len(body)}") + body
+              + head("POST", "/v1/recognize", f"Content-Type: {content_type}", "Transfer-Encoding: chunked",
+                     "Expect: 100-continue"))
+    assert s.response()[0] == 200 and s.response()[0] == 200
+    assert s.recv_exactly(25) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    s.sendall(chunked(body, 7))
+    status, headers, result = s.response()
+    assert status == 200 and result["top"]["label"] == "happy" and "connection" not in headers
+    events = request_events(caplog, 3)
+    assert [(e["upload"], e.get("chunked"), e["body_bytes"]) for e in events] == [
+        ("raw", True, len(GOOD)), ("multipart", None, len(body)), ("multipart", True, len(body))]
+
+
+def test_a_form_refused_half_way_is_read_to_its_end_and_the_connection_goes_on(daemon, caplog):
+    """Two file parts: refused as the second begins; the rest of the body is dropped, not read as a request."""
+    s = daemon.connect()
+    body, content_type = form(("file", GOOD, "a.wav"), ("audio", GOOD, "b.wav"))
+    s.sendall(head("POST", "/v1/recognize", f"Content-Type: {content_type}", "Transfer-Encoding: chunked")
+              + chunked(body, 500) + head("GET", "/v1/health"))
+    status, headers, answer = s.response()
+    assert status == 400 and answer["error"]["code"] == "bad_form" and "connection" not in headers
+    assert "two file parts, 'file' (file 'a.wav') and 'audio' (file 'b.wav')" in answer["error"]["message"]
+    assert s.response()[2] == {"status": "ready"}
+    assert len(GOOD) < request_events(caplog, 1)[0]["body_bytes"] < len(body)   # read when it was refused
+
+
+def test_broken_chunk_framing_and_a_chunked_body_over_max_body_bytes_close_the_connection(daemon):
+    s = daemon.connect()
+    s.sendall(head("POST", "/v1/recognize", "Transfer-Encoding: chunked") + b"zz\r\n" + head("GET", "/v1/health"))
+    status, headers, answer = s.response()
+    assert status == 400 and answer["error"]["code"] == "bad_request" and headers["connection"] == "close"
+    assert s.closed()
+    s = daemon.connect()
+    s.sendall(head("POST", "/v1/recognize", "Transfer-Encoding: chunked") + b"%x\r\n" % 1_000_001)
+    status, headers, answer = s.response()
+    assert status == 413 and answer["error"]["code"] == "too_large" and headers["connection"] == "close"
+    assert "accepts at most 1000000" in answer["error"]["message"]
 
 
 def test_an_unexpected_failure_is_500_internal_and_the_connection_goes_on(daemon, monkeypatch, caplog):

@@ -4,6 +4,7 @@ each pair is the test; nothing is mocked."""
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -141,7 +142,6 @@ def test_a_body_cut_off_by_the_deadline_is_timeout_and_closes(pair):
 
 
 @pytest.mark.parametrize("lines, code, closes", [
-    (("Transfer-Encoding: chunked",), "length_required", True),     # refused unread: framing unknown
     ((), "length_required", False),                                  # nothing was sent: still in sync
     (("Content-Length: 101",), "too_large", True),
 ])
@@ -171,10 +171,13 @@ def test_discard_reads_an_acceptable_body_and_closes_on_anything_else(pair):
     body = Body(wire, head_of("Content-Length: 5"), max_body_bytes=100)
     body.discard()
     assert body.done and not body.close and wire.rfile.read(4) == b"NEXT"
-    for lines in (("Content-Length: 101",), ("Transfer-Encoding: chunked",)):
-        unread = Body(wire, head_of(*lines), max_body_bytes=100)
-        unread.discard()
-        assert unread.close
+    client.sendall(b"3\r\nabc\r\n0\r\n\r\n" + b"NEXT")                 # a chunked one is read too
+    chunked = Body(wire, head_of("Transfer-Encoding: chunked"), max_body_bytes=100)
+    chunked.discard()
+    assert chunked.done and not chunked.close and wire.rfile.read(4) == b"NEXT"
+    unread = Body(wire, head_of("Content-Length: 101"), max_body_bytes=100)
+    unread.discard()
+    assert unread.close
     client.shutdown(socket.SHUT_WR)
     short = Body(wire, head_of("Content-Length: 5"), max_body_bytes=100)
     short.discard()
@@ -204,3 +207,162 @@ def test_write_says_when_the_client_is_gone(pair):
     assert wire.write(b"HTTP/1.1 200 OK\r\n\r\n") and client.recv(100).startswith(b"HTTP/1.1 200")
     client.close()
     assert not wire.write(b"x" * 100000)
+
+
+# --- chunked bodies (e2vd.http_chunked) -------------------------------------------------------------
+
+def chunked(*chunks: bytes, trailer: bytes = b"") -> bytes:
+    """`chunks` framed as a chunked body, with the last chunk and `trailer` lines."""
+    return b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n" + trailer + b"\r\n"
+
+
+def chunked_body(wire: Wire, max_body_bytes: int = 100) -> Body:
+    return Body(wire, head_of("Transfer-Encoding: chunked"), max_body_bytes)
+
+
+def test_a_chunked_body_is_read_as_it_arrives_and_leaves_the_next_request_in_place(pair):
+    wire, client = pair
+    wire.conn.deadline = 1.0
+    client.sendall(b"5;name=value;flag\r\nhello\r\n0006\r\n, worl\r\n1 ; ext\r\nd\r\n0;last\r\n"
+                   b"X-Checksum: 123\r\nX-Other:\r\n\r\n" + b"GET")
+    body = chunked_body(wire)
+    assert body.check_length(required=True) is None and body.chunked
+    assert body.read() == b"hello, world" and body.received == 12
+    assert body.done and not body.close and wire.conn.deadline is None     # extensions and trailers dropped
+    assert wire.rfile.read(3) == b"GET"
+
+
+def test_a_chunked_body_is_handed_on_piece_by_piece(pair):
+    wire, client = pair
+    client.sendall(b"4\r\nabcd\r\n")
+    pieces = chunked_body(wire).pieces()
+    assert next(pieces) == b"abcd"                     # before the rest has even been sent
+    client.sendall(b"2\r\nef\r\n0\r\n\r\n")
+    assert list(pieces) == [b"ef"]
+
+
+def test_a_chunked_body_is_refused_the_moment_it_would_cross_max_body_bytes(pair):
+    wire, client = pair
+    client.sendall(b"40\r\n" + b"x" * 64 + b"\r\n" + b"40\r\n")     # 64 + 64 > 100; the data never comes
+    body = chunked_body(wire)
+    pieces = body.pieces()
+    assert next(pieces) == b"x" * 64
+    message = refused("too_large", next, pieces)
+    assert "after 64 bytes, a chunk of 64 more; this daemon accepts at most 100" in message and body.close
+
+
+def test_sixteen_hex_digits_are_a_size_and_refused_as_too_large_not_allocated(pair):
+    wire, client = pair
+    client.sendall(b"000FFFFFFFFFFFFFFFF\r\n")
+    assert "a chunk of 18446744073709551615 more" in refused("too_large", chunked_body(wire).read)
+
+
+HOSTILE_CHUNKED: list[tuple[str, bytes, str]] = [
+    ("size that is not hex", b"xyz\r\nabc\r\n0\r\n\r\n", "is not a hex size"),
+    ("negative size", b"-5\r\nabc\r\n0\r\n\r\n", "is not a hex size"),
+    ("size with 0x", b"0x3\r\nabc\r\n0\r\n\r\n", "is not a hex size"),
+    ("empty size line", b"\r\nabc\r\n0\r\n\r\n", "is not a hex size"),
+    ("17 hex digits", b"10000000000000000\r\n", "has 17 hex digits, more than 16"),
+    ("bare LF after the size", b"3\nabc\r\n0\r\n\r\n", "ending in CRLF"),
+    ("bare CR in an extension", b"3;a\rb\r\nabc\r\n0\r\n\r\n", "is not a hex size"),
+    ("size line longer than 4096 bytes", b"3;" + b"e" * 5000 + b"\r\nabc\r\n0\r\n\r\n", "longer than 4096 bytes"),
+    ("more data than the size says", b"3\r\nabcd\r\n0\r\n\r\n", "followed by b'd\\r', not CRLF"),
+    ("data followed by a bare LF", b"3\r\nabc\n0\r\n\r\n", "not CRLF"),
+    ("extensions swamping tiny chunks", (b"1;" + b"e" * 4000 + b"\r\na\r\n") * 5, "more than 16384 bytes of framing"),
+    ("a malformed trailer", b"0\r\nX-T : 1\r\n\r\n", "whitespace before the colon"),
+    ("a bare LF ending the trailers", b"0\r\n\n", "ends with b'\\n', not CRLF"),
+]
+
+
+@pytest.mark.parametrize("what, data, needle", HOSTILE_CHUNKED, ids=[h[0] for h in HOSTILE_CHUNKED])
+def test_hostile_chunk_framing_is_bad_request_and_closes(pair, what, data, needle):
+    wire, client = pair
+    client.sendall(data)
+    body = chunked_body(wire, max_body_bytes=10 ** 6)
+    message = refused("bad_request", body.read)
+    assert needle in message and "the connection is closed" in message and body.close
+
+
+def test_more_than_100_trailer_lines_are_too_large(pair):
+    wire, client = pair
+    client.sendall(chunked(b"abc", trailer=b"X: 1\r\n" * 101))
+    assert "more than 100 trailer lines" in refused("too_large", chunked_body(wire).read)
+
+
+@pytest.mark.parametrize("data, needle", [
+    (b"3\r\nabc\r\n", "the body ended after 3 bytes of a chunked body; it has no last chunk; end a chunked body "
+                      "with 0 CRLF CRLF"),
+    (b"3\r\nabc\r\n0\r\n", "end a chunked body with 0 CRLF, then CRLF"),
+    (b"5\r\nabc", "2 short of a chunk's 5"),
+    (b"3\r\nab", "send every chunk whole"),
+    (b"3\r\nabc", "before the CRLF after a chunk"),
+    (b"3\r", "in a chunk size line"),
+])
+def test_a_chunked_body_cut_short_is_bad_request_and_closes(pair, data, needle):
+    wire, client = pair
+    client.sendall(data)
+    client.shutdown(socket.SHUT_WR)
+    body = chunked_body(wire)
+    message = refused("bad_request", body.read)
+    assert needle in message and body.close
+
+
+def test_a_chunked_body_cut_off_by_the_deadline_is_timeout(pair):
+    """What the reaper does at the deadline, whatever the chunks before it were."""
+    wire, client = pair
+    client.sendall(b"3\r\nabc\r\n2\r\nd")
+    wire.conn.timed_out = True
+    wire.sock.shutdown(socket.SHUT_RD)
+    body = chunked_body(wire)
+    message = refused("timeout", body.read)
+    assert f"did not arrive within {TIMEOUT:g} s (got 4 bytes of a chunked body" in message
+    assert "connection_timeout" in message and body.close
+
+
+def test_routes_without_a_body_skip_a_small_chunked_one_and_refuse_a_big_one(pair):
+    wire, client = pair
+    client.sendall(chunked(b"x" * 27) + b"%x\r\n" % (SMALL_BODY_BYTES + 1))
+    small = chunked_body(wire, max_body_bytes=10 ** 9)
+    small.skip()
+    assert small.done and not small.close and small.received == 27
+    big = chunked_body(wire, max_body_bytes=10 ** 9)
+    assert f"at most {SMALL_BODY_BYTES}" in refused("too_large", big.skip) and big.close
+
+
+def test_expect_100_continue_invites_a_chunked_body(pair):
+    wire, client = pair
+    Body(wire, head_of("Transfer-Encoding: chunked", "Expect: 100-continue"), max_body_bytes=100).invite(True)
+    assert client.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def test_discard_goes_on_from_where_a_route_stopped_reading(pair):
+    """A route that refused the body half-way (a bad form): the rest is read and dropped, so the
+    answer can be read and the connection stays in sync; a body that then breaks its framing closes."""
+    wire, client = pair
+    client.sendall(chunked(b"abc", b"def", b"ghi") + b"NEXT")
+    body = chunked_body(wire)
+    assert next(body.pieces()) == b"abc"
+    body.discard()
+    assert body.done and not body.close and body.received == 9 and wire.rfile.read(4) == b"NEXT"
+    client.sendall(b"10\r\n" + b"y" * 16 + b"\r\n" + b"zz\r\n")
+    broken = chunked_body(wire)
+    next(broken.pieces())
+    broken.discard()
+    assert broken.close and not broken.done
+    sized = Body(wire, head_of("Content-Length: 6"), max_body_bytes=100)
+    client.sendall(b"123456" + b"LAST")
+    pieces = sized.pieces()
+    client.sendall(b"")
+    assert next(pieces) in (b"123456", b"1", b"12", b"123", b"1234", b"12345")
+    sized.discard()
+    assert sized.done and wire.rfile.read(4) == b"LAST"
+
+
+def test_many_tiny_chunks_without_extensions_are_fine(pair):
+    """The framing allowance targets extensions, not small chunks: 20000 one-byte chunks pass."""
+    wire, client = pair
+    data = bytes(range(256)) * 78 + b"x" * 32
+    sender = threading.Thread(target=client.sendall, args=(chunked(*(data[i:i + 1] for i in range(len(data)))),))
+    sender.start()
+    assert chunked_body(wire, max_body_bytes=10 ** 6).read() == data
+    sender.join()

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from e2vd.http_wire import (MAX_HEADERS, MAX_LINE_BYTES, SERVER_HEADER, RequestHead, RequestLine, content_length,
-                            keeps_alive, parse_field_line, parse_header_lines, response_head)
+                            is_chunked, keeps_alive, parse_chunk_size, parse_field_line, parse_header_lines,
+                            response_head)
 from e2vd.protocol import ApiError
 
 
@@ -137,7 +138,7 @@ def head_of(*lines: bytes):
     ((b"content-length:0000027",), 27),
     ((b"Content-Length: " + b"0" * 5000 + b"1",), 1),              # leading zeros are not digits of the size
     ((b"Content-Length: " + b"9" * 18,), 10 ** 18 - 1),
-    ((b"Transfer-Encoding: chunked",), None),                      # chunked: refused later, by the route
+    ((b"Transfer-Encoding: chunked",), None),                      # chunked: no declared length
 ])
 def test_content_length(lines, length):
     assert content_length(head_of(*lines)) == length
@@ -167,6 +168,54 @@ def test_a_content_length_of_more_than_18_digits_is_too_large_not_parsed():
     assert "5000-digit" in message
 
 
+# --- chunked transfer coding ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("lines, chunked", [
+    ((), False), ((b"Transfer-Encoding: chunked",), True), ((b"transfer-encoding: CHUNKED ",), True),
+])
+def test_is_chunked(lines, chunked):
+    assert is_chunked(head_of(*lines), (1, 1)) is chunked
+
+
+@pytest.mark.parametrize("lines, needle", [
+    ((b"Transfer-Encoding: gzip, chunked",), "'gzip, chunked' is not supported"),
+    ((b"Transfer-Encoding: identity",), "'identity' is not supported"),
+    ((b"Transfer-Encoding: chunked, chunked",), "not supported"),
+    ((b"Transfer-Encoding: chunked", b"Transfer-Encoding: chunked"), "not supported"),
+    ((b"Transfer-Encoding: chunked, gzip",), "not supported"),          # chunked not last: length unknown
+    ((b"Transfer-Encoding: ",), "not supported"),
+    ((b"Transfer-Encoding: chunked;q=1",), "not supported"),
+])
+def test_other_transfer_codings_are_refused(lines, needle):
+    message = refused("bad_request", is_chunked, head_of(*lines), (1, 1))
+    assert needle in message and "the connection is closed" in message
+
+
+def test_transfer_encoding_in_http_1_0_is_refused():
+    message = refused("bad_request", is_chunked, head_of(b"Transfer-Encoding: chunked"), (1, 0))
+    assert "in an HTTP/1.0 request" in message
+
+
+@pytest.mark.parametrize("line, size", [
+    (b"0\r\n", 0), (b"1a\r\n", 26), (b"1A\r\n", 26), (b"000000000000000000010\r\n", 16),
+    (b"ffffffffffffffff\r\n", 2 ** 64 - 1), (b"5;name=value\r\n", 5), (b"5 ;a;b=\"c d\"\r\n", 5), (b"5\t;x\r\n", 5),
+])
+def test_chunk_sizes(line, size):
+    assert parse_chunk_size(line) == size
+
+
+@pytest.mark.parametrize("line, needle", [
+    (b"\r\n", "is not a hex size"), (b"g\r\n", "is not a hex size"), (b"-1\r\n", "is not a hex size"),
+    (b"+1\r\n", "is not a hex size"), (b"0x1\r\n", "is not a hex size"), (b" 1\r\n", "is not a hex size"),
+    (b"1 2\r\n", "is not a hex size"), (b"1\n", "ending in CRLF"), (b"1;a\rb\r\n", "is not a hex size"),
+    (b"1;a\x00\r\n", "is not a hex size"), ("\u0661\r\n".encode(), "is not a hex size"),
+    (b"1" * 17 + b"\r\n", "has 17 hex digits, more than 16"),
+])
+def test_hostile_chunk_sizes_are_refused(line, needle):
+    message = refused("bad_request", parse_chunk_size, line)
+    assert needle in message and "0 CRLF CRLF" in message
+
+
 # --- keep-alive and the request's head as a whole -------------------------------------------------
 
 @pytest.mark.parametrize("version, connection, keep", [
@@ -187,6 +236,7 @@ def test_request_head_gathers_framing_keep_alive_and_expect():
     chunked = RequestHead.build(request, (1, 1), [b"Transfer-Encoding: chunked\r\n"])
     assert chunked.chunked and chunked.content_length is None and chunked.keep_alive
     assert not chunked.expects_continue
+    refused("bad_request", RequestHead.build, request, (1, 1), [b"Transfer-Encoding: gzip\r\n"])
     old = RequestHead.build(request, (1, 0), [b"Expect: 100-continue\r\n"])
     assert not old.expects_continue              # an HTTP/1.0 client does not wait for it
 

@@ -3,10 +3,12 @@ no model), and the one table that answers the scheduler's and the audio decoder'
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from conftest import wav_clip
+from forms import form
 
 from e2vd import __version__, protocol
 from e2vd.audio import ERROR_CODES as AUDIO_CODES, AudioError
@@ -35,11 +37,19 @@ class FakeEngine:
 
 
 class FakeBody:
-    def __init__(self, data: bytes = b"") -> None:
-        self.data, self.skipped = data, 0
+    """A body already received whole: `data` with `content_type`, handed on in pieces of 1000 bytes."""
+
+    def __init__(self, data: bytes = b"", content_type: str = "", chunked: bool = False) -> None:
+        self.data, self.skipped, self.received = data, 0, 0
+        self.content_type, self.chunked = content_type, chunked
+
+    def pieces(self) -> Iterator[bytes]:
+        for i in range(0, len(self.data), 1000):
+            self.received += len(self.data[i:i + 1000])
+            yield self.data[i:i + 1000]
 
     def read(self) -> bytes:
-        return self.data
+        return b"".join(self.pieces())
 
     def skip(self) -> None:
         self.skipped += 1
@@ -91,11 +101,13 @@ def unavailable():
 
 
 def request(scheduler: Scheduler, route: protocol.Route, query: str = "", body: bytes = b"",
-            gone: bool = False) -> tuple[Request, FakeControl, Served]:
+            gone: bool = False, content_type: str = "", chunked: bool = False) -> tuple[Request, FakeControl, Served]:
     control, served = FakeControl(), Served()
     app = App(scheduler, control, max_seconds=5.0, count_served=served)
-    req = Request(app, protocol.parse_options(query, route.options), FakeBody(body), {}, lambda: gone)
+    req = Request(app, protocol.parse_options(query, route.options), FakeBody(body, content_type, chunked), {},
+                  lambda: gone, query)
     return req, control, served
+
 
 
 def answer(req: Request, route: protocol.Route):
@@ -180,8 +192,9 @@ def test_recognize_answers_the_result_and_fills_the_request_event(ready):
     status, result = answer(req, protocol.RECOGNIZE)
     assert status == 200 and result["top"] == {"label": "happy", "score": 1.0} and result["model"] == "fake-model"
     assert set(result["timing_ms"]) == {"queue", "infer"} and served.count == 1
-    assert set(req.fields) == {"body_bytes", "read_ms", "audio_seconds", "decode_ms", "wait_ms", "queue_ms",
-                               "infer_ms", "batch_size", "top_label", "top_score"}
+    assert set(req.fields) == {"upload", "body_bytes", "read_ms", "audio_seconds", "decode_ms", "wait_ms",
+                               "queue_ms", "infer_ms", "batch_size", "top_label", "top_score"}
+    assert req.fields["upload"] == "raw" and req.fields["body_bytes"] == len(wav_clip(0.5))
     assert req.fields["audio_seconds"] == 0.5 and req.fields["batch_size"] == 1 and req.fields["top_label"] == "happy"
 
 
@@ -219,3 +232,68 @@ def test_recognize_when_the_model_cannot_load_is_model_unavailable(unavailable):
     with pytest.raises(ApiError) as info:
         answer(req, protocol.RECOGNIZE)
     assert info.value.code == "model_unavailable" and info.value.status == 503
+
+
+# --- recognize: uploads (e2vd.upload) -------------------------------------------------------------
+
+class Recorder(FakeEngine):
+    """FakeEngine that records the options each batch ran with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, bool]] = []
+
+    def recognize_batch(self, clips, granularity="utterance", embedding=False):
+        self.calls.append((granularity, embedding))
+        return super().recognize_batch(clips, granularity, embedding)
+
+
+@pytest.fixture
+def recorder():
+    engine = Recorder()
+    scheduler = started(lambda: engine)
+    assert scheduler.settled.wait(10)
+    yield scheduler, engine
+    scheduler.stop(10)
+
+
+def test_a_multipart_form_gives_its_file_part_and_option_fields(recorder):
+    scheduler, engine = recorder
+    body, content_type = form(("granularity", b"frame", None), ("audio", wav_clip(0.5), "a.wav"),
+                              ("embedding", b"yes", None))
+    req, _, served = request(scheduler, protocol.RECOGNIZE, body=body, content_type=content_type, chunked=True)
+    status, result = answer(req, protocol.RECOGNIZE)
+    assert status == 200 and result["top"]["label"] == "happy" and served.count == 1
+    assert engine.calls == [("frame", True)]
+    assert req.fields["upload"] == "multipart" and req.fields["chunked"] is True
+    assert req.fields["body_bytes"] == len(body) and req.fields["audio_seconds"] == 0.5
+
+
+def test_options_from_the_query_and_the_form_are_merged_but_never_both_for_one(recorder):
+    scheduler, engine = recorder
+    body, content_type = form(("file", wav_clip(0.5), "a.wav"), ("embedding", b"1", None))
+    req, _, _ = request(scheduler, protocol.RECOGNIZE, "granularity=frame", body, content_type=content_type)
+    assert answer(req, protocol.RECOGNIZE)[0] == 200 and engine.calls == [("frame", True)]
+    body, content_type = form(("file", wav_clip(0.5), "a.wav"), ("granularity", b"frame", None))
+    for query in ("granularity=frame", "granularity=utterance"):         # equal or not: refused
+        req, _, served = request(scheduler, protocol.RECOGNIZE, query, body, content_type=content_type)
+        with pytest.raises(ApiError) as info:
+            answer(req, protocol.RECOGNIZE)
+        assert info.value.code == "bad_option" and served.count == 0
+        assert "'granularity' is given both in the query and as a form field" in info.value.message
+
+
+@pytest.mark.parametrize("parts, code, needle", [
+    ((("file", b"", "a.wav"),), "bad_audio", "the form's file part 'file' is empty"),
+    ((("file", b"not audio", "a.wav"),), "bad_audio", ""),
+    ((("granularity", b"word", None), ("file", wav_clip(0.5), "a.wav")), "bad_option", "granularity='word'"),
+    ((("embedding", b"perhaps", None), ("file", wav_clip(0.5), "a.wav")), "bad_option", "embedding='perhaps'"),
+    ((("granularity", b"frame", None),), "bad_form", "no file part (only granularity)"),
+])
+def test_bad_forms_are_refused_before_the_queue(ready, parts, code, needle):
+    body, content_type = form(*parts)
+    req, _, served = request(ready, protocol.RECOGNIZE, body=body, content_type=content_type)
+    with pytest.raises(ApiError) as info:
+        answer(req, protocol.RECOGNIZE)
+    assert info.value.code == code and needle in info.value.message and served.count == 0 and ready.served == 0
+    assert req.fields["upload"] == "multipart"

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import pytest
 from conftest import wav_clip
 from daemon_proc import DaemonProcess, raw_request, read_response
+from forms import Part, form
 from test_handler import InProcess
 from test_routes import FakeEngine
 
@@ -207,6 +208,11 @@ def post(body: bytes, query: str = "") -> bytes:
     return head("POST", "/v1/recognize" + query, f"Content-Length: {len(body)}") + body
 
 
+def post_form(*parts: Part) -> bytes:
+    body, content_type = form(*parts)
+    return head("POST", "/v1/recognize", f"Content-Type: {content_type}", f"Content-Length: {len(body)}") + body
+
+
 # (code, what, action(daemon) -> (status, headers, JSON)); every code of ERRORS at least once
 ERROR_PATHS: list[tuple[str, str, Callable[[DaemonProcess], tuple[int, dict[str, str], Any]]]] = [
     ("bad_audio", "empty body", lambda d: raw_request(d.socket, post(b""))),
@@ -221,8 +227,14 @@ ERROR_PATHS: list[tuple[str, str, Callable[[DaemonProcess], tuple[int, dict[str,
     ("method_not_allowed", "unknown method", lambda d: raw_request(d.socket, head("BREW", "/v1/status"))),
     ("timeout", "cut off in the request line", lambda d: exchange(d, b"GET /v1/hea")[:3]),
     ("length_required", "POST without Content-Length", lambda d: raw_request(d.socket, head("POST", "/v1/recognize"))),
-    ("length_required", "chunked upload", lambda d: raw_request(
-        d.socket, head("POST", "/v1/recognize", "Transfer-Encoding: chunked") + b"0\r\n\r\n")),
+    ("bad_request", "a transfer coding other than chunked", lambda d: raw_request(
+        d.socket, head("POST", "/v1/recognize", "Transfer-Encoding: gzip, chunked") + b"0\r\n\r\n")),
+    ("bad_request", "a chunk size that is not hex", lambda d: raw_request(
+        d.socket, head("POST", "/v1/recognize", "Transfer-Encoding: chunked") + b"zz\r\n")),
+    ("bad_form", "a form with two file parts", lambda d: raw_request(d.socket, post_form(
+        ("file", GOOD, "a.wav"), ("audio", GOOD, "b.wav")))),
+    ("too_large", "a chunked body over max_body_bytes", lambda d: raw_request(
+        d.socket, head("POST", "/v1/recognize", "Transfer-Encoding: chunked") + b"ffffffffffff\r\n")),
     ("too_large", "huge Content-Length", lambda d: raw_request(
         d.socket, head("POST", "/v1/recognize", "Content-Length: 1000000000000"))),
     ("too_large", "Content-Length of 5000 digits", lambda d: raw_request(
