@@ -126,3 +126,28 @@ def test_openapi_gives_every_code_its_status_from_the_table():
         for name in HTTP_ERRORS:                     # any request can get these
             assert f"{name}: " in responses[str(ERRORS[name][0])]["description"]
         assert list(responses) == sorted(responses)
+
+
+def test_options_from_a_form_join_the_query_but_never_repeat_it():
+    assert parse_options("granularity=frame", RECOGNIZE, form={"embedding": "yes"}) == {
+        "granularity": "frame", "embedding": True}
+    assert parse_options("", RECOGNIZE, form={"granularity": "frame"})["granularity"] == "frame"
+    for query in ("embedding=1", "embedding=0"):                 # the same value or not: refused
+        with pytest.raises(ApiError) as info:
+            parse_options(query, RECOGNIZE, form={"embedding": "1"})
+        assert info.value.code == "bad_option" and "given both in the query and as a form field" in info.value.message
+    with pytest.raises(ApiError) as info:
+        parse_options("", RECOGNIZE, form={"granularity": "word"})
+    assert info.value.code == "bad_option" and "granularity='word'" in info.value.message
+    with pytest.raises(ApiError) as info:
+        parse_options("", RECOGNIZE, form={"model": "x"})
+    assert info.value.code == "bad_option" and "unknown form field 'model'" in info.value.message
+
+
+def test_openapi_lists_the_request_bodies_recognize_accepts():
+    body = openapi()["paths"]["/v1/recognize"]["post"]["requestBody"]
+    assert body["required"] and set(body["content"]) == {"application/octet-stream", "audio/*", "multipart/form-data"}
+    form = body["content"]["multipart/form-data"]["schema"]
+    assert form["required"] == ["file"] and set(form["properties"]) == {"file", "granularity", "embedding"}
+    assert "chunked" in body["description"] and "refused (bad_option)" in body["description"]
+    assert "bad_form" in openapi()["paths"]["/v1/recognize"]["post"]["responses"]["400"]["description"]
