@@ -14,7 +14,11 @@ daemon's own overhead: per pair, round trip minus the inference time the daemon 
 (infer_ms) minus the audio decode that the in-process call of the same pair paid as well. On a
 loaded machine the model's run time varies by far more than 2 ms from call to call, so that last
 figure is the one to compare with the goal (<= 2 ms at p50); the plain differences are printed
-too. Also the p50 of a GET /v1/health round trip. Figures only; nothing is asserted.
+too. Also the p50 of a GET /v1/health round trip, and the cost of the other ways to upload
+(issue 13): the same clip sent over one kept-alive http.client connection raw (Content-Length),
+chunked (64 KiB chunks), as a multipart/form-data form, and as a chunked form, interleaved; per
+way, round trip minus the daemon's infer_ms (p50), and its difference from raw; plus the form
+parser alone (e2vd.upload in process, no socket). Figures only; nothing is asserted.
 The large stand-in (~1.95 GB) is built on first use by tests.conftest.standin_dir (minutes).
 """
 from __future__ import annotations
@@ -46,13 +50,13 @@ def pct(values: list[float], q: float) -> float:
 def measure(preset: str, n: int, warm: int, device: str = "cpu", dtype: str = "fp32") -> dict[str, float]:
     """Run the comparison for one stand-in; returns the figures in milliseconds."""
     import torch
-    from conftest import standin_dir, wav_clip
+    from conftest import standin_dir
     from daemon_proc import DaemonProcess
     from e2vd.audio import decode
     from e2vd.engine import Engine
 
     model = standin_dir(preset)
-    audio = wav_clip(5.0)
+    audio = wav_bytes()
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="e2vd-b-") as tmp:
         env = {"OMP_NUM_THREADS": str(threads)}
@@ -85,6 +89,7 @@ def measure(preset: str, n: int, warm: int, device: str = "cpu", dtype: str = "f
                 health.append((time.perf_counter() - t0) * 1e3)
             assert client.connections_opened == 1, "the benchmark must measure one kept-alive connection"
             client.close()
+            uploads = measure_uploads(d, audio, n, warm)
     rt_minus_infer = [a - b for a, b in zip(remote, infer)]
     # Per pair: the daemon's round trip less its own inference time and less the decode the
     # in-process call of the same pair paid (both decodes run just after a model run elsewhere,
@@ -98,8 +103,69 @@ def measure(preset: str, n: int, warm: int, device: str = "cpu", dtype: str = "f
         "rt_minus_infer_p50": pct(rt_minus_infer, .5), "decode_p50": pct(decode_ms, .5),
         "queue_p50": pct(queue, .5), "infer_p50": pct(infer, .5),
         "overhead_estimate_p50": pct(overhead, .5), "health_p50": pct(health, .5),
-        "health_p90": pct(health, .9),
+        "health_p90": pct(health, .9), "uploads": uploads,
     }
+
+
+UPLOADS = ("raw", "chunked", "multipart", "multipart chunked")
+
+
+def upload_requests(audio: bytes) -> dict[str, tuple[bytes, dict[str, str]]]:
+    """Each way of uploading `audio`: (the body as it goes on the wire, the headers)."""
+    from forms import chunked, form
+
+    body, content_type = form(("file", audio, "clip.wav"))
+    return {"raw": (audio, {"Content-Length": str(len(audio))}),
+            "chunked": (chunked(audio, 65536), {"Transfer-Encoding": "chunked"}),
+            "multipart": (body, {"Content-Type": content_type, "Content-Length": str(len(body))}),
+            "multipart chunked": (chunked(body, 65536), {"Content-Type": content_type, "Transfer-Encoding": "chunked"})}
+
+
+def measure_uploads(d, audio: bytes, n: int, warm: int) -> dict[str, dict[str, float]]:
+    """Round trip minus the daemon's infer_ms (ms) of each way in UPLOADS, over one kept-alive
+    connection, interleaved; and the in-process form parser on the same clip."""
+    import json
+    from e2vd.upload import receive
+
+    requests = upload_requests(audio)
+    conn = d.connection(timeout=600)
+    minus_infer: dict[str, list[float]] = {way: [] for way in UPLOADS}
+    for i in range(warm + n):
+        for way in UPLOADS:
+            body, headers = requests[way]
+            t0 = time.perf_counter()
+            conn.request("POST", "/v1/recognize", body=body, headers=headers)
+            response = conn.getresponse()
+            result = json.loads(response.read())
+            elapsed = (time.perf_counter() - t0) * 1e3
+            assert response.status == 200, result
+            if i >= warm:
+                minus_infer[way].append(elapsed - result["timing_ms"]["infer"])
+    conn.close()
+    form_body, form_headers = requests["multipart"]
+
+    class Pieces:                                   # the body as http_io.Body hands it on
+        content_type = form_headers["Content-Type"]
+
+        def pieces(self):
+            return (form_body[i:i + 65536] for i in range(0, len(form_body), 65536))
+
+    parse = []
+    for _ in range(max(200, n)):
+        t0 = time.perf_counter()
+        receive(Pieces(), ("granularity", "embedding"))
+        parse.append((time.perf_counter() - t0) * 1e3)
+    raw = pct(minus_infer["raw"], .5)
+    figures = {way: {"p50": pct(v, .5), "p90": pct(v, .9), "vs_raw": pct(v, .5) - raw} for way, v in minus_infer.items()}
+    figures["form parser alone"] = {"p50": pct(parse, .5), "p90": pct(parse, .9), "vs_raw": float("nan")}
+    return figures
+
+
+def wav_bytes() -> bytes:
+    """The 5 s clip both sides recognise."""
+    from conftest import wav_clip
+
+    return wav_clip(5.0)
 
 
 def main() -> int:
@@ -127,6 +193,11 @@ def main() -> int:
               f"(goal <= 2 ms)")
         print(f"  ratio daemon/in-process p50 {f['daemon_p50'] / f['inproc_p50']:.4f}")
         print(f"  health round trip   p50 {f['health_p50']:9.3f} ms   p90 {f['health_p90']:9.3f} ms")
+        print(f"  uploads of the clip ({len(wav_bytes())} bytes), round trip - daemon's infer_ms "
+              "(http.client, one connection, interleaved):")
+        for way, g in f["uploads"].items():
+            extra = "" if way in ("raw", "form parser alone") else f"   vs raw {g['vs_raw']:+7.3f} ms"
+            print(f"    {way:<18} p50 {g['p50']:8.3f} ms   p90 {g['p90']:8.3f} ms{extra}")
     return 0
 
 
