@@ -15,9 +15,15 @@ funasr's `AutoModel`, and why:
   torch's weights_only unpickler; the configuration objects of training runs (argparse
   ``Namespace``, omegaconf containers: `CONFIG_GLOBALS`) are allowed for that one load, and a
   checkpoint naming any other global is refused with a ModelError that names it.
-* It runs the very same forward pass as ``Emotion2vec.inference`` (waveform layer norm, no padding
-  mask, mean over frames, ``proj``, softmax) on samples it gets from `e2vd.audio`, so results equal
+* It runs the very same forward pass as ``Emotion2vec.inference`` (waveform layer norm, mean over
+  frames, ``proj``, softmax) on samples it gets from `e2vd.audio`, so a clip's results equal
   ``AutoModel.generate`` on the same samples (tests/test_engine.py proves it).
+* Clips of different lengths share a forward pass ("padded" batching): each is layer-normed over
+  its own samples, zero-padded to the longest, and the padding is masked everywhere it could reach
+  a clip's own frames: funasr's ``padding_mask`` for attention, and the zero padding of the
+  convolutional positional encoder, which funasr does not mask (`PositionalConvMask`). Each clip
+  is averaged over its own frames. Results equal one-by-one inference within 1e-5 (fp32). Models
+  or settings where padding cannot be made exact batch less (`batching_mode`).
 
 `Engine` is not thread-safe: call it from one thread (the daemon's inference worker).
 """
@@ -497,6 +503,133 @@ def _choose_device(requested: str, min_free_mb: int, busy_policy: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# Batching: which clips may share a forward pass
+
+#: How clips may share one forward pass (`Engine.batching`): "padded" - clips of any lengths,
+#: zero-padded to the longest and masked (exact); "equal" - only clips of exactly equal length;
+#: "single" - every clip alone.
+BATCHING_MODES = ("padded", "equal", "single")
+#: Largest share of padding in a padded forward pass: padded samples / (clips x longest clip).
+MAX_PADDING = 0.25
+#: A benchmark harness switch, not a setting (e2vd.config ignores E2VD_BENCH_*): "equal" or
+#: "single" make `Engine.load` batch less than it could, so bench/concurrency.py can compare
+#: equal-length-only batching with padded batching in one run.
+BENCH_BATCHING_ENV = "E2VD_BENCH_BATCHING"
+
+
+def batching_mode(model_conf: dict[str, Any], quantized: bool) -> tuple[str, str]:
+    """(mode, reason): the widest of `BATCHING_MODES` that keeps results equal to one-by-one
+    inference for a model of config `model_conf` (config.yaml's ``model_conf``); the reason says
+    why a mode below "padded" was chosen ("" for "padded").
+
+    * INT8 dynamic quantization computes each activation's scale over the whole batch tensor, so
+      any batch changes every clip's result (by 2e-3 on the tiny stand-in): "single".
+    * ``extractor_mode: default`` group-normalizes the first convolution's output over time: the
+      padded samples enter every frame's statistics (scores moved by up to 3.5e-2 on tiny-sized
+      random weights). Learned ALiBi biases (``learned_alibi``) are stretched to the padded length
+      (funasr 1.4.16 cannot even build such a model). Either way: "equal". emotion2vec+ uses
+      neither: its extractor is layer-normed per frame, and its fixed ALiBi bias depends only on
+      the distance between two frames, so masked keys leave it exact.
+    """
+    if quantized:
+        return "single", ("INT8 dynamic quantization scales activations over the whole batch, so "
+                          "each clip runs alone")
+    audio = (model_conf.get("modalities") or {}).get("audio") or {}
+    if audio.get("extractor_mode", "default") != "layer_norm":
+        return "equal", ("the model group-normalizes its first convolution over time "
+                         "(extractor_mode default), so padding would change every frame")
+    if audio.get("learned_alibi"):
+        return "equal", "the model's learned ALiBi biases depend on the padded length"
+    return "padded", ""
+
+
+def _bench_batching(mode: str, reason: str) -> tuple[str, str]:
+    """(mode, reason) narrowed by the benchmark switch $E2VD_BENCH_BATCHING when it is set: it can
+    only batch less than the model allows ("equal" or "single"), never more."""
+    wanted = os.environ.get(BENCH_BATCHING_ENV, "").strip()
+    if not wanted:
+        return mode, reason
+    if wanted not in BATCHING_MODES:
+        raise ModelError(f"{BENCH_BATCHING_ENV}={wanted!r} is not one of {', '.join(BATCHING_MODES)}; "
+                         "unset it (it is a benchmark switch, not a setting)")
+    if BATCHING_MODES.index(wanted) > BATCHING_MODES.index(mode):
+        return wanted, f"{BENCH_BATCHING_ENV}={wanted} (a benchmark switch)"
+    return mode, reason
+
+
+def plan_passes(lengths: Sequence[int], mode: str = "padded",
+                max_padding: float = MAX_PADDING) -> list[list[int]]:
+    """Split clips of `lengths` (samples) into forward passes; return each pass's indices.
+
+    "padded": clips sorted longest first; a pass takes the next clip as long as its padding stays
+    at most `max_padding` of its samples (clips x longest), then the next pass begins. Passes are
+    returned shortest first (short answers are not held up by long ones). Planning one pass's own
+    clips again gives that one pass. "equal": one pass per distinct length, in order of first
+    appearance. "single": one pass per clip. Indices within a pass are ascending.
+    """
+    if mode not in BATCHING_MODES:
+        raise ValueError(f"batching mode must be one of {', '.join(BATCHING_MODES)}, not {mode!r}")
+    if mode == "single":
+        return [[i] for i in range(len(lengths))]
+    if mode == "equal":
+        groups: dict[int, list[int]] = {}
+        for i, n in enumerate(lengths):
+            groups.setdefault(n, []).append(i)
+        return list(groups.values())
+    passes: list[list[int]] = []
+    samples = longest = 0
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[i]
+        if passes:
+            clips = len(passes[-1]) + 1
+            if clips * longest - (samples + n) <= max_padding * clips * longest:
+                passes[-1].append(i)
+                samples += n
+                continue
+        passes.append([i])
+        samples = longest = n
+    return [sorted(p) for p in reversed(passes)]
+
+
+class PositionalConvMask:
+    """Makes funasr's convolutional positional encoder see zeros past each clip's end in a batch.
+
+    funasr adds ``relative_positional_encoder(x)`` to the frame features: stacked "same"
+    convolutions over time (emotion2vec+: 5 of kernel 19, zero padding 9) with no padding mask.
+    Alone, a clip's last frames see zeros past its end; in a padded batch they would see the
+    padded frames' features instead (the feature extractor turns zero samples into non-zero
+    features), up to 5 x 9 = 45 frames (0.9 s) in, and attention then spreads the difference to
+    every frame (frame features moved by up to 4.4 on the tiny stand-in). While `active`, a forward
+    pre-hook on each of those convolutions zeroes the padded frames of its input, so a clip's
+    own frames see exactly the zeros they see alone. Outside `active` the hooks do nothing.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._keep: torch.Tensor | None = None
+        encoder = model.modality_encoders["AUDIO"].relative_positional_encoder
+        self.convolutions = [m for m in encoder.modules() if isinstance(m, torch.nn.Conv1d)] \
+            if encoder is not None else []
+        for conv in self.convolutions:
+            conv.register_forward_pre_hook(self._zero_padding)
+
+    @contextlib.contextmanager
+    def active(self, keep: torch.Tensor):
+        """Within the block, frames where `keep` (B, T) bool is False enter each convolution as 0."""
+        self._keep = keep
+        try:
+            yield
+        finally:
+            self._keep = None
+
+    def _zero_padding(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple | None:
+        """Forward pre-hook: the convolution's input (B, C, T) with padded frames set to 0."""
+        if self._keep is None:
+            return None
+        x = args[0]
+        return (x.masked_fill(~self._keep[:, None, :], 0.0), *args[1:])
+
+
+# ----------------------------------------------------------------------------------------------
 # The engine
 
 
@@ -505,7 +638,9 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, model_id: str, model_dir: Path, device: str,
                  dtype: str, model_labels: list[str], normalize: bool, load_seconds: float,
-                 quantized: bool = False) -> None:
+                 quantized: bool = False, batching: str = "padded", batching_reason: str = "") -> None:
+        if batching not in BATCHING_MODES:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING_MODES)}, not {batching!r}")
         self._model = model
         self.model_id = model_id
         self.model_dir = model_dir
@@ -515,7 +650,15 @@ class Engine:
         self.normalize = normalize
         self.load_seconds = load_seconds
         self.quantized = quantized
+        #: which clips may share a forward pass (`BATCHING_MODES`), and why not more ("" if padded)
+        self.batching = batching
+        self.batching_reason = batching_reason
+        #: largest share of padding in a "padded" forward pass (see `plan_passes`)
+        self.max_padding = MAX_PADDING
         self._torch_dtype = _TORCH_DTYPES[dtype]
+        #: (channels, kernel, stride) of each layer of the convolutional feature extractor
+        self._conv_layers: list[tuple[int, int, int]] = list(model.modality_encoders["AUDIO"].feature_enc_layers)
+        self._positional_mask = PositionalConvMask(model) if batching == "padded" else None
 
     @classmethod
     def load(cls, model: str, device: str = Settings.device, dtype: str = Settings.dtype, *,
@@ -543,11 +686,16 @@ class Engine:
                           model_dir / "model.pt")
         net = _place(net, chosen, _TORCH_DTYPES[dtype], quantize)
         normalize = bool(config["model_conf"].get("normalize", False))
+        batching, reason = _bench_batching(*batching_mode(config["model_conf"], quantize))
         seconds = time.perf_counter() - start
         # debug: the daemon's model_loaded event says this in the journal
         log.debug("loaded %s from %s on %s as %s%s in %.1f s", model_id, model_dir, chosen, dtype,
                  " (int8-quantized)" if quantize else "", seconds)
-        return cls(net, model_id, model_dir, chosen, dtype, labels, normalize, seconds, quantize)
+        if reason:
+            log.info("clips batch %s: %s", "only with clips of equal length" if batching == "equal"
+                     else "never (one forward pass per clip)", reason)
+        return cls(net, model_id, model_dir, chosen, dtype, labels, normalize, seconds, quantize,
+                   batching, reason)
 
     # -- inference -------------------------------------------------------------------------
 
@@ -563,21 +711,24 @@ class Engine:
 
     def recognize_batch(self, clips: Sequence[Audio], granularity: str = Granularity.UTTERANCE,
                         embedding: bool = False) -> list[Recognition]:
-        """Recognize several decoded clips; results equal one-by-one `recognize` calls (1e-5).
+        """Recognize several decoded clips; results equal one-by-one `recognize` calls (1e-5, fp32).
 
-        The model layer-norms each whole waveform and attends over all frames without a padding
-        mask, so zero-padding a short clip would change its result. Clips are therefore grouped
-        by exact length and each group runs as one batch; results keep the order of `clips`.
+        The clips run in the forward passes `forward_passes` plans (with "padded" batching: clips
+        of similar length together, padding at most `max_padding`); results keep the order of
+        `clips`.
         """
         _check_granularity(granularity)
         results: list[Recognition | None] = [None] * len(clips)
-        groups: dict[int, list[int]] = {}
-        for i, clip in enumerate(clips):
-            groups.setdefault(len(clip.samples), []).append(i)
-        for indices in groups.values():
+        for indices in self.forward_passes(clips):
             for i, rec in zip(indices, self._run([clips[i] for i in indices], granularity, embedding)):
                 results[i] = rec
         return [r for r in results if r is not None]
+
+    def forward_passes(self, clips: Sequence[Audio]) -> list[list[int]]:
+        """The indices of `clips` that `recognize_batch` runs together, one list per forward pass,
+        in the order it runs them (`plan_passes` with this engine's `batching`). A pass's own
+        clips, planned again, make that one pass."""
+        return plan_passes([len(c.samples) for c in clips], self.batching, self.max_padding)
 
     def _as_audio(self, audio: bytes | Audio, max_seconds: float) -> Audio:
         """Decode bytes with e2vd.audio; check an `Audio`'s length against `max_seconds`."""
@@ -587,9 +738,9 @@ class Engine:
         return audio
 
     def _run(self, clips: Sequence[Audio], granularity: str, embedding: bool) -> list[Recognition]:
-        """Run equal-length `clips` as one batch; return one Recognition per clip."""
+        """Run `clips` in one forward pass; return one Recognition per clip."""
         try:
-            probs, feats = self.forward(np.stack([np.asarray(c.samples, dtype=np.float32) for c in clips]))
+            probs, frames = self.forward([c.samples for c in clips])
         except RuntimeError as err:
             if self.device == "cpu" or not _is_out_of_memory(err):
                 raise
@@ -599,7 +750,7 @@ class Engine:
         for i, clip in enumerate(clips):
             emb = None
             if embedding:
-                emb = feats[i] if granularity == Granularity.FRAME else feats[i].mean(axis=0)
+                emb = frames[i] if granularity == Granularity.FRAME else frames[i].mean(axis=0)
             results.append(Recognition(
                 labels=list(LABELS),
                 scores=[float(p) for p in probs[i]],
@@ -609,25 +760,71 @@ class Engine:
             ))
         return results
 
-    def forward(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Run the model on a batch of equal-length 16 kHz waveforms, shape (B, N) float32.
+    def forward(self, clips: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Run one forward pass over 16 kHz waveforms: 1-D float32 arrays, at least 400 samples each.
 
-        Returns (probabilities (B, 9) float64, frame features (B, T, D) float32 at 50 frames/s),
-        computed exactly like ``Emotion2vec.inference``: each waveform layer-normed over its
-        whole length (when config ``normalize``), encoder without padding mask, features averaged
-        over frames, ``proj``, softmax.
+        Returns (probabilities (B, 9) float64, each clip's frame features (T_i, D) float32 at 50
+        frames/s). Each clip is computed as ``Emotion2vec.inference`` computes it alone: layer-normed
+        over its own samples (when config ``normalize``), encoded, features averaged over its own
+        frames, ``proj``, softmax. Clips of different lengths are zero-padded to the longest and the
+        padding masked (funasr's ``padding_mask`` and `PositionalConvMask`); that needs "padded"
+        batching, else ValueError.
         """
+        lengths = [len(c) for c in clips]
+        padded = len(set(lengths)) > 1
+        if padded and self.batching != "padded":
+            raise ValueError(f"clips of different lengths cannot share a forward pass on this engine: "
+                             f"{self.batching_reason or 'its batching is ' + self.batching}")
+        n_frames = [self.frames(n) for n in lengths]
         with torch.inference_mode(), _ieee_fp32(self.device.startswith("cuda") and self.dtype == "fp32"):
-            x = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32)).to(self.device)
-            if self.normalize:
-                x = torch.nn.functional.layer_norm(x, x.shape[-1:])
-            if not self.quantized:
-                x = x.to(self._torch_dtype)
-            feats = self._model.extract_features(x, padding_mask=None)["x"]
-            logits = self._model.proj(feats.mean(dim=1))
+            x = self._input(clips)
+            if padded:
+                feats = self._encode_padded(x, lengths, n_frames)
+                pooled = torch.stack([feats[i, :t].mean(dim=0) for i, t in enumerate(n_frames)])
+            else:
+                feats = self._model.extract_features(x, padding_mask=None)["x"]
+                pooled = feats.mean(dim=1)
+            logits = self._model.proj(pooled)
             probs = torch.softmax(logits.float(), dim=-1)  # fp32 even for fp16/bf16 models
+            feats_np = feats.float().cpu().numpy()
             return (probs.float().cpu().numpy().astype(np.float64),
-                    feats.float().cpu().numpy())
+                    [feats_np[i, :t] for i, t in enumerate(n_frames)])
+
+    def frames(self, samples: int) -> int:
+        """Frames (50 per second) the model makes of `samples` samples: funasr's formula for its
+        convolutional feature extractor (no padding), e.g. 400 -> 1, 16000 -> 49, 80000 -> 249."""
+        for _, kernel, stride in self._conv_layers:
+            samples = (samples - kernel) // stride + 1
+        return samples
+
+    def _input(self, clips: Sequence[np.ndarray]) -> torch.Tensor:
+        """The model's input (B, longest) on the engine's device: each clip layer-normed over its
+        own samples (when config ``normalize``), then zero-padded at its end; in the model's dtype."""
+        longest = max(len(c) for c in clips)
+        batch = np.zeros((len(clips), longest), dtype=np.float32)
+        for i, c in enumerate(clips):
+            batch[i, : len(c)] = c
+        x = torch.from_numpy(batch).to(self.device)
+        if self.normalize:
+            for i, c in enumerate(clips):
+                x[i, : len(c)] = torch.nn.functional.layer_norm(x[i, : len(c)], (len(c),))
+        return x if self.quantized else x.to(self._torch_dtype)
+
+    def _encode_padded(self, x: torch.Tensor, lengths: Sequence[int], n_frames: Sequence[int]) -> torch.Tensor:
+        """funasr's encoder on the zero-padded batch `x` (B, N) with its padding masked, clip i
+        being lengths[i] samples long; returns features (B, T, D) of which clip i's own are the
+        first n_frames[i]. funasr derives its frame mask from the sample mask with the same formula
+        as `frames`; a disagreement raises RuntimeError rather than answer from padded frames."""
+        if self._positional_mask is None:
+            raise RuntimeError(f"internal: padded forward pass on an engine with {self.batching} batching")
+        n, t = x.shape[1], max(n_frames)
+        padding = torch.arange(n, device=x.device)[None, :] >= torch.as_tensor(list(lengths), device=x.device)[:, None]
+        keep = torch.arange(t, device=x.device)[None, :] < torch.as_tensor(list(n_frames), device=x.device)[:, None]
+        with self._positional_mask.active(keep):
+            out = self._model.extract_features(x, padding_mask=padding)
+        if out["x"].shape[1] != t or not torch.equal(out["padding_mask"], ~keep):
+            raise RuntimeError("internal: funasr's frame padding mask differs from the engine's frame counts")
+        return out["x"]
 
     # -- introspection ---------------------------------------------------------------------
 

@@ -3,11 +3,12 @@
 funasr's `generate()` is not thread-safe, so every model call (and the model load itself) runs on
 the one worker thread started by `Scheduler.start`. Connection threads decode audio, `submit` a
 `Job` and wait for it. When several jobs are queued at once the worker takes up to `max_batch`
-(0 = auto: `GPU_BATCH` on a GPU, 1 on the CPU, see `auto_batch`) of them and runs each group
-with equal options through `engine.recognize_batch` (which batches only what it can prove equal
-to one-by-one). A full queue is refused at once (`QueueFull`). Right before a group runs, each
-job's `client_gone` is asked: a job whose client has hung up is finished as `abandoned` without
-running, so clients that gave up cost no inference.
+(0 = auto: `GPU_BATCH` on a GPU, 1 on the CPU, see `auto_batch`) of them, splits the jobs with
+equal options into the forward passes the engine plans (`engine.forward_passes`: what it can prove
+equal to one-by-one) and runs each pass through `engine.recognize_batch`; a job's `batch_size` is
+the number of clips in its pass. A full queue is refused at once (`QueueFull`). Right before a pass
+runs, each job's `client_gone` is asked: a job whose client has hung up is finished as `abandoned`
+without running, so clients that gave up cost no inference.
 
 The scheduler knows nothing about HTTP or the process lifecycle (docs/design.md, section 3): it
 raises, or records on the job, its own errors, all `SchedulerError`s (QueueFull,
@@ -22,7 +23,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from e2vd.gpu import GpuOutOfMemory
 from e2vd.vocabulary import Granularity, State
@@ -110,9 +111,9 @@ class Job:
     result: "Recognition | None" = None
     error: SchedulerError | None = None
     abandoned: bool = False
-    queue_ms: float = 0.0   # from submit to the start of its batch (includes a cold model load)
-    infer_ms: float = 0.0   # wall time of the batch it ran in
-    batch_size: int = 0
+    queue_ms: float = 0.0   # from submit to the start of its forward pass (includes a cold model load)
+    infer_ms: float = 0.0   # wall time of the forward pass it ran in
+    batch_size: int = 0     # clips in that forward pass (1 when it ran alone)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the worker has finished this job; False on timeout."""
@@ -291,13 +292,7 @@ class Scheduler:
         return batch
 
     def _run_batch(self, batch: list[Job]) -> None:
-        groups: dict[tuple[str, bool], list[Job]] = {}
-        for job in batch:
-            groups.setdefault((job.granularity, job.embedding), []).append(job)
-        for (granularity, embedding), group in groups.items():
-            jobs = [job for job in group if not self._abandon_if_gone(job)]
-            if not jobs:
-                continue
+        for granularity, embedding, jobs in self._forward_passes(batch):
             start = time.monotonic()
             for job in jobs:
                 job.queue_ms = (start - job.enqueued) * 1000.0
@@ -315,6 +310,24 @@ class Scheduler:
             else:
                 for job in jobs:
                     self._run_one(job, granularity, embedding)
+
+    def _forward_passes(self, batch: list[Job]) -> Iterator[tuple[str, bool, list[Job]]]:
+        """(granularity, embedding, jobs) for each model call `batch` needs: jobs with equal options,
+        split as the engine runs them in one forward pass each (its `forward_passes`, where it has
+        one), so that `batch_size` and `infer_ms` describe that pass. Right before each pass, jobs
+        whose client has hung up are finished as abandoned and the rest is planned again."""
+        groups: dict[tuple[str, bool], list[Job]] = {}
+        for job in batch:
+            groups.setdefault((job.granularity, job.embedding), []).append(job)
+        for (granularity, embedding), waiting in groups.items():
+            while waiting:
+                jobs = [job for job in waiting if not self._abandon_if_gone(job)]
+                if not jobs:
+                    break
+                plan = getattr(self.engine, "forward_passes", None)
+                first = set(plan([job.audio for job in jobs])[0] if plan else range(len(jobs)))
+                yield granularity, embedding, [job for i, job in enumerate(jobs) if i in first]
+                waiting = [job for i, job in enumerate(jobs) if i not in first]
 
     def _infer(self, jobs: list[Job], granularity: str, embedding: bool) -> list[Any]:
         assert self.engine is not None

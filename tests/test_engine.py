@@ -1,6 +1,7 @@
 """The engine on the tiny stand-in: results, parity with funasr's AutoModel, batching, validation."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from conftest import ROOT, speechlike
 from e2vd import engine as engine_mod
 from e2vd import gpu
 from e2vd.audio import MAX_SAMPLE_MAGNITUDE, Audio, AudioError, from_samples
-from e2vd.engine import Engine, ModelError, Recognition
+from e2vd.engine import Engine, ModelError, Recognition, plan_passes
 from e2vd.vocabulary import LABELS, ExitCode
 
 
@@ -141,14 +142,155 @@ def test_batch_equals_one_by_one(engine: Engine) -> None:
             assert b.duration_s == one.duration_s
 
 
-def test_naive_zero_padding_would_change_results(engine: Engine) -> None:
-    """Why recognize_batch groups by length: padding shifts the layer norm and the attention."""
+#: Clip lengths (s) of the parity pool: both ends of 0.5-12 s and log-uniform draws between
+#: (a seeded generator: the same clips on every run).
+_POOL_SECONDS = [0.5, 12.0] + [float(s) for s in np.exp(np.random.default_rng(12).uniform(
+    np.log(0.5), np.log(12.0), 10)).round(3)]
+
+
+@pytest.fixture(scope="module")
+def pool() -> list[Audio]:
+    """Speech-like clips of `_POOL_SECONDS`, each with its own gain (0.1-3)."""
+    gains = np.random.default_rng(13).uniform(0.1, 3.0, len(_POOL_SECONDS))
+    return [clip(s, seed=100 + i, gain=float(g)) for i, (s, g) in enumerate(zip(_POOL_SECONDS, gains))]
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: the same arithmetic whatever the machine's core count,
+    and no OpenMP barrier waiting for a thread that other processes keep off a shared CPU (on
+    the 2-core development machine under load, 10x faster than two threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_clips_of_any_lengths_in_one_padded_pass_equal_one_by_one(tiny_model: Path, pool: list[Audio],
+                                                                  one_thread: None) -> None:
+    """The batching contract: 24 random mixes of 2-4 clips of 0.5-12 s, each mix in ONE forward
+    pass however uneven (padding up to 96 %: `max_padding` lifted), give every clip the scores
+    and embeddings it gets alone, within 1e-5; utterance and frame granularity alternate."""
+    engine = Engine.load(str(tiny_model), device="cpu")
+    assert engine.batching == "padded" and engine.batching_reason == ""
+    engine.max_padding = 1.0
+    rng = np.random.default_rng(14)
+    alone: dict[tuple[int, str], Recognition] = {}
+    for m in range(24):
+        granularity = ("utterance", "frame")[m % 2]
+        picks = [int(i) for i in rng.choice(len(pool), size=int(rng.integers(2, 5)), replace=False)]
+        mix = [pool[i] for i in picks]
+        assert engine.forward_passes(mix) == [list(range(len(mix)))]
+        batch = engine.recognize_batch(mix, granularity=granularity, embedding=True)
+        for i, got in zip(picks, batch):
+            if (i, granularity) not in alone:
+                alone[i, granularity] = engine.recognize(pool[i], granularity=granularity, embedding=True)
+            one = alone[i, granularity]
+            np.testing.assert_allclose(got.scores, one.scores, atol=1e-5, rtol=0)
+            assert got.embedding.shape == one.embedding.shape
+            np.testing.assert_allclose(got.embedding, one.embedding, atol=1e-5, rtol=0)
+            assert got.duration_s == one.duration_s
+
+
+def test_funasr_padding_mask_alone_would_change_results(engine: Engine) -> None:
+    """Why the engine masks the positional convolutions too: with only funasr's own padding mask,
+    a short clip's last frames see the padded frames' features (and attention spreads them)."""
     short, long = clip(1.0, seed=1), clip(2.0, seed=2)
-    padded = np.zeros(len(long.samples), dtype=np.float32)
-    padded[: len(short.samples)] = short.samples
-    probs, _ = engine.forward(np.stack([padded, long.samples]))
-    alone = engine.recognize(short).scores
-    assert np.abs(probs[0] - alone).max() > 1e-3
+    with pytest.MonkeyPatch.context() as mp:      # the hooks never active: funasr's masking alone
+        mp.setattr(engine._positional_mask, "active", lambda keep: contextlib.nullcontext())
+        masked, frames = engine.forward([short.samples, long.samples])
+    alone, alone_frames = engine.forward([short.samples])
+    assert np.abs(frames[0] - alone_frames[0]).max() > 0.1
+    assert np.abs(masked[0] - alone[0]).max() > 1e-4
+    probs, _ = engine.forward([short.samples, long.samples])
+    np.testing.assert_allclose(probs[0], alone[0], atol=1e-5, rtol=0)
+
+
+def test_frames_follow_funasrs_formula(engine: Engine) -> None:
+    assert [engine.frames(n) for n in (400, 16000, 80000, 192000)] == [1, 49, 249, 599]
+    for seconds in (0.025, 1.0, 3.3):
+        _, frames = engine.forward([clip(seconds).samples])
+        assert frames[0].shape[0] == engine.frames(len(clip(seconds).samples))
+
+
+def test_passes_keep_padding_under_a_quarter() -> None:
+    lengths = [16000, 160000, 150000, 20000, 158000, 18000, 140000, 60000]
+    passes = plan_passes(lengths)
+    assert sorted(i for p in passes for i in p) == list(range(len(lengths)))
+    for p in passes:
+        longest = max(lengths[i] for i in p)
+        assert len(p) * longest - sum(lengths[i] for i in p) <= 0.25 * len(p) * longest
+        assert plan_passes([lengths[i] for i in p]) == [list(range(len(p)))]   # a pass stays one
+    assert passes == [[0, 3, 5], [1, 2, 4, 6, 7]]   # shortest first; 60000 joins: 16.5 % padding
+    assert plan_passes([16000, 64000, 64000, 64000, 64000]) == [[0, 1, 2, 3, 4]]   # 15 % padding
+    assert plan_passes([16000, 64000]) == [[0], [1]]                               # 37.5 %
+    assert plan_passes([5, 7, 5], "equal") == [[0, 2], [1]]
+    assert plan_passes([5, 5], "single") == [[0], [1]]
+    assert plan_passes([]) == []
+    with pytest.raises(ValueError):
+        plan_passes([1], "sorted")
+
+
+def test_recognize_batch_runs_the_planned_passes(engine: Engine) -> None:
+    """Clips of similar length share a pass, a much shorter one runs apart; results keep order."""
+    clips = [clip(2.0, seed=1), clip(0.5, seed=2), clip(1.8, seed=3)]
+    assert engine.forward_passes(clips) == [[1], [0, 2]]             # together: 28 % padding
+    assert engine.forward_passes(clips + [clip(1.9, seed=4)]) == [[0, 1, 2, 3]]   # 22.5 %
+    batch = engine.recognize_batch(clips)
+    for c, b in zip(clips, batch):
+        np.testing.assert_allclose(b.scores, engine.recognize(c).scores, atol=1e-5, rtol=0)
+
+
+def test_batching_mode_from_the_model_config() -> None:
+    conf = {"modalities": {"audio": {"extractor_mode": "layer_norm", "learned_alibi": False}}}
+    assert engine_mod.batching_mode(conf, quantized=False) == ("padded", "")
+    assert engine_mod.batching_mode(conf, quantized=True)[0] == "single"
+    group_norm = {"modalities": {"audio": {"extractor_mode": "default"}}}
+    assert engine_mod.batching_mode(group_norm, quantized=False)[0] == "equal"
+    learned = {"modalities": {"audio": {"extractor_mode": "layer_norm", "learned_alibi": True}}}
+    mode, reason = engine_mod.batching_mode(learned, quantized=False)
+    assert mode == "equal" and "ALiBi" in reason
+
+
+def test_int8_engine_runs_each_clip_alone(tiny_model: Path) -> None:
+    """Dynamic INT8 scales activations over the whole batch: no batch keeps the contract."""
+    q = Engine.load(str(tiny_model), device="cpu", quantize=True)
+    clips = [clip(1.0, seed=1), clip(1.0, seed=2)]
+    assert q.batching == "single" and q.forward_passes(clips) == [[0], [1]]
+    assert [r.scores for r in q.recognize_batch(clips)] == [q.recognize(c).scores for c in clips]
+
+
+def test_equal_only_engine_refuses_uneven_clips_in_one_pass(tiny_model: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """$E2VD_BENCH_BATCHING (bench/concurrency.py's switch) can only narrow the batching."""
+    monkeypatch.setenv(engine_mod.BENCH_BATCHING_ENV, "equal")
+    eq = Engine.load(str(tiny_model), device="cpu")
+    clips = [clip(1.0, seed=1), clip(1.2, seed=2), clip(1.0, seed=3)]
+    assert eq.batching == "equal" and eq.forward_passes(clips) == [[0, 2], [1]]
+    with pytest.raises(ValueError, match="different lengths"):
+        eq.forward([c.samples for c in clips])
+    monkeypatch.setenv(engine_mod.BENCH_BATCHING_ENV, "wide")
+    with pytest.raises(ModelError, match="E2VD_BENCH_BATCHING"):
+        Engine.load(str(tiny_model), device="cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU in this torch")
+def test_padded_batch_on_the_gpu_equals_one_by_one(tiny_model: Path, pool: list[Audio]) -> None:
+    """fp32 on the GPU: 8 random mixes of the pool in one pass each, against one by one on the
+    same GPU, and against the CPU's one-by-one results, within 1e-5."""
+    gpu_engine = Engine.load(str(tiny_model), device="cuda:0", dtype="fp32")
+    cpu_engine = Engine.load(str(tiny_model), device="cpu")
+    gpu_engine.max_padding = 1.0
+    rng = np.random.default_rng(15)
+    for m in range(8):
+        granularity = ("utterance", "frame")[m % 2]
+        mix = [pool[int(i)] for i in rng.choice(len(pool), size=int(rng.integers(2, 5)), replace=False)]
+        assert gpu_engine.forward_passes(mix) == [list(range(len(mix)))]
+        for c, got in zip(mix, gpu_engine.recognize_batch(mix, granularity=granularity, embedding=True)):
+            for ref_engine in (gpu_engine, cpu_engine):
+                one = ref_engine.recognize(c, granularity=granularity, embedding=True)
+                np.testing.assert_allclose(got.scores, one.scores, atol=1e-5, rtol=0)
+                np.testing.assert_allclose(got.embedding, one.embedding, atol=1e-5, rtol=0)
 
 
 def test_empty_batch(engine: Engine) -> None:

@@ -65,6 +65,28 @@ def test_jobs_queued_while_loading_are_batched_and_equal_one_by_one(engine):
         sch.stop(10)
 
 
+def test_clips_of_different_lengths_share_forward_passes_and_batch_size_counts_the_pass(engine):
+    """8 clients sending 8 different lengths at once: the engine's padded passes run them (padding
+    under 25 %), each job's batch_size is the number of clips in the forward pass that answered
+    it, and every result equals one by one."""
+    gate, load = gated(engine)
+    sch = Scheduler(load, queue_size=8, max_batch=8)
+    sch.start()
+    try:
+        clips = [clip(s, i) for i, s in enumerate((1.0, 3.6, 1.1, 3.4, 1.2, 3.2, 1.3, 3.0))]
+        jobs = [sch.submit(c) for c in clips]
+        gate.set()
+        assert all(job.wait(60) for job in jobs)
+        assert engine.forward_passes(clips) == [[0, 2, 4], [1, 3, 5, 6, 7]]
+        assert [j.batch_size for j in jobs] == [3, 5, 3, 5, 3, 5, 5, 5]
+        assert len({j.infer_ms for j in jobs if j.batch_size == 5}) == 1    # one pass, one time
+        for job, c in zip(jobs, clips):
+            assert job.error is None and job.infer_ms > 0
+            np.testing.assert_allclose(job.result.scores, engine.recognize(c).scores, atol=1e-5, rtol=0)
+    finally:
+        sch.stop(10)
+
+
 def test_full_queue_is_refused_at_once(engine):
     """(The server answers QueueFull 503 busy with Retry-After: tests/test_server.py.)"""
     gate, load = gated(engine)
