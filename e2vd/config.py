@@ -15,12 +15,23 @@ E2VD_QUANTIZE=yes); an empty value counts as unset. Overrides are a mapping from
 where None means "not given" (argparse's default) and strings are parsed like environment values.
 
 Value forms: durations (idle_timeout, max_hold, connection_timeout, drain_timeout,
-unavailable_grace) are seconds as a number, or a string like "90s", "30m", "9h", "1h30m";
+unavailable_grace, inference_timeout) are seconds as a number, or a string like "90s", "30m", "9h", "1h30m";
 booleans are true/false (TOML) or, in the environment, the spellings of
 `e2vd.vocabulary.TRUE_WORDS`/`FALSE_WORDS` (1/0, true/false, yes/no, on/off); log_level is
 DEBUG, INFO, WARNING, ERROR or CRITICAL in any case (stored upper-case). max_connections_per_uid
 (>= 1) caps the connections one peer uid may hold open at once, root included; the daemon's
 overall cap (e2vd.server.MAX_CONNECTIONS, 256) still applies above it.
+
+inference_timeout bounds one model call (a batch of up to max_batch clips): a call running
+longer is taken as stuck (a wedged GPU, a driver fault) and the daemon's process ends, so that
+the device is handed back (docs/design.md, the lifecycle). The default, 120 s, is far above what
+max_seconds (30 s) of audio takes on a CPU (the large model ran 20 s of audio in 7 s on 2 cores)
+or a GPU (under 0.1 s); raise it with max_seconds or max_batch on a slow device, never set it
+below what max_batch clips of max_seconds take there.
+
+`model_problem(model)` says why a `model` setting cannot work on this machine (a directory that
+is missing or lacks the model's files), for `e2vd check-config` and `e2vd install`; the daemon
+itself answers such a model with 503 model_unavailable (e2vd.engine says why).
 
 Every problem raises ConfigError (exit status USAGE, 2) at start, naming where the value came from (the file and key,
 the environment variable, or the command-line option) and what is accepted. Unknown keys are
@@ -52,7 +63,7 @@ MODEL_ID_PATTERN = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # a ModelScope id 
 BUSY_POLICIES = ("refuse", "cpu")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DURATION_KEYS = frozenset({"idle_timeout", "max_hold", "connection_timeout", "drain_timeout",
-                           "unavailable_grace"})
+                           "unavailable_grace", "inference_timeout"})
 
 
 class ConfigError(ValueError):
@@ -82,6 +93,7 @@ class Settings:
     max_connections_per_uid: int = 32            # open connections one peer uid may hold (root too)
     drain_timeout: float = 60.0                  # SIGTERM: time to finish in-flight work
     unavailable_grace: float = 60.0              # model failed to load: answer 503 this long, then exit
+    inference_timeout: float = 120.0             # one model call running longer is stuck: the process ends
     cache_dir: str = "/var/cache/e2vd"           # model download cache
     log_level: str = "INFO"                      # DEBUG | INFO | WARNING | ERROR | CRITICAL
 
@@ -164,6 +176,47 @@ def read_config_file(path: str, required: bool = False) -> dict[str, object]:
             raise ConfigError(f"{path}: key {key!r} holds a {'table' if isinstance(value, dict) else 'list'}; "
                               f"the config file takes flat `key = value` lines only (no [sections]).")
     return table
+
+
+MODEL_FILES = ("config.yaml", "model.pt", "tokens.txt")
+
+
+def model_problem(model: str) -> str | None:
+    """Why the `model` setting `model` cannot work on this machine, or None when it can.
+
+    A path (absolute, or starting with ./ or ../) must be a directory holding MODEL_FILES; anything
+    else must be a ModelScope id "owner/name", which is downloaded on the daemon's first start
+    and not checked here."""
+    expanded = os.path.expanduser(model)
+    if os.path.isabs(expanded) or model.startswith(("./", "../")):
+        if not os.path.isdir(expanded):
+            return f"the model directory {model} does not exist (or is not a directory)"
+        missing = [name for name in MODEL_FILES if not os.path.isfile(os.path.join(expanded, name))]
+        if missing:
+            return f"the model directory {model} lacks {', '.join(missing)} (it must hold {', '.join(MODEL_FILES)})"
+        return None
+    if not MODEL_ID_PATTERN.fullmatch(model):
+        return f"{model!r} is neither an absolute model directory nor a ModelScope id 'owner/name'"
+    return None
+
+
+def check_file(path: str, required: bool = True, check_model: bool = True) -> tuple[Settings, bool]:
+    """The settings the file `path` gives over the defaults, and whether it exists (absent and not
+    `required`: the defaults). The environment is not applied: a service has its own. Raises
+    ConfigError for anything the daemon would refuse and, with `check_model`, for a model the
+    daemon could not load from this machine's disks (`model_problem`), naming the file and key."""
+    present = os.path.exists(path)
+    if not present and not required:
+        settings = Settings()
+    else:
+        settings = load_settings(env={}, config_path=path)
+    problem = model_problem(settings.model) if check_model else None
+    if problem:
+        in_file = present and "model" in read_config_file(path)
+        where = f"{path}: key 'model'" if in_file else f"the default model (no `model` in {path})"
+        raise ConfigError(f"{where}: {problem}. Set model to an absolute directory holding "
+                          f"{', '.join(MODEL_FILES)}, readable by the service, or to a ModelScope id.")
+    return settings, present
 
 
 def _hint(key: str, env: bool = False) -> str:
@@ -279,6 +332,7 @@ _CHECKS: dict[str, Callable[[object], None]] = {
     "min_free_mb": _at_least(0, " MB"),
     "idle_timeout": _at_least(0, " seconds"), "max_hold": _at_least(0, " seconds"),
     "drain_timeout": _at_least(0, " seconds"), "unavailable_grace": _at_least(0, " seconds"),
+    "inference_timeout": _positive(" seconds"),
     "connection_timeout": _positive(" seconds"), "max_seconds": _positive(" seconds"),
     "max_body_bytes": _positive(" bytes"), "queue_size": _at_least(1), "max_batch": _at_least(0),
     "max_connections_per_uid": _at_least(1, " connections"),

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from e2vd.config import DEFAULT_CONFIG_PATH, ConfigError, Settings, env_name, load_settings
+from e2vd.config import (DEFAULT_CONFIG_PATH, ConfigError, Settings, check_file, env_name, load_settings,
+                         model_problem)
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +38,7 @@ def test_defaults_match_the_contract(tmp_path):
     assert (s.max_body_bytes, s.connection_timeout, s.min_free_mb, s.busy_policy) == (
         50_000_000, 30.0, 2048, "refuse")
     assert s.max_connections_per_uid == 32
+    assert s.inference_timeout == 120.0
     assert DEFAULT_CONFIG_PATH == "/etc/e2vd/e2vd.toml"
 
 
@@ -77,7 +79,8 @@ def test_every_key_settable_from_file_and_env(tmp_path):
     changed = dict(socket="/tmp/x.sock", model="/srv/m", device="cuda:0", dtype="bf16", quantize=True,
                    min_free_mb=100, busy_policy="cpu", idle_timeout=1.5, max_hold=2.0, max_seconds=3.0,
                    max_body_bytes=4, queue_size=5, max_batch=6, connection_timeout=7.0, drain_timeout=8.0,
-                   unavailable_grace=9.0, cache_dir="/c", log_level="DEBUG", max_connections_per_uid=3)
+                   unavailable_grace=9.0, cache_dir="/c", log_level="DEBUG", max_connections_per_uid=3,
+                   inference_timeout=10.5)
     assert set(changed) == {f.name for f in dataclasses.fields(Settings)}
     lines = []
     for k, v in changed.items():
@@ -98,8 +101,9 @@ def test_env_forms(tmp_path):
 
 
 def test_duration_strings_in_file(tmp_path):
-    s = load_settings(env={}, config_path=toml(tmp_path, 'idle_timeout = "10m"\ndrain_timeout = 1.5\n'))
-    assert (s.idle_timeout, s.drain_timeout) == (600.0, 1.5)
+    s = load_settings(env={}, config_path=toml(tmp_path, 'idle_timeout = "10m"\ndrain_timeout = 1.5\n'
+                                                         'inference_timeout = "2m"\n'))
+    assert (s.idle_timeout, s.drain_timeout, s.inference_timeout) == (600.0, 1.5, 120.0)
 
 
 def test_cli_string_overrides_are_parsed(tmp_path):
@@ -126,6 +130,9 @@ def test_cli_string_overrides_are_parsed(tmp_path):
     ('max_connections_per_uid = 0\n', ["key 'max_connections_per_uid'", ">= 1 connections", "got 0"]),
     ('max_connections_per_uid = 2.5\n', ["key 'max_connections_per_uid'", "whole number"]),
     ('max_seconds = 0\n', ["key 'max_seconds'", "> 0"]),
+    ('inference_timeout = 0\n', ["key 'inference_timeout'", "> 0 seconds"]),
+    ('inference_timeout = "forever"\n', ["key 'inference_timeout'", "30m"]),
+    ('inference_timeot = 5\n', ["unknown key 'inference_timeot'", "did you mean 'inference_timeout'"]),
     ('max_seconds = nan\n', ["key 'max_seconds'", "finite"]),
     ('model = ""\n', ["key 'model'", "empty"]),
     ('model = 5\n', ["key 'model'", "string"]),
@@ -203,3 +210,39 @@ def test_reference_keys_exist():
     names = {f.name for f in dataclasses.fields(Settings)}
     assert {"model", "device", "dtype", "idle_timeout", "max_hold", "max_seconds", "max_body_bytes",
             "queue_size", "connection_timeout", "socket"} <= names
+
+
+def model_dir(tmp_path: Path, *files: str) -> Path:
+    d = tmp_path / "model"
+    d.mkdir()
+    for name in files:
+        (d / name).write_text("x")
+    return d
+
+
+def test_model_problem_names_what_is_missing(tmp_path):
+    assert model_problem("iic/emotion2vec_plus_large") is None          # an id: downloaded, not checked here
+    assert "does not exist" in model_problem(str(tmp_path / "none"))
+    assert "neither" in model_problem("emotion2vec")
+    d = model_dir(tmp_path, "model.pt")
+    problem = model_problem(str(d))
+    assert "lacks config.yaml, tokens.txt" in problem
+    for name in ("config.yaml", "tokens.txt"):
+        (d / name).write_text("x")
+    assert model_problem(str(d)) is None
+
+
+def test_check_file_reads_the_file_alone_and_checks_the_model(tmp_path, monkeypatch):
+    """What `e2vd check-config` and `e2vd install` check: the file as the service will read it
+    (this shell's E2VD_* variables are not the service's), and the model it names."""
+    monkeypatch.setenv("E2VD_IDLE_TIMEOUT", "not even a duration")
+    d = model_dir(tmp_path, "config.yaml", "model.pt", "tokens.txt")
+    settings, present = check_file(toml(tmp_path, f'model = "{d}"\nidle_timeout = "5m"\n'))
+    assert present and settings.model == str(d) and settings.idle_timeout == 300.0
+    msg = str(pytest.raises(ConfigError, check_file, toml(tmp_path, f'model = "{d}/gone"\n', "b.toml")).value)
+    assert "b.toml: key 'model'" in msg and "does not exist" in msg and "ModelScope id" in msg
+    msg = str(pytest.raises(ConfigError, check_file, toml(tmp_path, "idle_timeot = 3\n", "c.toml")).value)
+    assert "c.toml: unknown key 'idle_timeot'" in msg and "did you mean 'idle_timeout'" in msg
+    absent = str(tmp_path / "absent.toml")
+    assert check_file(absent, required=False) == (Settings(), False)
+    assert "does not exist" in str(pytest.raises(ConfigError, check_file, absent).value)
