@@ -208,7 +208,8 @@ class FormReader:
             return self.fields[name]
         if self.file is not None:
             raise ApiError("bad_form", f"the form has two file parts, {_describe(self.file)} and {_describe(part)}; "
-                                       f"send exactly one (any name, 'file' preferred), and only "
+                                       f"send exactly one (any name; {' or '.join(map(repr, PREFERRED_FIELDS))} "
+                                       f"preferred), and only "
                                        f"{' and '.join(sorted(self.option_names))} as other fields")
         self.file = part
         return self.audio

@@ -118,7 +118,7 @@ def test_a_second_file_part_is_refused_as_it_begins():
         receive(body, OPTIONS)
     message = info.value.message
     assert info.value.code == "bad_form" and "two file parts, 'file' (file 'a.wav') and 'audio' (file 'b.wav')" in message
-    assert "send exactly one (any name, 'file' preferred)" in message and body.taken < len(AUDIO) * 3
+    assert "send exactly one (any name; 'file' or 'audio' preferred)" in message and body.taken < len(AUDIO) * 3
 
 
 HOSTILE_FORMS: list[tuple[str, tuple[bytes, str], str, str]] = [
