@@ -39,7 +39,8 @@ Event names and their fields (journald name = E2VD_ + upper case; durations in s
     request             request_id, client_uid, client_pid, method, path, status (HTTP status;
                         499 when abandoned), code (error code, only on errors), abandoned (true:
                         the client hung up before its recognition ran; it was not run and
-                        nothing was answered), body_bytes, audio_seconds, read_ms, decode_ms,
+                        nothing was answered), upload ("raw" | "multipart"), chunked (true
+                        for a chunked body), body_bytes, audio_seconds, read_ms, decode_ms,
                         wait_ms, queue_ms, infer_ms, total_ms, batch_size, top_label, top_score, hold_seconds (warmup)
     keep_warm           hold_seconds, capped (true when cut to max_hold)
     idle_exit           alive_seconds, requests_served, idle_timeout_seconds
@@ -74,7 +75,7 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "model_unavailable": ("model", "error", "grace_seconds"),
     "exit_unavailable": ("model", "error", "grace_seconds"),
     "request": ("request_id", "client_uid", "client_pid", "method", "path", "status", "code",
-                "abandoned", "body_bytes", "audio_seconds", "read_ms", "decode_ms", "wait_ms",
+                "abandoned", "upload", "chunked", "body_bytes", "audio_seconds", "read_ms", "decode_ms", "wait_ms",
                 "queue_ms", "infer_ms", "total_ms",
                 "batch_size", "top_label", "top_score", "hold_seconds"),
     "keep_warm": ("hold_seconds", "capped"),

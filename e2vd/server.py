@@ -20,7 +20,8 @@ Limits, so that no client can hold a thread, the worker or the GPU forever:
   not a token, control characters in the value), Content-Length given twice or not a number, or
   Transfer-Encoding with Content-Length get 400 `bad_request` and the connection is closed: a
   proxy in front of the socket could frame such a request differently (request smuggling);
-- bodies need Content-Length (chunked uploads get 411 `length_required`); a Content-Length above
+- bodies come with Content-Length or `Transfer-Encoding: chunked` (counted against max_body_bytes
+  as the chunks arrive; neither: 411 `length_required`); a Content-Length above
   `max_body_bytes` gets 413 `too_large` before any of the body is read (also on Expect: 100-continue);
 - a recognition whose client hangs up while it waits in the queue is not run: the request event
   says status 499 (nginx's "client closed request"; never sent) and `abandoned`, and it does not
