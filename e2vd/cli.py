@@ -161,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
         "web", help="serve the browser page (run by e2vd-web.socket; never wakes the daemon by itself)",
         description="The browser front: serves the page and forwards /v1/* to the daemon's socket. "
                     "Socket-activated by e2vd-web.socket (`e2vd install --web`); exits when idle."))
+
+    from e2vd import pull_cli   # light: modelscope is imported when a pull runs
+
+    pull_cli.add_arguments(sub)
     return p
 
 
@@ -225,6 +229,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from e2vd import web
 
         return web.run(args)
+    if args.command in ("pull", "models"):
+        from e2vd import pull_cli
+
+        return pull_cli.run(args)
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "recognize": cmd_recognize, "status": cmd_status, "warmup": cmd_warmup}
     return commands[args.command](args)

@@ -1,0 +1,123 @@
+"""`e2vd pull` against a stand-in hub on localhost (tests/fake_hub.py) serving the tiny stand-in
+model: a full pull, a resume after a cut connection, a hash mismatch refused, the hub down, and
+the pulled directory used by the engine with no network."""
+from __future__ import annotations
+
+import io
+import os
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fake_hub import FakeHub  # noqa: E402
+
+from e2vd import pull  # noqa: E402
+
+MODEL = "iic/emotion2vec_plus_large"
+REV = "v2.0.5"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def hub(tiny_model: Path):
+    h = FakeHub.from_dir(MODEL, REV, tiny_model).start()
+    yield h
+    h.stop()
+
+
+def run_pull(hub: FakeHub, cache: Path) -> tuple[pull.PullResult, str]:
+    out = io.StringIO()
+    result = pull.pull(MODEL, REV, cache, out=out, endpoint=hub.endpoint, tty=False)
+    return result, out.getvalue()
+
+
+def test_full_pull_places_verified_files_with_modes(hub: FakeHub, tiny_model: Path, tmp_path: Path) -> None:
+    result, text = run_pull(hub, tmp_path)
+    final = tmp_path / "models" / MODEL / REV
+    assert result.directory == final and pull.is_complete(final)
+    assert result.fetched_bytes == result.total_bytes == sum(len(b) for b in hub.files.values())
+    for rel, data in hub.files.items():
+        assert (final / rel).read_bytes() == data
+        assert stat.S_IMODE((final / rel).stat().st_mode) == 0o644
+    assert stat.S_IMODE(final.stat().st_mode) == 0o755
+    assert not pull.partial_dir(tmp_path, MODEL, REV).exists()
+    manifest = pull.Manifest.read(final / pull.MARKER)
+    assert manifest.verified == "size+sha256" and set(manifest.files) == set(hub.files)
+    assert "model.pt" in text and "ETA" in text and "/s" in text
+    print("\n" + text)
+    # a second pull is a no-op without the network
+    hub.requests.clear()
+    again, _ = run_pull(hub, tmp_path)
+    assert again.already_present and hub.requests == []
+
+
+def test_resume_after_the_connection_is_cut(hub: FakeHub, tmp_path: Path) -> None:
+    size = len(hub.files["model.pt"])
+    hub.cut_after["model.pt"] = size // 2
+    with pytest.raises(pull.PullError, match="continues where it stopped"):
+        run_pull(hub, tmp_path)
+    final = tmp_path / "models" / MODEL / REV
+    assert not final.exists(), "a partial pull must never look like a model"
+    part = pull.partial_dir(tmp_path, MODEL, REV) / "model.pt.part"
+    assert part.stat().st_size == size // 2
+    hub.requests.clear()
+    result, _ = run_pull(hub, tmp_path)
+    assert pull.is_complete(final) and (final / "model.pt").read_bytes() == hub.files["model.pt"]
+    assert result.fetched_bytes < result.total_bytes, "the second run fetched only the rest"
+    assert result.fetched_bytes <= size - size // 2 + sum(len(b) for k, b in hub.files.items() if k != "model.pt")
+
+
+def test_a_file_whose_bytes_do_not_match_the_published_hash_is_refused(hub: FakeHub, tmp_path: Path) -> None:
+    hub.corrupt.add("model.pt")
+    with pytest.raises(pull.PullError, match="does not match the hub's") as err:
+        run_pull(hub, tmp_path)
+    print("\n" + str(err.value))
+    staging = pull.partial_dir(tmp_path, MODEL, REV)
+    assert not (tmp_path / "models" / MODEL / REV).exists()
+    assert not (staging / "model.pt").exists() and not (staging / "model.pt.part").exists()
+    hub.corrupt.clear()
+    run_pull(hub, tmp_path)
+    assert pull.is_complete(tmp_path / "models" / MODEL / REV)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_hub_down_fails_with_a_clear_message_and_exit_status_1(tmp_path: Path) -> None:
+    env = dict(os.environ, MODELSCOPE_DOMAIN=f"http://127.0.0.1:{free_port()}")
+    env.pop("MODELSCOPE_ENDPOINT", None)
+    cp = subprocess.run([sys.executable, "-m", "e2vd", "pull", MODEL, "--cache-dir", str(tmp_path)],
+                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    print("\n" + cp.stderr)
+    assert cp.returncode == 1, cp.stderr
+    assert "cannot reach the ModelScope hub" in cp.stderr and "Traceback" not in cp.stderr
+    assert not (tmp_path / "models" / MODEL / REV).exists()
+
+
+def test_endpoint_from_the_environment() -> None:
+    assert pull.hub_endpoint({}) == "https://www.modelscope.cn"
+    assert pull.hub_endpoint({"MODELSCOPE_DOMAIN": "mirror.example:8080"}) == "https://mirror.example:8080"
+    assert pull.hub_endpoint({"MODELSCOPE_DOMAIN": "http://127.0.0.1:9/"}) == "http://127.0.0.1:9"
+    assert pull.hub_endpoint({"MODELSCOPE_ENDPOINT": "http://a", "MODELSCOPE_DOMAIN": "b"}) == "http://a"
+
+
+def test_progress_plain_lines_and_terminal_line() -> None:
+    t = [0.0]
+    out = io.StringIO()
+    p = pull.Progress(4 << 20, out, tty=False, every_s=1.0, clock=lambda: t[0])
+    p.name = "model.pt"
+    t[0] = 2.0
+    p.add(2 << 20)
+    assert out.getvalue() == "model.pt  2.0 MiB / 4.0 MiB (50 %)  1.0 MiB/s  ETA 0:02\n"
+    tty = io.StringIO()
+    q = pull.Progress(100, tty, tty=True, every_s=0.0, clock=lambda: t[0])
+    q.add(10)
+    assert tty.getvalue().startswith("\r\033[K") and "\n" not in tty.getvalue()
