@@ -12,7 +12,9 @@ operation) while the model loads.
 
 Errors: `ClientError` carries the daemon's error (HTTP status, code, message); `DaemonUnreachable`
 means no daemon could be reached, with a message that says how to fix it; `DaemonTimeout` (a kind
-of DaemonUnreachable) means it did not answer in time; `InputError` means local audio was not
+of DaemonUnreachable) means it did not answer in time; `DaemonDied` means the daemon took the
+request and closed the connection without an answer (it died mid-request: its watchdog ended a
+stuck inference, or it crashed), which is never retried; `InputError` means local audio was not
 sent (larger than max_body_bytes, not a regular file, or a stream that stalled). Each carries the
 `e2vd` command's exit status for it as `exit_code` (an `e2vd.vocabulary.ExitCode`).
 
@@ -77,6 +79,23 @@ class DaemonUnreachable(E2vdError):
 
 class DaemonTimeout(DaemonUnreachable):
     """The daemon accepted the connection but did not answer within the timeout."""
+
+
+class DaemonDied(E2vdError):
+    """The daemon read the request and then closed the connection without answering: its process
+    ended mid-request (e2vd's watchdog ended a stuck inference, or it crashed). Not retried: the
+    same request might end the next daemon the same way. Exit status SERVER."""
+
+    exit_code = ExitCode.SERVER
+
+    def __init__(self, socket_path: str, message: str) -> None:
+        super().__init__(message)
+        self.socket = socket_path
+        self.message = message
+
+
+class _NotSent(Exception):
+    """The daemon had closed the connection before the whole request was sent (internal)."""
 
 
 class InputError(E2vdError, ValueError):
@@ -447,13 +466,32 @@ class Client:
         looking (idle exit, connection_timeout). If it turns out closed before any byte of the
         answer arrived, an idempotent request is sent once more on a fresh connection; a
         non-idempotent one is not (it may have been processed) and raises DaemonUnreachable.
+
+        A fresh connection closed without an answer after the daemon took the whole request (a
+        clean end of stream: on a Unix socket, a peer that closes with our bytes unread resets
+        the connection instead) means the daemon died mid-request: DaemonDied, never retried.
+        A request the daemon did not take (reset, or the send itself failed) is retried once.
         """
         for attempt in (1, 2):
             conn, fresh = self._connection()
             try:
                 resp = self._exchange(conn, method, path, body)
+            except _NotSent as e:
+                self.close()
+                if attempt == 1:
+                    continue
+                raise DaemonUnreachable(self.socket, (
+                    f"the daemon on {self.socket} closed the connection twice before taking "
+                    f"{method} {path.split('?')[0]}; it may be stopping or restarting: check "
+                    f"`systemctl status e2vd` and `journalctl -u e2vd`")) from e.__cause__
             except _CLOSED_EARLY as e:
                 self.close()
+                if fresh and isinstance(e, http.client.RemoteDisconnected):
+                    raise DaemonDied(self.socket, (
+                        f"the daemon on {self.socket} took {method} {path.split('?')[0]} and closed the "
+                        f"connection without answering: it died mid-request (its watchdog ended a stuck "
+                        f"inference, or it crashed). Nothing was retried; `journalctl -u e2vd` (or the "
+                        f"daemon's stderr) says why. The next request starts a fresh daemon")) from e
                 if attempt == 1 and idempotent:
                     continue
                 raise DaemonUnreachable(self.socket, (
@@ -488,13 +526,19 @@ class Client:
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = "application/octet-stream"
+        sent = True
         try:
             conn.request(method, path, body=body, headers=headers)
         except (BrokenPipeError, ConnectionResetError):
             # The daemon may have refused the request (e.g. 413 too_large) and stopped reading
             # before the whole body was sent: its answer can still be waiting in our buffer.
-            pass
-        resp = conn.getresponse()
+            sent = False
+        try:
+            resp = conn.getresponse()
+        except _CLOSED_EARLY as e:
+            if sent:
+                raise
+            raise _NotSent() from e
         data = resp.read()  # read fully, so the connection can carry the next request
         if resp.will_close:
             self.close()

@@ -12,10 +12,25 @@
 4. when to exit is the `e2vd.lifecycle.LifecycleClock`'s decision. The main loop tells it what
    holds the daemon awake — jobs queued or running, and connections inside a request or used
    within connection_timeout (`Server.holding`) — and sleeps until its deadline or an event;
-5. one shutdown path for every reason (idle, SIGTERM/SIGINT, unavailable model): stop accepting,
-   close our fd (from systemd: never unlink, never shutdown()), STOPPING=1, close idle
+5. the watchdog (`e2vd.watchdog.Watchdog`): at every look, WATCHDOG=1 goes to systemd only while
+   the inference worker is healthy (idle, or in a model call younger than inference_timeout);
+   a call that reaches inference_timeout is stuck and the daemon leaves with Reason.STUCK;
+6. one shutdown path for every reason (idle, SIGTERM/SIGINT, unavailable model, stuck): stop
+   accepting, close our fd (from systemd: never unlink, never shutdown()), STOPPING=1, close idle
    connections and let requests in flight finish within drain_timeout (a second signal cuts
    that short), one journal event naming the reason (idle_exit, stopped, exit_unavailable).
+   Stuck is the exception: nothing can be drained, as the worker never comes back. After its
+   event (inference_stuck) the daemon sends WATCHDOG=trigger instead of STOPPING=1, so systemd
+   kills it at once (SIGABRT; Python's faulthandler writes every thread's stack to the journal)
+   and records Result=watchdog; outside systemd, or if no signal comes, `main` ends the process
+   itself (os._exit: a thread stuck in a C call would keep a normal exit waiting), exit 5.
+   Clients of the stuck call see their connection close without an answer (e2vd.client:
+   DaemonDied).
+
+Settings that cannot be used (ConfigError) end a daemon started by hand at once (exit 2). Under
+socket activation that would make systemd start it again for the waiting connection, in a loop
+that fails e2vd.socket; instead `e2vd.misconfigured` answers every request 503 config_invalid
+for unavailable_grace seconds, and hands over to a fresh daemon as soon as the file is fixed.
 
 The main thread waits on one selector holding the listening socket and a wake-up socket written
 to by the signal handlers (signal.set_wakeup_fd), the worker thread (model loaded or failed) and
@@ -23,12 +38,14 @@ connection threads (a request ended, a connection closed); with nothing happenin
 the clock's deadline, at most STATUS_EVERY_S. The design is in docs/design.md.
 
 Exit codes (`e2vd.vocabulary.ExitCode`): 0 idle exit or stopped by a signal; 2 bad configuration
-(ConfigError, which `main` lets through to `e2vd.cli.main` like every command's errors); 5 cannot
-listen on the socket (SocketError's own code, after its journal event) or the model is unavailable.
+(ConfigError, which `main` lets through to `e2vd.cli.main` like every command's errors; under
+socket activation after the grace); 5 cannot listen on the socket (SocketError's own code, after
+its journal event), the model is unavailable, or a model call was stuck.
 """
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import functools
 import logging
 import math
@@ -37,18 +54,21 @@ import selectors
 import signal
 import socket
 import stat
+import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NoReturn
 
-from e2vd import __version__, systemd
+from e2vd import systemd
+from e2vd.daemon_report import Events, Report
 from e2vd.lifecycle import LifecycleClock, Reason
 from e2vd.log import event
-from e2vd.scheduler import Scheduler
+from e2vd.scheduler import Running, Scheduler
 from e2vd.server import Server
 from e2vd.systemd import SocketError
 from e2vd.vocabulary import ExitCode, State
+from e2vd.watchdog import Watchdog
 
 if TYPE_CHECKING:  # pragma: no cover
     from e2vd.config import Settings
@@ -60,6 +80,7 @@ STATUS_EVERY_S = 1.0    # longest sleep of the main loop: STATUS= countdowns; jo
 EXTEND_EVERY_S = 5.0    # EXTEND_TIMEOUT_USEC cadence while the model loads ...
 EXTEND_BY_S = 30.0      # ... each one: the start timeout ends no sooner than this from now
 DRAIN_POLL_S = 0.1      # while draining: how often queued jobs are looked at (requests wake us)
+KILL_WAIT_S = 5.0       # stuck, after WATCHDOG=trigger: how long systemd's signal may take before we exit
 SOCKET_MODE = 0o660
 
 
@@ -143,12 +164,20 @@ class Listener:
                 os.unlink(self.path)
 
 
+def systemd_listener(path: str) -> Listener | None:
+    """The socket systemd passed (named by its address, else `path`), or None without one."""
+    sock = systemd.listen_socket()
+    if sock is None:
+        return None
+    name = sock.getsockname()
+    return Listener(sock, name if isinstance(name, str) and name else path, from_systemd=True)
+
+
 def open_listener(path: str) -> Listener:
     """The socket from systemd when passed, else `path` bound by us."""
-    sock = systemd.listen_socket()
-    if sock is not None:
-        name = sock.getsockname()
-        return Listener(sock, name if isinstance(name, str) and name else path, from_systemd=True)
+    listener = systemd_listener(path)
+    if listener is not None:
+        return listener
     sock = bind_socket(path)
     return Listener(sock, path, from_systemd=False, inode=os.lstat(path).st_ino)
 
@@ -179,6 +208,13 @@ class Waiter:
                 while self._r.recv(512):
                     pass
         return self._listening in ready
+
+    def sleep_until(self, clock: Callable[[], float], until: float, at_most: float) -> None:
+        """Sleep until `clock()` reaches `until` (woken to look again by `wake`), at most
+        `at_most` real seconds."""
+        real_until = time.monotonic() + at_most
+        while clock() < until and time.monotonic() < real_until:
+            self.wait(min(until - clock(), real_until - time.monotonic()))
 
     def stop_accepting(self) -> None:
         with contextlib.suppress(KeyError, ValueError):
@@ -254,26 +290,27 @@ class Daemon:
         self.started = clock()
         self.lifecycle = LifecycleClock(settings.idle_timeout, settings.max_hold, settings.unavailable_grace)
         self.exiting: Reason | None = None   # set by the look that decides to exit
+        self.watchdog = Watchdog(settings.inference_timeout, systemd.watchdog_interval())
+        self.stuck: Running | None = None    # the model call found stuck, once it is
         self._signals: list[int] = []
         self._waiter = Waiter(listener.sock)
         self._next_extend = -math.inf
         self._last_status = ""
         self.scheduler = Scheduler(load or functools.partial(load_engine, settings), queue_size=settings.queue_size,
-                                   max_batch=settings.max_batch, on_state=self._on_state)
+                                   max_batch=settings.max_batch, on_state=self._on_state, on_running=self.wake,
+                                   clock=clock)
         self.server = Server(self.scheduler, self, max_body_bytes=settings.max_body_bytes,
                              max_seconds=settings.max_seconds, connection_timeout=settings.connection_timeout,
                              max_connections_per_uid=settings.max_connections_per_uid, clock=clock,
                              on_change=self.wake)
-        self.report = Report(self)
+        self.report, self.events = Report(self), Events(self)
 
     # --- Control (connection threads) ---
     def hold(self, seconds: float) -> tuple[float, float | None]:
         """Keep warm at least `seconds` from now (capped by max_hold, never shortening a longer
         hold); returns (granted seconds, keep-warm deadline as a Unix time or None)."""
         h = self.lifecycle.hold(seconds, self.clock())
-        if h.granted > 0:
-            event("keep_warm", f"keeping the model warm for {h.granted:g} s", hold_seconds=h.granted,
-                  capped=h.capped)
+        self.events.keep_warm(h)
         self.wake()
         return h.granted, None if h.until is None else self.report.wall(h.until)
 
@@ -287,22 +324,21 @@ class Daemon:
         self._waiter.wake()
 
     def look(self, timeout: float = 30.0) -> bool:
-        """Wake the main loop and wait until it has looked at its clocks once after this call
-        (for tests and tools that move an injected clock); `exiting` then says whether it decided
-        to exit. False after `timeout` seconds."""
+        """Wake the main loop and wait until it has looked at its clocks once after this call (for
+        tests that move an injected clock; `exiting` then says what it decided); False after `timeout` s."""
         return self._waiter.look(timeout)
 
     def _on_state(self, state: str) -> None:
-        """The scheduler's on_state (worker thread, before it takes any job): READY=1 once
-        systemd has it, or the start of the unavailable grace; then wake the main loop."""
+        """The scheduler's on_state (worker thread, before any job): READY=1 once systemd has it,
+        or the start of the unavailable grace; then wake the main loop."""
         now = self.clock()
         if state == State.READY:
             self.lifecycle.loaded(now)
-            self.report.model_loaded()
+            self.events.model_loaded()
             self._last_status = self.report.line(now)
             systemd.ready(self._last_status)
         elif state == State.UNAVAILABLE:
-            self.report.model_unavailable(loading=self.lifecycle.phase is State.LOADING)
+            self.events.model_unavailable(loading=self.lifecycle.phase is State.LOADING)
             self.lifecycle.failed(now)
         self.wake()   # the main loop sends the STATUS= line and runs the grace clock
 
@@ -314,7 +350,7 @@ class Daemon:
         """Serve until idle exit, a signal, or the end of the unavailable grace; returns the exit code."""
         try:
             with self._waiter.signals_to(self._on_signal):
-                self.report.start()
+                self.events.start()
                 self.scheduler.start()
                 while True:
                     if self._waiter.wait(self._sleep_for()):
@@ -329,7 +365,8 @@ class Daemon:
     def _sleep_for(self) -> float:
         now = self.clock()
         at = self.lifecycle.deadline(now)
-        wait = min(STATUS_EVERY_S, math.inf if at is None else at - now)
+        look = self.watchdog.next_look(now, getattr(self.scheduler.running, "started", None))
+        wait = min(STATUS_EVERY_S, math.inf if at is None else at - now, math.inf if look is None else look - now)
         if self.lifecycle.phase is State.LOADING:
             wait = min(wait, self._next_extend - now)
         return max(0.0, wait)
@@ -342,6 +379,12 @@ class Daemon:
             if self._signals:
                 self.exiting = Reason.SIGNAL
                 return Reason.SIGNAL
+            running = self.scheduler.running          # the watchdog: stuck, or a ping while healthy
+            if self.watchdog.stuck(now, getattr(running, "started", None)):
+                self.stuck, self.exiting = running, Reason.STUCK
+                return Reason.STUCK
+            if self.watchdog.ping(now, getattr(running, "started", None)):
+                systemd.watchdog_ping()
             holding = self.server.holding(now)
             if self.scheduler.pending:
                 self.lifecycle.busy(now)
@@ -369,153 +412,41 @@ class Daemon:
     def _shutdown(self, reason: Reason) -> int:
         """The one way out, for every reason: stop accepting and close our fd, STOPPING=1, close
         idle connections and let requests in flight finish within drain_timeout (a further signal
-        cuts that short), one journal event naming the reason, stop the worker."""
+        cuts that short), one journal event naming the reason, stop the worker. Stuck: the event,
+        then WATCHDOG=trigger instead of STOPPING=1 and no drain (the worker never comes back);
+        SERVER once systemd's signal had KILL_WAIT_S to come (at once outside systemd)."""
         deadline = self.clock() + self.settings.drain_timeout
         signame = signal.Signals(self._signals[0]).name if reason is Reason.SIGNAL else None
         self._waiter.stop_accepting()
         self.listener.close()
+        if reason is Reason.STUCK:
+            self.events.exit_event(reason, None)
+            until = self.clock() + KILL_WAIT_S
+            if systemd.watchdog_trigger(self.report.farewell(reason)):
+                self._waiter.sleep_until(self.clock, until, KILL_WAIT_S)   # systemd's SIGABRT ends us here
+            return ExitCode.SERVER
         self.server.drain()
         systemd.stopping(self.report.farewell(reason))
-        if signame is not None:
-            event("stopping", f"{signame}: finishing {self.server.active} request(s) in flight "
-                              f"(at most {self.settings.drain_timeout:g} s)", signal=signame,
-                  in_flight=self.server.active, queued=self.scheduler.pending)
+        self.events.stopping(signame)
         handled = 1 if reason is Reason.SIGNAL else 0   # any signal beyond that one: stop at once
         while self.server.active or self.scheduler.pending:
             if self.clock() >= deadline or len(self._signals) > handled:
-                event("drain_abandoned", f"stopping with {self.server.active} request(s) unfinished",
-                      logging.WARNING, in_flight=self.server.active, queued=self.scheduler.pending)
+                self.events.drain_abandoned()
                 break
             self._waiter.wait(DRAIN_POLL_S)
-        self.report.exit_event(reason, signame)
+        self.events.exit_event(reason, signame)
         self.scheduler.stop(timeout=1.0)
         return ExitCode.SERVER if reason is Reason.UNAVAILABLE else ExitCode.OK
 
 
-class Report:
-    """What the daemon says about itself: GET /v1/status, STATUS= lines, its journal events."""
-
-    def __init__(self, daemon: Daemon) -> None:
-        self.d = daemon
-
-    def wall(self, mono: float) -> float:
-        """A time on the daemon's monotonic clock as a Unix time (rounded to ms)."""
-        return round(time.time() + (mono - self.d.clock()), 3)
-
-    def document(self, now: float) -> dict[str, Any]:
-        """The JSON of GET /v1/status (deadlines as Unix times, *_in_s as seconds from now). The
-        idle deadline is the one that holds if the request asking (and all other work) ended now."""
-        d, s, sch, lc = self.d, self.d.settings, self.d.scheduler, self.d.lifecycle
-        engine = sch.engine
-        memory: dict[str, int] = {}
-        if engine is not None:
-            try:
-                memory = dict(engine.memory())
-            except Exception as exc:  # status must answer even if the probe fails
-                event("memory_probe_failed", f"engine.memory() failed: {exc}")
-        idle_at = lc.deadline(now, if_idle_now=True) if lc.phase is State.READY else None
-        keep = lc.keep_warm_until(now)
-        return {
-            "state": "stopping" if d.exiting else sch.state,
-            "model": getattr(engine, "model_id", None) or s.model,
-            "device": getattr(engine, "device", None),
-            "dtype": getattr(engine, "dtype", None) or s.dtype,
-            "memory": memory,
-            "queue_depth": sch.pending,
-            "queue_size": sch.queue_size,
-            "connections": d.server.connections,
-            "requests_served": d.server.requests_served,
-            "uptime_s": round(now - d.started, 3),
-            "load_seconds": getattr(engine, "load_seconds", None),
-            "idle_timeout_s": s.idle_timeout,
-            "idle_deadline": None if idle_at is None else self.wall(idle_at),
-            "idle_exit_in_s": None if idle_at is None else round(max(0.0, idle_at - now), 3),
-            "keep_warm_deadline": None if keep is None else self.wall(keep),
-            "error": sch.error,
-            "socket": d.listener.path,
-            "socket_activated": d.listener.from_systemd,
-            "pid": os.getpid(),
-            "version": __version__,
-        }
-
-    def line(self, now: float) -> str:
-        """The STATUS= line: what the daemon is doing now."""
-        d, s, sch, lc = self.d, self.d.settings, self.d.scheduler, self.d.lifecycle
-        if d.exiting:
-            return f"Stopping: finishing {d.server.active} request(s)"
-        if lc.phase is State.LOADING:
-            return f"Loading model {s.model} (device {s.device})"
-        at = lc.deadline(now)
-        if lc.phase is State.UNAVAILABLE:
-            return f"Model unavailable: {sch.error}; exiting in {max(0, math.ceil((at or now) - now))} s"
-        head = f"Ready on {getattr(sch.engine, 'device', '?')}: {d.server.requests_served} request(s) served"
-        keep = lc.keep_warm_until(now)
-        if lc.held(now):
-            return f"{head}; busy ({sch.pending} in progress, {d.server.holding(now).count} connection(s))"
-        if keep is not None:
-            return f"{head}; kept warm until {time.strftime('%H:%M:%S', time.localtime(self.wall(keep)))}"
-        if at is not None:
-            return f"{head}; idle exit in {max(0, math.ceil(at - now))} s"
-        return head
-
-    def farewell(self, reason: Reason) -> str:
-        """The STATUS= line sent with STOPPING=1."""
-        served = self.d.server.requests_served
-        if reason is Reason.IDLE:
-            return f"Idle exit after {served} request(s)"
-        if reason is Reason.UNAVAILABLE:
-            return f"Model unavailable: {self.d.scheduler.error}"
-        return f"Stopping: finishing {self.d.server.active} request(s)"
-
-    def start(self) -> None:
-        d, s = self.d, self.d.settings
-        event("start", f"e2vd {__version__} listening on {d.listener.path}"
-                       f"{' (from systemd)' if d.listener.from_systemd else ''}; loading {s.model}",
-              socket=d.listener.path, socket_activated=d.listener.from_systemd, model=s.model,
-              device=s.device, pid=os.getpid(), idle_timeout_seconds=s.idle_timeout)
-
-    def model_loaded(self) -> None:
-        """The model_loaded event: everything about the load in one record (worker thread)."""
-        engine, s = self.d.scheduler.engine, self.d.settings
-        memory: dict[str, int] = {}
-        try:
-            memory = dict(engine.memory()) if engine is not None else {}
-        except Exception:  # the event must not fail the load
-            pass
-        model = getattr(engine, "model_id", s.model)
-        source = getattr(engine, "model_dir", None)
-        how = getattr(engine, "dtype", "?") + (" (int8-quantized)" if getattr(engine, "quantized", False) else "")
-        event("model_loaded", f"model {model}{f' from {source}' if source and str(source) != model else ''} "
-                              f"loaded on {getattr(engine, 'device', '?')} as {how} in "
-                              f"{getattr(engine, 'load_seconds', 0.0):.1f} s",
-              model=model, device=getattr(engine, "device", None), dtype=getattr(engine, "dtype", None),
-              load_seconds=getattr(engine, "load_seconds", None),
-              memory_bytes=memory.get("cuda_allocated_bytes", memory.get("param_bytes")),
-              **{f"memory_{k}": v for k, v in memory.items()})
-
-    def model_unavailable(self, loading: bool) -> None:
-        s, error = self.d.settings, self.d.scheduler.error
-        what = "could not be loaded" if loading else "is no longer usable"
-        event("model_unavailable", f"the model {s.model} {what}: {error}; answering 503 for "
-                                   f"{s.unavailable_grace:g} s, then exiting", logging.ERROR,
-              model=s.model, error=error, grace_seconds=s.unavailable_grace)
-
-    def exit_event(self, reason: Reason, signame: str | None) -> None:
-        """The one journal event that says why the daemon exits: idle_exit, stopped or exit_unavailable."""
-        s, served = self.d.settings, self.d.server.requests_served
-        alive = round(self.d.clock() - self.d.started, 3)
-        if reason is Reason.IDLE:
-            event("idle_exit", f"idle for {s.idle_timeout:g} s: exiting after {alive:.0f} s alive, "
-                               f"{served} request(s) served",
-                  alive_seconds=alive, requests_served=served, idle_timeout_seconds=s.idle_timeout)
-        elif reason is Reason.SIGNAL:
-            event("stopped", f"stopped by {signame} after {alive:.0f} s alive, {served} request(s) served",
-                  signal=signame, alive_seconds=alive, requests_served=served)
-        else:
-            error = self.d.scheduler.error
-            event("exit_unavailable", f"exiting after {s.unavailable_grace:g} s: the model is unavailable "
-                                      f"({error})", logging.ERROR,
-                  model=s.model, error=error, grace_seconds=s.unavailable_grace)
+def end_process(code: int) -> NoReturn:
+    """End the process now with `code` whatever its threads do (a thread stuck in a C call would
+    keep a normal interpreter exit waiting, and the GPU held): the logs are flushed first."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(int(code))
 
 
 def main(overrides: Mapping[str, object], config_path: str | None = None) -> ExitCode:
@@ -524,12 +455,18 @@ def main(overrides: Mapping[str, object], config_path: str | None = None) -> Exi
     Raises ConfigError (its exit_code: USAGE) for settings that cannot be used: `e2vd.cli.main`
     prints it and exits with that code. A socket that cannot be listened on is logged as the
     journal event socket_error and ends the daemon with SocketError's exit_code."""
-    from e2vd.config import load_settings
-
-    settings = load_settings(dict(overrides), config_path=config_path)
+    from e2vd.config import ConfigError, load_settings
     from e2vd.log import setup_logging
 
+    def settings_now() -> "Settings":
+        return load_settings(dict(overrides), config_path=config_path)
+
+    try:
+        settings = settings_now()
+    except ConfigError as err:
+        return _misconfigured(err, settings_now)
     setup_logging(settings.log_level)   # before anything imports funasr (it calls basicConfig)
+    faulthandler.enable(all_threads=True)   # SIGABRT from systemd's watchdog: every thread's stack
     # CPU inference runs on one worker thread beside the connection threads. With OpenMP's default
     # spin-waiting, torch's idle pool threads keep the cores busy after every op, which delays the
     # connection threads and, on a shared machine, slowed the tiny model ~5x here (load 6 on 2
@@ -540,4 +477,25 @@ def main(overrides: Mapping[str, object], config_path: str | None = None) -> Exi
     except SocketError as exc:
         event("socket_error", str(exc), logging.ERROR, socket=settings.socket)
         return exc.exit_code
-    return Daemon(settings, listener).run()
+    daemon = Daemon(settings, listener)
+    code = daemon.run()
+    if daemon.exiting is Reason.STUCK:
+        end_process(code)
+    return ExitCode(code)
+
+
+def _misconfigured(error: Exception, settings_now: Callable[[], "Settings"]) -> ExitCode:
+    """Settings that cannot be used: raise `error` (cli.main: one line, exit 2) unless systemd
+    passed a socket; then answer 503 config_invalid until the grace ends or the file is fixed."""
+    from e2vd.config import Settings
+    from e2vd.log import setup_logging
+    from e2vd.misconfigured import Misconfigured
+
+    try:
+        listener = systemd_listener(Settings.socket)
+    except SocketError:
+        listener = None
+    if listener is None:
+        raise error
+    setup_logging(Settings.log_level)
+    return Misconfigured(listener, error, settings_now, grace=Settings.unavailable_grace).run()

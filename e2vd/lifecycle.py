@@ -6,7 +6,9 @@ so a test walks it through hours in microseconds. The daemon's main loop reports
 (`loaded`, `failed`, `busy`, `idle`), connection threads add keep-warm holds (`hold`), and the
 loop sleeps until `deadline(now)` and leaves through its one shutdown path once `expired(now)`
 names a reason. Safe to call from any thread (one lock, held only inside these methods).
-The design is in docs/design.md (the lifecycle).
+The design is in docs/design.md (the lifecycle). `Reason` names every way the daemon exits,
+including those decided elsewhere: a stuck model call (e2vd.watchdog) and settings that cannot
+be used under socket activation (e2vd.misconfigured).
 
 The rules, by phase:
 - loading: never expires. systemd's start timeout, extended while the model loads, bounds it.
@@ -36,6 +38,9 @@ class Reason(enum.Enum):
     IDLE = "idle"                 # idle_timeout passed with nothing to do
     SIGNAL = "signal"             # SIGTERM/SIGINT (systemctl stop)
     UNAVAILABLE = "unavailable"   # the model could not be loaded; unavailable_grace passed
+    STUCK = "stuck"               # a model call ran past inference_timeout (e2vd.watchdog): the process ends
+    CONFIG_INVALID = "config_invalid"   # socket-activated with unusable settings; unavailable_grace passed
+    CONFIG_FIXED = "config_fixed"       # ... and the settings became usable: a fresh daemon takes over
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,8 @@ ERRORS: dict[str, tuple[int, str]] = {
     "busy": (503, "The inference queue is full, the daemon has too many connections open, or the GPU ran out "
                   "of memory for this request; retry after Retry-After seconds."),
     "model_unavailable": (503, "The model could not be loaded (the message says why); the daemon exits after a grace period."),
+    "config_invalid": (503, "The daemon's settings cannot be used (the message names the file, the key and the fix); "
+                            "it answers every request so until the file is fixed, then a fresh daemon serves."),
 }
 
 # Errors any request can get, whatever its route: listed under every operation of the document.

@@ -14,7 +14,8 @@ The scheduler knows nothing about HTTP or the process lifecycle (docs/design.md,
 raises, or records on the job, its own errors, all `SchedulerError`s (QueueFull,
 ModelUnavailable, OutOfGpuMemory, BadAudio, InferenceFailed), which the server maps to HTTP.
 It exposes `state` (a `vocabulary.State`), `pending` (queued + running jobs, for the idle clock),
-`served` and `abandoned`.
+`served`, `abandoned` and `running`: the model call in progress (when it began, on the clock
+the scheduler was given, and what it runs), which the daemon's watchdog watches (e2vd.watchdog).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("e2vd")
 
 GPU_BATCH = 8
+STATE_WAIT_S = 10.0   # longest a reader of `state` waits while the observer hears of a new one
 
 
 class SchedulerError(Exception):
@@ -93,6 +95,26 @@ def auto_batch(device: str) -> int:
     return 1 if device == "cpu" else GPU_BATCH
 
 
+@dataclass(frozen=True)
+class Running:
+    """The model call the worker is in: when it began (seconds on the scheduler's clock) and
+    what it runs, for the watchdog's journal event and GET /v1/status."""
+
+    started: float
+    jobs: tuple[int, ...]      # the jobs' numbers (1 = the first job submitted since start)
+    audio_seconds: tuple[float, ...]
+    granularity: str
+    device: str
+
+    def describe(self) -> str:
+        """E.g. "job 7 (20.0 s of audio, utterance)" or "jobs 7, 8 (2 clips, 41.5 s of audio, frame)"."""
+        total = sum(self.audio_seconds)
+        if len(self.jobs) == 1:
+            return f"job {self.jobs[0]} ({total:.1f} s of audio, {self.granularity})"
+        return (f"jobs {', '.join(map(str, self.jobs))} ({len(self.jobs)} clips, {total:.1f} s of audio, "
+                f"{self.granularity})")
+
+
 @dataclass
 class Job:
     """One recognition request. After `done` is set, exactly one of `result`, `error` or
@@ -111,6 +133,7 @@ class Job:
     result: "Recognition | None" = None
     error: SchedulerError | None = None
     abandoned: bool = False
+    number: int = 0         # 1 for the first job submitted since start, then 2, 3, ...
     queue_ms: float = 0.0   # from submit to the start of its forward pass (includes a cold model load)
     infer_ms: float = 0.0   # wall time of the forward pass it ran in
     batch_size: int = 0     # clips in that forward pass (1 when it ran alone)
@@ -126,25 +149,35 @@ class Scheduler:
     `load` is called on the worker thread and returns the engine; if it raises, the scheduler
     becomes State.UNAVAILABLE with `error` set to the exception's message, and every queued or
     later job fails with ModelUnavailable. `on_state` is called on the worker thread with each
-    new state (READY or UNAVAILABLE), before the worker takes any job.
+    new state (READY or UNAVAILABLE), before the worker takes any job. `on_running` is called on
+    the worker thread right after a model call begins (`running` is set by then). `clock` is the
+    monotonic clock of `running.started` (the daemon's).
     """
 
     def __init__(self, load: Callable[[], "Engine"], *, queue_size: int = 64, max_batch: int = 0,
-                 on_state: Callable[[State], None] | None = None) -> None:
+                 on_state: Callable[[State], None] | None = None,
+                 on_running: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if queue_size < 1 or max_batch < 0:
             raise ValueError("queue_size must be >= 1 and max_batch >= 0 (0 = auto)")
         self._load = load
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self.max_batch = max_batch
         self._on_state = on_state
+        self._on_running = on_running
+        self._clock = clock
         self._lock = threading.Lock()
+        self._running: Running | None = None
+        self._submitted = 0
         self._pending = 0
         self._served = 0
         self._abandoned = 0
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.settled = threading.Event()   # set once the model is loaded or has failed
-        self.state = State.LOADING
+        self._state = State.LOADING
+        self._shown = threading.Event()   # clear only while the observer hears of a new state
+        self._shown.set()
         self.engine: "Engine | None" = None
         self.error: str | None = None
 
@@ -171,6 +204,22 @@ class Scheduler:
     def queue_size(self) -> int:
         return self._queue.maxsize
 
+    @property
+    def state(self) -> State:
+        """The model's state. While the worker tells its observer of a new one (the daemon: READY=1
+        and the wait until systemd has read it), other threads wait for it (at most STATE_WAIT_S):
+        nobody sees "ready" before systemd has READY=1, nor "loading" after `systemctl start`
+        returned."""
+        if threading.current_thread() is not self._thread:
+            self._shown.wait(STATE_WAIT_S)
+        return self._state
+
+    @property
+    def running(self) -> Running | None:
+        """The model call in progress, or None while the worker is not in one."""
+        with self._lock:
+            return self._running
+
     # --- control ---
     def start(self) -> None:
         """Start the worker thread; it loads the model first, then serves jobs."""
@@ -196,6 +245,8 @@ class Scheduler:
         job = Job(audio, granularity, embedding, client_gone)
         with self._lock:
             self._pending += 1
+            self._submitted += 1
+            job.number = self._submitted
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -210,14 +261,19 @@ class Scheduler:
 
     # --- worker thread ---
     def _set_state(self, state: State) -> None:
-        """Tell the observer first, then show `state` to everyone: GET /v1/health cannot say
-        "ready" before the daemon has told systemd READY=1."""
-        if self._on_state is not None:
-            try:
-                self._on_state(state)
-            except Exception:  # a broken observer must not kill the worker
-                log.exception("state observer failed")
-        self.state = state
+        """Tell the observer first, then show `state` to everyone; readers of `state` on other
+        threads wait meanwhile: GET /v1/health cannot say "ready" before the daemon has told
+        systemd READY=1, nor "loading" once systemd has it."""
+        self._shown.clear()
+        try:
+            if self._on_state is not None:
+                try:
+                    self._on_state(state)
+                except Exception:  # a broken observer must not kill the worker
+                    log.exception("state observer failed")
+            self._state = state
+        finally:
+            self._shown.set()
 
     def _finish(self, job: Job) -> None:
         with self._lock:
@@ -330,8 +386,24 @@ class Scheduler:
                 waiting = [job for i, job in enumerate(jobs) if i not in first]
 
     def _infer(self, jobs: list[Job], granularity: str, embedding: bool) -> list[Any]:
+        """One model call for `jobs`, shown as `running` while it lasts."""
         assert self.engine is not None
-        results = self.engine.recognize_batch([j.audio for j in jobs], granularity=granularity, embedding=embedding)
+        running = Running(self._clock(), tuple(j.number for j in jobs),
+                          tuple(round(float(getattr(j.audio, "duration_s", 0.0)), 3) for j in jobs),
+                          granularity, str(getattr(self.engine, "device", "?")))
+        with self._lock:
+            self._running = running
+        if self._on_running is not None:
+            try:
+                self._on_running()
+            except Exception:  # a broken observer must not fail the job
+                log.exception("running observer failed")
+        try:
+            results = self.engine.recognize_batch([j.audio for j in jobs], granularity=granularity,
+                                                  embedding=embedding)
+        finally:
+            with self._lock:
+                self._running = None
         if len(results) != len(jobs):
             raise RuntimeError(f"recognize_batch returned {len(results)} results for {len(jobs)} clips")
         return list(results)

@@ -1,6 +1,6 @@
 """What the daemon says to systemd and takes from it: the passed socket and sd_notify(3) messages.
 
-This is the only module in e2vd that reads LISTEN_PID/LISTEN_FDS or writes to $NOTIFY_SOCKET
+This is the only module in e2vd that reads LISTEN_PID/LISTEN_FDS/WATCHDOG_USEC or writes to $NOTIFY_SOCKET
 (journald logging is e2vd.log's). It wraps systemd-python (libsystemd's own sd_listen_fds and
 sd_notify) in the manner of nobodd's systemd.py and gunicorn's listen_fds: small functions, each
 a no-op outside systemd, so the daemon runs the same in a terminal. The design is in
@@ -108,9 +108,49 @@ def stopping(status_text: str | None = None) -> bool:
     return _notify("STOPPING=1", *([f"STATUS={status_text}"] if status_text is not None else []))
 
 
+def watchdog_interval() -> float | None:
+    """Seconds between two WATCHDOG=1 pings when systemd watches this process (half of its
+    WatchdogSec=, as sd_watchdog_enabled(3) advises), else None. systemd passes WatchdogSec= as
+    WATCHDOG_USEC, and WATCHDOG_PID when set must be this process (the variables are inherited)."""
+    usec, pid = os.environ.get("WATCHDOG_USEC", ""), os.environ.get("WATCHDOG_PID", "")
+    if pid.strip() and pid.strip() != str(os.getpid()):
+        return None
+    try:
+        value = int(usec)
+    except ValueError:
+        return None
+    return value / 2e6 if value > 0 else None
+
+
+def watchdog_ping() -> bool:
+    """WATCHDOG=1: the keep-alive ping. Send it only while the daemon works as it should; when
+    pings stop for WatchdogSec=, systemd kills the process with WatchdogSignal= (SIGABRT) and
+    records Result=watchdog."""
+    return _notify("WATCHDOG=1")
+
+
+def watchdog_trigger(status_text: str, barrier_timeout: float = BARRIER_TIMEOUT_S) -> bool:
+    """WATCHDOG=trigger (and STATUS=`status_text`): the daemon found itself broken; systemd
+    handles it as a missed watchdog ping at once (SIGABRT, Result=watchdog), whether or not
+    WatchdogSec= is set. Waits on a barrier like `ready`, so when this returns True systemd has
+    acted on it (its signal is on its way); False outside systemd or when the barrier timed out."""
+    return _notify("WATCHDOG=trigger", f"STATUS={status_text}") and _barrier(barrier_timeout)
+
+
+def booted() -> bool:
+    """Whether systemd is this machine's (or container's) PID 1 (sd_booted(3): /run/systemd/system
+    exists). Without it the units cannot be installed or started."""
+    return bool(sd.booted())
+
+
+def notifying() -> bool:
+    """Whether systemd gave this process a notify socket ($NOTIFY_SOCKET): it runs as a service."""
+    return bool(os.environ.get("NOTIFY_SOCKET"))
+
+
 def _notify(*lines: str) -> bool:
     """sd_notify(3) the KEY=VALUE `lines` as one message; False when there is no notify socket."""
-    if not os.environ.get("NOTIFY_SOCKET"):
+    if not notifying():
         return False
     try:
         return bool(sd.notify("\n".join(lines)))

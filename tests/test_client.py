@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from e2vd import Client
-from e2vd.client import (BodyLimit, ClientError, DaemonTimeout, DaemonUnreachable, InputError, Recognition,
+from e2vd.client import (BodyLimit, ClientError, DaemonDied, DaemonTimeout, DaemonUnreachable, InputError, Recognition,
                          body_limit, connect_unix, read_audio_file, read_audio_stream)
 from e2vd import protocol
 from e2vd.vocabulary import ExitCode
@@ -70,18 +70,35 @@ def test_reconnects_when_daemon_closed_the_connection(wav_bytes: bytes) -> None:
         assert [r[1] for r in d.requests] == ["/v1/recognize"] * 3  # nothing was sent twice to a live daemon
 
 
-def test_hangup_without_answer_retried_once_then_reported(wav_bytes: bytes) -> None:
+def test_a_daemon_that_dies_mid_request_is_reported_and_never_sent_the_request_again(wav_bytes: bytes) -> None:
+    """The daemon read the whole request on a fresh connection, then closed it without a byte of
+    answer (its watchdog ended a stuck inference, or it crashed): DaemonDied, exit 5, not resent
+    (the same request could end the next daemon the same way)."""
     with TinyDaemon(mode="hangup") as d, Client(d.socket) as c:
-        with pytest.raises(DaemonUnreachable, match="closed the connection without answering"):
+        with pytest.raises(DaemonDied, match="died mid-request") as info:
             c.recognize(wav_bytes)
-        assert len(d.requests) == 2  # idempotent: sent once more on a fresh connection, not more
+        assert info.value.exit_code == ExitCode.SERVER and "journalctl -u e2vd" in info.value.message
+        assert len(d.requests) == 1
+
+
+def test_a_kept_alive_connection_closed_without_answer_is_retried_once_on_a_fresh_one(wav_bytes: bytes) -> None:
+    """On a reused connection the close may be the daemon's idle close racing our request: sent
+    once more on a fresh connection; closed again there, the daemon died mid-request."""
+    with TinyDaemon() as d, Client(d.socket) as c:
+        assert c.health()["status"] == "ready"
+        d.mode = "hangup"
+        with pytest.raises(DaemonDied):
+            c.recognize(wav_bytes)
+        assert [r[1] for r in d.requests] == ["/v1/health", "/v1/recognize", "/v1/recognize"]
 
 
 def test_non_idempotent_request_is_not_resent() -> None:
-    with TinyDaemon(mode="hangup") as d, Client(d.socket) as c:
-        with pytest.raises(DaemonUnreachable):
+    with TinyDaemon() as d, Client(d.socket) as c:
+        assert c.health()["status"] == "ready"
+        d.mode = "hangup"
+        with pytest.raises(DaemonUnreachable, match="closed the connection without answering"):
             c._request("POST", "/v1/warmup", b"", idempotent=False)
-        assert len(d.requests) == 1
+        assert len(d.requests) == 2
 
 
 def test_timeout_is_reported_as_daemon_timeout() -> None:
@@ -359,6 +376,7 @@ def test_every_error_carries_its_exit_code(tmp_path: Path) -> None:
     assert InputError("f", "too_large", "m").exit_code == ExitCode.REJECTED
     assert ClientError(400, "bad_audio", "m").exit_code == ClientError(422, "too_long", "m").exit_code == ExitCode.REJECTED
     assert ClientError(503, "busy", "m").exit_code == ClientError(500, "internal", "m").exit_code == ExitCode.SERVER
+    assert DaemonDied("s", "m").exit_code == ClientError(503, "config_invalid", "m").exit_code == ExitCode.SERVER
     with pytest.raises(DaemonUnreachable) as e:
         Client(tmp_path / "none.sock").health()
     assert e.value.exit_code == ExitCode.UNREACHABLE

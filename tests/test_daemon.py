@@ -33,7 +33,7 @@ from fake_notify import FakeNotify
 
 from e2vd.client import connect_unix
 from e2vd.config import Settings
-from e2vd.daemon import Daemon, SocketError, bind_socket, open_listener
+from e2vd.daemon import KILL_WAIT_S, Daemon, SocketError, bind_socket, open_listener
 from e2vd.lifecycle import Reason
 from e2vd.result import Recognition
 
@@ -359,7 +359,8 @@ class InProcess:
             driver.join(timeout)
         if failures:
             raise failures[0]
-        self.notify.wait_for("STOPPING=1")   # every way out says so; the datagram may still be in flight
+        # every way out says so (the datagram may still be in flight); stuck says it to the watchdog
+        self.notify.wait_for("WATCHDOG=trigger" if self.daemon.exiting is Reason.STUCK else "STOPPING=1")
         return code
 
     def ready(self) -> None:
@@ -420,7 +421,8 @@ def in_process(tmp_path, monkeypatch, caplog):
         notify = FakeNotify(tmp_path / f"notify{len(made)}", hold_fds=hold_fds)
         monkeypatch.setenv("NOTIFY_SOCKET", notify.path)
         values = dict(socket=str(tmp_path / "s.sock"), model="fake/model", device="cpu", idle_timeout=300.0,
-                      connection_timeout=30.0, max_hold=3600.0, drain_timeout=60.0, unavailable_grace=60.0)
+                      connection_timeout=30.0, max_hold=3600.0, drain_timeout=60.0, unavailable_grace=60.0,
+                      inference_timeout=1e9)   # the clock moves by hours in some tests: not stuck
         values.update(settings)
         s = Settings(**values)
         engine, gate = FakeEngine(), threading.Event()
@@ -729,3 +731,110 @@ def test_other_uids_are_served_while_one_uid_is_at_its_cap(in_process):
         assert ip.run(body) == 0
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- a stuck model call: the watchdog --------------------------------------------------------------
+
+def watched(monkeypatch: pytest.MonkeyPatch, watchdog_sec: float = 30.0) -> None:
+    """As systemd sets it up for WatchdogSec=`watchdog_sec` (pings every watchdog_sec / 2)."""
+    monkeypatch.setenv("WATCHDOG_USEC", str(int(watchdog_sec * 1e6)))
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+
+
+def test_a_stuck_model_call_stops_the_pings_and_ends_the_daemon_through_the_watchdog(in_process, clip, caplog,
+                                                                                     monkeypatch):
+    """WATCHDOG=1 goes out while the worker is healthy, also during a long call; the main loop
+    keeps answering while the worker is stuck, and status shows the call's age; at
+    inference_timeout the pings stop, one inference_stuck event names the job, WATCHDOG=trigger
+    asks systemd to kill the process (no STOPPING=1, no drain) and run() returns 5."""
+    watched(monkeypatch)
+    ip = in_process(inference_timeout=120)
+    ip.engine.gate.clear()                                   # the model call never returns
+    held: list[socket.socket] = []
+
+    def body(ip: InProcess) -> None:
+        ip.ready()
+        ip.serving()
+        ip.notify.wait_for("WATCHDOG=1")                     # idle: healthy
+        s = ip.connect()
+        held.append(s)
+        s.sendall(recognize_head(clip) + clip)
+        assert ip.engine.entered.wait(30)
+        for _ in range(6):                                   # 6 x 15 s: a long call, still healthy
+            ip.clock.advance(15)
+            ip.serving()
+        ip.notify.wait_for("WATCHDOG=1", count=7)
+        ip.notify.wait_for("; inference running 90 s (inference_timeout 120 s)")
+        status, _, st = ip.request("GET", "/v1/status")     # the main loop and the server still answer
+        assert status == 200 and st["inference_running_s"] == 90.0 and st["inference_timeout_s"] == 120.0
+        ip.clock.advance(29.999)
+        ip.serving()
+        ip.notify.wait_for("WATCHDOG=1", count=8)
+        ip.clock.advance(0.001)                              # the call is 120 s old: stuck
+        ip.exits(Reason.STUCK)
+        ip.notify.wait_for("WATCHDOG=trigger")
+        ip.clock.advance(KILL_WAIT_S)                        # no SIGABRT comes from a fake systemd
+        ip.daemon.wake()
+
+    try:
+        assert ip.run(body) == 5
+    finally:
+        for s in held:
+            s.close()
+    lines = ip.notify.lines()
+    assert "STOPPING=1" not in lines and lines.count("WATCHDOG=1") == 8
+    trigger = lines.index("WATCHDOG=trigger")
+    assert "WATCHDOG=1" not in lines[trigger:]
+    assert lines[trigger + 1] == ("STATUS=Stuck: inference of job 1 (1.0 s of audio, utterance) on cpu has run "
+                                  "120.0 s, past inference_timeout = 120 s; ending the process")
+    (name, fields), = events(caplog, "inference_stuck", *EXIT_EVENTS)
+    assert name == "inference_stuck"
+    assert {k: fields[k] for k in ("jobs", "clips", "audio_seconds", "granularity", "device", "running_seconds",
+                                   "inference_timeout_seconds", "in_flight", "queued")} == {
+        "jobs": "1", "clips": 1, "audio_seconds": 1.0, "granularity": "utterance", "device": "cpu",
+        "running_seconds": 120.0, "inference_timeout_seconds": 120.0, "in_flight": 1, "queued": 0}
+
+
+def test_a_call_that_ends_before_inference_timeout_is_not_stuck(in_process, clip, monkeypatch):
+    watched(monkeypatch)
+    ip = in_process(inference_timeout=10, idle_timeout=1e6)
+    ip.engine.gate.clear()
+
+    def body(ip: InProcess) -> None:
+        ip.ready()
+        with ip.connect() as s:
+            s.sendall(recognize_head(clip) + clip)
+            assert ip.engine.entered.wait(30)
+            ip.clock.advance(9.999)
+            ip.serving()
+            ip.engine.gate.set()
+            assert read_response(s)[0] == 200
+        wait_until("the call to end", lambda: ip.daemon.scheduler.running is None)
+        ip.clock.advance(3600)                               # idle for long: that is not stuck
+        ip.serving()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    assert ip.run(body) == 0
+    assert "WATCHDOG=trigger" not in ip.notify.lines()
+
+
+def test_outside_systemd_a_stuck_call_ends_the_process_with_a_clear_message_and_exit_5(tmp_path):
+    """A daemon started by hand: the large stand-in on the CPU needs seconds for 20 s of audio,
+    past inference_timeout = 1 s. No test-only hook: the bound itself ends the process; the
+    client sees the connection close without an answer (DaemonDied)."""
+    from conftest import standin_dir, wav_clip
+
+    from e2vd.client import Client, DaemonDied
+
+    large = standin_dir("large")
+    with DaemonProcess(tmp_path / "s.sock", large, wait_ready=True, idle_timeout=600, inference_timeout=1,
+                       start_timeout=300) as d:
+        with Client(str(d.socket), timeout=300) as c, pytest.raises(DaemonDied, match="died mid-request"):
+            c.recognize(wav_clip(20.0, seed=7))
+        assert d.wait(60) == 5
+    log = d.log_text()
+    [line] = [line for line in log.splitlines() if "event=inference_stuck" in line]
+    assert "inference of job 1 (20.0 s of audio, utterance) on cpu has run" in line
+    assert "past inference_timeout = 1 s" in line and "the process ends with exit code 5" in line
+    assert "device=cpu" in line and "clips=1" in line
+    assert "Traceback" not in log

@@ -269,3 +269,71 @@ def test_a_failing_job_records_the_schedulers_own_error(error, kind, code):
     finally:
         sch.stop(10)
 
+
+
+class GatedEngine:
+    """Wraps the real engine: each model call waits on `gate` after it has begun (`entered`)."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.device = engine, engine.device
+        self.gate, self.entered = threading.Event(), threading.Event()
+
+    def recognize_batch(self, audios, **kw):
+        self.entered.set()
+        assert self.gate.wait(60), "the test never opened the gate"
+        return self.engine.recognize_batch(audios, **kw)
+
+
+def test_running_shows_the_model_call_in_progress_on_the_given_clock(engine):
+    """What the daemon's watchdog watches: when the call began (on the scheduler's clock), which
+    jobs it runs, on which device; `on_running` is told as it begins, and it is gone once done."""
+    now = [500.0]
+    wrapped = GatedEngine(engine)
+    told: list = []
+    sch = Scheduler(lambda: wrapped, queue_size=4, max_batch=1, clock=lambda: now[0],
+                    on_running=lambda: told.append(sch.running))
+    sch.start()
+    try:
+        assert sch.running is None
+        first, second = sch.submit(clip(1.0, 0)), sch.submit(clip(2.0, 1), "frame")
+        assert wrapped.entered.wait(60)
+        running = sch.running
+        assert told == [running] and running.started == 500.0 and running.jobs == (1,)
+        assert running.audio_seconds == (1.0,) and running.device == "cpu" and running.granularity == "utterance"
+        assert running.describe() == "job 1 (1.0 s of audio, utterance)"
+        now[0] = 620.0
+        wrapped.entered.clear()
+        wrapped.gate.set()
+        assert first.wait(60) and wrapped.entered.wait(60) and second.wait(60)
+        assert [r.jobs for r in told] == [(1,), (2,)] and told[1].started == 620.0
+        assert (first.number, second.number) == (1, 2) and sch.running is None
+    finally:
+        wrapped.gate.set()
+        sch.stop(timeout=10)
+
+
+def test_readers_of_state_wait_while_the_observer_hears_of_a_new_one(engine):
+    """The daemon's observer sends READY=1 and waits until systemd has read it; meanwhile nobody
+    may read "loading" (systemctl start may have returned) nor "ready" (it may not have)."""
+    hearing, gate = threading.Event(), threading.Event()
+
+    def observer(state):
+        hearing.set()
+        assert gate.wait(60), "the test never let the observer finish"
+
+    sch = Scheduler(lambda: engine, on_state=observer)
+    assert sch.state == State.LOADING
+    sch.start()
+    try:
+        assert hearing.wait(60)
+        seen: list[State] = []
+        reader = threading.Thread(target=lambda: seen.append(sch.state))
+        reader.start()
+        reader.join(0.3)
+        assert reader.is_alive() and seen == [], "a reader saw a state while the observer ran"
+        gate.set()
+        reader.join(60)
+        assert seen == [State.READY]
+    finally:
+        gate.set()
+        sch.stop(timeout=10)

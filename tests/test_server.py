@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import re
 import select
+import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from typing import Any, Callable
 
 import pytest
 from conftest import wav_clip
-from daemon_proc import DaemonProcess, raw_request, read_response
+from daemon_proc import ROOT, DaemonProcess, raw_request, read_response
 from forms import Part, form
 from test_handler import InProcess
 from test_routes import FakeEngine
@@ -251,8 +254,8 @@ ERROR_PATHS: list[tuple[str, str, Callable[[DaemonProcess], tuple[int, dict[str,
 
 
 def test_every_error_code_is_walked():
-    """ERROR_PATHS over the wire; model_unavailable and internal in the tests after them."""
-    assert {code for code, _, _ in ERROR_PATHS} | {"model_unavailable", "internal"} == set(ERRORS)
+    """ERROR_PATHS over the wire; model_unavailable, config_invalid and internal in the tests after them."""
+    assert {code for code, _, _ in ERROR_PATHS} | {"model_unavailable", "config_invalid", "internal"} == set(ERRORS)
 
 
 @pytest.fixture(scope="module")
@@ -296,6 +299,27 @@ def test_model_unavailable_status_comes_from_the_table(tmp_path, document):
             time.sleep(0.05)
         check_against_the_table("model_unavailable", *answer, document)
         check_against_the_table("model_unavailable", *raw_request(d.socket, post(GOOD)), document)
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="systemd-socket-activate is not installed")
+def test_config_invalid_status_comes_from_the_table(tmp_path, document):
+    """Settings that cannot be used, under socket activation (systemd-socket-activate plays
+    systemd): every request is answered 503 config_invalid (e2vd.misconfigured)."""
+    config = tmp_path / "e2vd.toml"
+    config.write_text("idle_timeot = 30\n")
+    path = tmp_path / "act.sock"
+    proc = subprocess.Popen(["systemd-socket-activate", "-l", str(path), "-E", f"E2VD_CONFIG={config}",
+                             "-E", f"PYTHONPATH={ROOT}", sys.executable, "-m", "e2vd", "serve"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        check_against_the_table("config_invalid", *raw_request(path, head("GET", "/v1/health"), timeout=60), document)
+        check_against_the_table("config_invalid", *raw_request(path, post(GOOD), timeout=60), document)
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.mark.parametrize("what, engine, needle", [

@@ -7,10 +7,14 @@
    listens (not shutdown(), not unlinked) and that a connection queued in the backlog is served
    by the next daemon started on the same socket.
 3. LISTEN_PID of another process: the inherited fds are ignored and --socket is bound.
+4. Settings that cannot be used, again playing systemd: every request is answered 503
+   config_invalid (no exit loop); once the file is fixed the daemon exits 0 leaving the next
+   connection in the backlog, and the daemon started next serves it.
 """
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -65,9 +69,10 @@ def test_systemd_socket_activate(tiny_model, tmp_path, clip):
     assert "from systemd" in text or "socket_activated=true" in text
 
 
-def start_with_fd(listener: socket.socket, model: Path, tmp_path: Path, name: str, **settings) -> subprocess.Popen:
+def start_with_fd(listener: socket.socket, model: Path, tmp_path: Path, name: str, env: dict[str, str] | None = None,
+                  **settings) -> subprocess.Popen:
     """Start the daemon the way systemd does: the socket on fd 3, LISTEN_FDS=1, LISTEN_PID=its pid."""
-    helper = DaemonProcess(tmp_path / "no-such-dir" / "x.sock", model, **settings)
+    helper = DaemonProcess(tmp_path / "no-such-dir" / "x.sock", model, env=env, **settings)
     env = helper.environment()
     env["LISTEN_FDS"] = "1"
     fd = listener.fileno()
@@ -125,3 +130,37 @@ def test_listen_pid_of_another_process_is_ignored(tiny_model, tmp_path):
         status, _, st = d.request("GET", "/v1/status")
         assert st["socket_activated"] is False and st["socket"] == str(d.socket)
     assert "LISTEN_PID=1 is not this process" in d.log_text()
+
+
+def test_unusable_settings_answer_503_until_fixed_then_the_next_daemon_serves(tiny_model, tmp_path, clip):
+    path = tmp_path / "cfg.sock"
+    config = tmp_path / "e2vd.toml"
+    config.write_text("idle_timeot = 30\n")                   # a typo
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(16)
+    env = {"E2VD_CONFIG": str(config)}
+    try:
+        bad = start_with_fd(listener, tiny_model, tmp_path, "bad", env=env)
+        for method, url, body in [("GET", "/v1/health", None), ("POST", "/v1/recognize", clip)] * 3:
+            status, headers, doc = http_request(path, method, url, body, timeout=60)
+            assert status == 503 and doc["error"]["code"] == "config_invalid", doc
+            assert f"{config}: unknown key 'idle_timeot'" in doc["error"]["message"]
+        assert bad.poll() is None, "it must not exit (and be started again) in a loop"
+        config.write_text("idle_timeout = 30\n")               # fixed, no systemctl step
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.settimeout(120)
+        client.connect(str(path))
+        client.sendall(b"GET /v1/health HTTP/1.1\r\nHost: e2vd\r\n\r\n")
+        assert bad.wait(60) == 0                              # hands over, leaving the connection queued
+        good = start_with_fd(listener, tiny_model, tmp_path, "good", env=env)
+        status, _, doc = read_response(client)
+        client.close()
+        assert status == 200 and doc["status"] in ("loading", "ready")
+        good.send_signal(signal.SIGTERM)
+        assert good.wait(60) == 0
+    finally:
+        listener.close()
+    log = (tmp_path / "bad.log").read_text()
+    assert log.count("event=config_invalid") == 1 and log.count("event=config_fixed") == 1
+    assert "Traceback" not in log

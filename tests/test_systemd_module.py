@@ -78,6 +78,45 @@ def test_ready_gives_up_on_a_barrier_that_never_comes(tmp_path, monkeypatch):
         assert stuck.messages[0] == "READY=1\nSTATUS=x"     # READY=1 itself was sent
 
 
+# --- the watchdog -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("usec, pid, interval", [
+    ("30000000", None, 15.0),          # WatchdogSec=30: ping every 15 s
+    ("30000000", "self", 15.0),
+    ("30000000", "1", None),           # inherited from a parent that systemd watches
+    ("0", None, None), ("", None, None), ("soon", None, None),
+])
+def test_watchdog_interval_is_half_of_watchdogsec_for_this_process_only(monkeypatch, usec, pid, interval):
+    monkeypatch.setenv("WATCHDOG_USEC", usec)
+    if pid is None:
+        monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    else:
+        monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()) if pid == "self" else pid)
+    assert systemd.watchdog_interval() == interval
+
+
+def test_without_watchdog_usec_nobody_watches(monkeypatch):
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    assert systemd.watchdog_interval() is None
+
+
+def test_watchdog_ping_and_trigger(fake):
+    assert systemd.watchdog_ping() is True
+    assert systemd.watchdog_trigger("Stuck: job 3") is True      # returns once systemd has acted on it
+    assert fake.messages == ["WATCHDOG=1", "WATCHDOG=trigger\nSTATUS=Stuck: job 3", "BARRIER=1"]
+
+
+def test_watchdog_calls_outside_systemd_are_quiet_no_ops(monkeypatch):
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert systemd.watchdog_ping() is False and systemd.watchdog_trigger("x") is False
+
+
+def test_booted_is_sd_booted(monkeypatch):
+    """sd_booted(3): systemd is PID 1 when /run/systemd/system exists (not on this test machine
+    necessarily; the answer must agree with the file system either way)."""
+    assert systemd.booted() is os.path.isdir("/run/systemd/system")
+
+
 # --- listen_socket -----------------------------------------------------------------------------
 
 CHILD = r"""

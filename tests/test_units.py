@@ -91,6 +91,10 @@ def test_service_contract() -> None:
     for forbidden in ("PrivateDevices", "MemoryDenyWriteExecute"):
         assert not re.search(rf"^{forbidden}=", text, re.M), f"{forbidden} breaks GPU access or oneDNN"
     assert (svc["ProtectSystem"], svc["DynamicUser"], svc["CacheDirectory"]) == ("strict", "yes", "e2vd")
+    # the watchdog (issue 14): pings are sent at least every STATUS_EVERY_S (1 s) by a healthy daemon
+    assert int(svc["WatchdogSec"]) >= 10 and "WatchdogSignal" not in svc, "SIGABRT: faulthandler's stacks"
+    assert int(svc["TimeoutAbortSec"]) <= int(svc["TimeoutStopSec"])
+    assert svc["NotifyAccess"] == "main"
 
 
 def test_timer_and_warmup_contract() -> None:
