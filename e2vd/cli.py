@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence, TextIO
 
+from e2vd.unit_record import (SERVICE, SHOW_PROPS, SOCKET_UNIT, UnitState, how_it_ended,  # noqa: F401 (re-exported)
+                        last_error, parse_systemctl_show, service_trouble, socket_fix, systemd_units,
+                        unreachable_reason)
 from e2vd.vocabulary import ExitCode, Granularity, State
 
 if TYPE_CHECKING:
@@ -37,7 +40,6 @@ EXIT_WORDS: dict[ExitCode, str] = {
     ExitCode.SERVER: "server error", ExitCode.INTERRUPTED: "interrupted",
 }
 
-SERVICE, SOCKET_UNIT = "e2vd.service", "e2vd.socket"
 #: Seconds `e2vd warmup` waits for the model by default (e2vd-warmup.service allows 600).
 WARMUP_TIMEOUT = 590.0
 
@@ -95,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--socket", help="bind this Unix socket path (ignored when systemd passes a socket)")
     s.add_argument("--model", help="absolute model directory or ModelScope id")
     s.add_argument("--device", help="auto, cpu or cuda:N")
-    s.add_argument("--idle-timeout", type=float, dest="idle_timeout", metavar="S",
-                   help="exit after S seconds with nothing to do")
+    s.add_argument("--idle-timeout", dest="idle_timeout", metavar="DURATION",
+                   help="exit after this long with nothing to do: seconds, or e.g. 90s, 30m, 8h")
     s.add_argument("--config", help="config file (default /etc/e2vd/e2vd.toml)")
 
     r = sub.add_parser(
@@ -144,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "every local user can reach a TCP port, whatever the e2vd group says")
     i.add_argument("--web-public", action="store_true",
                    help="allow a --web address other than loopback (other machines reach the page and the daemon)")
+
+    c = sub.add_parser("check-config", help="check the daemon's settings file before the daemon reads it",
+                       description="Read the settings file as the daemon will (/etc/e2vd/e2vd.toml unless "
+                                   "--config or $E2VD_CONFIG name another) and check that the model is there. "
+                                   "Exit 0 when it can be used, 2 with what is wrong.")
+    c.add_argument("--config", help="the file to check (default $E2VD_CONFIG or /etc/e2vd/e2vd.toml)")
 
     u = sub.add_parser("uninstall", help="remove the systemd units (root)")
     u.add_argument("--purge", action="store_true", help="also remove the config and the model cache")
@@ -198,9 +206,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _failure(command: str, exc: BaseException) -> str:
     """The one line for an e2vd exception that ended `command`: its message, and for the
     daemon's errors what the operator can do about them."""
-    from e2vd.client import ClientError
+    from e2vd.client import ClientError, DaemonUnreachable
 
+    if isinstance(exc, DaemonUnreachable):
+        return f"{command}: {_unreachable(exc)}"
     return f"{command}: {_explain(exc) if isinstance(exc, ClientError) else exc}"
+
+
+def _unreachable(exc) -> str:
+    """A DaemonUnreachable's message, or, when e2vd.socket on that path is not listening, why
+    from systemd's own record (e2vd.unit_record.unreachable_reason) and what to run."""
+    from e2vd.client import DaemonTimeout
+
+    if isinstance(exc, DaemonTimeout):
+        return str(exc)
+    units = systemd_units()
+    reason = None if isinstance(units, str) else unreachable_reason(units, exc.socket)
+    return reason or str(exc)
 
 
 def exit_code_of(exc: BaseException) -> ExitCode | None:
@@ -234,7 +256,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return pull_cli.run(args)
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
-        "recognize": cmd_recognize, "status": cmd_status, "warmup": cmd_warmup}
+        "recognize": cmd_recognize, "status": cmd_status, "warmup": cmd_warmup, "check-config": cmd_check_config}
     return commands[args.command](args)
 
 
@@ -515,7 +537,7 @@ def _recognize_one(client: "Client", args: argparse.Namespace, name: str, emb_pa
     this file, go on: True, False when the other files cannot succeed, None when stdout closed)."""
     import numpy as np
 
-    from e2vd.client import ClientError, DaemonUnreachable, InputError, read_audio_stream
+    from e2vd.client import ClientError, DaemonDied, DaemonUnreachable, InputError, read_audio_stream
 
     label = "stdin" if name == "-" else name
     try:
@@ -525,8 +547,12 @@ def _recognize_one(client: "Client", args: argparse.Namespace, name: str, emb_pa
             audio = name
         result = client.recognize(audio, granularity=args.granularity, embedding=bool(args.embedding))
     except DaemonUnreachable as e:
-        _err(str(e))
+        _err(_unreachable(e))
         return e.exit_code, False
+    except DaemonDied as e:   # this request ended the daemon; the next file starts a fresh one
+        _err(f"{label}: {e}")
+        shown = not args.json or _out(json.dumps({"file": name, "error": {"code": "daemon_died", "message": e.message}}))
+        return e.exit_code, (True if shown else None)
     except ClientError as e:
         _err(f"{label}: {_explain(e)}")
         shown = not args.json or _out(json.dumps({"file": name, "error": {"code": e.code, "message": e.message}}))
@@ -567,6 +593,8 @@ ERROR_HINTS: dict[str, str] = {
     "too_large": "the file exceeds the daemon's max_body_bytes; shorten or compress it",
     "busy": "the daemon's queue is full; retry in a moment",
     "model_unavailable": "the daemon cannot load its model; see `journalctl -u e2vd` and `e2vd status`",
+    "config_invalid": "fix the daemon's settings file (`e2vd check-config` says what is wrong); the next "
+                      "request after the fix starts the daemon with it",
     "internal": "the daemon failed; see `journalctl -u e2vd`",
 }
 
@@ -582,67 +610,11 @@ def _explain(e) -> str:
 
 # -- status -----------------------------------------------------------------------------------
 
-@dataclass
-class UnitState:
-    """Properties of one systemd unit from `systemctl show` (strings as systemd prints them)."""
-
-    id: str
-    props: dict[str, str] = field(default_factory=dict)
-    listen: list[str] = field(default_factory=list)
-
-    def get(self, key: str, default: str = "") -> str:
-        return self.props.get(key, default)
-
-    @property
-    def loaded(self) -> bool:
-        return self.get("LoadState") == "loaded"
-
-    @property
-    def active(self) -> bool:
-        return self.get("ActiveState") == "active"
-
-
-SHOW_PROPS = ("Id", "LoadState", "ActiveState", "SubState", "MainPID", "StatusText",
-              "ActiveEnterTimestamp", "Result", "Listen")
-
-
-def parse_systemctl_show(text: str) -> dict[str, UnitState]:
-    """Parse `systemctl show UNIT... -p ...` output (Key=Value lines, one blank-line separated
-    block per unit, Listen= may repeat) into UnitState by unit Id."""
-    units: dict[str, UnitState] = {}
-    for block in text.strip().split("\n\n"):
-        props: dict[str, str] = {}
-        listen: list[str] = []
-        for line in block.splitlines():
-            key, sep, value = line.partition("=")
-            if not sep:
-                continue
-            if key == "Listen":
-                listen.append(value)
-            else:
-                props[key] = value
-        if "Id" in props:
-            units[props["Id"]] = UnitState(props["Id"], props, listen)
-    return units
-
-
-def systemd_units(units: Sequence[str] = (SERVICE, SOCKET_UNIT)) -> dict[str, UnitState] | str:
-    """Ask systemd about `units` without touching them; a str says why systemd cannot be asked."""
-    cmd = ["systemctl", "show", *units, "-p", ",".join(SHOW_PROPS), "--no-pager"]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
-    except FileNotFoundError:
-        return "systemctl is not installed here"
-    except subprocess.TimeoutExpired:
-        return "systemctl did not answer within 10 s"
-    if proc.returncode != 0:
-        why = " ".join(proc.stderr.split()) or f"systemctl exited {proc.returncode}"
-        return f"systemd cannot be asked ({why})"
-    return parse_systemctl_show(proc.stdout)
-
-
-def _describe_units(units: dict[str, UnitState]) -> list[str]:
-    """Human lines for e2vd.service and e2vd.socket, each with what to do when it is wrong."""
+def _describe_units(units: dict[str, UnitState],
+                    error_of: Callable[[UnitState], str | None] = last_error) -> list[str]:
+    """Human lines for e2vd.service and e2vd.socket, each with what to do when it is wrong; a
+    failed unit with systemd's own record of it (Result, exit status, `error_of`: the service's
+    last error line in the journal)."""
     svc, sock = units.get(SERVICE), units.get(SOCKET_UNIT)
     lines = []
     if svc is None or not svc.loaded:
@@ -653,8 +625,8 @@ def _describe_units(units: dict[str, UnitState]) -> list[str]:
         if svc.active:
             since = svc.get("ActiveEnterTimestamp")
             state += f", PID {svc.get('MainPID')}" + (f", since {since}" if since else "")
-        elif svc.get("Result") not in ("", "success"):
-            state += f", last run failed: {svc.get('Result')} — see `journalctl -u e2vd`"
+        elif svc.failed:
+            state += f", {service_trouble(svc, error_of(svc))}"
         lines.append(f"{SERVICE}: {state}")
         if svc.get("StatusText"):
             lines.append(f"  {svc.get('StatusText')}")
@@ -664,7 +636,7 @@ def _describe_units(units: dict[str, UnitState]) -> list[str]:
         if sock.active and not (svc and svc.active):
             line += "; the next request starts the daemon"
         elif not sock.active:
-            line += "; requests will fail: `sudo systemctl enable --now e2vd.socket`"
+            line += (f", {how_it_ended(sock)}" if sock.failed else "") + f"; requests will fail: {socket_fix(sock)}"
         lines.append(line)
     elif svc is not None and svc.loaded:
         lines.append(f"{SOCKET_UNIT}: not installed; requests cannot wake the daemon")
@@ -782,6 +754,26 @@ def cmd_status(args: argparse.Namespace) -> ExitCode:
     if not _out(text):
         _err("stdout was closed by its reader; the status was not shown")
     return code
+
+
+# -- check-config -----------------------------------------------------------------------------
+
+def cmd_check_config(args: argparse.Namespace) -> ExitCode:
+    """Check the settings file as the daemon will read it (e2vd.config.check_file); one line on
+    stdout and 0 when it can be used; ConfigError (exit 2, through `main`) when it cannot."""
+    from e2vd.config import CONFIG_ENV, ENV_PREFIX, check_file, config_file_path
+
+    path, explicit = config_file_path(args.config)
+    settings, present = check_file(path, required=explicit)
+    where = path if present else f"{path} (absent: the defaults apply)"
+    line = (f"{where}: usable; model {settings.model}, device {settings.device}, idle_timeout "
+            f"{settings.idle_timeout:g} s, inference_timeout {settings.inference_timeout:g} s")
+    ignored = sorted(k for k in os.environ if k.startswith(ENV_PREFIX) and k != CONFIG_ENV)
+    if ignored:
+        line += f" ({', '.join(ignored)} of this shell not applied: the service has its own environment)"
+    if not _out(line):
+        _err("stdout was closed by its reader; the settings are usable all the same")
+    return ExitCode.OK
 
 
 # -- warmup -----------------------------------------------------------------------------------

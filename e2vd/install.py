@@ -7,10 +7,15 @@ venv lives under /root or /home (pyenv does), it swaps ``ProtectHome=yes`` for
 ``ProtectHome=tmpfs`` plus ``BindReadOnlyPaths=`` of exactly those directories, because a
 ``DynamicUser=`` service cannot otherwise reach them (203/EXEC).
 
-Install (idempotent): create the socket's group, write the four units, write a default
-/etc/e2vd/e2vd.toml when there is none (never overwrites), ``daemon-reload``, enable (and start,
-unless ``--no-start``) e2vd.socket and e2vd-warmup.timer.  Uninstall: stop and disable, remove
-the units; the config, the model cache and the group stay unless ``--purge``.
+Install (idempotent): check an existing /etc/e2vd/e2vd.toml as the daemon will read it (a
+setting it would refuse stops the install before anything changes), create the socket's group,
+write the four units, write a default /etc/e2vd/e2vd.toml when there is none (never
+overwrites), ``daemon-reload``, enable (and start, unless ``--no-start``) e2vd.socket and
+e2vd-warmup.timer.  Uninstall: stop and disable, remove the units; the config, the model cache
+and the group stay unless ``--purge``.
+
+Both need systemd as PID 1 (`e2vd.systemd.booted`); without it (a plain container) they stop
+at once with one line naming the two ways that work (`NO_SYSTEMD`), exit 2.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from e2vd.config import BUSY_POLICIES, FIELDS, MODEL_ID_PATTERN, Settings
+from e2vd.config import BUSY_POLICIES, FIELDS, MODEL_ID_PATTERN, ConfigError, Settings, check_file
 from e2vd.durations import parse_clock
 from e2vd.vocabulary import DTYPES, ExitCode
 
@@ -63,7 +68,8 @@ _CONFIG_SECTIONS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     ("Lifecycle (seconds): exit after idle_timeout with nothing to do; `e2vd warmup` may keep the\n"
      "daemon warm for at most max_hold; a silent connection is closed after connection_timeout.",
      (("idle_timeout", ""), ("max_hold", ""), ("connection_timeout", ""), ("drain_timeout", ""),
-      ("unavailable_grace", "a model that cannot load: answer 503 this long, then exit"))),
+      ("unavailable_grace", "a model that cannot load: answer 503 this long, then exit"),
+      ("inference_timeout", "one model call running longer is stuck: the daemon's process ends"))),
     ("Requests",
      (("max_seconds", "longest audio accepted"),
       ("max_body_bytes", ""),
@@ -113,6 +119,21 @@ def _config_sections() -> list[tuple[str, tuple[tuple[str, str], ...]]]:
     sections = [(comment, tuple((k, n) for k, n in keys if k in FIELDS)) for comment, keys in _CONFIG_SECTIONS]
     rest = tuple((key, "") for key in FIELDS if key not in listed)
     return sections + ([("Other settings (see the README)", rest)] if rest else [])
+
+
+#: What `e2vd install` says where systemd is not PID 1 (scripts/setup.sh says the same).
+NO_SYSTEMD = ("systemd is not PID 1 here (PID 1 is {pid1!r}), so e2vd's socket-activated units cannot be "
+              "installed or run; two ways work: run the daemon in the foreground, `e2vd serve --socket "
+              "/run/e2vd/e2vd.sock --model DIR` (see the README's containers section), or use a container "
+              "with systemd as PID 1, e.g. `podman run --systemd=always IMAGE /sbin/init`")
+
+
+def pid1_name() -> str:
+    """The command name of PID 1 as this process sees it ("?" when it cannot be read)."""
+    try:
+        return Path("/proc/1/comm").read_text().strip() or "?"
+    except OSError:
+        return "?"
 
 
 class InstallError(RuntimeError):
@@ -244,6 +265,16 @@ def validate_model(model: str) -> None:
                                 "move it to e.g. /srv/e2vd-models/")
 
 
+def check_config(path: Path, model: bool = True) -> None:
+    """Raise InstallUsageError when the daemon would refuse the settings file `path` (or, with
+    `model`, could not find its model here): e2vd.config.check_file's message and the fix."""
+    try:
+        check_file(str(path), check_model=model)
+    except ConfigError as err:
+        raise InstallUsageError(f"{err} Fix {path} first (`e2vd check-config` checks it), then run "
+                                "`e2vd install` again; nothing was changed") from None
+
+
 def config_text(options: Options) -> str:
     """The default /etc/e2vd/e2vd.toml, with `model = ...` set when the operator chose one."""
     return default_config(options.model)
@@ -312,8 +343,11 @@ def install(options: Options, *, start: bool = True, root: Path = Path("/"), lay
     """Install the units (see the module docstring).  With `root` other than /, only files are
     written (an offline image: `systemctl --root` enables, no group, nothing started)."""
     validate(options)
-    layout = layout or Layout.detect()
     live = root == Path("/")
+    config = root / CONFIG_PATH
+    if config.exists():
+        check_config(config, model=live)
+    layout = layout or Layout.detect()
     if live and not _group_exists(options.group):
         _run(["groupadd", "--system", options.group])
         say(f"created system group {options.group} (members may use the socket: usermod -aG {options.group} USER)")
@@ -323,7 +357,6 @@ def install(options: Options, *, start: bool = True, root: Path = Path("/"), lay
         if _write(path, text):
             changed.add(name)
         say(f"{'wrote' if name in changed else 'unchanged'} {path}")
-    config = root / CONFIG_PATH
     if config.exists():
         say(f"kept existing {config}" + (f" (--model not applied: set model = {json.dumps(options.model)} there)"
                                          if options.model is not None else ""))
@@ -397,9 +430,14 @@ def uninstall(*, purge: bool = False, root: Path = Path("/"), say=print) -> None
 def main(args: argparse.Namespace) -> ExitCode:
     """Entry point of `e2vd install` and `e2vd uninstall` (args from e2vd.cli's parser).
 
-    Returns ExitCode.OK; raises InstallUsageError when not run as root or given a bad option
-    (nothing changed), InstallError when a system step failed. `e2vd.cli.main` prints the
+    Returns ExitCode.OK; raises InstallUsageError without systemd as PID 1, when not run as root,
+    or given a bad option or settings file (nothing changed), InstallError when a system step
+    failed. `e2vd.cli.main` prints the
     message and exits with the error's `exit_code`."""
+    from e2vd import systemd
+
+    if not systemd.booted():
+        raise InstallUsageError(NO_SYSTEMD.format(pid1=pid1_name()))
     if os.geteuid() != 0:
         raise InstallUsageError(f"must run as root (it writes /etc/systemd/system and manages the "
                                 f"e2vd group); try: sudo {sys.argv[0] if sys.argv else 'e2vd'} {args.command}")

@@ -11,8 +11,19 @@
 # Steps: apt packages; a venv in $E2VD_PREFIX (default /opt/e2vd) with e2vd installed; the
 # systemd units (`e2vd install`: group e2vd, e2vd.socket, e2vd-warmup.timer); then one
 # `e2vd recognize` on a generated 2 s clip, which wakes the daemon through the socket.
+#
+# Needs systemd as PID 1 (sd_booted: /run/systemd/system exists). Without it (a plain container)
+# it changes nothing and says, in one line, the two ways that work; exit 2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [[ ! -d /run/systemd/system ]]; then
+    echo "setup.sh: systemd is not PID 1 here (PID 1 is '$(cat /proc/1/comm 2>/dev/null || echo '?')'), so e2vd's" \
+         "socket-activated units cannot be installed or run; two ways work: run the daemon in the foreground," \
+         "\`pip install . && e2vd serve --socket /run/e2vd/e2vd.sock --model DIR\` (see the README's" \
+         "containers section), or use a container with systemd as PID 1, e.g." \
+         "\`podman run --systemd=always IMAGE /sbin/init\`" >&2
+    exit 2
+fi
 [[ $(id -u) == 0 ]] || { echo "setup.sh: run as root (sudo $0 $*)" >&2; exit 2; }
 PREFIX=${E2VD_PREFIX:-/opt/e2vd}
 MODEL=${1:-}

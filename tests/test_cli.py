@@ -378,8 +378,9 @@ def test_main_lets_a_bug_keep_its_traceback_and_maps_ctrl_c(monkeypatch, capsys)
 def test_install_errors_exit_through_main_with_their_own_code(monkeypatch, capsys) -> None:
     """install.py no longer picks an exit status from its message (`2 if "--" in str(exc) else 1`):
     it raises, and main exits with the exception's code."""
-    from e2vd import install
+    from e2vd import install, systemd
 
+    monkeypatch.setattr(systemd, "booted", lambda: True)
     monkeypatch.setattr(install.os, "geteuid", lambda: 1000)
     code, out, err = run(["install", "--no-start"], capsys)
     assert code == ExitCode.USAGE and out == "" and err.startswith("e2vd: install: must run as root")
@@ -391,6 +392,7 @@ def test_install_errors_exit_through_main_with_their_own_code(monkeypatch, capsy
     code, _, err = run(["install"], capsys)
     assert code == ExitCode.FAILED and err == "e2vd: install: `groupadd --system e2vd` failed (exit 10): cannot lock /etc/group\n"
     monkeypatch.undo()
+    monkeypatch.setattr(systemd, "booted", lambda: True)
     monkeypatch.setattr(install.os, "geteuid", lambda: 0)
     monkeypatch.setattr(install.Layout, "detect", lambda: pytest.fail("a bad option must stop before anything else"))
     code, _, err = run(["install", "--group", "Bad Group", "--no-start"], capsys)   # validated first: nothing changes
@@ -762,3 +764,71 @@ def test_daemon_without_model_exit_5_and_stops_early(clips: list[Path], tmp_path
         assert "skipping the other 1 file(s)" in err
         code, out, _ = run(["status", "--socket", str(d.socket)], capsys)
         assert "state: unavailable" in out and str(missing) in out
+
+
+# -- issue 14: a daemon that died mid-request, check-config, no systemd as PID 1 ---------------
+
+def test_recognize_a_daemon_that_died_mid_request_exit_5_and_the_next_file_still_goes(clips: list[Path],
+                                                                                      capsys) -> None:
+    with TinyDaemon(mode="hangup") as d:
+        code, out, err = run(["recognize", str(clips[0]), str(clips[1]), "--socket", d.socket], capsys)
+        assert code == ExitCode.SERVER and out == ""
+        assert err.count("died mid-request") == 2 and "journalctl -u e2vd" in err
+        assert len(d.requests) == 2                           # one per file, none resent
+
+
+def test_check_config_accepts_a_usable_file_and_names_what_is_wrong(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.yaml", "model.pt", "tokens.txt"):
+        (model / name).write_text("x")
+    good = tmp_path / "good.toml"
+    good.write_text(f'model = "{model}"\ninference_timeout = "3m"\n')
+    proc = e2vd("check-config", "--config", str(good), env={"E2VD_IDLE_TIMEOUT": "5"})
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.stdout.startswith(f"{good}: usable; model {model}, device auto, idle_timeout 300 s, "
+                                  "inference_timeout 180 s")
+    assert "E2VD_IDLE_TIMEOUT of this shell not applied" in proc.stdout
+    typo = tmp_path / "typo.toml"
+    typo.write_text("idle_timeot = 30\n")
+    one_line(e2vd("check-config", "--config", str(typo)), ExitCode.USAGE,
+             f"e2vd: check-config: {typo}: unknown key 'idle_timeot' (did you mean 'idle_timeout'?)")
+    gone = tmp_path / "gone.toml"
+    gone.write_text(f'model = "{tmp_path / "nowhere"}"\n')
+    one_line(e2vd("check-config", "--config", str(gone)), ExitCode.USAGE,
+             f"{gone}: key 'model': the model directory {tmp_path / 'nowhere'} does not exist")
+    one_line(e2vd("check-config", env={"E2VD_CONFIG": str(typo)}), ExitCode.USAGE, "unknown key 'idle_timeot'")
+
+
+def test_install_without_systemd_as_pid_1_says_so_in_one_line_with_the_two_ways(monkeypatch, capsys) -> None:
+    from e2vd import install, systemd
+
+    monkeypatch.setattr(systemd, "booted", lambda: False)
+    monkeypatch.setattr(install.Layout, "detect", lambda: pytest.fail("nothing may be done without systemd"))
+    for argv in (["install"], ["uninstall"]):
+        code, out, err = run(argv, capsys)
+        assert code == ExitCode.USAGE and out == "" and len(err.splitlines()) == 1
+        assert err.startswith(f"e2vd: {argv[0]}: systemd is not PID 1 here")
+        assert "e2vd serve --socket /run/e2vd/e2vd.sock --model DIR" in err and "podman run --systemd=always" in err
+
+
+def without_systemd(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run `argv` as root in a mount namespace whose /run is empty: to sd_booted(3), and to
+    scripts/setup.sh, systemd is not PID 1 there, whatever this machine runs."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) for a private /run")
+    script = 'mount -t tmpfs e2vd-norun /run && exec "$@"'
+    env = {k: v for k, v in os.environ.items() if not k.startswith("E2VD_")}
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *argv],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_setup_sh_and_install_without_systemd_as_pid_1_stop_at_once_with_exit_2() -> None:
+    for argv, prefix in ((["bash", "scripts/setup.sh", "tiny-standin"], "setup.sh: "),
+                         ([sys.executable, "-m", "e2vd", "install"], "e2vd: install: ")):
+        proc = without_systemd(argv)
+        assert proc.returncode == ExitCode.USAGE, proc.stderr
+        assert proc.stdout == "" and len(proc.stderr.splitlines()) == 1, proc.stderr
+        assert proc.stderr.startswith(prefix + "systemd is not PID 1 here (PID 1 is ")
+        assert "e2vd serve --socket /run/e2vd/e2vd.sock --model DIR" in proc.stderr
+        assert "podman run --systemd=always IMAGE /sbin/init" in proc.stderr

@@ -52,6 +52,24 @@ def test_install_is_idempotent_and_never_overwrites_the_config(tmp_path: Path) -
         [f"unchanged {tmp_path}/etc/systemd/system/{u}" for u in install.UNITS]
 
 
+def test_install_refuses_a_settings_file_the_daemon_would_refuse_before_changing_anything(tmp_path: Path) -> None:
+    """An existing /etc/e2vd/e2vd.toml is checked as the daemon will read it: a typo stops the
+    install (exit 2) with the file, the key and the fix, and nothing is written."""
+    config = tmp_path / "etc/e2vd/e2vd.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text("idle_timeot = 30\n")
+    with pytest.raises(install.InstallUsageError) as info:
+        _install(tmp_path)
+    message = str(info.value)
+    assert info.value.exit_code == ExitCode.USAGE
+    assert f"{config}: unknown key 'idle_timeot' (did you mean 'idle_timeout'?)" in message
+    assert "e2vd check-config" in message and "nothing was changed" in message
+    assert not (tmp_path / "etc/systemd").exists()
+    config.write_text("idle_timeout = 30\n")
+    _install(tmp_path)
+    assert (tmp_path / "etc/systemd/system/e2vd.service").is_file()
+
+
 @pytest.fixture
 def srv_model() -> Path:
     """An (empty) model directory in /srv, where the service's sandbox can see it."""
