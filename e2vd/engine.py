@@ -37,8 +37,6 @@ import io
 import logging
 import os
 import pickle
-import re
-import socket
 import sys
 import threading
 import time
@@ -68,7 +66,6 @@ FRAME_RATE_HZ = 50
 #: checks that the keys are exactly those names).
 _TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16,
                                          "bf16": torch.bfloat16}
-HUB_PROBE_TIMEOUT_S = 3.0
 _IMPORT_LOCK = threading.Lock()
 
 
@@ -173,9 +170,11 @@ def resolve_model(model: str, cache_dir: str | None = None,
     """Return (model directory, model id) for `model`.
 
     `model` is the path of a local model directory, absolute or explicitly relative ("./dir";
-    used as is, never touching the network), or a ModelScope id "owner/name", downloaded once at the pinned `revision` into
-    `cache_dir` (default ``$XDG_CACHE_HOME/e2vd`` or ``~/.cache/e2vd``). A relative "owner/name"
-    that also exists as a local directory is refused as ambiguous rather than silently taken.
+    used as is, never touching the network), or a ModelScope id "owner/name" that `e2vd pull`
+    placed at the pinned `revision` in `cache_dir` (default ``$XDG_CACHE_HOME/e2vd`` or
+    ``~/.cache/e2vd``); one not pulled is a ModelError naming ``sudo e2vd pull ID``.
+    A relative "owner/name" that also exists as a local directory is refused as ambiguous rather
+    than silently taken.
     """
     if not model or not model.strip():
         raise ModelError("no model given: set E2VD_MODEL (or `model` in /etc/e2vd/e2vd.toml) to an "
@@ -206,73 +205,20 @@ def _cache_root(cache_dir: str | None) -> Path:
 
 
 def _download(model_id: str, revision: str, cache_root: Path) -> Path:
-    """Return the local copy of `model_id` at `revision`, downloading it first if needed.
+    """Return the pulled copy of `model_id` at `revision` in `cache_root`; never downloads.
 
-    A complete earlier download is used without any network access. Otherwise the hub is probed
-    with a short timeout first, so that with no hub the error comes in seconds, not after
-    modelscope's minute of retries.
+    A model is there when ``cache_root/models/ID/REVISION`` holds model.pt and the
+    ``.e2vd-complete`` marker, which `e2vd pull` writes only after every file's size and SHA-256
+    matched the hub's listing (e2vd.pull). Otherwise ModelError saying which command to run:
+    the daemon runs without network access (PrivateNetwork=yes), so it could not fetch it anyway.
     """
     target = cache_root / "models" / model_id / revision
     if (target / "model.pt").is_file() and (target / ".e2vd-complete").is_file():
         return target
-    host, port = _hub_address()
-    via = _proxy_for(host)
-    problem = _probe(*(via or (host, port)), HUB_PROBE_TIMEOUT_S)
-    if problem:
-        where = f"{host}:{port}" + (f" via the proxy {via[0]}:{via[1]}" if via else "")
-        raise ModelError(f"cannot download {model_id} (revision {revision}): the ModelScope hub "
-                         f"{where} is unreachable ({problem}). Set E2VD_MODEL (or `model` in "
-                         "/etc/e2vd/e2vd.toml) to an absolute local directory holding config.yaml, "
-                         f"model.pt and tokens.txt, or copy the model into {target}")
-    log.info("downloading %s (revision %s) into %s", model_id, revision, target)
-    try:
-        with _quiet_import():
-            from modelscope.hub.snapshot_download import snapshot_download
-        snapshot_download(model_id, revision=revision, local_dir=str(target))
-    except Exception as err:  # noqa: BLE001 - any download failure becomes one clear error
-        raise ModelError(f"downloading {model_id} (revision {revision}) into {target} failed: "
-                         f"{err}. Retry, or set E2VD_MODEL to an absolute local model directory") from err
-    (target / ".e2vd-complete").write_text(f"{model_id} {revision}\n", encoding="utf-8")
-    return target
-
-
-def _hub_address() -> tuple[str, int]:
-    """(host, port) of the ModelScope hub, honouring modelscope's MODELSCOPE_DOMAIN variable."""
-    domain = os.environ.get("MODELSCOPE_DOMAIN", "www.modelscope.cn")
-    domain = re.sub(r"^https?://", "", domain).split("/")[0]
-    host, _, port = domain.partition(":")
-    return host, int(port) if port.isdigit() else 443
-
-
-def _proxy_for(host: str) -> tuple[str, int] | None:
-    """(host, port) of the HTTPS proxy the download would go through (https_proxy etc.), if any."""
-    import urllib.parse
-    import urllib.request
-
-    proxy = urllib.request.getproxies().get("https")
-    if not proxy or urllib.request.proxy_bypass(host):
-        return None
-    parsed = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
-    if not parsed.hostname:
-        return None
-    return parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
-
-
-def _probe(host: str, port: int, timeout_s: float) -> str | None:
-    """Try a TCP connection to host:port within `timeout_s` (DNS included); None if it worked."""
-    result: list[str | None] = ["timed out after %.0f s" % timeout_s]
-
-    def attempt() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout_s).close()
-            result[0] = None
-        except OSError as err:
-            result[0] = str(err) or type(err).__name__
-
-    worker = threading.Thread(target=attempt, name="e2vd-hub-probe", daemon=True)
-    worker.start()
-    worker.join(timeout_s)
-    return result[0]
+    unfinished = (target.parent / f".{revision}.partial").is_dir()
+    raise ModelError(f"model {model_id} (revision {revision}) has not been pulled into {cache_root}"
+                     + (" (a pull was started and not finished)" if unfinished else "")
+                     + f"; the daemon never downloads. run: sudo e2vd pull {model_id}")
 
 
 def read_tokens(model_dir: Path) -> list[str]:

@@ -4,11 +4,13 @@ the pulled directory used by the engine with no network."""
 from __future__ import annotations
 
 import io
+import shutil
 import os
 import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -121,3 +123,57 @@ def test_progress_plain_lines_and_terminal_line() -> None:
     q = pull.Progress(100, tty, tty=True, every_s=0.0, clock=lambda: t[0])
     q.add(10)
     assert tty.getvalue().startswith("\r\033[K") and "\n" not in tty.getvalue()
+
+
+# -- the daemon never downloads ----------------------------------------------------------------
+
+def unshare_works() -> bool:
+    """Whether this process may run a command in a network namespace of its own (root)."""
+    if shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "--net", "--", "true"], capture_output=True).returncode == 0
+
+
+def test_engine_refuses_an_id_not_pulled_and_names_the_command(tmp_path: Path) -> None:
+    from e2vd.engine import ModelError, resolve_model
+
+    with pytest.raises(ModelError, match=f"has not been pulled.*run: sudo e2vd pull {MODEL}"):
+        resolve_model(MODEL, cache_dir=str(tmp_path))
+    pull.partial_dir(tmp_path, MODEL, REV).mkdir(parents=True)
+    with pytest.raises(ModelError, match="a pull was started and not finished"):
+        resolve_model(MODEL, cache_dir=str(tmp_path))
+
+
+def test_daemon_answers_model_unavailable_naming_the_pull_command(tmp_path: Path) -> None:
+    from daemon_proc import DaemonProcess
+
+    env = {"MODELSCOPE_DOMAIN": "http://127.0.0.1:9"}   # were it to download, it would fail
+    with DaemonProcess(tmp_path / "e2vd.sock", MODEL, env=env, cache_dir=tmp_path / "cache",
+                       unavailable_grace=60) as d:
+        deadline = time.monotonic() + 120                   # the load fails at once; a busy CPU is slow
+        while (answer := d.request("GET", "/v1/health"))[0] == 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status, _, body = answer
+        print(f"\n{status} {body}")
+        assert status == 503 and body["error"]["code"] == "model_unavailable"
+        assert f"run: sudo e2vd pull {MODEL}" in body["error"]["message"]
+
+
+@pytest.mark.skipif(not unshare_works(), reason="needs unshare --net (root)")
+def test_daemon_loads_the_pulled_model_with_no_network(hub: FakeHub, tmp_path: Path, wav_bytes: bytes) -> None:
+    from daemon_proc import DaemonProcess
+
+    cache = tmp_path / "cache"
+    run_pull(hub, cache)
+    hub.stop()
+
+    class Offline(DaemonProcess):
+        def command(self) -> list[str]:   # a network namespace with only a loopback that is down
+            return ["unshare", "--net", "--", *super().command()]
+
+    with Offline(tmp_path / "e2vd.sock", MODEL, wait_ready=True, cache_dir=cache,
+                 env={"MODELSCOPE_DOMAIN": hub.endpoint}) as d:
+        status, _, body = d.request("POST", "/v1/recognize", wav_bytes,
+                                    headers={"Content-Type": "audio/wav"})
+        assert status == 200, body
+        assert body["model"] == MODEL and sum(body["scores"]) == pytest.approx(1.0, abs=1e-4)
