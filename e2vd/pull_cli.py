@@ -131,4 +131,15 @@ def cmd_models(args: argparse.Namespace) -> int:
             if (e.model_id, e.revision) != used:
                 shutil.rmtree(e.directory)
                 print(f"removed {e.directory} ({pull.human_bytes(e.size)})")
+                _remove_empty_parents(e.directory.parent, stop=cache / "models")
     return int(ExitCode.OK)
+
+
+def _remove_empty_parents(directory: Path, stop: Path) -> None:
+    """Remove `directory` and its parents up to (not including) `stop` while they are empty."""
+    while directory != stop and directory.is_relative_to(stop):
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+        directory = directory.parent

@@ -177,3 +177,39 @@ def test_daemon_loads_the_pulled_model_with_no_network(hub: FakeHub, tmp_path: P
                                     headers={"Content-Type": "audio/wav"})
         assert status == 200, body
         assert body["model"] == MODEL and sum(body["scores"]) == pytest.approx(1.0, abs=1e-4)
+
+
+# -- e2vd models -------------------------------------------------------------------------------
+
+def test_models_lists_the_cache_and_prune_keeps_only_the_configured_model(
+        hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from e2vd.cli import main
+
+    cache = tmp_path / "cache"
+    run_pull(hub, cache)
+    old = cache / "models" / MODEL / "v2.0.4"                 # an older daemon's download
+    old.mkdir(parents=True)
+    (old / "model.pt").write_bytes(b"x" * 10)
+    (old / pull.MARKER).write_text(f"{MODEL} v2.0.4\n")
+    other = pull.partial_dir(cache, "iic/emotion2vec_plus_base", REV)
+    other.mkdir(parents=True)
+    monkeypatch.setenv("E2VD_CONFIG", os.devnull)
+    monkeypatch.setenv("E2VD_MODEL", MODEL)
+    assert main(["models", "--cache-dir", str(cache)]) == 0
+    table = capsys.readouterr().out
+    print("\n" + table)
+    rows = {tuple(line.split()[:2]): line.split()[-2:] for line in table.splitlines()[1:]}
+    assert rows == {(MODEL, REV): ["verified", "yes"], (MODEL, "v2.0.4"): ["unverified", "no"],
+                    ("iic/emotion2vec_plus_base", REV): ["incomplete", "no"]}
+    assert main(["models", "--prune", "--cache-dir", str(cache)]) == 0
+    assert not old.exists() and not other.exists() and pull.is_complete(cache / "models" / MODEL / REV)
+    assert not (cache / "models" / "iic" / "emotion2vec_plus_base").exists()
+
+
+def test_pull_of_a_local_directory_is_a_usage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    from e2vd.cli import main
+
+    monkeypatch.setenv("E2VD_CONFIG", os.devnull)
+    assert main(["pull", str(tmp_path), "--cache-dir", str(tmp_path)]) == 2
+    assert "nothing to pull" in capsys.readouterr().err
