@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"keep warm until this local time (default {Options.warmup_until})")
     i.add_argument("--model", help="model for a new /etc/e2vd/e2vd.toml: ModelScope id or absolute directory")
     i.add_argument("--no-start", action="store_true", help="enable the units but do not start them")
+    i.add_argument("--no-pull", action="store_true",
+                   help="do not pull the configured ModelScope model first (the daemon never downloads: "
+                        "run `sudo e2vd pull` before the first request)")
     i.add_argument("--web", nargs="?", const="127.0.0.1:7860", default=None, metavar="ADDR:PORT",
                    help="also install the browser page (e2vd-web.socket) on ADDR:PORT (default 127.0.0.1:7860); "
                         "every local user can reach a TCP port, whatever the e2vd group says")

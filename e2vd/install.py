@@ -10,8 +10,9 @@ venv lives under /root or /home (pyenv does), it swaps ``ProtectHome=yes`` for
 Install (idempotent): check an existing /etc/e2vd/e2vd.toml as the daemon will read it (a
 setting it would refuse stops the install before anything changes), create the socket's group,
 write the four units, write a default /etc/e2vd/e2vd.toml when there is none (never
-overwrites), ``daemon-reload``, enable (and start, unless ``--no-start``) e2vd.socket and
-e2vd-warmup.timer.  Uninstall: stop and disable, remove the units; the config, the model cache
+overwrites), pull the configured ModelScope model (`e2vd pull`, unless ``--no-pull``: the
+daemon never downloads), ``daemon-reload``, enable (and start, unless ``--no-start``)
+e2vd.socket and e2vd-warmup.timer.  Uninstall: stop and disable, remove the units; the config, the model cache
 and the group stay unless ``--purge``.
 
 Both need systemd as PID 1 (`e2vd.systemd.booted`); without it (a plain container) they stop
@@ -205,6 +206,7 @@ class Options:
     model: str | None = None        # written into a new config file; None keeps the default
     web: str | None = None          # `--web ADDR:PORT`: also install the browser page's units (e2vd.web_install)
     web_public: bool = False        # `--web-public`: allow a non-loopback --web address
+    pull: bool = True               # pull the configured ModelScope model before enabling (`--no-pull`: don't)
 
 
 def template_dir() -> Path:
@@ -368,6 +370,12 @@ def install(options: Options, *, start: bool = True, root: Path = Path("/"), lay
         _run(["systemctl", f"--root={root}", "enable", *enable])
         say(f"enabled {', '.join(enable)} in {root}")
         return
+    if options.pull:   # before the socket is enabled: the daemon never downloads (e2vd.pull)
+        from e2vd.pull_cli import pull_configured
+
+        pulled = pull_configured(config)
+        if pulled is not None:
+            say(f"model {'already pulled' if pulled.already_present else 'pulled'}: {pulled.directory}")
     _run(["systemctl", "daemon-reload"])
     if "e2vd.socket" in changed and subprocess.run(["systemctl", "is-active", "--quiet", "e2vd.socket"]).returncode == 0:
         # a new group or mode only applies to a newly created socket; this also stops a running daemon
@@ -443,7 +451,8 @@ def main(args: argparse.Namespace) -> ExitCode:
                                 f"e2vd group); try: sudo {sys.argv[0] if sys.argv else 'e2vd'} {args.command}")
     if args.command == "install":
         install(Options(args.group, args.warmup_calendar, args.warmup_until, args.model,
-                        getattr(args, "web", None), getattr(args, "web_public", False)), start=not args.no_start)
+                        getattr(args, "web", None), getattr(args, "web_public", False),
+                        not getattr(args, "no_pull", False)), start=not args.no_start)
     else:
         uninstall(purge=args.purge)
     return ExitCode.OK

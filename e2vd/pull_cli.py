@@ -143,3 +143,21 @@ def _remove_empty_parents(directory: Path, stop: Path) -> None:
         except OSError:
             return
         directory = directory.parent
+
+
+def pull_configured(config: Path, out=sys.stderr) -> pull.PullResult | None:
+    """`e2vd install`'s pull: the model named by the settings file `config` (and E2VD_* in the
+    environment), at the pinned revision, into its cache_dir. None when the model is a local
+    directory (nothing to pull). Raises PullError, its message ending with what --no-pull does."""
+    from e2vd.config import MODEL_ID_PATTERN, load_settings
+
+    settings = load_settings(config_path=str(config))
+    model = settings.model
+    if os.path.isabs(os.path.expanduser(model)) or not MODEL_ID_PATTERN.fullmatch(model):
+        return None
+    try:
+        return pull.pull(model, _pinned_revision(), Path(settings.cache_dir), out=out)
+    except pull.PullError as err:
+        raise pull.PullError(f"{err}. The units are written but not enabled; run `sudo e2vd install` "
+                             "again, or `sudo e2vd install --no-pull` to enable them now (the daemon "
+                             f"answers model_unavailable until `sudo e2vd pull {model}` has run)") from err

@@ -217,12 +217,12 @@ def box():
 @pytest.mark.systemd
 def test_install_and_uninstall_in_a_real_systemd(box: sdbox.Box) -> None:
     e2vd = [PY, "-m", "e2vd"]
-    out = box.run(e2vd + ["install", "--no-start"], env=ENV).stdout
+    out = box.run(e2vd + ["install", "--no-start", "--no-pull"], env=ENV).stdout
     assert "created system group e2vd" in out
     assert box.run(["systemctl", "is-enabled", "e2vd.socket", "e2vd-warmup.timer"]).stdout.split() == ["enabled"] * 2
     assert box.run(["systemctl", "is-active", "e2vd.socket"], check=False).stdout.strip() == "inactive"
 
-    out = box.run(e2vd + ["install"], env=ENV).stdout
+    out = box.run(e2vd + ["install", "--no-pull"], env=ENV).stdout
     assert box.run(["systemctl", "is-active", "e2vd.socket", "e2vd-warmup.timer"]).stdout.split() == ["active"] * 2
     assert box.run(["stat", "-c", "%a %U %G %F", "/run/e2vd/e2vd.sock"]).stdout.strip() == "660 root e2vd socket"
     assert box.run(["systemctl", "is-active", "e2vd.service"], check=False).stdout.strip() == "inactive"
@@ -233,13 +233,13 @@ def test_install_and_uninstall_in_a_real_systemd(box: sdbox.Box) -> None:
     print(f"\nsystemd-analyze security e2vd.service (installed, live manager): exposure {exposure}")
     assert exposure <= 3.0
 
-    again = box.run(e2vd + ["install"], env=ENV).stdout
+    again = box.run(e2vd + ["install", "--no-pull"], env=ENV).stdout
     assert "created" not in again and again.count("unchanged") == 4 and "kept existing" in again
 
-    regroup = box.run(e2vd + ["install", "--group", "speech"], env=ENV).stdout
+    regroup = box.run(e2vd + ["install", "--group", "speech", "--no-pull"], env=ENV).stdout
     assert "restarted e2vd.socket" in regroup
     assert box.run(["stat", "-c", "%G", "/run/e2vd/e2vd.sock"]).stdout.strip() == "speech"
-    box.run(e2vd + ["install"], env=ENV)
+    box.run(e2vd + ["install", "--no-pull"], env=ENV)
 
     box.run(e2vd + ["uninstall"], env=ENV)
     assert not box.root.joinpath("run/e2vd/e2vd.sock").exists()

@@ -213,3 +213,47 @@ def test_pull_of_a_local_directory_is_a_usage_error(tmp_path: Path, monkeypatch:
     monkeypatch.setenv("E2VD_CONFIG", os.devnull)
     assert main(["pull", str(tmp_path), "--cache-dir", str(tmp_path)]) == 2
     assert "nothing to pull" in capsys.readouterr().err
+
+
+# -- e2vd install pulls before it enables the socket ---------------------------------------------
+
+def write_config(path: Path, model: str, cache: Path) -> Path:
+    path.write_text(f'model = "{model}"\ncache_dir = "{cache}"\n')
+    return path
+
+
+def test_install_pull_fetches_the_configured_model(hub: FakeHub, tmp_path: Path, tiny_model: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from e2vd.pull_cli import pull_configured
+
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", hub.endpoint)
+    for name in list(os.environ):
+        if name.startswith("E2VD_"):
+            monkeypatch.delenv(name)
+    cache = tmp_path / "cache"
+    result = pull_configured(write_config(tmp_path / "e2vd.toml", MODEL, cache), out=io.StringIO())
+    assert result is not None and pull.is_complete(cache / "models" / MODEL / REV)
+    assert pull_configured(write_config(tmp_path / "local.toml", str(tiny_model), cache)) is None
+    hub.stop()
+    with pytest.raises(pull.PullError, match="not enabled.*--no-pull"):
+        pull_configured(write_config(tmp_path / "other.toml", "iic/emotion2vec_plus_base", cache),
+                        out=io.StringIO())
+
+
+@pytest.mark.parametrize("pull_first", [True, False])
+def test_install_pulls_before_enabling_the_socket_unless_no_pull(monkeypatch: pytest.MonkeyPatch,
+                                                                 pull_first: bool) -> None:
+    from e2vd import install, pull_cli
+
+    steps: list[str] = []
+    monkeypatch.setattr(install, "_write", lambda path, text, mode=0o644: True)
+    monkeypatch.setattr(install, "validate", lambda options: None)
+    monkeypatch.setattr(install, "_group_exists", lambda name: True)
+    monkeypatch.setattr(install, "check_config", lambda path, model=True: None)
+    monkeypatch.setattr(install, "CONFIG_PATH", Path("nonexistent/e2vd.toml"))
+    monkeypatch.setattr(install, "_run", lambda argv: steps.append(" ".join(argv[:2])))
+    monkeypatch.setattr(install.subprocess, "run",
+                        lambda argv, **kw: subprocess.CompletedProcess(argv, 1))
+    monkeypatch.setattr(pull_cli, "pull_configured", lambda config, out=None: steps.append("pull"))
+    install.install(install.Options(pull=pull_first), say=lambda _l: None)
+    assert steps == (["pull"] if pull_first else []) + ["systemctl daemon-reload", "systemctl enable"]

@@ -543,7 +543,7 @@ def test_report_in_a_real_systemd_equals_the_runs_alive_seconds() -> None:
     e2vd = [sys.executable, "-m", "e2vd"]
     box = sdbox.Box.start(f"e2vd-report-{os.getpid()}", binds_ro=[f"{standin_dir('tiny')}:{model}"])
     try:
-        box.run(e2vd + ["install"], env=env)
+        box.run(e2vd + ["install", "--no-pull"], env=env)
         box.run(["systemctl", "stop", "e2vd.service"])
         box.write("/etc/e2vd/e2vd.toml", f'model = "{model}"\ndevice = "cpu"\nidle_timeout = 2\n')
         sock = f"/proc/{box.init}/root/run/e2vd/e2vd.sock"

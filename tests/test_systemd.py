@@ -49,7 +49,7 @@ def box():
     # the model is bound to a neutral path: a checkout below /home or /root is hidden from the service
     b = sdbox.Box.start(f"e2vd-{os.getpid()}", binds_ro=[f"{standin_dir('tiny')}:{MODEL}"])
     try:
-        b.run(E2VD + ["install"], env=ENV)
+        b.run(E2VD + ["install", "--no-pull"], env=ENV)
         yield b
     finally:
         b.stop()

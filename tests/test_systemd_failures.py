@@ -44,7 +44,7 @@ def box():
     binds = [f"{standin_dir('tiny')}:{TINY}", f"{standin_dir('large')}:{LARGE}"]
     b = sdbox.Box.start(f"e2vd-fail-{os.getpid()}", binds_ro=binds)
     try:
-        b.run(E2VD + ["install"], env=ENV)
+        b.run(E2VD + ["install", "--no-pull"], env=ENV)
         yield b
     finally:
         b.stop()

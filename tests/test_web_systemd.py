@@ -67,7 +67,7 @@ def box():
 
 def test_the_page_wakes_only_the_front_recognize_wakes_the_daemon_and_both_exit_idle(box, tmp_path):
     port = free_port()
-    out = box.run([PY, "-m", "e2vd", "install", "--web", f"127.0.0.1:{port}"], env=ENV).stdout
+    out = box.run([PY, "-m", "e2vd", "install", "--no-pull", "--web", f"127.0.0.1:{port}"], env=ENV).stdout
     assert f"http://127.0.0.1:{port}/" in out
     box.run(["systemctl", "stop", "e2vd.service"])
     # short timeouts, so that both idle exits come within the test's patience
