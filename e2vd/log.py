@@ -48,6 +48,12 @@ Event names and their fields (journald name = E2VD_ + upper case; durations in s
     stopped             signal, alive_seconds, requests_served
     drain_abandoned     in_flight, queued (drain_timeout passed with work unfinished)
     socket_error        socket (the socket could not be bound)
+    inference_stuck     jobs, clips, audio_seconds, granularity, device, running_seconds,
+                        inference_timeout_seconds, in_flight, queued, alive_seconds,
+                        requests_served (a model call past inference_timeout; the process ends)
+    config_invalid      error, grace_seconds (settings unusable under socket activation: 503)
+    exit_config_invalid error, grace_seconds, refused (exit 2 after the grace period)
+    config_fixed        alive_seconds, refused (the settings are usable again: exit 0)
     socket_stale, socket_ignored, socket_extra, accept_failed, memory_probe_failed:
                         operational notices; the message says what happened
 
@@ -84,6 +90,12 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "stopped": ("signal", "alive_seconds", "requests_served"),
     "drain_abandoned": ("in_flight", "queued"),
     "socket_error": ("socket",),
+    "inference_stuck": ("jobs", "clips", "audio_seconds", "granularity", "device", "running_seconds",
+                        "inference_timeout_seconds", "in_flight", "queued", "alive_seconds",
+                        "requests_served"),
+    "config_invalid": ("error", "grace_seconds"),
+    "exit_config_invalid": ("error", "grace_seconds", "refused"),
+    "config_fixed": ("alive_seconds", "refused"),
 }
 """Documented events and their fields; `event()` accepts other names and fields too."""
 

@@ -49,3 +49,8 @@ def test_the_containers_example_runs_as_written(tiny_model, tmp_path):
     assert lines[0].startswith("e2vd is warm: model ") and str(tiny_model) in lines[0]
     assert lines[1].startswith("clip.wav: ") and "1.50 s of audio" in lines[1]
     assert "event=start" in proc.stderr and "event=stopped" in proc.stderr and "SIGTERM" in proc.stderr
+
+
+def test_the_readme_shows_the_example_verbatim():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert "```bash\n" + EXAMPLE + "```" in readme
