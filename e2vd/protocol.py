@@ -54,7 +54,8 @@ ERRORS: dict[str, tuple[int, str]] = {
 
 # Errors any request can get, whatever its route: listed under every operation of the document.
 # (not_found and method_not_allowed belong to no operation; the Error schema's x-status has them.)
-HTTP_ERRORS: tuple[str, ...] = ("bad_request", "timeout", "length_required", "too_large", "busy", "internal")
+HTTP_ERRORS: tuple[str, ...] = ("bad_request", "timeout", "length_required", "too_large", "busy", "internal",
+                                "config_invalid")
 
 # Retry-After seconds sent with 503 busy.
 BUSY_RETRY_AFTER_S = 1
@@ -265,6 +266,10 @@ _SCHEMAS: dict[str, Any] = {
             "queue_size": {"type": "integer"}, "connections": {"type": "integer"},
             "requests_served": {"type": "integer", "description": "POST /v1/recognize answered with 200."},
             "uptime_s": {"type": "number"},
+            "inference_running_s": {"type": ["number", "null"],
+                                    "description": "Age of the model call in progress (null when idle)."},
+            "inference_timeout_s": {"type": "number",
+                                    "description": "A model call older than this is stuck: the process ends."},
             "socket": {"type": "string"}, "socket_activated": {"type": "boolean"},
             "load_seconds": {"type": ["number", "null"]},
             "idle_timeout_s": {"type": "number"},

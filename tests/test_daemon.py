@@ -767,6 +767,7 @@ def test_a_stuck_model_call_stops_the_pings_and_ends_the_daemon_through_the_watc
         ip.notify.wait_for("; inference running 90 s (inference_timeout 120 s)")
         status, _, st = ip.request("GET", "/v1/status")     # the main loop and the server still answer
         assert status == 200 and st["inference_running_s"] == 90.0 and st["inference_timeout_s"] == 120.0
+        wait_until("the status request to end", lambda: ip.daemon.server.active == 1)   # the stuck one
         ip.clock.advance(29.999)
         ip.serving()
         ip.notify.wait_for("WATCHDOG=1", count=8)
