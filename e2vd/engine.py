@@ -392,7 +392,7 @@ def _refusal(path: Path, names: Sequence[str]) -> str:
         f"{path} was refused: it names code that unpickling would call ({', '.join(names)}), "
         f"but a model file may hold only tensors and configuration data (such code could run "
         f"commands as this service's user). Nothing from it has run. Replace it with the model's original model.pt (for a "
-        f"model e2vd downloaded, delete {path.parent} and it is downloaded again; otherwise copy "
+        f"model e2vd pulled, delete {path.parent} and run `sudo e2vd pull` again; otherwise copy "
         f"model.pt from a trusted source such as ModelScope's {DEFAULT_MODEL}). If you trust this "
         f"file, keep only its weights on a machine where "
         f"running it is safe: python -c \"import torch; c = torch.load('model.pt', "

@@ -57,7 +57,7 @@ _CONFIG_HEAD = """\
 #: The default config file's sections: a comment, then each key it shows with a note. The values
 #: are those of e2vd.config.Settings; tests/test_install.py checks that every setting is shown.
 _CONFIG_SECTIONS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
-    ("Model: a ModelScope id (downloaded once into cache_dir) or an absolute local directory.\n"
+    ("Model: a ModelScope id (fetched into cache_dir by `sudo e2vd pull`) or an absolute local directory.\n"
      "A local directory must be readable by the service's dynamic user and must not lie under\n"
      "/root or /home (the service cannot see them).",
      (("model", ""),

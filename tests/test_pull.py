@@ -257,3 +257,51 @@ def test_install_pulls_before_enabling_the_socket_unless_no_pull(monkeypatch: py
     monkeypatch.setattr(pull_cli, "pull_configured", lambda config, out=None: steps.append("pull"))
     install.install(install.Options(pull=pull_first), say=lambda _l: None)
     assert steps == (["pull"] if pull_first else []) + ["systemctl daemon-reload", "systemctl enable"]
+
+
+# -- for real: e2vd install pulls, the service runs without network --------------------------------
+
+@pytest.mark.systemd
+def test_install_pulls_and_the_service_serves_it_with_no_network(hub: FakeHub) -> None:
+    """In a throw-away systemd (tests/sdbox.py): `e2vd install` pulls the configured id from the
+    stand-in hub into /var/cache/e2vd (root, 0755/0644), the hub goes away, and e2vd.service
+    (DynamicUser, PrivateNetwork=yes) loads the pulled copy and answers over the socket; its only
+    network interface is lo, and the models directory is mounted read-only for it (systemd hands
+    the cache's files to the dynamic user at each start, so the mode alone would not do)."""
+    import sdbox
+    from conftest import wav_clip
+
+    from e2vd.client import Client
+
+    reason = sdbox.unavailable_reason()
+    if reason:
+        pytest.skip(f"no throw-away systemd: {reason}")
+    e2vd = [sys.executable, "-m", "e2vd"]
+    box = sdbox.Box.start(f"e2vd-pull-{os.getpid()}")
+    try:
+        box.write("/etc/e2vd/e2vd.toml", f'model = "{MODEL}"\ndevice = "cpu"\nidle_timeout = 60\n')
+        out = box.run(e2vd + ["install"], env={"PYTHONPATH": str(ROOT), "MODELSCOPE_ENDPOINT": hub.endpoint})
+        assert f"model pulled: /var/cache/e2vd/models/{MODEL}/{REV}" in out.stdout, out.stdout + out.stderr
+        listing = box.sh(f"cd /var/cache/e2vd/models/{MODEL} && stat -c '%a %U %n' {REV} {REV}/*").stdout
+        print("\n" + out.stderr + listing)
+        assert listing.split("\n")[0] == f"755 root {REV}"
+        hub.stop()
+        with Client(f"/proc/{box.init}/root/run/e2vd/e2vd.sock", timeout=180) as c:
+            result = c.recognize(wav_clip(1.0))
+        assert sum(result.scores) == pytest.approx(1.0, abs=1e-4)
+        after = box.sh(f"ls -ld /var/cache/e2vd; stat -L -c '%a %U %n' /var/cache/e2vd/models/{MODEL}/{REV}/model.pt").stdout
+        print("after the service's start:\n" + after)
+        assert after.splitlines()[-1].startswith("644 "), "only the owner may write the model"
+        pid = box.run(["systemctl", "show", "-p", "MainPID", "--value", "e2vd.service"]).stdout.strip()
+        interfaces = [line.split(":")[0].strip() for line in
+                      box.run(["cat", f"/proc/{pid}/net/dev"]).stdout.splitlines()[2:]]
+        assert interfaces == ["lo"], interfaces
+        mounts = box.run(["cat", f"/proc/{pid}/mountinfo"]).stdout.splitlines()
+        models_mount = [m.split() for m in mounts if m.split()[4] == "/var/cache/private/e2vd/models"]
+        print("the daemon's mount of the models: " + " ".join(models_mount[-1][4:6]))
+        assert models_mount and "ro" in models_mount[-1][5].split(","), "the daemon may not change a pulled model"
+        models = box.run(e2vd + ["models"], env={"PYTHONPATH": str(ROOT)}).stdout
+        print(models)
+        assert f"{MODEL}" in models and "verified" in models
+    finally:
+        box.stop()

@@ -91,6 +91,10 @@ def test_service_contract() -> None:
     for forbidden in ("PrivateDevices", "MemoryDenyWriteExecute"):
         assert not re.search(rf"^{forbidden}=", text, re.M), f"{forbidden} breaks GPU access or oneDNN"
     assert (svc["ProtectSystem"], svc["DynamicUser"], svc["CacheDirectory"]) == ("strict", "yes", "e2vd")
+    # issue 15: the daemon never downloads, so it runs without any network
+    assert svc["PrivateNetwork"] == "yes"
+    assert svc["RestrictAddressFamilies"].split() == ["AF_UNIX", "AF_NETLINK"]
+    assert svc["ReadOnlyPaths"] == "-%C/private/e2vd/models", "pulled models: the daemon only reads them"
     # the watchdog (issue 14): pings are sent at least every STATUS_EVERY_S (1 s) by a healthy daemon
     assert int(svc["WatchdogSec"]) >= 10 and "WatchdogSignal" not in svc, "SIGABRT: faulthandler's stacks"
     assert int(svc["TimeoutAbortSec"]) <= int(svc["TimeoutStopSec"])
