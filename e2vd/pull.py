@@ -6,6 +6,7 @@ shared with the engine::
     CACHE/models/OWNER/NAME/REVISION/           the model, complete and verified
     CACHE/models/OWNER/NAME/REVISION/.e2vd-complete   the manifest (JSON, see `Manifest`)
     CACHE/models/OWNER/NAME/.REVISION.partial/  a pull in progress (never read by the daemon)
+    CACHE/models/OWNER/NAME/.REVISION.lock      flock(2) held by the pull running, if any
 
 How a pull goes:
 
@@ -29,6 +30,8 @@ modelscope is imported lazily, only here, never by the daemon's request path.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -41,7 +44,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Callable, Iterator, TextIO
 
 from e2vd.vocabulary import ExitCode
 
@@ -354,7 +357,35 @@ def pull(model_id: str, revision: str, cache_root: Path, out: TextIO = sys.stder
                         "or proxy (https_proxy), or set MODELSCOPE_ENDPOINT to a reachable mirror")
     files = list_files(model_id, revision, endpoint)
     staging = partial_dir(cache_root, model_id, revision)
-    staging.mkdir(parents=True, exist_ok=True)
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(staging.with_name(f".{revision}.lock"), model_id):
+        return _pull_files(model_id, revision, endpoint, files, staging, final, out, tty,
+                           progress_every_s, t0)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path, model_id: str) -> Iterator[None]:
+    """Hold an exclusive flock(2) on `lock_path` for the block; PullError at once if another
+    pull of the same model and revision holds it (the lock goes with that process)."""
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PullError(f"another `e2vd pull {model_id}` is running into the same directory; "
+                            "wait for it (or stop it: the next pull continues its files)") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _pull_files(model_id: str, revision: str, endpoint: str, files: list[RemoteFile], staging: Path,
+                final: Path, out: TextIO, tty: bool | None, progress_every_s: float | None,
+                t0: float) -> PullResult:
+    """Fetch and verify `files` into `staging`, then place it as `final` (the lock is held)."""
+    if is_complete(final):     # another pull finished while this one listed
+        return PullResult(final, 0, 0, 0, 0.0, already_present=True)
+    staging.mkdir(exist_ok=True)
     total = sum(f.size for f in files)
     out.write(f"pulling {model_id} (revision {revision}) from {endpoint}: {len(files)} files, "
               f"{human_bytes(total)}, into {final}\n")
@@ -400,7 +431,7 @@ def _set_modes(root: Path) -> None:
         os.chmod(dirpath, 0o755)
         for name in filenames:
             os.chmod(os.path.join(dirpath, name), 0o644)
-    for parent in (root.parent, root.parent.parent):   # models/OWNER, models
+    for parent in (root.parent, root.parent.parent, root.parent.parent.parent):   # NAME, OWNER, models
         if parent.stat().st_uid == os.geteuid():
             os.chmod(parent, 0o755)
 

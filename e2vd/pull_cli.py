@@ -130,6 +130,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         for e in entries:
             if (e.model_id, e.revision) != used:
                 shutil.rmtree(e.directory)
+                (e.directory.parent / f".{e.revision}.lock").unlink(missing_ok=True)
                 print(f"removed {e.directory} ({pull.human_bytes(e.size)})")
                 _remove_empty_parents(e.directory.parent, stop=cache / "models")
     return int(ExitCode.OK)

@@ -305,3 +305,33 @@ def test_install_pulls_and_the_service_serves_it_with_no_network(hub: FakeHub) -
         assert f"{MODEL}" in models and "verified" in models
     finally:
         box.stop()
+
+
+def test_a_second_pull_of_the_same_model_is_refused_while_one_runs(hub: FakeHub, tmp_path: Path) -> None:
+    lock = pull.partial_dir(tmp_path, MODEL, REV).with_name(f".{REV}.lock")
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], "
+                               "os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); print('held', "
+                               "flush=True); sys.stdin.read()", str(lock)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(pull.PullError, match="another `e2vd pull .*` is running"):
+            run_pull(hub, tmp_path)
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+    run_pull(hub, tmp_path)
+    assert pull.is_complete(tmp_path / "models" / MODEL / REV)
+
+
+def test_modes_let_every_user_read_even_under_a_strict_umask(hub: FakeHub, tmp_path: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        run_pull(hub, tmp_path)
+    finally:
+        os.umask(old)
+    final = tmp_path / "models" / MODEL / REV
+    for d in (final, final.parent, final.parent.parent, tmp_path / "models"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o755, d
+    assert {stat.S_IMODE(p.stat().st_mode) for p in final.iterdir()} == {0o644}
