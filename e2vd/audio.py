@@ -21,7 +21,7 @@ peak (RMS ~1.5 % of the signal's), mostly near the band edge.
 
 Limits and errors: every problem raises `AudioError(code, message)` (a ValueError) whose message
 names the problem and what to do. Codes: "bad_audio" (empty, not audio, truncated or damaged,
-NaN/inf samples, samples beyond ±MAX_SAMPLE_MAGNITUDE, no samples, sample rate below 4 kHz), "too_short" (< 25 ms: emotion2vec's
+NaN/inf samples, samples beyond ±MAX_SAMPLE_MAGNITUDE, no samples, sample rate below 4 kHz or above 384 kHz, more than 64 channels), "too_short" (< 25 ms: emotion2vec's
 convolutional front end needs 400 samples at 16 kHz to produce one frame), "too_long" (more
 than `max_seconds`; checked from the header before decoding when the header states a length,
 and enforced again while decoding, so a lying header cannot make us decode more).
@@ -66,6 +66,12 @@ SAMPLE_RATE = 16000
 MIN_SECONDS = 0.025
 """Shortest accepted audio in seconds (400 samples at 16 kHz: one frame of the conv front end)."""
 MIN_SOURCE_RATE = 4000
+# Highest source sample rate accepted: 384 kHz (DXD), the highest of recording practice. With the
+# per-block downmix in `decode`, the decoded audio held at once is max_seconds x rate mono float32
+# samples (46 MB at 30 s): a tiny FLAC or Ogg file whose header claims 655 kHz or 255 channels of
+# silence cannot make the daemon allocate gigabytes.
+MAX_SOURCE_RATE = 384000
+MAX_CHANNELS = 64          # most channels accepted (a block of 65536 frames is then at most 16 MB)
 """Lowest accepted source sample rate in Hz (below telephone band speech is gone)."""
 RESAMPLE_QUALITY = "HQ"
 """python-soxr quality recipe; "HQ" is librosa's default `soxr_hq`, see the module docstring."""
@@ -140,10 +146,14 @@ def decode(data: bytes, max_seconds: float = 30.0) -> Audio:
         declared = _declared_frames(int(handle.frames), len(data))
         handle.streaming = declared is None
         _check_rate(rate, f"The {fmt} file")
+        if channels > MAX_CHANNELS:
+            raise AudioError("bad_audio", (
+                f"The {fmt} file has {channels} channels; at most {MAX_CHANNELS} are accepted. "
+                f"Mix it down first, e.g. {_CONVERT}."))
         if declared and declared / rate > max_seconds:
             raise AudioError("too_long", _too_long(declared / rate, max_seconds, "from its header"))
         limit = math.floor(max_seconds * rate) + 1 if math.isfinite(max_seconds) else None
-        blocks: list[np.ndarray] = []
+        blocks: list[np.ndarray] = []   # mono: each block is checked and downmixed as it is read
         total = 0
         while limit is None or total < limit:
             # Known length: read it in one go (no concatenation), at most _ONE_READ_SAMPLES at once
@@ -162,7 +172,8 @@ def decode(data: bytes, max_seconds: float = 30.0) -> Audio:
                     f"e.g. {_CONVERT}.")) from None
             if len(block) == 0:
                 break
-            blocks.append(block)
+            _check_samples(block, rate, f"The {fmt} file", start=total)
+            blocks.append(_downmix(block))
             total += len(block)
     if limit is not None and total >= limit:
         raise AudioError("too_long", _too_long(total / rate, max_seconds, "at least, while decoding"))
@@ -174,8 +185,8 @@ def decode(data: bytes, max_seconds: float = 30.0) -> Audio:
         raise AudioError("bad_audio", (
             f"The WAV file's data chunk is marked 0 bytes long although {trailing} bytes follow "
             f"(its writer never finished the header). Rewrite it, e.g. {_CONVERT}."))
-    frames = np.concatenate(blocks) if blocks else np.zeros((0, channels), dtype=np.float32)
-    return _finish(frames, rate, f"The {fmt} file")
+    mono = blocks[0] if len(blocks) == 1 else np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
+    return _finish_mono(mono, rate, channels, f"The {fmt} file")
 
 
 class _SoundFile(sf.SoundFile):
@@ -232,7 +243,7 @@ def from_samples(samples: np.ndarray, rate: int, max_seconds: float = 30.0) -> A
     elif arr.ndim != 2:
         raise AudioError("bad_audio", f"{what} have shape {arr.shape}; pass a 1-D array (mono) or "
                                       f"a 2-D array shaped (frames, channels).")
-    if arr.shape[1] > 64:
+    if arr.shape[1] > MAX_CHANNELS:
         raise AudioError("bad_audio", f"{what} have shape {arr.shape}, i.e. {arr.shape[1]} channels; "
                                       f"pass (frames, channels) — transpose a (channels, frames) array.")
     if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)):
@@ -255,7 +266,13 @@ def check_duration(duration_s: float, max_seconds: float) -> None:
 def _finish(frames: np.ndarray, rate: int, what: str) -> Audio:
     """Reject empty/short/non-finite/out-of-range audio, downmix (frames, channels) float32 and
     resample."""
-    n, channels = frames.shape
+    _check_samples(frames, rate, what)
+    return _finish_mono(_downmix(frames), rate, frames.shape[1], what)
+
+
+def _finish_mono(mono: np.ndarray, rate: int, channels: int, what: str) -> Audio:
+    """Reject empty/short audio (already downmixed, its samples checked) and resample."""
+    n = len(mono)
     if n == 0:
         raise AudioError("bad_audio", f"{what} holds no audio samples (0 frames). "
                                       f"Send audio of at least {MIN_SECONDS * 1000:.0f} ms.")
@@ -264,33 +281,32 @@ def _finish(frames: np.ndarray, rate: int, what: str) -> Audio:
         raise AudioError("too_short", (
             f"{what} is {_beside(duration * 1000, MIN_SECONDS * 1000)} ms long; at least "
             f"{_number(MIN_SECONDS * 1000)} ms is needed. Send a longer recording."))
-    _check_samples(frames, rate, what)
-    mono = _downmix(frames)
     return Audio(samples=_resample(mono, rate), duration_s=duration,
                  source_rate=rate, source_channels=channels)
 
 
-def _check_samples(frames: np.ndarray, rate: int, what: str) -> None:
+def _check_samples(frames: np.ndarray, rate: int, what: str, start: int = 0) -> None:
     """Raise AudioError "bad_audio" for NaN or infinite samples, or samples beyond
-    ±MAX_SAMPLE_MAGNITUDE, naming how many and where the first one is.
+    ±MAX_SAMPLE_MAGNITUDE, naming how many and where the first one is (`frames` begins at frame
+    `start` of the audio; `decode` checks block by block, so the count is the first bad block's).
 
     Two reductions without a temporary array on the common path: NaN makes both comparisons
     false, so one test catches NaN, infinity and out-of-range values alike."""
-    if frames.min() >= -MAX_SAMPLE_MAGNITUDE and frames.max() <= MAX_SAMPLE_MAGNITUDE:
+    if not frames.size or (frames.min() >= -MAX_SAMPLE_MAGNITUDE and frames.max() <= MAX_SAMPLE_MAGNITUDE):
         return
     finite = np.isfinite(frames)
     if not finite.all():
         bad = np.flatnonzero(~finite.all(axis=1))
         raise AudioError("bad_audio", (
             f"{what} contains {int((~finite).sum())} NaN or infinite sample values (first at "
-            f"{bad[0] / rate:.3f} s). Fix or re-export the recording; a float WAV written from a "
+            f"{(start + bad[0]) / rate:.3f} s). Fix or re-export the recording; a float WAV written from a "
             f"failed computation is the usual cause."))
     loud = np.abs(frames) > MAX_SAMPLE_MAGNITUDE
     first = int(np.flatnonzero(loud.any(axis=1))[0])
     raise AudioError("bad_audio", (
         f"{int(loud.sum())} sample value(s) of {what[0].lower() + what[1:]} lie beyond ±2^31 = "
         f"{MAX_SAMPLE_MAGNITUDE:.0f} (peak {float(np.abs(frames).max()):.3g}, first at "
-        f"{first / rate:.3f} s): float audio is full scale at ±1.0 and no audio format reaches "
+        f"{(start + first) / rate:.3f} s): float audio is full scale at ±1.0 and no audio format reaches "
         f"that far, so these are not audio samples (the model's arithmetic would overflow on them). "
         f"Re-export the recording, or scale the samples into [-1, 1] (divide by their peak)."))
 
@@ -340,6 +356,10 @@ def _check_rate(rate: int, what: str) -> None:
         raise AudioError("bad_audio", (
             f"{what} has a sample rate of {rate} Hz; at least {MIN_SOURCE_RATE} Hz is needed for "
             f"speech. Check how it was recorded or exported."))
+    if rate > MAX_SOURCE_RATE:
+        raise AudioError("bad_audio", (
+            f"{what} has a sample rate of {rate} Hz; at most {MAX_SOURCE_RATE} Hz is accepted (the model "
+            f"hears 16 kHz). Re-export it at a usual rate, e.g. {_CONVERT}."))
 
 
 def _too_long(seconds: float, max_seconds: float, how: str) -> str:

@@ -395,3 +395,47 @@ def test_pcm16_fast_path_equals_libsndfile_float_conversion(fmt, channels):
     want = expected.mean(axis=1, dtype=np.float32) if channels > 1 else expected[:, 0]
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, want)
+
+
+# --- decompression bombs: tiny files whose headers claim huge rates or many channels ------------
+
+def silence(seconds: int, rate: int, channels: int, fmt: str, subtype: str | None = None) -> bytes:
+    """A file of `seconds` of silence, written a second at a time (FLAC and Vorbis compress it to KB)."""
+    buf = io.BytesIO()
+    with sf.SoundFile(buf, "w", samplerate=rate, channels=channels, format=fmt, subtype=subtype) as f:
+        block = np.zeros((rate, channels), dtype=np.float32)
+        for _ in range(seconds):
+            f.write(block)
+    return buf.getvalue()
+
+
+def test_a_sample_rate_above_384_khz_is_refused_before_decoding():
+    """165 KB of 8-channel FLAC at 655350 Hz decoded to 1.2 GB of float32 before the limit."""
+    data = silence(29, 655350, 8, "FLAC", "PCM_16")
+    assert len(data) < 200_000
+    err = error(data)
+    assert err.code == "bad_audio" and "655350 Hz; at most 384000 Hz" in err.message
+    assert peak_allocation(lambda: error(data)) < 4_000_000
+    assert decode(silence(1, 384000, 1, "FLAC", "PCM_16")).duration_s == 1.0   # the limit itself is fine
+
+
+def test_more_than_64_channels_are_refused():
+    err = error(silence(1, 16000, 65, "WAV", "PCM_16"))
+    assert err.code == "bad_audio" and "65 channels; at most 64" in err.message
+
+
+def test_many_channels_are_downmixed_block_by_block():
+    """17 KB of 64-channel Vorbis silence, 29 s at 48 kHz: all channels at once were 356 MB (twice,
+    with the concatenation); downmixed as each block is read, at most one block and the mono clip."""
+    data = silence(29, 48000, 64, "OGG", "VORBIS")
+    assert len(data) < 100_000
+    audio = decode(data)
+    assert audio.duration_s == 29.0 and audio.source_channels == 64
+    assert peak_allocation(lambda: decode(data)) < 120_000_000
+
+
+def test_nan_is_placed_at_its_time_with_many_channels():
+    x = speechlike(3.0, 16000, 6)
+    x[40000, 5] = np.nan
+    err = error(encode(data=x, subtype="FLOAT"))
+    assert err.code == "bad_audio" and "first at 2.500 s" in err.message
