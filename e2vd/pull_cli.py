@@ -68,7 +68,15 @@ def cmd_pull(args: argparse.Namespace) -> int:
         raise PullUsage(f"{model!r} is not a ModelScope id owner/name (e.g. iic/emotion2vec_plus_large)")
     cache = Path(args.cache_dir or settings.cache_dir)
     revision = args.revision or _pinned_revision()
-    result = pull.pull(model, revision, cache, out=sys.stderr)
+    try:
+        result = pull.pull(model, revision, cache, out=sys.stderr)
+    except PermissionError as err:
+        raise pull.PullError(f"cannot write into {cache} ({err.strerror}: {err.filename}); "
+                             f"run: sudo e2vd pull {model}") from err
+    except KeyboardInterrupt:
+        sys.stderr.write(f"\ne2vd: pull: stopped; what was fetched is kept: run `e2vd pull {model}` "
+                         "again to continue\n")
+        raise
     if result.already_present:
         print(f"{model} (revision {revision}) is already pulled and verified: {result.directory}")
     else:

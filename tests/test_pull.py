@@ -335,3 +335,32 @@ def test_modes_let_every_user_read_even_under_a_strict_umask(hub: FakeHub, tmp_p
     for d in (final, final.parent, final.parent.parent, tmp_path / "models"):
         assert stat.S_IMODE(d.stat().st_mode) == 0o755, d
     assert {stat.S_IMODE(p.stat().st_mode) for p in final.iterdir()} == {0o644}
+
+
+def test_pull_into_a_cache_it_cannot_write_says_sudo(hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    from e2vd.cli import main
+
+    monkeypatch.setenv("E2VD_CONFIG", os.devnull)
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", hub.endpoint)
+
+    def denied(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(tmp_path / "models"))
+
+    monkeypatch.setattr(Path, "mkdir", denied)
+    assert main(["pull", MODEL, "--cache-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"run: sudo e2vd pull {MODEL}" in err and "Traceback" not in err
+
+
+def test_the_pull_command_prints_progress_lines_and_a_summary(hub: FakeHub, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("E2VD_", "MODELSCOPE_"))}
+    env.update(E2VD_CONFIG=os.devnull, MODELSCOPE_ENDPOINT=hub.endpoint)
+    argv = [sys.executable, "-m", "e2vd", "pull", MODEL, "--cache-dir", str(tmp_path)]
+    cp = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    print("\n" + cp.stderr + cp.stdout)
+    assert cp.returncode == 0, cp.stderr
+    assert "\r" not in cp.stderr and "model.pt" in cp.stderr and "ETA" in cp.stderr
+    assert cp.stdout.startswith(f"pulled {MODEL} (revision {REV}): 4 files") and "verified (size + SHA-256)" in cp.stdout
+    again = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert again.returncode == 0 and "already pulled and verified" in again.stdout
