@@ -17,11 +17,21 @@ document lists it (per operation, and for every code in the Error schema's `x-st
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
 from e2vd.vocabulary import FALSE_WORDS, LABELS, TRUE_WORDS, Granularity, State, parse_bool_word
+
+# seconds as plain ASCII decimal (float() also reads "1_0", "infinity", " 10 " and every script's digits)
+_SECONDS = re.compile(r"\+?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_SHOWN_CHARS = 60   # most characters of a client's text quoted back in an error message
+
+
+def shown(text: str) -> str:
+    """`text` (sent by a client) quoted for an error message, cut to _SHOWN_CHARS characters."""
+    return repr(text) if len(text) <= _SHOWN_CHARS else repr(text[:_SHOWN_CHARS]) + f"... ({len(text)} characters)"
 
 API_VERSION = "1"
 
@@ -105,23 +115,21 @@ class Option:
         """Convert the raw query value; raises ApiError("bad_option") naming the accepted values."""
         if self.kind == "enum":
             if raw not in self.choices:
-                raise ApiError("bad_option", f"{self.name}={raw!r} is not accepted; use one of: "
+                raise ApiError("bad_option", f"{self.name}={shown(raw)} is not accepted; use one of: "
                                + ", ".join(self.choices))
             return raw
         if self.kind == "bool":
             value = parse_bool_word(raw)
             if value is None:
-                raise ApiError("bad_option", f"{self.name}={raw!r} is not accepted; use {self.name}=1 or "
+                raise ApiError("bad_option", f"{self.name}={shown(raw)} is not accepted; use {self.name}=1 or "
                                f"{self.name}=0 (also accepted: {', '.join(TRUE_WORDS[1:])} / "
                                f"{', '.join(FALSE_WORDS[1:])})")
             return value
         if self.kind == "seconds":
-            try:
-                value = float(raw.replace(" ", "+"))  # an unescaped '+' in 1e+06 arrives as a space
-            except ValueError:
-                value = math.nan
+            text = raw.replace(" ", "+")  # an unescaped '+' in 1e+06 arrives as a space
+            value = float(text) if _SECONDS.fullmatch(text) else math.nan
             if not math.isfinite(value) or value < 0:
-                raise ApiError("bad_option", f"{self.name}={raw!r} is not accepted; give seconds as a number "
+                raise ApiError("bad_option", f"{self.name}={shown(raw)} is not accepted; give seconds as a number "
                                f">= 0, e.g. {self.name}=32400 for 9 hours")
             return value
         raise AssertionError(f"unknown option kind {self.kind!r}")
@@ -148,19 +156,19 @@ def parse_options(query: str, options: tuple[Option, ...], form: dict[str, str] 
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query), max_num_fields=32)
     except ValueError as exc:
-        raise ApiError("bad_option", f"the query string {query!r} is malformed ({exc}); "
+        raise ApiError("bad_option", f"the query string {shown(query)} is malformed ({str(exc)[:_SHOWN_CHARS]}); "
                        "use name=value pairs joined by &") from None
     for name, raw in pairs:
         if name not in known:
             accepted = ", ".join(known) if known else "none"
-            raise ApiError("bad_option", f"unknown option {name!r}; this route accepts: {accepted}")
+            raise ApiError("bad_option", f"unknown option {shown(name)}; this route accepts: {accepted}")
         if name in seen:
             raise ApiError("bad_option", f"option {name!r} is given twice; give it once")
         seen.add(name)
         values[name] = known[name].parse(raw)
     for name, raw in (form or {}).items():
         if name not in known:
-            raise ApiError("bad_option", f"unknown form field {name!r}; this route's option fields are: "
+            raise ApiError("bad_option", f"unknown form field {shown(name)}; this route's option fields are: "
                            + (", ".join(known) or "none"))
         if name in seen:
             raise ApiError("bad_option", f"option {name!r} is given both in the query and as a form field; "
@@ -209,13 +217,13 @@ def find_route(method: str, path: str) -> Route:
     """The route for `method` and `path` (no query); raises ApiError not_found / method_not_allowed."""
     candidates = [r for r in ROUTES if r.path == path]
     if not candidates:
-        raise ApiError("not_found", f"no route {path!r}; the routes are "
+        raise ApiError("not_found", f"no route {shown(path)}; the routes are "
                        + ", ".join(f"{r.method} {r.path}" for r in ROUTES))
     for route in candidates:
         if route.method == method:
             return route
     allow = ", ".join(r.method for r in candidates)
-    raise ApiError("method_not_allowed", f"{path} accepts {allow}, not {method}",
+    raise ApiError("method_not_allowed", f"{path} accepts {allow}, not {method[:_SHOWN_CHARS]}",
                    headers={"Allow": allow})
 
 

@@ -191,6 +191,16 @@ def inf_samples() -> bytes:
     return audio_bytes(samples=x, subtype="FLOAT")
 
 
+def short(outcome: tuple[int, Any]) -> tuple[int, Any]:
+    """`outcome`, once its error message is checked to quote at most a bounded part of what was sent."""
+    status, payload = outcome
+    assert len(payload["error"]["message"]) < 400, payload
+    return status, payload
+
+
+LONG = "a" * 60000   # a query, path or method of 60 KB: the request line stays under 64 KiB
+
+
 # (id, action(daemon, tmp) -> (status, payload) | None, expected status, expected error code or None for 200)
 CASES: list[tuple[str, Callable[..., Any], int | None, str | None]] = [
     # --- bodies that are not usable audio ---
@@ -218,6 +228,16 @@ CASES: list[tuple[str, Callable[..., Any], int | None, str | None]] = [
     ("repeated option", lambda d, t: post(d, GOOD, "?embedding=1&embedding=0"), 400, "bad_option"),
     ("warmup hold=-5", lambda d, t: d.request("POST", "/v1/warmup?hold=-5")[::2], 400, "bad_option"),
     ("warmup hold=9h", lambda d, t: d.request("POST", "/v1/warmup?hold=9h")[::2], 400, "bad_option"),
+    ("warmup hold=1_0 (float() would read 10)", lambda d, t: d.request("POST", "/v1/warmup?hold=1_0")[::2],
+     400, "bad_option"),
+    ("warmup hold in Arabic-Indic digits", lambda d, t: d.request("POST", "/v1/warmup?hold=%D9%A1%D9%A0")[::2],
+     400, "bad_option"),
+    ("warmup hold=infinity", lambda d, t: d.request("POST", "/v1/warmup?hold=infinity")[::2], 400, "bad_option"),
+    ("60 KB malformed query", lambda d, t: short(post(d, GOOD, "?" + LONG)), 400, "bad_option"),
+    ("60 KB option value", lambda d, t: short(post(d, GOOD, "?granularity=" + LONG)), 400, "bad_option"),
+    ("60 KB option name", lambda d, t: short(post(d, GOOD, f"?{LONG}=1")), 400, "bad_option"),
+    ("60 KB path", lambda d, t: short(raw(d, head("GET", "/" + LONG))), 404, "not_found"),
+    ("60 KB method", lambda d, t: short(raw(d, head(LONG.upper(), "/v1/status"))), 405, "method_not_allowed"),
     ("unknown route", lambda d, t: d.request("GET", "/v1/recognise")[::2], 404, "not_found"),
     ("GET /v1/recognize", lambda d, t: d.request("GET", "/v1/recognize")[::2], 405, "method_not_allowed"),
     ("DELETE /v1/status", lambda d, t: d.request("DELETE", "/v1/status")[::2], 405, "method_not_allowed"),

@@ -51,12 +51,12 @@ def test_bad_recognize_options_name_the_fix(query, needle):
     assert needle in info.value.message
 
 
-@pytest.mark.parametrize("raw, value", [("0", 0.0), ("32400", 32400.0), ("1.5", 1.5), ("1e+06", 1e6), ("1e 06", 1e6)])
+@pytest.mark.parametrize("raw, value", [("0", 0.0), ("32400", 32400.0), ("1.5", 1.5), ("1e+06", 1e6), ("1e 06", 1e6), ("+5", 5.0), (" 10", 10.0)])
 def test_hold_seconds(raw, value):
     assert parse_options(f"hold={raw}", WARMUP)["hold"] == value
 
 
-@pytest.mark.parametrize("raw", ["-1", "nan", "inf", "9h", ""])
+@pytest.mark.parametrize("raw", ["-1", "nan", "inf", "9h", "", "1_0", "\u0661\u0660", "infinity", "0x10", "++5", "-0"])
 def test_bad_hold(raw):
     with pytest.raises(ApiError) as info:
         parse_options(f"hold={raw}", WARMUP)
