@@ -168,7 +168,7 @@ class FormReader:
                                        f"header lines per part, each at most {MAX_PART_HEADER_BYTES} bytes; "
                                        f"{_HOW}") from None
         except multipart.MultipartError as exc:
-            raise ApiError("bad_form", f"the multipart form is malformed ({exc}); {_HOW}") from None
+            raise ApiError("bad_form", f"the multipart form is malformed ({_parser_reason(exc)}); {_HOW}") from None
 
     def finish(self) -> Upload:
         """The upload, once the body has ended. ApiError bad_form when the form lacks its closing
@@ -216,6 +216,15 @@ class FormReader:
 
     def _field_name(self) -> str:
         return next(name for name, value in self.fields.items() if value is self.sink)
+
+
+def _parser_reason(exc: multipart.MultipartError) -> str:
+    """What the parser found wrong, in its own words but bounded (its exceptions may carry a whole
+    part header line, e.g. inside a UnicodeDecodeError)."""
+    if any(isinstance(arg, UnicodeDecodeError) for arg in exc.args) or isinstance(exc.__cause__, UnicodeDecodeError):
+        return "a part header is not UTF-8 text: send field names and filenames as UTF-8"
+    reason = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+    return reason[:100]
 
 
 def _describe(part: multipart.MultipartSegment) -> str:

@@ -145,6 +145,9 @@ HOSTILE_FORMS: list[tuple[str, tuple[bytes, str], str, str]] = [
                            "multipart/form-data; boundary=b"), "bad_form", ""),
     ("a header line that is not one", (b"--b\r\nContent-Disposition: form-data; name=file\r\nnot a header\r\n\r\n"
                                        b"RIFF\r\n--b--\r\n", "multipart/form-data; boundary=b"), "bad_form", "malformed"),
+    ("a part header not UTF-8", (b'--b\r\nContent-Disposition: form-data; name="file"; filename="' + b"\xff" * 4000
+                                 + b'"\r\n\r\nRIFF\r\n--b--\r\n', "multipart/form-data; boundary=b"), "bad_form",
+     "a part header is not UTF-8 text"),
     ("an option field twice", form(("embedding", b"1", None), ("file", AUDIO, "a.wav"), ("embedding", b"0", None)),
      "bad_option", "the form field 'embedding' is given twice"),
     ("an option field too long", form(("granularity", b"f" * (MAX_FIELD_BYTES + 1), None), ("file", AUDIO, "a.wav")),
