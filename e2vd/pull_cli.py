@@ -125,7 +125,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     settings = _settings(args)
     cache = Path(args.cache_dir or settings.cache_dir)
     used = (settings.model, _pinned_revision())
-    entries = scan(cache)
+    try:
+        entries = scan(cache)
+    except PermissionError as err:
+        raise pull.PullError(f"cannot read the model cache {cache} ({err.strerror}: {err.filename}); "
+                             f"run: sudo e2vd {' '.join(['models', *(['--prune'] if args.prune else [])])}") from err
     if not entries:
         print(f"no models in {cache}/models; run: sudo e2vd pull")
         return int(ExitCode.OK)

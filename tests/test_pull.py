@@ -364,3 +364,17 @@ def test_the_pull_command_prints_progress_lines_and_a_summary(hub: FakeHub, tmp_
     assert cp.stdout.startswith(f"pulled {MODEL} (revision {REV}): 4 files") and "verified (size + SHA-256)" in cp.stdout
     again = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert again.returncode == 0 and "already pulled and verified" in again.stdout
+
+
+def test_models_in_a_cache_it_cannot_read_says_sudo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    from e2vd import pull_cli
+    from e2vd.cli import main
+
+    def denied(cache: Path) -> list:
+        raise PermissionError(13, "Permission denied", "/var/cache/private")
+
+    monkeypatch.setenv("E2VD_CONFIG", os.devnull)
+    monkeypatch.setattr(pull_cli, "scan", denied)
+    assert main(["models", "--prune", "--cache-dir", str(tmp_path)]) == 1
+    assert "run: sudo e2vd models --prune" in capsys.readouterr().err
