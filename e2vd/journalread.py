@@ -48,6 +48,8 @@ MESSAGE_IDS = {
 """systemd's catalog message ids for unit records -> kind (see systemd's sd-messages.h)."""
 
 SYSTEM_JOURNAL_DIRS = ("/var/log/journal", "/run/log/journal")
+MAX_FIELD_SECONDS = 1e9    # ~32 years: an E2VD_*_SECONDS value of a lifecycle event beyond it is absurd
+MAX_FIELD_VALUE = 1e12     # any numeric field of a request record (ms, s, uid, status) beyond it is absurd
 PARALLEL_FROM_S = 3 * 86400
 """Periods longer than this have their requests read by several processes (one per CPU, <= 4)."""
 
@@ -178,9 +180,13 @@ def _read(source: JournalSource, reader: Any, since: int, until: int, units: Seq
 
     def optfloat(name: str) -> float | None:
         try:
-            return float(get(name))
+            value = float(get(name))
         except (KeyError, ValueError):
             return None
+        if not 0 <= value <= MAX_FIELD_SECONDS:   # NaN, inf, negative, absurd: as if missing
+            records.ignored[name] = records.ignored.get(name, 0) + 1
+            return None
+        return value
 
     # requests of the period: slices read by worker processes meanwhile
     with_instance = _has_field(reader, "E2VD_INSTANCE")
@@ -379,11 +385,15 @@ def _one(value: Any) -> bytes:
 
 
 def _floats(values: list[Any]) -> np.ndarray:
-    """Field values (bytes, None when missing) as floats; missing or malformed -> NaN."""
+    """Field values (bytes, None when missing) as floats; missing, malformed or out of range
+    (not within 0 to MAX_FIELD_VALUE: NaN, inf, negative, absurd) -> NaN."""
     try:
-        return np.array([_NAN if v is None else float(v) for v in values], dtype=np.float64)
+        out = np.array([_NAN if v is None else float(v) for v in values], dtype=np.float64)
     except (ValueError, TypeError):       # a malformed value, or a field repeated in an entry
-        return np.array([_float(v) for v in values], dtype=np.float64)
+        out = np.array([_float(v) for v in values], dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        out[~((out >= 0) & (out <= MAX_FIELD_VALUE))] = _NAN
+    return out
 
 
 _NAN = float("nan")
@@ -391,9 +401,10 @@ _NAN = float("nan")
 
 def _float(v: Any) -> float:
     try:
-        return float(_one(v))
+        value = float(_one(v))
     except (TypeError, ValueError):
         return float("nan")
+    return value if 0 <= value <= MAX_FIELD_VALUE else float("nan")
 
 
 def _ints(values: list[Any], default: int) -> np.ndarray:

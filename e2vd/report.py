@@ -503,6 +503,9 @@ def run(args: argparse.Namespace) -> int:
     except JournalError as exc:
         _err(str(exc))
         return EXIT_JOURNAL
+    if records.ignored:
+        _err("note: ignored out-of-range values in the journal (NaN, infinite, negative or absurd; read as "
+             "missing): " + ", ".join(f"{name} x{count}" for name, count in sorted(records.ignored.items())))
     doc = build(records, period, prices=prices, scenarios=scenarios, source=str(source), cut_to_now=cut)
     if not doc["active"] and (args.json or args.csv):
         _err(f"no e2vd activity between {doc['period']['since']} and {doc['period']['until']}")

@@ -220,6 +220,7 @@ class Records:
     current_boot: str | None = None
     now: int = 0
     first: int | None = None
+    ignored: dict[str, int] = field(default_factory=dict)   # field -> values out of range, read as missing
 
 
 # --- runs --------------------------------------------------------------------------------------

@@ -479,6 +479,36 @@ def test_a_journal_that_cannot_be_read_is_one_line_not_a_traceback(tmp_path, cap
     assert "permission denied" in err and "systemd-journal" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("alive", ["nan", "inf", "-inf", "1e308", "99999999999999999999999", "-5"])
+def test_absurd_field_values_are_read_as_missing_with_a_note(tz, tmp_path, capsys, alive) -> None:
+    """A hostile or damaged journal: E2VD_ALIVE_SECONDS NaN, infinite, negative or beyond any uptime
+    once crashed the report (ValueError/OverflowError in build_runs) or moved a run's start after
+    its end; request fields the same. Each is read as missing, and stderr says so in one line."""
+    tz("UTC")
+    day = dt.date(2026, 9, 7)
+
+    def journal(alive_field: str | None, name: str) -> Path:
+        m = Machine()
+        m.boot(at(day, 6))
+        run = m.run(at(day, 10), [Req(at(day, 10, 2), 2.0)], idle_timeout=300, end="lost")
+        m.e2vd(at(day, 10, 30), run.pid, run.invocation, "idle_exit", "idle exit", alive_seconds=alive_field)
+        if alive_field is not None:
+            m.e2vd(at(day, 10, 20), run.pid, run.invocation, "request", "POST /v1/recognize -> 200",
+                   path="/v1/recognize", status="1e30", total_ms=alive_field, queue_ms="inf",
+                   audio_seconds=alive_field, infer_ms="-1e300", client_uid="nan", batch_size="1e40")
+        assert m.journal.drop(b"E2VD_EVENT=start\n") == 1
+        return m.journal.write(tmp_path / name)
+
+    bad = journal(alive, "bad.journal")
+    rc, out, err = run_report(capsys, bad, "--json", "--since", "2026-09-07", "--until", "2026-09-08")
+    assert rc == 0 and "Traceback" not in err, err
+    assert err.count("\n") == 1 and "E2VD_ALIVE_SECONDS x1" in err and "read as missing" in err
+    doc, plain = json.loads(out), report_json(capsys, journal(None, "plain.journal"), "--since", "2026-09-07",
+                                              "--until", "2026-09-08")
+    assert doc["held_seconds"] == plain["held_seconds"]
+    assert doc["requests"]["total"] == plain["requests"]["total"] + 1
+
+
 def test_an_unprivileged_user_gets_permission_denied(tmp_path) -> None:
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("needs root and setpriv to run as nobody")
