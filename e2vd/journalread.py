@@ -86,7 +86,12 @@ def open_journal(directory: str | None = None, files: Sequence[str] = ()) -> "jo
         if files:
             for f in files:
                 _check_readable(Path(f), "journal file")
-            return journal.Reader(files=list(files))
+            try:
+                return journal.Reader(files=list(files))
+            except OSError as exc:
+                raise JournalError(f"cannot read the journal file {', '.join(files)[:300]}: {exc.strerror or exc} "
+                                   "(not a journal file, or a truncated or damaged one; `journalctl --verify "
+                                   "--file FILE` says which)") from None
         if directory:
             d = Path(directory)
             if not d.is_dir():

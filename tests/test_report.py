@@ -466,6 +466,17 @@ def test_a_journal_that_cannot_be_read_is_one_line_not_a_traceback(tmp_path, cap
         rc = report.main(args)
         err = capsys.readouterr().err
         assert rc == 1 and err.count("\n") == 1 and words in err and "Traceback" not in err, err
+    text, cut = tmp_path / "text.journal", tmp_path / "cut.journal"
+    text.write_bytes(b"not a journal\n" * 100)
+    m = Machine()
+    m.boot(1790000000.0)
+    m.run(1790000100.0, [Req(1790000110.0, 1.0)])
+    cut.write_bytes(m.journal.write(tmp_path / "whole.journal").read_bytes()[:1000])
+    for path in (text, cut):
+        rc = report.main(["--file", str(path)])
+        err = capsys.readouterr().err
+        assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert f"journal file {path}:" in err and "not a journal file, or a truncated or damaged one" in err
     from e2vd import journalread
 
     monkeypatch.setattr(journalread, "SYSTEM_JOURNAL_DIRS", (str(tmp_path / "var"), str(tmp_path / "run")))
