@@ -185,7 +185,7 @@ def model_problem(model: str) -> str | None:
     """Why the `model` setting `model` cannot work on this machine, or None when it can.
 
     A path (absolute, or starting with ./ or ../) must be a directory holding MODEL_FILES; anything
-    else must be a ModelScope id "owner/name", which is downloaded on the daemon's first start
+    else must be a ModelScope id "owner/name", which `sudo e2vd pull` fetches (the daemon never downloads)
     and not checked here."""
     expanded = os.path.expanduser(model)
     if os.path.isabs(expanded) or model.startswith(("./", "../")):

@@ -4,7 +4,7 @@
 #
 #   sudo scripts/setup.sh [MODEL]
 #
-# MODEL (default: iic/emotion2vec_plus_large, downloaded from ModelScope on the first start):
+# MODEL (default: iic/emotion2vec_plus_large, pulled from ModelScope by `e2vd install`):
 #   an absolute model directory readable by the service (not below /root or /home), or
 #   tiny-standin / large-standin to build a stand-in with random weights in /srv/e2vd-models
 #   (for machines without a model hub).
