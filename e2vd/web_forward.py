@@ -220,7 +220,10 @@ def _relay(sock: socket.socket, upstream: Upstream, write: Callable[[bytes], boo
         phrase_ok = False
     length_text = resp.getheader("Content-Length", "")
     json_type = resp.getheader("Content-Type", "").split(";")[0].strip().lower() == "application/json"
-    if not phrase_ok or not length_text.isdigit() or resp.getheader("Transfer-Encoding") or not json_type:
+    # the daemon answers 200 to 5xx with a JSON body; 1xx, 204 and 304 carry none (RFC 9110 §6.4.1), so
+    # relaying one with the Content-Length written here would break the browser's framing
+    if not phrase_ok or not 200 <= resp.status <= 599 or resp.status in (204, 304) or not length_text.isascii() \
+            or not length_text.isdigit() or resp.getheader("Transfer-Encoding") or not json_type:
         raise unreachable(f"the daemon's answer is not one the page's server understands (status {resp.status}, "
                           f"Content-Length {length_text[:20]!r}); see journalctl -u e2vd")
     length = int(length_text)

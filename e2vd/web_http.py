@@ -265,7 +265,13 @@ class Front:
 
     def _check_site(self, head: RequestHead, path: str) -> None:
         """Refuse other web sites' requests (see the module docstring)."""
+        for name in ("Host", "Origin", "Sec-Fetch-Site"):
+            if len(head.headers.get_all(name) or []) > 1:   # which one counts is a parser's guess
+                raise FrontError(400, "bad_request", f"the request has {name} more than once; send it once")
         host = head.headers.get("Host")
+        authority = urlsplit(head.target).netloc
+        if authority:   # absolute-form (http://HOST/path): its authority is the host, not Host (RFC 9112 §3.2.2)
+            host = authority
         if host is None:
             if head.version >= (1, 1):
                 raise FrontError(400, "bad_request", "an HTTP/1.1 request needs a Host header")

@@ -23,6 +23,7 @@ from typing import Callable
 import pytest
 from conftest import wav_clip
 from daemon_proc import http_request, read_response
+from raw_peer import RawPeer
 from test_server import MALFORMED_HEADS
 from webfront import ActivatedDaemon, FrontProcess, cmdline, peak_rss_kib
 
@@ -172,6 +173,17 @@ def test_502_without_a_daemon_and_504_when_it_does_not_answer(work):
         assert f.request("GET", "/")[0] == 200, "the front keeps serving"
 
 
+@pytest.mark.parametrize("status", ["101 Switching Protocols", "204 No Content", "304 Not Modified", "199 Odd"])
+def test_an_answer_without_a_body_from_a_misbehaving_daemon_is_502(work, status):
+    """It was relayed with the Content-Length the front writes and no body: broken framing for the browser."""
+    answer = (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}").encode()
+    with RawPeer(answer) as peer, FrontProcess(peer.socket, work) as f:
+        got, body = f.json("GET", "/v1/health")
+        assert (got, body["error"]["code"]) == (502, "daemon_unreachable")
+        assert f"status {status[:3]}" in body["error"]["message"]
+        assert f.request("GET", "/")[0] == 200, "the front keeps serving"
+
+
 def test_a_client_that_hangs_up_closes_the_daemons_connection_at_once(work):
     """So a recognition still queued in the daemon is not run (it skips jobs whose client left)."""
     with RecordingPeer(work / "slow.sock", mode="silent") as peer, FrontProcess(peer.path, work) as f:
@@ -238,6 +250,11 @@ HOSTILE = [
     ("another Host (DNS rebinding)", "rebind", 403, "forbidden"),
     ("a POST from another web site", "origin", 403, "forbidden"),
     ("a cross-site fetch of the badge", "fetchsite", 403, "forbidden"),
+    ("Host twice, ours first", "twohosts", 400, "bad_request"),
+    ("Origin twice, ours first", "twoorigins", 400, "bad_request"),
+    ("Sec-Fetch-Site twice", "twosites", 400, "bad_request"),
+    ("absolute-form naming another host", "absolute", 403, "forbidden"),
+    ("a host name ending in ours", "suffix", 403, "forbidden"),
 ]
 
 
@@ -257,6 +274,12 @@ def _hostile(front: FrontProcess, kind: object) -> bytes:
         "rebind": head("GET", "/web/status", host=f"evil.example:{front.port}"),
         "origin": head("POST", "/v1/warmup", "Origin: http://evil.example", "Content-Length: 0", host=h),
         "fetchsite": head("GET", "/web/status", "Sec-Fetch-Site: cross-site", host=h),
+        "twohosts": head("GET", "/v1/health", f"Host: evil.example:{front.port}", host=h),
+        "twoorigins": head("POST", "/v1/warmup", f"Origin: http://{h}", "Origin: http://evil.example",
+                           "Content-Length: 0", host=h),
+        "twosites": head("GET", "/v1/health", "Sec-Fetch-Site: same-origin", "Sec-Fetch-Site: cross-site", host=h),
+        "absolute": head("GET", f"http://evil.example:{front.port}/v1/health", host=h),
+        "suffix": head("GET", "/v1/health", host=f"127.0.0.1.evil.example:{front.port}"),
     }[kind]  # type: ignore[index]
 
 
