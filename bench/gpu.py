@@ -10,7 +10,8 @@ Prints, in this order:
             call, and against fp32 on the CPU (the parity reference) the largest score difference
             and how many of the clips keep their top label;
   batch     8 equal-length 5 s clips in one batch vs one by one (largest score difference, and
-            the speed-up of the batch);
+            the speed-up of the batch); then 8 clips of 1-10 s in the engine's padded passes, and
+            all in one pass, vs one by one (largest score and frame-embedding differences, speed-up);
   cache     CUDA memory allocated before and after 8 x 30 s clips: funasr's attention-bias cache
             keeps tensors per sequence length;
   cold start a daemon on the GPU (idle_timeout 2 s): seconds from its process start to the
@@ -109,6 +110,7 @@ def batch_section(model: Path, device: str) -> None:
     t_batch = p50_ms(lambda: engine.recognize_batch(audios), 5)
     print(f"batch: 8 x 5 s clips, fp32: max |batch - one by one| {float(np.abs(one - batch).max()):.2e}; "
           f"one by one {t_one:.1f} ms, one batch {t_batch:.1f} ms ({t_one / t_batch:.2f}x)")
+    mixed_batch_section(engine)
     if device.startswith("cuda"):
         before = torch.cuda.memory_allocated(device)
         engine.recognize_batch([decode(wav_clip(30.0, seed=i)) for i in range(8)])
@@ -118,6 +120,36 @@ def batch_section(model: Path, device: str) -> None:
               f"(peak {peak / MB:.1f} MiB)", flush=True)
         del engine
         torch.cuda.empty_cache()
+
+
+def mixed_batch_section(engine) -> None:
+    """8 clips of 1-10 s (seeded): the padded passes the engine plans, and all 8 in one pass
+    (padding unbounded), each against one by one: largest score and embedding differences, p50
+    times and speed-ups."""
+    import random
+
+    import numpy as np
+    from conftest import wav_clip
+    from e2vd.audio import decode
+
+    rng = random.Random(12)
+    audios = [decode(wav_clip(round(rng.uniform(1.0, 10.0), 3), seed=20 + i)) for i in range(8)]
+    one = [engine.recognize(a, granularity="frame", embedding=True) for a in audios]
+    planned = engine.forward_passes(audios)
+    saved = engine.max_padding
+    try:
+        for label, max_padding in ((f"planned passes {planned}", saved), ("one pass of all 8", 1.0)):
+            engine.max_padding = max_padding
+            got = engine.recognize_batch(audios, granularity="frame", embedding=True)
+            d_score = max(float(np.abs(np.subtract(g.scores, o.scores)).max()) for g, o in zip(got, one))
+            d_emb = max(float(np.abs(g.embedding - o.embedding).max()) for g, o in zip(got, one))
+            t_one = p50_ms(lambda: [engine.recognize_batch([a]) for a in audios], 5)
+            t_batch = p50_ms(lambda: engine.recognize_batch(audios), 5)
+            print(f"mixed batch: 8 clips of 1-10 s, {engine.dtype}, {label}: max |batch - one by one| "
+                  f"scores {d_score:.2e}, frame embeddings {d_emb:.2e}; one by one {t_one:.1f} ms, "
+                  f"batched {t_batch:.1f} ms ({t_one / t_batch:.2f}x)", flush=True)
+    finally:
+        engine.max_padding = saved
 
 
 def idle_exit_section(model: Path, device: str) -> None:

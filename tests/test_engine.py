@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -633,6 +634,38 @@ def test_cpu_weights_are_the_mapped_file_not_copies(tiny_model: Path, tmp_path: 
     params = list(loaded._model.parameters())
     inside = [p for p in params if any(a <= p.data_ptr() < b for a, b in ranges)]
     assert len(inside) == len(params)
+
+
+def test_load_leaves_the_garbage_collector_as_it_found_it(tiny_model: Path) -> None:
+    """Engine.load pauses Python's cyclic collector while it loads (a full collection would walk
+    torch's objects for nothing) and puts it back as it was, also when the load fails."""
+    assert gc.isenabled()
+    Engine.load(str(tiny_model), device="cpu")
+    assert gc.isenabled()
+    with pytest.raises(ModelError):
+        Engine.load(str(tiny_model / "nowhere"), device="cpu")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        Engine.load(str(tiny_model), device="cpu")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_checkpoint_read_on_a_thread_raises_its_own_error(tiny_model: Path, tmp_path: Path) -> None:
+    """The checkpoint is read while the model is built: its ModelError still reaches the caller,
+    and the weights read are those a plain build_model gets."""
+    model = copy_model(tiny_model, tmp_path / "m")
+    (model / "model.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    with pytest.raises(ModelError, match="not a readable PyTorch checkpoint"):
+        engine_mod.load_model(engine_mod.read_config(model), model / "model.pt", 9)
+    config = engine_mod.read_config(tiny_model)
+    threaded = engine_mod.load_model(config, tiny_model / "model.pt", 9)
+    plain = engine_mod.build_model(config, engine_mod.load_weights(tiny_model / "model.pt"), 9,
+                                   tiny_model / "model.pt")
+    assert threaded.state_dict().keys() == plain.state_dict().keys()
+    assert all(torch.equal(threaded.state_dict()[k], v) for k, v in plain.state_dict().items())
 
 
 def test_fp32_on_cuda_turns_tf32_off_only_inside_the_call():
