@@ -4,13 +4,13 @@ user in the socket's group with no network of its own, the address rules (loopba
 --web-public), and an offline install into a scratch root."""
 from __future__ import annotations
 
-import configparser
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from test_units import parse
 
 from e2vd import install
 from e2vd.web_install import WEB_UNITS
@@ -18,13 +18,6 @@ from e2vd.web_listen import ListenError, parse_address
 
 ROOT = Path(__file__).resolve().parent.parent
 analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
-
-
-def parse(text: str) -> configparser.RawConfigParser:
-    cp = configparser.RawConfigParser(strict=False, interpolation=None)
-    cp.optionxform = str  # type: ignore[assignment]
-    cp.read_string(text)
-    return cp
 
 
 @pytest.fixture(scope="module")
