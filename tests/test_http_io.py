@@ -358,6 +358,31 @@ def test_discard_goes_on_from_where_a_route_stopped_reading(pair):
     assert sized.done and wire.rfile.read(4) == b"LAST"
 
 
+def test_tiny_chunks_beyond_the_free_ones_are_refused_but_small_ones_pass(pair):
+    """Parsing costs ~2 µs a chunk: a body of 1-byte chunks held a core for the whole request
+    deadline. Past FREE_CHUNKS, chunks must average MIN_AVERAGE_CHUNK_BYTES."""
+    from e2vd.http_chunked import FREE_CHUNKS, MIN_AVERAGE_CHUNK_BYTES
+
+    wire, client = pair
+    sender = threading.Thread(target=client.sendall, args=(b"1\r\nx\r\n" * 2 * FREE_CHUNKS + b"0\r\n\r\n",),
+                              daemon=True)
+    sender.start()
+    message = refused("bad_request", chunked_body(wire, max_body_bytes=10 ** 6).read)
+    first = next(k for k in range(1, 2 * FREE_CHUNKS) if k > FREE_CHUNKS + (k - 1) // MIN_AVERAGE_CHUNK_BYTES)
+    assert f"{first} chunks for {first - 1} bytes" in message and "send larger chunks" in message
+    data = bytes(range(256)) * (FREE_CHUNKS // 2)        # 8 MiB in 64-byte chunks: 131072 chunks
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    wire2 = Wire(Connection(ours, Peer()), TIMEOUT)
+    step = MIN_AVERAGE_CHUNK_BYTES
+    sender = threading.Thread(target=theirs.sendall, args=(chunked(*(data[i:i + step] for i in range(0, len(data), step))),))
+    sender.start()
+    assert chunked_body(wire2, max_body_bytes=10 ** 8).read() == data
+    sender.join()
+    wire2.close()
+    ours.close()
+    theirs.close()
+
+
 def test_many_tiny_chunks_without_extensions_are_fine(pair):
     """The framing allowance targets extensions, not small chunks: 20000 one-byte chunks pass."""
     wire, client = pair
