@@ -12,9 +12,10 @@ throughput ratio = (requests/s through the daemon with 16 concurrent clients)
 By default every clip is --seconds long (the daemon can batch them however it batches). With
 --mixed every request sends its own clip, its length drawn from 1-10 s (seeded: the same clips
 on every run), as real clients do, and two daemons are measured against the same sequential
-calls: one that batches only clips of equal length (as e2vd did before padded batching; the
-engine's benchmark switch E2VD_BENCH_BATCHING=equal) and one with padded batching (the
-default). With max_batch 1 (the CPU's automatic value) neither forms batches: add --max-batch.
+calls: one that batches only clips of equal length (as e2vd did before padded batching, and
+still does on the CPU) and one with padded batching (a GPU's default), chosen with the engine's
+benchmark switch E2VD_BENCH_BATCHING=equal|padded. With max_batch 1 (the CPU's automatic value)
+neither forms batches: add --max-batch.
 Each daemon's `request` events give the mean number of clips per forward pass (batch_size).
 The sides alternate for --rounds rounds and the medians are printed. The in-process side runs
 with the daemon's thread count and OpenMP wait policy (PASSIVE unless OMP_WAIT_POLICY is set):
@@ -133,7 +134,7 @@ def main() -> int:
           + (f"drawn from {MIXED_SECONDS[0]:g}-{MIXED_SECONDS[1]:g} s ({audio:.1f} s of audio)" if args.mixed
              else f"{args.seconds:g} s")
           + f", daemon max_batch {args.max_batch or 'auto'}; load average {os.getloadavg()[0]:.2f} at start")
-    sides = {"equal-length batching": "equal", "padded batching": ""} if args.mixed else {"daemon": ""}
+    sides = {"equal-length batching": "equal", "padded batching": "padded"} if args.mixed else {"daemon": ""}
     with tempfile.TemporaryDirectory(prefix="e2vd-b-") as tmp, ExitStack() as stack:
         daemons = {}
         for i, (name, batching) in enumerate(sides.items()):

@@ -102,7 +102,7 @@ def batch_section(model: Path, device: str) -> None:
     from e2vd.audio import decode
     from e2vd.engine import Engine
 
-    engine = Engine.load(str(model), device=device)
+    engine = Engine.load(str(model), device=device, batching="padded")   # a GPU's default, also on the CPU
     audios = [decode(wav_clip(5.0, seed=i)) for i in range(8)]
     one = np.array([engine.recognize_batch([a])[0].scores for a in audios])
     batch = np.array([r.scores for r in engine.recognize_batch(audios)])

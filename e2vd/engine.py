@@ -20,12 +20,14 @@ funasr's `AutoModel`, and why:
 * It runs the very same forward pass as ``Emotion2vec.inference`` (waveform layer norm, mean over
   frames, ``proj``, softmax) on samples it gets from `e2vd.audio`, so a clip's results equal
   ``AutoModel.generate`` on the same samples (tests/test_engine.py proves it).
-* Clips of different lengths share a forward pass ("padded" batching): each is layer-normed over
-  its own samples, zero-padded to the longest, and the padding is masked everywhere it could reach
-  a clip's own frames: funasr's ``padding_mask`` for attention, and the zero padding of the
-  convolutional positional encoder, which funasr does not mask (`PositionalConvMask`). Each clip
-  is averaged over its own frames. Results equal one-by-one inference within 1e-5 (fp32). Models
-  or settings where padding cannot be made exact batch less (`batching_mode`).
+* On a GPU, clips of different lengths share a forward pass ("padded" batching): each is
+  layer-normed over its own samples, zero-padded to the longest, and the padding is masked
+  everywhere it could reach a clip's own frames: funasr's ``padding_mask`` for attention, and the
+  zero padding of the convolutional positional encoder, which funasr does not mask
+  (`PositionalConvMask`). Each clip is averaged over its own frames. Results equal one-by-one
+  inference within 1e-5 (fp32). Models or settings where padding cannot be made exact batch less
+  (`batching_mode`); on the CPU, where batches run slower, only equal lengths share a pass unless
+  asked (`choose_batching`).
 
 `Engine` is not thread-safe: call it from one thread (the daemon's inference worker).
 """
@@ -539,9 +541,9 @@ def _choose_device(requested: str, min_free_mb: int, busy_policy: str) -> str:
 BATCHING_MODES = ("padded", "equal", "single")
 #: Largest share of padding in a padded forward pass: padded samples / (clips x longest clip).
 MAX_PADDING = 0.25
-#: A benchmark harness switch, not a setting (e2vd.config ignores E2VD_BENCH_*): "equal" or
-#: "single" make `Engine.load` batch less than it could, so bench/concurrency.py can compare
-#: equal-length-only batching with padded batching in one run.
+#: A benchmark harness switch, not a setting (e2vd.config ignores E2VD_BENCH_*): the batching
+#: `Engine.load` uses when not told (still narrowed to what is exact), so bench/concurrency.py can
+#: compare equal-length-only batching with padded batching in one run, on the CPU too.
 BENCH_BATCHING_ENV = "E2VD_BENCH_BATCHING"
 
 
@@ -571,18 +573,33 @@ def batching_mode(model_conf: dict[str, Any], quantized: bool) -> tuple[str, str
     return "padded", ""
 
 
-def _bench_batching(mode: str, reason: str) -> tuple[str, str]:
-    """(mode, reason) narrowed by the benchmark switch $E2VD_BENCH_BATCHING when it is set: it can
-    only batch less than the model allows ("equal" or "single"), never more."""
-    wanted = os.environ.get(BENCH_BATCHING_ENV, "").strip()
-    if not wanted:
-        return mode, reason
-    if wanted not in BATCHING_MODES:
-        raise ModelError(f"{BENCH_BATCHING_ENV}={wanted!r} is not one of {', '.join(BATCHING_MODES)}; "
-                         "unset it (it is a benchmark switch, not a setting)")
-    if BATCHING_MODES.index(wanted) > BATCHING_MODES.index(mode):
-        return wanted, f"{BENCH_BATCHING_ENV}={wanted} (a benchmark switch)"
-    return mode, reason
+#: Why a CPU engine, unless asked otherwise, lets only clips of equal length share a pass.
+CPU_BATCHING_REASON = ("on the CPU a batch runs slower than its clips one by one and padding slows "
+                       "it further, so only clips of equal length share a forward pass there")
+
+
+def choose_batching(requested: str | None, device: str, limit: tuple[str, str]) -> tuple[str, str]:
+    """(mode, reason) of an engine on `device`: `requested` (one of `BATCHING_MODES`; None: the
+    benchmark switch $E2VD_BENCH_BATCHING when set, else "padded" on a GPU and "equal" on the CPU,
+    see CPU_BATCHING_REASON) narrowed to `limit`, `batching_mode`'s widest exact mode and its
+    reason: nothing can ask for more than stays equal to one-by-one inference.
+
+    Raises ValueError for an unknown `requested`, ModelError for an unknown $E2VD_BENCH_BATCHING.
+    """
+    if requested is not None and requested not in BATCHING_MODES:
+        raise ValueError(f"batching must be one of {', '.join(BATCHING_MODES)}, not {requested!r}")
+    wanted, reason = requested, "" if requested == "padded" else f"batching={requested!r} was asked for"
+    switch = os.environ.get(BENCH_BATCHING_ENV, "").strip()
+    if wanted is None and switch:
+        if switch not in BATCHING_MODES:
+            raise ModelError(f"{BENCH_BATCHING_ENV}={switch!r} is not one of {', '.join(BATCHING_MODES)}; "
+                             "unset it (it is a benchmark switch, not a setting)")
+        wanted, reason = switch, "" if switch == "padded" else f"{BENCH_BATCHING_ENV}={switch} (a benchmark switch)"
+    if wanted is None:
+        wanted, reason = ("equal", CPU_BATCHING_REASON) if device == "cpu" else ("padded", "")
+    if BATCHING_MODES.index(limit[0]) > BATCHING_MODES.index(wanted):
+        return limit
+    return wanted, reason
 
 
 def plan_passes(lengths: Sequence[int], mode: str = "padded",
@@ -691,19 +708,25 @@ class Engine:
     @classmethod
     def load(cls, model: str, device: str = Settings.device, dtype: str = Settings.dtype, *,
              quantize: bool = Settings.quantize, min_free_mb: int = Settings.min_free_mb,
-             busy_policy: str = Settings.busy_policy, cache_dir: str | None = None) -> "Engine":
+             busy_policy: str = Settings.busy_policy, cache_dir: str | None = None,
+             batching: str | None = None) -> "Engine":
         """Resolve, validate and load `model` onto a device; return a ready engine.
 
         `device` is "auto" (the GPU with the most free memory, else CPU), "cpu" or "cuda:N";
         `min_free_mb`/`busy_policy` decide what happens when that GPU has too little free memory
         (see e2vd.gpu). `dtype` (one of `e2vd.vocabulary.DTYPES`: "fp32", "fp16", "bf16") applies
         on GPU; on CPU the model runs in fp32. Defaults are those of `e2vd.config.Settings`. `quantize` applies INT8 dynamic quantization to the Linear layers on CPU.
+        `batching` (one of `BATCHING_MODES`; None: "padded" on a GPU, "equal" on the CPU) says
+        which clips may share a forward pass; the model and `quantize` may narrow it
+        (`choose_batching`).
         Raises ModelError (model or torch problems), e2vd.gpu.DeviceError / GpuBusyError (no such
         GPU; GPU too full and busy_policy "refuse") or ValueError (malformed option), each with a
         message naming the problem and the fix.
         """
         if dtype not in DTYPES:
             raise ModelError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        if batching is not None and batching not in BATCHING_MODES:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING_MODES)}, not {batching!r}")
         start = time.perf_counter()
         with gc_paused():
             model_dir, model_id = resolve_model(model, cache_dir)
@@ -714,14 +737,13 @@ class Engine:
             net = load_model(config, model_dir / "model.pt", len(labels))
             net = _place(net, chosen, _TORCH_DTYPES[dtype], quantize)
         normalize = bool(config["model_conf"].get("normalize", False))
-        batching, reason = _bench_batching(*batching_mode(config["model_conf"], quantize))
+        batching, reason = choose_batching(batching, chosen, batching_mode(config["model_conf"], quantize))
         seconds = time.perf_counter() - start
         # debug: the daemon's model_loaded event says this in the journal
         log.debug("loaded %s from %s on %s as %s%s in %.1f s", model_id, model_dir, chosen, dtype,
                  " (int8-quantized)" if quantize else "", seconds)
-        if reason:
-            log.info("clips batch %s: %s", "only with clips of equal length" if batching == "equal"
-                     else "never (one forward pass per clip)", reason)
+        log.debug("clips share a forward pass: %s%s", {"padded": "at any lengths, padded",
+                  "equal": "only at equal lengths", "single": "never"}[batching], f" ({reason})" if reason else "")
         return cls(net, model_id, model_dir, chosen, dtype, labels, normalize, seconds, quantize,
                    batching, reason)
 

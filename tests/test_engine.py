@@ -30,6 +30,12 @@ def engine(tiny_model: Path) -> Engine:
 
 
 @pytest.fixture(scope="module")
+def padded(tiny_model: Path) -> Engine:
+    """A CPU engine with padded batching (a GPU's default; the CPU's is equal lengths only)."""
+    return Engine.load(str(tiny_model), device="cpu", batching="padded")
+
+
+@pytest.fixture(scope="module")
 def automodel(tiny_model: Path):
     from funasr import AutoModel
 
@@ -130,11 +136,14 @@ def test_parity_with_funasr_automodel(engine: Engine, automodel, granularity: st
 
 # -- batching -----------------------------------------------------------------------------------
 
-def test_batch_equals_one_by_one(engine: Engine) -> None:
+@pytest.mark.parametrize("batching", ["padded", "equal"])
+def test_batch_equals_one_by_one(engine: Engine, padded: Engine, batching: str) -> None:
+    batched = padded if batching == "padded" else engine
+    assert batched.batching == batching
     clips = [clip(1.0, seed=1), clip(2.0, seed=2), clip(1.0, seed=3, gain=0.2),
              clip(1.5, seed=4), clip(2.0, seed=5, gain=3.0)]
     for granularity in ("utterance", "frame"):
-        batch = engine.recognize_batch(clips, granularity=granularity, embedding=True)
+        batch = batched.recognize_batch(clips, granularity=granularity, embedding=True)
         assert len(batch) == len(clips)
         for c, b in zip(clips, batch):
             one = engine.recognize(c, granularity=granularity, embedding=True)
@@ -172,7 +181,7 @@ def test_clips_of_any_lengths_in_one_padded_pass_equal_one_by_one(tiny_model: Pa
     """The batching contract: 24 random mixes of 2-4 clips of 0.5-12 s, each mix in ONE forward
     pass however uneven (padding up to 96 %: `max_padding` lifted), give every clip the scores
     and embeddings it gets alone, within 1e-5; utterance and frame granularity alternate."""
-    engine = Engine.load(str(tiny_model), device="cpu")
+    engine = Engine.load(str(tiny_model), device="cpu", batching="padded")
     assert engine.batching == "padded" and engine.batching_reason == ""
     engine.max_padding = 1.0
     rng = np.random.default_rng(14)
@@ -193,17 +202,17 @@ def test_clips_of_any_lengths_in_one_padded_pass_equal_one_by_one(tiny_model: Pa
             assert got.duration_s == one.duration_s
 
 
-def test_funasr_padding_mask_alone_would_change_results(engine: Engine) -> None:
+def test_funasr_padding_mask_alone_would_change_results(padded: Engine) -> None:
     """Why the engine masks the positional convolutions too: with only funasr's own padding mask,
     a short clip's last frames see the padded frames' features (and attention spreads them)."""
     short, long = clip(1.0, seed=1), clip(2.0, seed=2)
     with pytest.MonkeyPatch.context() as mp:      # the hooks never active: funasr's masking alone
-        mp.setattr(engine._positional_mask, "active", lambda keep: contextlib.nullcontext())
-        masked, frames = engine.forward([short.samples, long.samples])
-    alone, alone_frames = engine.forward([short.samples])
+        mp.setattr(padded._positional_mask, "active", lambda keep: contextlib.nullcontext())
+        masked, frames = padded.forward([short.samples, long.samples])
+    alone, alone_frames = padded.forward([short.samples])
     assert np.abs(frames[0] - alone_frames[0]).max() > 0.1
     assert np.abs(masked[0] - alone[0]).max() > 1e-4
-    probs, _ = engine.forward([short.samples, long.samples])
+    probs, _ = padded.forward([short.samples, long.samples])
     np.testing.assert_allclose(probs[0], alone[0], atol=1e-5, rtol=0)
 
 
@@ -232,14 +241,14 @@ def test_passes_keep_padding_under_a_quarter() -> None:
         plan_passes([1], "sorted")
 
 
-def test_recognize_batch_runs_the_planned_passes(engine: Engine) -> None:
+def test_recognize_batch_runs_the_planned_passes(padded: Engine) -> None:
     """Clips of similar length share a pass, a much shorter one runs apart; results keep order."""
     clips = [clip(2.0, seed=1), clip(0.5, seed=2), clip(1.8, seed=3)]
-    assert engine.forward_passes(clips) == [[1], [0, 2]]             # together: 28 % padding
-    assert engine.forward_passes(clips + [clip(1.9, seed=4)]) == [[0, 1, 2, 3]]   # 22.5 %
-    batch = engine.recognize_batch(clips)
+    assert padded.forward_passes(clips) == [[1], [0, 2]]             # together: 28 % padding
+    assert padded.forward_passes(clips + [clip(1.9, seed=4)]) == [[0, 1, 2, 3]]   # 22.5 %
+    batch = padded.recognize_batch(clips)
     for c, b in zip(clips, batch):
-        np.testing.assert_allclose(b.scores, engine.recognize(c).scores, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(b.scores, padded.recognize(c).scores, atol=1e-5, rtol=0)
 
 
 def test_batching_mode_from_the_model_config() -> None:
@@ -253,26 +262,49 @@ def test_batching_mode_from_the_model_config() -> None:
     assert mode == "equal" and "ALiBi" in reason
 
 
+def test_padded_batching_by_default_on_a_gpu_only(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU batches run slower than one by one and padding slows them further
+    (bench/concurrency.py --mixed --max-batch 8), so a CPU engine keeps equal lengths only unless
+    asked; nothing can ask for more than the model keeps exact."""
+    monkeypatch.delenv(engine_mod.BENCH_BATCHING_ENV, raising=False)
+    exact = ("padded", "")
+    assert engine_mod.choose_batching(None, "cuda:0", exact) == exact
+    assert engine_mod.choose_batching(None, "cpu", exact) == ("equal", engine_mod.CPU_BATCHING_REASON)
+    assert engine.batching == "equal" and engine.batching_reason == engine_mod.CPU_BATCHING_REASON
+    assert engine_mod.choose_batching("padded", "cpu", exact) == exact
+    int8 = ("single", "INT8 ...")
+    assert engine_mod.choose_batching("padded", "cuda:0", int8) == int8
+    assert engine_mod.choose_batching("equal", "cuda:0", exact)[0] == "equal"
+    with pytest.raises(ValueError):
+        engine_mod.choose_batching("sorted", "cpu", exact)
+
+
 def test_int8_engine_runs_each_clip_alone(tiny_model: Path) -> None:
     """Dynamic INT8 scales activations over the whole batch: no batch keeps the contract."""
-    q = Engine.load(str(tiny_model), device="cpu", quantize=True)
+    q = Engine.load(str(tiny_model), device="cpu", quantize=True, batching="padded")
     clips = [clip(1.0, seed=1), clip(1.0, seed=2)]
     assert q.batching == "single" and q.forward_passes(clips) == [[0], [1]]
     assert [r.scores for r in q.recognize_batch(clips)] == [q.recognize(c).scores for c in clips]
 
 
-def test_equal_only_engine_refuses_uneven_clips_in_one_pass(tiny_model: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """$E2VD_BENCH_BATCHING (bench/concurrency.py's switch) can only narrow the batching."""
+def test_benchmark_switch_chooses_the_batching_when_load_is_not_told(tiny_model: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """$E2VD_BENCH_BATCHING (bench/concurrency.py's switch for its daemons) stands in for
+    Engine.load's `batching`; an equal-lengths engine refuses uneven clips in one pass."""
+    clips = [clip(1.0, seed=1), clip(1.2, seed=2), clip(1.0, seed=3)]
+    monkeypatch.setenv(engine_mod.BENCH_BATCHING_ENV, "padded")
+    assert Engine.load(str(tiny_model), device="cpu").forward_passes(clips) == [[0, 1, 2]]
+    assert Engine.load(str(tiny_model), device="cpu", batching="single").batching == "single"
     monkeypatch.setenv(engine_mod.BENCH_BATCHING_ENV, "equal")
     eq = Engine.load(str(tiny_model), device="cpu")
-    clips = [clip(1.0, seed=1), clip(1.2, seed=2), clip(1.0, seed=3)]
     assert eq.batching == "equal" and eq.forward_passes(clips) == [[0, 2], [1]]
     with pytest.raises(ValueError, match="different lengths"):
         eq.forward([c.samples for c in clips])
     monkeypatch.setenv(engine_mod.BENCH_BATCHING_ENV, "wide")
     with pytest.raises(ModelError, match="E2VD_BENCH_BATCHING"):
         Engine.load(str(tiny_model), device="cpu")
+    with pytest.raises(ValueError, match="batching"):
+        Engine.load(str(tiny_model), device="cpu", batching="wide")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU in this torch")
@@ -281,6 +313,7 @@ def test_padded_batch_on_the_gpu_equals_one_by_one(tiny_model: Path, pool: list[
     same GPU, and against the CPU's one-by-one results, within 1e-5."""
     gpu_engine = Engine.load(str(tiny_model), device="cuda:0", dtype="fp32")
     cpu_engine = Engine.load(str(tiny_model), device="cpu")
+    assert gpu_engine.batching == "padded"                 # a GPU's default
     gpu_engine.max_padding = 1.0
     rng = np.random.default_rng(15)
     for m in range(8):
