@@ -128,7 +128,7 @@ def test_keep_alive_and_expect_100_continue(daemon):
     keep-alive on request, and Expect: 100-continue inviting an acceptable body."""
     with connect_unix(str(daemon.socket), 30) as s:
         s.sendall(head("POST", "/v1/recognize", f"Content-Length: {len(GOOD)}", "Expect: 100-continue"))
-        assert s.recv(25) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        assert s.recv(25, socket.MSG_WAITALL) == b"HTTP/1.1 100 Continue\r\n\r\n"
         s.sendall(GOOD)
         status, headers, result = read_response(s)
         assert status == 200 and "connection" not in headers and len(result["scores"]) == 9

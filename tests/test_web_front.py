@@ -148,7 +148,8 @@ def test_the_front_never_forwards_a_header_it_did_not_validate(work):
         assert peer.heads == []
         data = data.replace(b"Transfer-Encoding: identity\r\n", b"")
         with f.raw(data) as s:
-            assert s.recv(4096).startswith(b"HTTP/1.1 100 Continue")
+            # exactly the interim answer: the final one may already be behind it in the buffer
+            assert s.recv(25, socket.MSG_WAITALL) == b"HTTP/1.1 100 Continue\r\n\r\n"
             status, _, body = read_response(s)
         assert status == 200 and body == {"ok": True, "got": 4}
         sent = peer.heads[-1].decode("latin-1").split("\r\n")
