@@ -257,7 +257,7 @@ _SCHEMAS: dict[str, Any] = {
             "model": {"type": "string"},
             "timing_ms": {"type": "object", "properties": {
                 "queue": {"type": "number", "description": "Milliseconds waiting for the worker (includes model load on a cold start)."},
-                "infer": {"type": "number", "description": "Milliseconds of inference (of the whole batch)."}}},
+                "infer": {"type": "number", "description": "Milliseconds of the forward pass that produced this answer (shared with the other clips in it)."}}},
         },
     },
     "Health": {"type": "object",
