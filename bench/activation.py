@@ -73,7 +73,7 @@ def main() -> int:
     # models bound read-only to a neutral path (a checkout below /home or /root is hidden from the service)
     binds = [f"{path}:/srv/e2vd-models/{preset}" for preset, path in models.items()]
     with sdbox.Box.start(f"bench-{os.getpid()}", binds_ro=binds) as box:
-        box.run([PY, "-m", "e2vd", "install"], env=ENV)
+        box.run([PY, "-m", "e2vd", "install", "--no-pull"], env=ENV)   # each preset sets its model below
         for preset in models:
             cold, warm = measure(box, f"/srv/e2vd-models/{preset}", data, args.cold, args.warm)
             c, w = statistics.median(cold), statistics.median(warm)
