@@ -377,6 +377,13 @@ class InProcess:
         assert self.daemon.look()
         assert self.daemon.exiting is reason
 
+    def exits_after(self, seconds: float, reason: Reason) -> None:
+        """The daemon still serves 1 ms before `seconds` from now, and exits for `reason` at it."""
+        self.clock.advance(seconds - 0.001)
+        self.serving()
+        self.clock.advance(0.001)
+        self.exits(reason)
+
     def request_over(self) -> None:
         """Wait until the connection threads have finished their requests' book-keeping (the
         answer leaves before it): only then may the test move the clock on."""
@@ -516,10 +523,7 @@ def test_an_open_connection_holds_the_daemon_only_until_connection_timeout_after
                 s.sendall(b"GET /v1/status HTTP/1.1\r\nHost: e2vd\r\n\r\n")
                 assert read_response(s)[0] == 200
                 ip.request_over()
-            ip.clock.advance(9.999)
-            ip.serving()                                     # held until T0+30, then idle_timeout 10
-            ip.clock.advance(0.001)
-            ip.exits(Reason.IDLE)
+            ip.exits_after(10, Reason.IDLE)                       # held until T0+30, then idle_timeout 10
             assert s.recv(100) == b""                         # the open connection is closed on the way out
 
     assert ip.run(body) == 0
@@ -535,10 +539,7 @@ def test_recognize_on_a_kept_open_connection_renews_its_hold(in_process, clip):
             s.sendall(recognize_head(clip) + clip)
             assert read_response(s)[0] == 200                # ended at T0+20: held until T0+50
             wait_until("the hold to be renewed", lambda: ip.daemon.server.holding(ip.clock()).until == T0 + 50)
-            ip.clock.advance(39.999)
-            ip.serving()
-            ip.clock.advance(0.001)
-            ip.exits(Reason.IDLE)
+            ip.exits_after(40, Reason.IDLE)
 
     assert ip.run(body) == 0
 
@@ -564,10 +565,7 @@ def test_work_in_flight_holds_the_daemon_however_long_and_the_clock_restarts_whe
         ip.request_over()
         s.close()                                            # closed at T0 + 20000: nothing holds it
         wait_until("the connection to close", lambda: ip.daemon.server.connections == 0)
-        ip.clock.advance(9.999)
-        ip.serving()
-        ip.clock.advance(0.001)
-        ip.exits(Reason.IDLE)
+        ip.exits_after(10, Reason.IDLE)
 
     assert ip.run(body) == 0
 
@@ -582,10 +580,7 @@ def test_keep_warm_hold_is_capped_and_defers_the_idle_clock(in_process, caplog):
         wait_until("the connection to close", lambda: ip.daemon.server.connections == 0)
         ip.serving()
         ip.notify.wait_for("; kept warm until ")
-        ip.clock.advance(399.999)                            # hold 100, then idle_timeout 300
-        ip.serving()
-        ip.clock.advance(0.001)
-        ip.exits(Reason.IDLE)
+        ip.exits_after(400, Reason.IDLE)                      # hold 100, then idle_timeout 300
 
     assert ip.run(body) == 0
     assert events(caplog, "keep_warm") == [("keep_warm", {"hold_seconds": 100.0, "capped": True})]
@@ -666,10 +661,7 @@ def test_model_that_cannot_load_answers_503_then_exits_after_the_grace(in_proces
             status, _, answer = ip.request(method, url, data)
             assert status == 503 and answer["error"]["code"] == "model_unavailable", (url, answer)
             assert "model.pt is truncated" in answer["error"]["message"]
-        ip.clock.advance(59.999)                             # the grace counts from the failure
-        ip.serving()
-        ip.clock.advance(0.001)
-        ip.exits(Reason.UNAVAILABLE)
+        ip.exits_after(60, Reason.UNAVAILABLE)                # the grace counts from the failure
 
     assert ip.run(body) == 5
     assert "READY=1" not in ip.notify.lines() and ip.notify.lines().count("STOPPING=1") == 1
