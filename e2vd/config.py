@@ -15,7 +15,7 @@ E2VD_QUANTIZE=yes); an empty value counts as unset. Overrides are a mapping from
 where None means "not given" (argparse's default) and strings are parsed like environment values.
 
 Value forms: durations (idle_timeout, max_hold, connection_timeout, drain_timeout,
-unavailable_grace, inference_timeout) are seconds as a number, or a string like "90s", "30m", "9h", "1h30m";
+unavailable_grace, inference_timeout, gpu_lock_timeout) are seconds as a number, or a string like "90s", "30m", "9h", "1h30m";
 booleans are true/false (TOML) or, in the environment, the spellings of
 `e2vd.vocabulary.TRUE_WORDS`/`FALSE_WORDS` (1/0, true/false, yes/no, on/off); log_level is
 DEBUG, INFO, WARNING, ERROR or CRITICAL in any case (stored upper-case). max_connections_per_uid
@@ -28,6 +28,12 @@ the device is handed back (docs/design.md, the lifecycle). The default, 120 s, i
 max_seconds (30 s) of audio takes on a CPU (the large model ran 20 s of audio in 7 s on 2 cores)
 or a GPU (under 0.1 s); raise it with max_seconds or max_batch on a slow device, never set it
 below what max_batch clips of max_seconds take there.
+
+gpu_lock is the lock file every daemon holds while it chooses its device and puts the model on
+it (e2vd.gpu_lock), so that daemons starting at once cannot all pass the min_free_mb check: an
+absolute path, or empty for `<directory of socket>/lock/gpu.lock` (/run/e2vd/lock/gpu.lock).
+gpu_lock_timeout (a duration, >= 0) bounds the wait for another daemon holding it; then the GPU
+counts as busy (busy_policy decides).
 
 `model_problem(model)` says why a `model` setting cannot work on this machine (a directory that
 is missing or lacks the model's files), for `e2vd check-config` and `e2vd install`; the daemon
@@ -63,7 +69,7 @@ MODEL_ID_PATTERN = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # a ModelScope id 
 BUSY_POLICIES = ("refuse", "cpu")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DURATION_KEYS = frozenset({"idle_timeout", "max_hold", "connection_timeout", "drain_timeout",
-                           "unavailable_grace", "inference_timeout"})
+                           "unavailable_grace", "inference_timeout", "gpu_lock_timeout"})
 
 
 class ConfigError(ValueError):
@@ -83,6 +89,8 @@ class Settings:
     quantize: bool = False                       # INT8 dynamic quantization (CPU)
     min_free_mb: int = 2048                      # GPU free memory needed to use it, MB
     busy_policy: str = "refuse"                  # GPU below min_free_mb: refuse | cpu
+    gpu_lock: str = ""                           # lock file held while choosing/loading; "" = <socket dir>/lock/gpu.lock
+    gpu_lock_timeout: float = 60.0               # longest wait for another daemon's GPU lock
     idle_timeout: float = 300.0                  # exit after this long with nothing to do
     max_hold: float = 43200.0                    # cap on a warmup's keep-warm hold
     max_seconds: float = 30.0                    # longest audio accepted
@@ -320,6 +328,11 @@ def _non_empty(value: object) -> None:
         raise ValueError("must not be empty")
 
 
+def _absolute_or_empty(value: object) -> None:
+    if value and not os.path.isabs(str(value)):
+        raise ValueError(f"must be an absolute path (or empty for the default); got {value!r}")
+
+
 def _device(value: object) -> None:
     if not DEVICE_PATTERN.fullmatch(str(value)):
         raise ValueError(f"must be auto, cpu, cuda or cuda:N (N = GPU index, e.g. cuda:0); got {value!r}")
@@ -333,6 +346,7 @@ _CHECKS: dict[str, Callable[[object], None]] = {
     "idle_timeout": _at_least(0, " seconds"), "max_hold": _at_least(0, " seconds"),
     "drain_timeout": _at_least(0, " seconds"), "unavailable_grace": _at_least(0, " seconds"),
     "inference_timeout": _positive(" seconds"),
+    "gpu_lock": _absolute_or_empty, "gpu_lock_timeout": _at_least(0, " seconds"),
     "connection_timeout": _positive(" seconds"), "max_seconds": _positive(" seconds"),
     "max_body_bytes": _positive(" bytes"), "queue_size": _at_least(1), "max_batch": _at_least(0),
     "max_connections_per_uid": _at_least(1, " connections"),

@@ -269,12 +269,19 @@ class Waiter:
 # --- the daemon ---------------------------------------------------------------------------------
 
 def load_engine(settings: "Settings") -> "Engine":
-    """The model as the settings ask for it (runs on the worker thread)."""
+    """The model as the settings ask for it (runs on the worker thread), its device chosen and
+    its weights placed while holding the machine's GPU lock (e2vd.gpu_lock: gpu_lock,
+    gpu_lock_timeout), which every e2vd daemon shares."""
     from e2vd.engine import Engine
+    from e2vd.gpu_lock import GpuLock, lock_path
 
     s = settings
+    instance = os.environ.get("E2VD_INSTANCE", "").strip()
+    lock = GpuLock(lock_path(s.gpu_lock, s.socket), s.gpu_lock_timeout,
+                   owner=f"instance {instance}" if instance else f"socket {s.socket}")
     return Engine.load(s.model, device=s.device, dtype=s.dtype, quantize=s.quantize,
-                       min_free_mb=s.min_free_mb, busy_policy=s.busy_policy, cache_dir=s.cache_dir)
+                       min_free_mb=s.min_free_mb, busy_policy=s.busy_policy, cache_dir=s.cache_dir,
+                       gpu_lock=lock)
 
 
 class Daemon:

@@ -55,7 +55,8 @@ import torch
 
 from e2vd.audio import Audio, check_duration, decode
 from e2vd.config import MODEL_ID_PATTERN, Settings
-from e2vd.gpu import GpuOutOfMemory, choose_device, device_memory
+from e2vd.gpu import GpuOutOfMemory, choose_device, cpu_instead, device_memory
+from e2vd.gpu_lock import GpuLock, GpuLockTimeout
 from e2vd.result import Recognition
 from e2vd.vocabulary import DTYPES, LABELS, ExitCode, Granularity
 
@@ -532,6 +533,22 @@ def _choose_device(requested: str, min_free_mb: int, busy_policy: str) -> str:
     return device
 
 
+def _lock_gpu(stack: contextlib.ExitStack, gpu_lock: GpuLock | None, requested: str, min_free_mb: int,
+              busy_policy: str) -> str | None:
+    """Enter `gpu_lock` on `stack` unless there is none or the CPU was requested; None then, and
+    once the lock is held. "cpu" when the lock was not had in time and busy_policy is "cpu";
+    GpuLockTimeout when it was not had in time and busy_policy is "refuse"."""
+    if gpu_lock is None or requested.strip() == "cpu":
+        return None
+    try:
+        stack.enter_context(gpu_lock.hold())
+    except GpuLockTimeout as err:
+        if busy_policy != "cpu":
+            raise
+        return cpu_instead(err.reason, min_free_mb).device
+    return None
+
+
 # ----------------------------------------------------------------------------------------------
 # Batching: which clips may share a forward pass
 
@@ -709,7 +726,7 @@ class Engine:
     def load(cls, model: str, device: str = Settings.device, dtype: str = Settings.dtype, *,
              quantize: bool = Settings.quantize, min_free_mb: int = Settings.min_free_mb,
              busy_policy: str = Settings.busy_policy, cache_dir: str | None = None,
-             batching: str | None = None) -> "Engine":
+             batching: str | None = None, gpu_lock: GpuLock | None = None) -> "Engine":
         """Resolve, validate and load `model` onto a device; return a ready engine.
 
         `device` is "auto" (the GPU with the most free memory, else CPU), "cpu" or "cuda:N";
@@ -719,9 +736,13 @@ class Engine:
         `batching` (one of `BATCHING_MODES`; None: "padded" on a GPU, "equal" on the CPU) says
         which clips may share a forward pass; the model and `quantize` may narrow it
         (`choose_batching`).
+        `gpu_lock` (the daemon's; None: no lock): unless `device` is "cpu", the device is chosen
+        and the weights put on it while this lock is held, so that daemons loading at the same
+        moment see each other's memory (e2vd.gpu_lock). The checkpoint is read before the lock
+        is taken. No lock within its timeout: GpuLockTimeout, or the CPU under busy_policy "cpu".
         Raises ModelError (model or torch problems), e2vd.gpu.DeviceError / GpuBusyError (no such
-        GPU; GPU too full and busy_policy "refuse") or ValueError (malformed option), each with a
-        message naming the problem and the fix.
+        GPU; GPU too full or its lock held too long, and busy_policy "refuse") or ValueError
+        (malformed option), each with a message naming the problem and the fix.
         """
         if dtype not in DTYPES:
             raise ModelError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
@@ -732,10 +753,12 @@ class Engine:
             model_dir, model_id = resolve_model(model, cache_dir)
             labels = read_tokens(model_dir)
             config = read_config(model_dir)
-            chosen = _choose_device(device, min_free_mb, busy_policy)
-            dtype, quantize = _effective_precision(chosen, dtype, quantize)
-            net = load_model(config, model_dir / "model.pt", len(labels))
-            net = _place(net, chosen, _TORCH_DTYPES[dtype], quantize)
+            net = load_model(config, model_dir / "model.pt", len(labels))   # the CPU side: no lock needed
+            with contextlib.ExitStack() as locked:
+                chosen = _lock_gpu(locked, gpu_lock, device, min_free_mb, busy_policy) \
+                    or _choose_device(device, min_free_mb, busy_policy)
+                dtype, quantize = _effective_precision(chosen, dtype, quantize)
+                net = _place(net, chosen, _TORCH_DTYPES[dtype], quantize)
         normalize = bool(config["model_conf"].get("normalize", False))
         batching, reason = choose_batching(batching, chosen, batching_mode(config["model_conf"], quantize))
         seconds = time.perf_counter() - start

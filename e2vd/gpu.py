@@ -19,7 +19,10 @@ machines with one kind of GPU).
   "cuda:N"  -> that GPU ("cuda" means cuda:0); not present -> DeviceError.
   A chosen GPU with less than `min_free_mb` MB free: busy_policy "refuse" raises GpuBusyError
   (which GPU, free vs needed MB, what to do); "cpu" falls back to the CPU with a warning.
-Every decision is logged as event "device_chosen" (see e2vd.log).
+Every decision is logged as event "device_chosen" (see e2vd.log); `cpu_instead(reason)` logs it
+for a GPU that could not even be looked at (e2vd.gpu_lock timed out) under busy_policy "cpu".
+Daemons call choose_device while holding the GPU lock (e2vd.gpu_lock), so that two of them
+starting at once cannot both see the same free memory.
 
 `device_memory(device)` reports total/free/used bytes of a "cuda:N" device (and this process's
 own share when NVML can tell), or None for the CPU or without NVML: for the daemon's status.
@@ -251,6 +254,13 @@ def choose_device(requested: str = "auto", min_free_mb: int = 2048, busy_policy:
     others = "" if requested != "auto" or len(gpus) == 1 else " (it is the emptiest of the GPUs)"
     raise GpuBusyError(f"{busy}{others}. Free GPU memory (see `nvidia-smi` for who holds it), "
                        f"lower min_free_mb, or set busy_policy = \"cpu\" to run on the CPU instead.")
+
+
+def cpu_instead(reason: str, min_free_mb: int) -> DeviceChoice:
+    """The CPU, for a GPU that could not be used for `reason` (a sentence) under busy_policy "cpu";
+    logged like every choice (event device_chosen, at WARNING)."""
+    return _chosen(DeviceChoice("cpu", f"{reason}; busy_policy=cpu, so using the CPU"), None,
+                   min_free_mb, logging.WARNING)
 
 
 def _chosen(choice: DeviceChoice, gpu: GpuInfo | None, min_free_mb: int,

@@ -81,6 +81,7 @@ def test_every_key_settable_from_file_and_env(tmp_path):
                    max_body_bytes=4, queue_size=5, max_batch=6, connection_timeout=7.0, drain_timeout=8.0,
                    unavailable_grace=9.0, cache_dir="/c", log_level="DEBUG", max_connections_per_uid=3,
                    inference_timeout=10.5)
+    changed.update(gpu_lock="/run/x/gpu.lock", gpu_lock_timeout=11.0)
     assert set(changed) == {f.name for f in dataclasses.fields(Settings)}
     lines = []
     for k, v in changed.items():
