@@ -14,6 +14,13 @@ Prints, in this order:
             all in one pass, vs one by one (largest score and frame-embedding differences, speed-up);
   cache     CUDA memory allocated before and after 8 x 30 s clips: funasr's attention-bias cache
             keeps tensors per sequence length;
+  release   the caching allocator after 8 x 30 s clips: reserved vs allocated before and after
+            Engine.release_cache (what the scheduler runs after a batch when nothing waits), the
+            empty_cache call's time, and the next 8 x 30 s batch's time with the cache released
+            vs kept;
+  gpu lock  two daemons started at the same moment with min_free_mb = free memory - 100 MiB (only
+            one fits): what each answered, with their shared lock file and, for comparison, with
+            a lock file each (as if there were no lock: both pass the check);
   cold start a daemon on the GPU (idle_timeout 2 s): seconds from its process start to the
             first result of a 5 s clip;
   idle exit the same daemon: NVML's memory used on the GPU and the daemon's own share while it
@@ -152,6 +159,94 @@ def mixed_batch_section(engine) -> None:
         engine.max_padding = saved
 
 
+def release_section(model: Path, device: str) -> None:
+    """Reserved vs allocated CUDA memory after a large batch, Engine.release_cache, and what it
+    costs the next large batch."""
+    import torch
+    from conftest import wav_clip
+    from e2vd.audio import decode
+    from e2vd.engine import CACHE_SLACK_BYTES, Engine
+
+    if not device.startswith("cuda"):
+        print("release: n/a (no GPU)")
+        return
+    engine = Engine.load(str(model), device=device)
+    clips = [decode(wav_clip(30.0, seed=i)) for i in range(8)]
+    engine.recognize_batch(clips)
+    torch.cuda.synchronize()
+
+    def mib(n: int) -> str:
+        return f"{n / MB:.0f} MiB"
+
+    t0 = time.perf_counter()
+    done = engine.release_cache()
+    release_ms = (time.perf_counter() - t0) * 1e3
+    if done is None:
+        print(f"release: after 8 x 30 s, reserved {mib(torch.cuda.memory_reserved(device))}, allocated "
+              f"{mib(torch.cuda.memory_allocated(device))}: within the {mib(CACHE_SLACK_BYTES)} slack, kept")
+    else:
+        print(f"release: after 8 x 30 s, reserved {mib(done.reserved_before_bytes)}, allocated "
+              f"{mib(done.allocated_bytes)}; release_cache (slack {mib(CACHE_SLACK_BYTES)}) -> reserved "
+              f"{mib(done.reserved_after_bytes)} in {release_ms:.1f} ms", flush=True)
+    kept = released = 0.0
+    for _ in range(3):
+        engine.release_cache(slack_bytes=0)
+        t0 = time.perf_counter()
+        engine.recognize_batch(clips)
+        torch.cuda.synchronize()
+        released += (time.perf_counter() - t0) / 3
+        t0 = time.perf_counter()
+        engine.recognize_batch(clips)
+        torch.cuda.synchronize()
+        kept += (time.perf_counter() - t0) / 3
+    print(f"  next 8 x 30 s batch: {released * 1e3:.1f} ms after a release, {kept * 1e3:.1f} ms with the "
+          f"cache kept ({released / kept:.2f}x)", flush=True)
+    del engine
+    torch.cuda.empty_cache()
+
+
+def lock_section(model: Path, device: str) -> None:
+    """Two daemons started at once with min_free_mb only one fits: sharing the lock file, and with
+    a lock file each (no mutual exclusion, as before the lock)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from daemon_proc import DaemonProcess
+    from e2vd import gpu
+
+    if not device.startswith("cuda"):
+        print("gpu lock: n/a (no GPU)")
+        return
+    for label, shared in (("one shared lock file", True), ("a lock file each (no lock)", False)):
+        index = int(device.partition(":")[2] or 0)
+        free_mb = next(g.free_mb for g in gpu.list_gpus() if g.index == index)
+        with tempfile.TemporaryDirectory(prefix="e2vd-l-") as tmp:
+            daemons = [DaemonProcess(Path(tmp) / f"{n}.sock", model, device=device, min_free_mb=free_mb - 100,
+                                     unavailable_grace=2, idle_timeout=2, start_timeout=600,
+                                     **({} if shared else {"gpu_lock": f"{tmp}/{n}.lock"}))
+                       for n in ("a", "b")]
+            t0 = time.monotonic()
+            try:
+                with ThreadPoolExecutor(2) as pool:
+                    list(pool.map(DaemonProcess.start, daemons))
+                answers = []
+                for d in daemons:
+                    while True:
+                        status, _, body = d.request("GET", "/v1/health")
+                        if status != 200 or body.get("status") != "loading":
+                            break
+                        time.sleep(0.05)
+                    error = body.get("error") or {}
+                    answers.append(f"{status} {error.get('code') or body.get('status')} after "
+                                   f"{time.monotonic() - t0:.1f} s" + (f" ({error['message'][:90]}...)" if error else ""))
+                waits = sum(d.log_text().count("event=gpu_lock_wait") for d in daemons)
+            finally:
+                for d in daemons:
+                    if d.proc is not None:
+                        d.__exit__(None, None, None)
+        print(f"gpu lock: 2 daemons at once, min_free_mb {free_mb - 100} ({free_mb} MiB free), {label}: "
+              f"{'; '.join(answers)}; lock waits logged: {waits}", flush=True)
+
+
 def idle_exit_section(model: Path, device: str) -> None:
     from conftest import wav_clip
     from daemon_proc import DaemonProcess
@@ -212,6 +307,8 @@ def main() -> int:
     clips = [wav_clip(5.0)] + [wav_clip(2.0 + i, seed=i) for i in range(1, args.clips)]
     precision_section(model, device, clips, args.calls)
     batch_section(model, device)
+    release_section(model, device)
+    lock_section(model, device)
     idle_exit_section(model, device)
     return 0
 

@@ -16,6 +16,11 @@ ModelUnavailable, OutOfGpuMemory, BadAudio, InferenceFailed), which the server m
 It exposes `state` (a `vocabulary.State`), `pending` (queued + running jobs, for the idle clock),
 `served`, `abandoned` and `running`: the model call in progress (when it began, on the clock
 the scheduler was given, and what it runs), which the daemon's watchdog watches (e2vd.watchdog).
+
+After a batch, once its answers are handed back and no job waits, the worker lets the engine hand
+the GPU memory PyTorch keeps cached beyond a slack back to the GPU (`engine.release_cache`, a
+no-op on the CPU), so that other processes sharing the GPU can use it; a job that waits is run
+first and reuses the cache.
 """
 from __future__ import annotations
 
@@ -316,11 +321,30 @@ class Scheduler:
                 batch = self._take_batch()
                 if batch:
                     self._run_batch(batch)
+                    if self._queue.empty():
+                        self._release_cache()
         except BaseException as exc:  # noqa: BLE001 - never leave waiting clients hanging
             log.exception("the inference worker failed")
             self.error = f"the inference worker failed ({type(exc).__name__}: {exc})"
             self._set_state(State.UNAVAILABLE)
             self._fail_queued()
+
+    def _release_cache(self) -> None:
+        """Between batches, nothing queued: the engine's `release_cache` (when it has one), which
+        hands unused cached GPU memory back; its failure is logged and costs no job anything."""
+        release = getattr(self.engine, "release_cache", None)
+        if release is None:
+            return
+        try:
+            done = release()
+        except Exception:  # never worth a job: the memory stays cached, as before
+            log.exception("handing PyTorch's cached GPU memory back failed")
+            return
+        if done is not None:
+            mib = 1 << 20
+            log.debug("handed %d MiB of cached GPU memory back on %s (reserved %d -> %d MiB, allocated %d MiB)",
+                      done.released_bytes // mib, done.device, done.reserved_before_bytes // mib,
+                      done.reserved_after_bytes // mib, done.allocated_bytes // mib)
 
     def _fail_queued(self) -> None:
         """After a failed load: fail every queued job, now and as they arrive, until stopped."""

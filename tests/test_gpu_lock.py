@@ -1,6 +1,7 @@
 """e2vd.gpu_lock: real processes contending on a real lock file, the bounded wait, lock files that
 cannot be used, the engine and the daemon loading under the lock, and (on a GPU only) two daemons
-started at once against a min_free_mb only one of them fits.
+started at once against a min_free_mb only one of them fits, and the cached memory handed back
+after a large batch.
 
 The holders are subprocesses running `HOLDER` (a `GpuLock` held until a line arrives on stdin);
 they report on stdout ("HELD", "RELEASED", "TIMEOUT ...", and "LOG <message>" for each log record),
@@ -328,6 +329,66 @@ def first_answer(d: DaemonProcess, timeout: float = 120.0) -> tuple[int, dict]:
         time.sleep(0.05)
 
 
+# --- the cached GPU memory after a batch -------------------------------------------------------------
+
+def test_releasing_the_cache_on_the_cpu_does_nothing_and_leaves_cuda_alone(tiny_model: Path) -> None:
+    code = (
+        "import torch\n"
+        "from e2vd.engine import Engine\n"
+        f"e = Engine.load({str(tiny_model)!r}, device='cpu')\n"
+        "from e2vd.audio import from_samples\n"
+        "import numpy as np\n"
+        "e.recognize(from_samples(np.random.default_rng(0).standard_normal(32000).astype(np.float32) * 0.1, 16000))\n"
+        "print(e.release_cache(), e.release_cache(slack_bytes=0), torch.cuda.is_initialized())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.split() == ["None", "None", "False"]
+
+
+class ReleaseRecorder:
+    """The real engine, with `release_cache` recording which jobs were answered when it ran (the
+    GPU side of it cannot run here; on the CPU the real one returns None without doing anything)."""
+
+    def __init__(self, engine, jobs: list) -> None:
+        self._engine, self._jobs, self.calls = engine, jobs, []
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+    def release_cache(self):
+        self.calls.append([job.done.is_set() for job in self._jobs])
+        return self._engine.release_cache()
+
+
+def test_the_scheduler_releases_the_cache_after_the_answers_and_only_when_no_job_waits(tiny_model: Path) -> None:
+    import threading
+
+    from conftest import speechlike
+
+    from e2vd.audio import from_samples
+    from e2vd.engine import Engine
+    from e2vd.scheduler import Scheduler
+
+    jobs: list = []
+    recorder = ReleaseRecorder(Engine.load(str(tiny_model), device="cpu"), jobs)
+    gate = threading.Event()
+
+    def load():
+        gate.wait(60)
+        return recorder
+
+    sch = Scheduler(load, queue_size=8, max_batch=2)
+    sch.start()
+    try:
+        jobs += [sch.submit(from_samples(speechlike(1.0, seed=i)[:, 0], 16000)) for i in range(3)]
+        gate.set()
+        assert all(job.wait(60) for job in jobs) and all(job.error is None for job in jobs)
+        sch.stop(10)
+        # two batches (2 + 1 jobs): no release while the third job waited; one after, all answered
+        assert recorder.calls == [[True, True, True]]
+    finally:
+        sch.stop(10)
+
+
 # --- on a GPU -----------------------------------------------------------------------------------------
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible to torch)")
@@ -361,6 +422,38 @@ def test_two_daemons_started_at_once_on_one_gpu_one_loads_the_other_is_refused(t
         for d in daemons:
             if d.proc is not None:
                 d.__exit__(None, None, None)
+
+
+@needs_gpu
+def test_reserved_gpu_memory_falls_back_after_a_large_batch(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """8 x 30 s clips leave PyTorch's cache holding their activations; the scheduler, once the
+    answers are back and nothing waits, hands the excess back: reserved falls to within the slack
+    (0 here: the tiny stand-in's activations stay far below the default 1 GiB)."""
+    from e2vd import engine as engine_module
+    from e2vd.audio import decode
+    from e2vd.engine import Engine
+    from e2vd.scheduler import Scheduler
+
+    monkeypatch.setattr(engine_module, "CACHE_SLACK_BYTES", 0)
+    engine = Engine.load(str(tiny_model), device="cuda:0")
+    clips = [decode(wav_clip(30.0, seed=i)) for i in range(8)]
+    engine.recognize_batch(clips)
+    allocated = torch.cuda.memory_allocated(0)
+    before = torch.cuda.memory_reserved(0)
+    assert before > allocated, "the batch left nothing cached: nothing to show"
+    release = engine.release_cache()
+    assert release is not None and release.reserved_before_bytes == before
+    assert release.reserved_after_bytes < before and torch.cuda.memory_reserved(0) == release.reserved_after_bytes
+    # and through the scheduler: after a batch, with nothing waiting
+    sch = Scheduler(lambda: engine, queue_size=16, max_batch=8)
+    sch.start()
+    try:
+        jobs = [sch.submit(c) for c in clips]
+        assert all(job.wait(120) for job in jobs) and all(job.error is None for job in jobs)
+        sch.stop(30)   # the worker has finished its loop: the release after the batch has run
+        assert torch.cuda.memory_reserved(0) - torch.cuda.memory_allocated(0) < before - allocated
+    finally:
+        sch.stop(30)
 
 
 def test_the_plain_unit_gives_its_daemon_the_lock_directory() -> None:
