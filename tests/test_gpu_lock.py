@@ -463,3 +463,76 @@ def test_the_plain_unit_gives_its_daemon_the_lock_directory() -> None:
     assert f"RuntimeDirectory=e2vd/{gpu_lock.LOCK_DIR_NAME}\n" in text
     assert "RuntimeDirectoryPreserve=yes\n" in text and "RuntimeDirectoryMode=0770\n" in text
     assert "Group=e2vd-daemon\n" in text
+
+
+# --- under a real systemd ------------------------------------------------------------------------
+
+BOX_MODEL = "/srv/e2vd-models/tiny"
+
+
+@pytest.mark.systemd
+@pytest.mark.slow
+def test_under_systemd_two_dynamic_users_share_the_kept_lock_directory(tiny_model: Path) -> None:
+    """The installed e2vd.service and a second unit made from it with a dynamic user of its own
+    (as an instance e2vd@NAME has) and the same Group=: systemd makes /run/e2vd/lock 0770 for
+    both, each daemon takes the lock (no gpu_lock_unavailable warning) in the file the first made
+    0660, the socket keeps its owner and mode, and the directory and file outlive both daemons."""
+    import sdbox
+
+    reason = sdbox.unavailable_reason()
+    if reason:
+        pytest.skip(f"no throw-away systemd: {reason}")
+    env = {"PYTHONPATH": str(ROOT)}
+    box = sdbox.Box.start(f"e2vd-lock-{os.getpid()}", binds_ro=[f"{tiny_model}:{BOX_MODEL}"])
+    try:
+        box.run([sys.executable, "-m", "e2vd", "install", "--no-pull"], env=env)
+        settings = f'model = "{BOX_MODEL}"\ndevice = "auto"\nidle_timeout = 600\n'   # auto: takes the lock
+        box.write("/etc/e2vd/e2vd.toml", settings)
+        box.write("/etc/e2vd/other.toml", settings)
+        service = (box.root / "etc/systemd/system/e2vd.service").read_text()
+        other = (service.replace("User=e2vd-daemon", "User=e2vd-other")
+                 .replace("e2vd.socket", "e2vd-other.socket")
+                 .replace("Environment=PYTHONUNBUFFERED=1", "Environment=E2VD_CONFIG=/etc/e2vd/other.toml\n"
+                          "Environment=PYTHONUNBUFFERED=1"))
+        assert "User=e2vd-other" in other and "Group=e2vd-daemon" in other
+        box.write("/etc/systemd/system/e2vd-other.service", other)
+        socket_unit = (box.root / "etc/systemd/system/e2vd.socket").read_text()
+        box.write("/etc/systemd/system/e2vd-other.socket",
+                  socket_unit.replace("/run/e2vd/e2vd.sock", "/run/e2vd/other.sock"))
+        box.run(["systemctl", "daemon-reload"])
+        box.run(["systemctl", "start", "e2vd-other.socket"])
+        for unit in ("e2vd.service", "e2vd-other.service"):      # returns once the model is loaded
+            box.run(["systemctl", "start", unit], timeout=300)
+        # /run/e2vd/lock is systemd's symbolic link to ../private/e2vd/lock (DynamicUser= with
+        # RuntimeDirectoryPreserve=); each unit's namespace mounts that one directory there
+        stats = box.sh("stat -L -c '%n %a %U %G' /run/e2vd/lock /run/e2vd/lock/gpu.lock /run/e2vd/e2vd.sock "
+                       "/run/e2vd/other.sock").stdout.splitlines()
+        assert stats[0].split()[1:] == ["770", "e2vd-other", "e2vd-daemon"], stats   # the last unit started owns it
+        assert stats[1].split()[1] == "660" and stats[1].split()[3] == "e2vd-daemon", stats
+        assert stats[1].split()[2] in ("e2vd-daemon", "e2vd-other"), stats
+        for line in stats[2:]:
+            assert line.split()[1:] == ["660", "root", "e2vd"], stats            # the sockets are untouched
+        # the first daemon's uid may still open the file for writing and lock it, now that the second
+        # unit's start has handed the directory and the file to its own dynamic user: through the group
+        pid = box.run(["systemctl", "show", "-p", "MainPID", "--value", "e2vd.service"]).stdout.strip()
+        probe = box.run(["nsenter", "-t", pid, "-m", "setpriv", "--reuid=e2vd-daemon", "--regid=e2vd-daemon",
+                         "--clear-groups", "--", "sh", "-c", "exec 3<>/run/e2vd/lock/gpu.lock && flock -n 3 && echo ok"],
+                        check=False)
+        assert probe.stdout.strip() == "ok", probe.stderr
+        journal = box.run(["journalctl", "--no-pager", "-o", "cat", "-u", "e2vd.service",
+                           "-u", "e2vd-other.service"]).stdout
+        assert "Loading without the GPU lock" not in journal, journal[-3000:]
+        assert journal.count("Using cpu") == 2, journal[-3000:]
+        # a lock held from outside: the next start waits for it, then is refused with the holder named
+        box.write("/etc/e2vd/other.toml", settings + "gpu_lock_timeout = 1\nunavailable_grace = 1\n")
+        box.run(["systemctl", "stop", "e2vd.service", "e2vd-other.service"])
+        box.run(["systemd-run", "--unit", "lock-hog", "flock", "/run/e2vd/lock/gpu.lock", "sleep", "600"])
+        box.sh("until systemctl is-active -q lock-hog; do sleep 0.1; done")
+        box.run(["systemctl", "start", "--no-block", "e2vd-other.service"])
+        box.sh("until journalctl -o cat -u e2vd-other.service | grep -q 'did not load its model'; do sleep 0.2; done",
+               timeout=300)
+        box.run(["systemctl", "stop", "lock-hog", "e2vd-other.service"])
+        box.run(["systemctl", "reset-failed"], check=False)
+        assert box.sh("test -d /run/e2vd/lock && test -f /run/e2vd/lock/gpu.lock && echo kept").stdout.strip() == "kept"
+    finally:
+        box.stop()
