@@ -72,6 +72,27 @@ def _socket_arg(text: str) -> str:
     return text
 
 
+def _instance_arg(text: str) -> str:
+    """--instance: a valid instance name (e2vd.instances.check_name says what is wrong)."""
+    from e2vd.instances import InstanceNameError, check_name
+
+    try:
+        return check_name(text)
+    except InstanceNameError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--instance ")) from None
+
+
+def _add_target(parser: argparse.ArgumentParser, socket_help: str) -> None:
+    """--socket PATH and --instance NAME (one or the other) on a client subcommand."""
+    from e2vd.config import INSTANCE_ENV
+
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--socket", type=_socket_arg, help=socket_help)
+    target.add_argument("--instance", type=_instance_arg, metavar="NAME",
+                        help=f"talk to instance NAME (`e2vd install --instance NAME`): its socket "
+                             f"/run/e2vd/NAME.sock (default ${INSTANCE_ENV}, else the default instance)")
+
+
 def _embedding_arg(text: str) -> str:
     """--embedding: a path that names a file (not "", ".", ".." or a path ending in /)."""
     if Path(text).name in ("", ".", "..") or text.endswith("/"):
@@ -106,8 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("files", nargs="+", metavar="FILE",
                    help="audio files (wav, flac, ogg, mp3, ...); - reads one from stdin (within --timeout); "
                         "files larger than max_body_bytes are refused before sending")
-    r.add_argument("--socket", type=_socket_arg,
-                   help=f"daemon socket (default ${socket_env} or {default_socket})")
+    _add_target(r, f"daemon socket (default ${socket_env} or {default_socket})")
     r.add_argument("--granularity", choices=[g.value for g in Granularity], default=Granularity.UTTERANCE.value,
                    help="embedding per utterance (D,) or per 20 ms frame (T, D)")
     r.add_argument("--embedding", metavar="OUT.npy", type=_embedding_arg,
@@ -118,13 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=_timeout_arg, default=None, metavar="S",
                    help="seconds to wait for an answer, cold start included, and for stdin (default 300)")
 
-    st = sub.add_parser("status", help="show whether the daemon runs (never wakes it)")
-    st.add_argument("--socket", type=_socket_arg, help="ask a daemon started by hand on this socket")
+    st = sub.add_parser("status", help="show whether the daemon and each instance run (never wakes them)",
+                        description="Show what systemd records about the default daemon and every installed "
+                                    "instance, and the daemon's own status only while its process runs: "
+                                    "asking a sleeping daemon would start it.")
+    _add_target(st, "ask a daemon started by hand on this socket")
     st.add_argument("--json", action="store_true")
 
     w = sub.add_parser("warmup", help="wake the daemon and keep it warm")
-    w.add_argument("--socket", type=_socket_arg,
-                   help=f"daemon socket (default ${socket_env} or {default_socket})")
+    _add_target(w, f"daemon socket (default ${socket_env} or {default_socket})")
     g = w.add_mutually_exclusive_group()
     g.add_argument("--hold", metavar="DURATION", help="keep warm this long, e.g. 90s, 30m, 9h")
     g.add_argument("--until", metavar="HH:MM", help="keep warm until this local time today")
@@ -147,15 +169,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "every local user can reach a TCP port, whatever the e2vd group says")
     i.add_argument("--web-public", action="store_true",
                    help="allow a --web address other than loopback (other machines reach the page and the daemon)")
+    i.add_argument("--instance", type=_instance_arg, metavar="NAME",
+                   help="install another daemon beside the default one: e2vd@NAME.socket on /run/e2vd/NAME.sock "
+                        "with its own /etc/e2vd/NAME.toml (give --model); --web and the warmup timer "
+                        "are the default instance's only")
 
     c = sub.add_parser("check-config", help="check the daemon's settings file before the daemon reads it",
                        description="Read the settings file as the daemon will (/etc/e2vd/e2vd.toml unless "
                                    "--config or $E2VD_CONFIG name another) and check that the model is there. "
                                    "Exit 0 when it can be used, 2 with what is wrong.")
-    c.add_argument("--config", help="the file to check (default $E2VD_CONFIG or /etc/e2vd/e2vd.toml)")
+    cg = c.add_mutually_exclusive_group()
+    cg.add_argument("--config", help="the file to check (default $E2VD_CONFIG or /etc/e2vd/e2vd.toml)")
+    cg.add_argument("--instance", type=_instance_arg, metavar="NAME",
+                    help="check instance NAME's settings, /etc/e2vd/NAME.toml")
 
     u = sub.add_parser("uninstall", help="remove the systemd units (root)")
     u.add_argument("--purge", action="store_true", help="also remove the config and the model cache")
+    u.add_argument("--instance", type=_instance_arg, metavar="NAME",
+                   help="remove only instance NAME (e2vd@NAME.socket); the default and other instances stay")
 
     from e2vd import report   # light: what the report computes with is imported when it runs
 
@@ -310,7 +341,8 @@ def _client(args: argparse.Namespace):
     from e2vd.client import DEFAULT_TIMEOUT, Client
 
     timeout = getattr(args, "timeout", None)
-    return Client(args.socket, timeout=timeout if timeout else DEFAULT_TIMEOUT)
+    return Client(args.socket, timeout=timeout if timeout else DEFAULT_TIMEOUT,
+                  instance=getattr(args, "instance", None))
 
 
 class Waking:
@@ -612,36 +644,52 @@ def _explain(e) -> str:
 # -- status -----------------------------------------------------------------------------------
 
 def _describe_units(units: dict[str, UnitState],
-                    error_of: Callable[[UnitState], str | None] = last_error) -> list[str]:
-    """Human lines for e2vd.service and e2vd.socket, each with what to do when it is wrong; a
-    failed unit with systemd's own record of it (Result, exit status, `error_of`: the service's
-    last error line in the journal)."""
-    svc, sock = units.get(SERVICE), units.get(SOCKET_UNIT)
+                    error_of: Callable[[UnitState], str | None] = last_error, instance: str | None = None) -> list[str]:
+    """Human lines for e2vd.service and e2vd.socket (with `instance` NAME: e2vd@NAME.service and
+    e2vd@NAME.socket), each with what to do when it is wrong; a failed unit with systemd's own
+    record of it (Result, exit status, `error_of`: the service's last error line in the journal)."""
+    from e2vd.instances import DEFAULT, Instance
+
+    inst = Instance(instance or DEFAULT)
+    service, socket_unit = inst.service_unit, inst.socket_unit
+    svc, sock = units.get(service), units.get(socket_unit)
     lines = []
     if svc is None or not svc.loaded:
-        lines.append(f"{SERVICE}: not installed (LoadState={svc.get('LoadState') if svc else '?'}); "
-                     f"install it with `sudo e2vd install`")
+        how = "sudo e2vd install" + ("" if inst.default else f" --instance {inst.name} --model MODEL")
+        lines.append(f"{service}: not installed (LoadState={svc.get('LoadState') if svc else '?'}); "
+                     f"install it with `{how}`")
     else:
         state = f"{svc.get('ActiveState')} ({svc.get('SubState')})"
         if svc.active:
             since = svc.get("ActiveEnterTimestamp")
             state += f", PID {svc.get('MainPID')}" + (f", since {since}" if since else "")
         elif svc.failed:
-            state += f", {service_trouble(svc, error_of(svc))}"
-        lines.append(f"{SERVICE}: {state}")
+            error = error_of(svc)   # quoted as it is; only the advice without one names units
+            state += f", {service_trouble(svc, error) if error else _for_instance(service_trouble(svc, None), inst)}"
+        lines.append(f"{service}: {state}")
         if svc.get("StatusText"):
             lines.append(f"  {svc.get('StatusText')}")
     if sock is not None and sock.loaded:
         where = ", ".join(sock.listen)
-        line = f"{SOCKET_UNIT}: {sock.get('ActiveState')} ({sock.get('SubState')})" + (f" on {where}" if where else "")
+        line = f"{socket_unit}: {sock.get('ActiveState')} ({sock.get('SubState')})" + (f" on {where}" if where else "")
         if sock.active and not (svc and svc.active):
             line += "; the next request starts the daemon"
         elif not sock.active:
-            line += (f", {how_it_ended(sock)}" if sock.failed else "") + f"; requests will fail: {socket_fix(sock)}"
+            line += ((f", {how_it_ended(sock)}" if sock.failed else "")
+                     + f"; requests will fail: {_for_instance(socket_fix(sock), inst)}")
         lines.append(line)
     elif svc is not None and svc.loaded:
-        lines.append(f"{SOCKET_UNIT}: not installed; requests cannot wake the daemon")
+        lines.append(f"{socket_unit}: not installed; requests cannot wake the daemon")
     return lines
+
+
+def _for_instance(advice: str, inst) -> str:
+    """`advice` (e2vd.unit_record's words, which name the default instance's units and commands)
+    about instance `inst`'s units; for the default instance unchanged."""
+    if inst.default:
+        return advice
+    return (advice.replace(SOCKET_UNIT, inst.socket_unit).replace(SERVICE, inst.service_unit)
+            .replace("journalctl -u e2vd`", f"journalctl -u {inst.service_unit}`"))
 
 
 def _describe_daemon(st: dict[str, Any]) -> list[str]:
@@ -701,10 +749,20 @@ def _local_time(ts: float, fmt: str) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> ExitCode:
-    """Report systemd's view, and the daemon's own status only where asking cannot wake it."""
-    from e2vd.client import ClientError, DaemonUnreachable
+    """Report systemd's view, and the daemon's own status only where asking cannot wake it.
 
-    units = systemd_units()
+    The daemon described is the default one, or instance --instance / $E2VD_INSTANCE; without
+    --socket, every instance (the default and each installed one) is listed as well, from
+    systemd's records and the file system only (e2vd.instances.list_instances)."""
+    from e2vd.client import ClientError, DaemonUnreachable
+    from e2vd.config import INSTANCE_ENV
+    from e2vd.instances import instance, list_instances
+
+    name = getattr(args, "instance", None)
+    if name is None and args.socket is None and os.environ.get(INSTANCE_ENV, "").strip():
+        name = os.environ[INSTANCE_ENV]
+    inst = instance(name, "--instance" if getattr(args, "instance", None) else f"${INSTANCE_ENV}")
+    units = systemd_units((inst.service_unit, inst.socket_unit))
     report: dict[str, Any] = {}
     lines: list[str] = []
     ask_daemon = args.socket is not None
@@ -718,8 +776,8 @@ def cmd_status(args: argparse.Namespace) -> ExitCode:
     else:
         report["systemd"] = {"available": True, "units": {u.id: {**u.props, "Listen": u.listen}
                                                            for u in units.values()}}
-        lines.extend(_describe_units(units))
-        svc = units.get(SERVICE)
+        lines.extend(_describe_units(units, instance=None if inst.default else inst.name))
+        svc = units.get(inst.service_unit)
         # Only a live process is asked (running, or loading its model): connecting to the socket
         # of a stopped service would start it. A daemon that exits between `systemctl show` and
         # our connect is restarted by that connect; the window is a few milliseconds.
@@ -728,7 +786,8 @@ def cmd_status(args: argparse.Namespace) -> ExitCode:
         if svc is None or not svc.loaded:
             code = ExitCode.UNREACHABLE if not ask_daemon else ExitCode.OK
     if ask_daemon:
-        client = _client(argparse.Namespace(socket=args.socket, timeout=10.0))
+        client = _client(argparse.Namespace(socket=args.socket, instance=None if inst.default else inst.name,
+                                            timeout=10.0))
         try:
             with client:
                 st = client.status()
@@ -751,6 +810,12 @@ def cmd_status(args: argparse.Namespace) -> ExitCode:
         report["daemon"] = None
         if not isinstance(units, str):
             lines.append("daemon: not running (not asked, so it stays asleep)")
+    if args.socket is None:   # every instance, never connected to
+        listed = list_instances()
+        report["instances"] = [i.to_dict() for i in listed]
+        if len(listed) > 1:
+            lines.append("instances (from systemd; none was asked, none woken):")
+            lines.extend(f"  {i.line()}" for i in listed)
     text = json.dumps(report, indent=2, ensure_ascii=False) if args.json else "\n".join(lines)
     if not _out(text):
         _err("stdout was closed by its reader; the status was not shown")
@@ -763,8 +828,10 @@ def cmd_check_config(args: argparse.Namespace) -> ExitCode:
     """Check the settings file as the daemon will read it (e2vd.config.check_file); one line on
     stdout and 0 when it can be used; ConfigError (exit 2, through `main`) when it cannot."""
     from e2vd.config import CONFIG_ENV, ENV_PREFIX, check_file, config_file_path
+    from e2vd.instances import instance
 
-    path, explicit = config_file_path(args.config)
+    chosen = args.config if getattr(args, "instance", None) is None else str(instance(args.instance).config)
+    path, explicit = config_file_path(chosen)
     settings, present = check_file(path, required=explicit)
     where = path if present else f"{path} (absent: the defaults apply)"
     line = (f"{where}: usable; model {settings.model}, device {settings.device}, idle_timeout "

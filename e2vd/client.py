@@ -1,7 +1,7 @@
 """Python client for the e2vd daemon: HTTP/1.1 over its Unix socket (stdlib http.client only).
 
     from e2vd import Client
-    with Client() as c:                      # $E2VD_SOCKET or /run/e2vd/e2vd.sock
+    with Client() as c:                      # $E2VD_SOCKET, $E2VD_INSTANCE or /run/e2vd/e2vd.sock
         r = c.recognize("clip.wav")          # the file's bytes travel in the body
         print(r.top.label, r.top.score)
 
@@ -204,16 +204,21 @@ def connect_unix(path: str, timeout: float) -> _socket.socket:
 
 def _unreachable(path: str, err: OSError) -> DaemonUnreachable:
     """A DaemonUnreachable whose message explains `err` for this socket path and how to fix it."""
-    enable = "start it with `sudo systemctl enable --now e2vd.socket` (after `sudo e2vd install`)"
+    from e2vd.instances import of_socket
+
+    inst = of_socket(path)   # e2vd.socket, or e2vd@NAME.socket for /run/e2vd/NAME.sock
+    unit = inst.socket_unit
+    enable = (f"start it with `sudo systemctl enable --now {unit}` (after `sudo e2vd install"
+              f"{'' if inst.default else f' --instance {inst.name} --model MODEL'}`)")
     other = "or point at a running daemon with --socket PATH / $E2VD_SOCKET"
     if isinstance(err, FileNotFoundError):
-        msg = f"no daemon socket at {path}: e2vd.socket is not listening; {enable}, {other}"
+        msg = f"no daemon socket at {path}: {unit} is not listening; {enable}, {other}"
     elif isinstance(err, ConnectionRefusedError) and (kind := _non_socket_kind(path)):
         msg = (f"{path} is {kind}, not a socket: point --socket / $E2VD_SOCKET at the daemon's "
                f"socket ({DEFAULT_SOCKET} when systemd runs it)")
     elif isinstance(err, ConnectionRefusedError):
-        msg = (f"{path} exists but nothing listens on it (e2vd.socket stopped, or a hand-started "
-               f"daemon died); {enable}, {other}. Check `systemctl status e2vd.socket`")
+        msg = (f"{path} exists but nothing listens on it ({unit} stopped, or a hand-started "
+               f"daemon died); {enable}, {other}. Check `systemctl status {unit}`")
     elif isinstance(err, PermissionError):
         msg = (f"permission denied on {path}: your user may not talk to the daemon. Add it to the "
                f"socket's group: `sudo usermod -aG e2vd $USER`, then log in again (check with `id`)")
@@ -264,17 +269,19 @@ class BodyLimit:
     source: str
 
 
-def body_limit(env: Mapping[str, str] | None = None) -> BodyLimit:
+def body_limit(env: Mapping[str, str] | None = None, config_path: str | None = None) -> BodyLimit:
     """max_body_bytes as the daemon on this machine reads it: the default < the config file
     ($E2VD_CONFIG or /etc/e2vd/e2vd.toml) < $E2VD_MAX_BODY_BYTES (e2vd.config, the daemon's own
     loader). Asking the daemon would wake it, so this is the configured value, and the daemon stays
-    the judge (413 too_large). When the settings cannot be read: the default, with the reason."""
+    the judge (413 too_large). When the settings cannot be read: the default, with the reason.
+    `config_path`: an instance's settings file (/etc/e2vd/NAME.toml) instead of the default's."""
     env = os.environ if env is None else env
     var = config.env_name("max_body_bytes")
     default = config.Settings.max_body_bytes
-    path, _ = config.config_file_path(None, env)
+    path, _ = config.config_file_path(config_path, env)
     try:
-        value = config.load_settings(env={k: v for k, v in env.items() if k in (config.CONFIG_ENV, var)})
+        value = config.load_settings(env={k: v for k, v in env.items() if k in (config.CONFIG_ENV, var)},
+                                     config_path=config_path)
         in_file = "max_body_bytes" in config.read_config_file(path)
     except (config.ConfigError, OSError) as e:
         why = " ".join(str(e).split())
@@ -363,7 +370,10 @@ def _read_at_most(fd: int, name: str, limit: BodyLimit, deadline: float | None,
 class Client:
     """Talks to one e2vd daemon over its Unix socket, reusing one keep-alive connection.
 
-    socket: socket path; None → $E2VD_SOCKET, else /run/e2vd/e2vd.sock.
+    socket: socket path; None → instance `instance`'s socket /run/e2vd/NAME.sock, else
+    $E2VD_SOCKET, else $E2VD_INSTANCE's socket, else /run/e2vd/e2vd.sock (`e2vd.instances.socket_for`).
+    instance: an instance name (`e2vd install --instance NAME`); giving it with `socket`, or a name
+    that is not a valid instance name (here or in $E2VD_INSTANCE), raises InstanceNameError (a ValueError).
     timeout: seconds one socket operation (connect, send, waiting for the answer) may take; the
     first answer after a cold start comes only once the model is loaded, so keep it generous
     (finite, > 0, at most MAX_TIMEOUT; ValueError otherwise).
@@ -373,8 +383,10 @@ class Client:
     """
 
     def __init__(self, socket: str | os.PathLike[str] | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 max_body_bytes: int | None = None) -> None:
-        self.socket = os.fspath(socket) if socket is not None else os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+                 max_body_bytes: int | None = None, *, instance: str | None = None) -> None:
+        from e2vd.instances import socket_for
+
+        self.socket = socket_for(socket, instance)
         self.timeout = check_timeout(timeout)
         self._limit = None if max_body_bytes is None else BodyLimit(
             int(max_body_bytes), "given as Client(max_body_bytes=...)")
@@ -425,7 +437,10 @@ class Client:
     def body_limit(self) -> BodyLimit:
         """The most bytes of audio this client reads from a file (see `body_limit()`)."""
         if self._limit is None:
-            self._limit = body_limit()
+            from e2vd.instances import of_socket
+
+            inst = of_socket(self.socket)   # an instance's socket: its own settings file
+            self._limit = body_limit(config_path=None if inst.default else str(inst.config))
         return self._limit
 
     def openapi(self) -> dict[str, Any]:

@@ -43,7 +43,9 @@ Every problem raises ConfigError (exit status USAGE, 2) at start, naming where t
 the environment variable, or the command-line option) and what is accepted. Unknown keys are
 errors too (with a "did you mean" hint), so a typo cannot silently leave a default in force.
 Environment variables starting with E2VD_ that are not settings are errors as well, except
-E2VD_CONFIG and the harness variables E2VD_SDBOX_*, E2VD_TEST_* and E2VD_BENCH_*.
+E2VD_CONFIG, E2VD_INSTANCE (the instance's name, which e2vd@.service sets; it must be a valid
+instance name, `e2vd.instances.check_name`, and only names the daemon in its journal entries)
+and the harness variables E2VD_SDBOX_*, E2VD_TEST_* and E2VD_BENCH_*.
 """
 from __future__ import annotations
 
@@ -61,6 +63,7 @@ from e2vd.vocabulary import DTYPES, FALSE_WORDS, TRUE_WORDS, ExitCode, parse_boo
 
 DEFAULT_CONFIG_PATH = "/etc/e2vd/e2vd.toml"
 CONFIG_ENV = "E2VD_CONFIG"
+INSTANCE_ENV = "E2VD_INSTANCE"   # e2vd.instances: which instance (not a setting)
 ENV_PREFIX = "E2VD_"
 IGNORED_ENV_PREFIXES = ("E2VD_SDBOX_", "E2VD_TEST_", "E2VD_BENCH_")
 
@@ -136,6 +139,9 @@ def load_settings(overrides: Mapping[str, object] | None = None, env: Mapping[st
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV or name.startswith(IGNORED_ENV_PREFIXES):
             continue
+        if name == INSTANCE_ENV:
+            _check_instance(raw)
+            continue
         key = name[len(ENV_PREFIX):].lower()
         if key not in FIELDS:
             raise ConfigError(f"Unknown environment variable {name}{_hint(key, env=True)}. "
@@ -153,6 +159,18 @@ def load_settings(overrides: Mapping[str, object] | None = None, env: Mapping[st
         values[key] = _convert(key, raw, f"command-line option --{key.replace('_', '-')}",
                                from_text=isinstance(raw, str))
     return Settings(**values)
+
+
+def _check_instance(raw: str) -> None:
+    """ConfigError unless $E2VD_INSTANCE is empty or a valid instance name."""
+    if raw.strip() == "":
+        return
+    from e2vd.instances import InstanceNameError, check_name
+
+    try:
+        check_name(raw, f"environment variable {INSTANCE_ENV}")
+    except InstanceNameError as err:
+        raise ConfigError(f"{err}. Unset it or fix it (e2vd@NAME.service sets it to NAME).") from None
 
 
 def read_config_file(path: str, required: bool = False) -> dict[str, object]:

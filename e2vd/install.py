@@ -15,6 +15,16 @@ daemon never downloads), ``daemon-reload``, enable (and start, unless ``--no-sta
 e2vd.socket and e2vd-warmup.timer.  Uninstall: stop and disable, remove the units; the config, the model cache
 and the group stay unless ``--purge``.
 
+Instances (``--instance NAME``, e2vd.instances): install writes the templates e2vd@.socket and
+e2vd@.service (rendered like e2vd.service, shared by every instance), a new /etc/e2vd/NAME.toml
+(never overwritten) with ``model`` from --model and ``cache_dir = "/var/cache/e2vd-NAME"`` (the
+instance's own CacheDirectory=, where its pull puts the model), pulls, and enables (and starts)
+e2vd@NAME.socket; the default instance's units and files are not touched.  Uninstall
+``--instance NAME`` stops and disables only e2vd@NAME.socket/.service and removes the templates
+only when no other instance is left; ``--purge`` removes /etc/e2vd/NAME.toml and the instance's
+state and cache.  A plain uninstall leaves instances alone: its ``--purge`` removes only the
+default's config and data, and keeps the group while an instance still uses it.
+
 Both need systemd as PID 1 (`e2vd.systemd.booted`); without it (a plain container) they stop
 at once with one line naming the two ways that work (`NO_SYSTEMD`), exit 2.
 """
@@ -33,9 +43,12 @@ from pathlib import Path
 
 from e2vd.config import BUSY_POLICIES, FIELDS, MODEL_ID_PATTERN, ConfigError, Settings, check_file
 from e2vd.durations import parse_clock
+from e2vd.instances import Instance, InstanceNameError, check_name, installed_names
 from e2vd.vocabulary import DTYPES, ExitCode
 
 UNITS = ("e2vd.socket", "e2vd.service", "e2vd-warmup.service", "e2vd-warmup.timer")
+#: The templates every instance runs from (e2vd.instances).
+INSTANCE_UNITS = ("e2vd@.socket", "e2vd@.service")
 ENABLE = ("e2vd.socket", "e2vd-warmup.timer")
 TEMPLATE_COMMAND = "/usr/local/bin/e2vd"
 UNIT_DIR = "etc/systemd/system"
@@ -96,16 +109,26 @@ def _toml_value(value: object) -> str:
     return repr(value)
 
 
-def default_config(model: str | None = None) -> str:
+def default_config(model: str | None = None, instance: str | None = None) -> str:
     """The text of a new /etc/e2vd/e2vd.toml: every setting as a commented-out line with its
-    default from `Settings`; `model`, when given, as the one line in force."""
+    default from `Settings`; `model`, when given, as the one line in force.  With `instance`
+    NAME: the text of /etc/e2vd/NAME.toml, which also sets cache_dir to the instance's own
+    cache directory (/var/cache/e2vd-NAME), and whose head names the instance's unit."""
     sections = _config_sections()
     shown = {key: f"# {key} = {_toml_value(getattr(Settings, key))}"
              for _, keys in sections for key, _ in keys}
     if model is not None:
         shown["model"] = f"model = {_toml_value(model)}"
+    head = _CONFIG_HEAD
+    if instance is not None:
+        inst = Instance(check_name(instance))
+        shown["cache_dir"] = f"cache_dir = {_toml_value(str(inst.cache_dir))}"
+        head = (head.replace("/etc/e2vd/e2vd.toml - settings of the e2vd daemon",
+                             f"{inst.config} - settings of e2vd instance {inst.name}")
+                .replace("systemctl edit e2vd.service", f"systemctl edit {inst.service_unit}")
+                .replace("systemctl restart e2vd\n", f"systemctl restart {inst.service_unit}\n"))
     width = max(len(shown[key]) for _, keys in sections for key, note in keys if note)
-    lines = [_CONFIG_HEAD.rstrip("\n")]
+    lines = [head.rstrip("\n")]
     for comment, keys in sections:
         lines.append("#")
         lines.extend(f"# {line}" for line in comment.splitlines())
@@ -207,12 +230,13 @@ class Options:
     web: str | None = None          # `--web ADDR:PORT`: also install the browser page's units (e2vd.web_install)
     web_public: bool = False        # `--web-public`: allow a non-loopback --web address
     pull: bool = True               # pull the configured ModelScope model before enabling (`--no-pull`: don't)
+    instance: str | None = None     # `--instance NAME`: install instance NAME (e2vd@NAME.socket), not the default
 
 
-def template_dir() -> Path:
-    """The directory holding the unit templates: the source tree's systemd/, else the wheel's data."""
+def template_dir(units: tuple[str, ...] = UNITS) -> Path:
+    """The directory holding the unit templates `units`: the source tree's systemd/, else the wheel's data."""
     for d in (Path(__file__).resolve().parent.parent / "systemd", Path(sys.prefix) / "share" / "e2vd" / "systemd"):
-        if all((d / u).is_file() for u in UNITS):
+        if all((d / u).is_file() for u in units):
             return d
     raise InstallError("the unit templates (e2vd.socket, e2vd.service, ...) are not installed; "
                        "reinstall e2vd (pip install e2vd) or run from a source checkout")
@@ -243,6 +267,14 @@ def validate(options: Options) -> None:
         validate_model(options.model)
     if options.web_public and not options.web:
         raise InstallUsageError("--web-public goes with --web ADDR:PORT (the page's address)")
+    if options.instance is not None:
+        try:
+            check_name(options.instance)
+        except InstanceNameError as err:
+            raise InstallUsageError(str(err)) from None
+        if options.web:
+            raise InstallUsageError("--web goes with the default instance only (the page talks to "
+                                    "/run/e2vd/e2vd.sock); install it with `sudo e2vd install --web`")
     if options.web:
         from e2vd.web_install import ListenError, check
 
@@ -278,29 +310,27 @@ def check_config(path: Path, model: bool = True) -> None:
 
 
 def config_text(options: Options) -> str:
-    """The default /etc/e2vd/e2vd.toml, with `model = ...` set when the operator chose one."""
-    return default_config(options.model)
+    """The default /etc/e2vd/e2vd.toml (with --instance, /etc/e2vd/NAME.toml), with `model = ...`
+    set when the operator chose one."""
+    return default_config(options.model, options.instance)
 
 
 def render_units(layout: Layout, options: Options, templates: Path | None = None) -> dict[str, str]:
-    """The four unit files' text for this layout and these options, keyed by unit name."""
+    """The unit files' text for this layout and these options, keyed by unit name: the four
+    units of the default instance (and the page's with --web), or with --instance the two
+    instance templates e2vd@.socket and e2vd@.service."""
+    if options.instance is not None:
+        d = templates or template_dir(INSTANCE_UNITS)
+        units = {u: (d / u).read_text() for u in INSTANCE_UNITS}
+        units["e2vd@.service"] = _render_service(units["e2vd@.service"], "e2vd@.service", layout)
+        units["e2vd@.socket"] = _set_key(units["e2vd@.socket"], "SocketGroup", options.group, "e2vd@.socket")
+        return units
     d = templates or template_dir()
     from e2vd import web_install
 
     units = {u: (d / u).read_text() for u in UNITS + (web_install.WEB_UNITS if options.web else ())}
     for name in [u for u in units if u.endswith(".service")]:
-        if f"\nExecStart={TEMPLATE_COMMAND} " not in units[name]:
-            raise InstallError(f"template {name} must start {TEMPLATE_COMMAND}; the systemd/ files are damaged")
-        text = units[name].replace(f"ExecStart={TEMPLATE_COMMAND} ", f"ExecStart={layout.command} ")
-        if layout.read_only_paths:
-            binds = " ".join(str(p) for p in layout.read_only_paths)
-            home = any(_under_home(p) for p in layout.read_only_paths)
-            text = _set_key(text, "ProtectHome", "tmpfs" if home else "yes", name)
-            text = re.sub(r"^(ProtectHome=.*\n)", r"\1# this installation lives below a directory the sandbox "
-                          f"hides: make exactly that visible\nBindReadOnlyPaths={binds}\n", text, count=1, flags=re.M)
-        if layout.pythonpath:
-            text = text.replace("\nExecStart=", f"\nEnvironment=PYTHONPATH={layout.pythonpath}\nExecStart=", 1)
-        units[name] = text
+        units[name] = _render_service(units[name], name, layout)
     units["e2vd-warmup.service"] = re.sub(r" --until \S+$", f" --until {options.warmup_until}",
                                           units["e2vd-warmup.service"], count=1, flags=re.M)
     units["e2vd-warmup.service"] = _set_key(units["e2vd-warmup.service"], "SupplementaryGroups",
@@ -312,6 +342,23 @@ def render_units(layout: Layout, options: Options, templates: Path | None = None
         units = web_install.render(units, web_install.check(options.web, options.web_public), options.web_public,
                                    options.group)
     return units
+
+
+def _render_service(text: str, name: str, layout: Layout) -> str:
+    """A service template's text for `layout`: ExecStart= with this installation's e2vd and,
+    where it lives below a directory the sandbox hides, ProtectHome= and BindReadOnlyPaths=."""
+    if f"\nExecStart={TEMPLATE_COMMAND} " not in text:
+        raise InstallError(f"template {name} must start {TEMPLATE_COMMAND}; the systemd/ files are damaged")
+    text = text.replace(f"ExecStart={TEMPLATE_COMMAND} ", f"ExecStart={layout.command} ")
+    if layout.read_only_paths:
+        binds = " ".join(str(p) for p in layout.read_only_paths)
+        home = any(_under_home(p) for p in layout.read_only_paths)
+        text = _set_key(text, "ProtectHome", "tmpfs" if home else "yes", name)
+        text = re.sub(r"^(ProtectHome=.*\n)", r"\1# this installation lives below a directory the sandbox "
+                      f"hides: make exactly that visible\nBindReadOnlyPaths={binds}\n", text, count=1, flags=re.M)
+    if layout.pythonpath:
+        text = text.replace("\nExecStart=", f"\nEnvironment=PYTHONPATH={layout.pythonpath}\nExecStart=", 1)
+    return text
 
 
 def _write(path: Path, text: str, mode: int = 0o644) -> bool:
@@ -345,6 +392,8 @@ def install(options: Options, *, start: bool = True, root: Path = Path("/"), lay
     """Install the units (see the module docstring).  With `root` other than /, only files are
     written (an offline image: `systemctl --root` enables, no group, nothing started)."""
     validate(options)
+    if options.instance is not None:
+        return _install_instance(options, start=start, root=root, layout=layout, say=say)
     live = root == Path("/")
     config = root / CONFIG_PATH
     if config.exists():
@@ -395,8 +444,107 @@ def install(options: Options, *, start: bool = True, root: Path = Path("/"), lay
         say(f"note: the units bind {', '.join(map(str, layout.read_only_paths))} read-only (Python lives there)")
 
 
-def uninstall(*, purge: bool = False, root: Path = Path("/"), say=print) -> None:
-    """Stop, disable and remove the units; with `purge` also the config, the model cache and the group."""
+def _install_instance(options: Options, *, start: bool, root: Path, layout: Layout | None, say) -> None:
+    """`install` for --instance NAME (validated): the templates, /etc/e2vd/NAME.toml, the pull,
+    and e2vd@NAME.socket enabled (and started unless not `start`)."""
+    inst = Instance(options.instance)
+    live = root == Path("/")
+    config = root / inst.config.relative_to("/")
+    if config.exists():
+        check_config(config, model=live)
+    layout = layout or Layout.detect()
+    if live and not _group_exists(options.group):
+        _run(["groupadd", "--system", options.group])
+        say(f"created system group {options.group} (members may use the socket: usermod -aG {options.group} USER)")
+    changed = set()
+    for name, text in render_units(layout, options).items():
+        path = root / UNIT_DIR / name
+        if _write(path, text):
+            changed.add(name)
+        say(f"{'wrote' if name in changed else 'unchanged'} {path}")
+    if config.exists():
+        say(f"kept existing {config}" + (f" (--model not applied: set model = {json.dumps(options.model)} there)"
+                                         if options.model is not None else ""))
+    else:
+        _write(config, config_text(options))
+        say(f"wrote {config} for instance {inst.name}" + (f" with model = {json.dumps(options.model)}"
+                                                            if options.model else ""))
+    if not live:
+        _run(["systemctl", f"--root={root}", "enable", inst.socket_unit])
+        say(f"enabled {inst.socket_unit} in {root}")
+        return
+    if options.pull:   # before the socket is enabled: the daemon never downloads (e2vd.pull)
+        from e2vd.pull_cli import pull_configured
+
+        pulled = pull_configured(config)
+        if pulled is not None:
+            say(f"model {'already pulled' if pulled.already_present else 'pulled'}: {pulled.directory}")
+    _run(["systemctl", "daemon-reload"])
+    if "e2vd@.socket" in changed and subprocess.run(["systemctl", "is-active", "--quiet",
+                                                     inst.socket_unit]).returncode == 0:
+        _run(["systemctl", "restart", inst.socket_unit])   # a new group applies to a new socket only
+        say(f"restarted {inst.socket_unit} to apply its new settings")
+    others = [n for n in installed_names(root) if n != inst.name]
+    if changed and others:
+        say(f"note: the templates changed; instances {', '.join(others)} use them from their next start "
+            f"(their sockets keep the old group until `systemctl restart e2vd@NAME.socket`)")
+    _run(["systemctl", "enable", *(["--now"] if start else []), inst.socket_unit])
+    say(f"enabled{' and started' if start else ''} {inst.socket_unit}: instance {inst.name} on {inst.socket} "
+        f"(e2vd recognize --instance {inst.name} FILE)")
+    if layout.read_only_paths:
+        say(f"note: the units bind {', '.join(map(str, layout.read_only_paths))} read-only (Python lives there)")
+
+
+def _uninstall_instance(name: str, *, purge: bool, root: Path, say) -> None:
+    """`uninstall` for --instance NAME: stop and disable e2vd@NAME.*, remove the templates when no
+    other instance is left, with `purge` also NAME's config, state and cache."""
+    inst = Instance(name)
+    live = root == Path("/")
+    if live:
+        subprocess.run(["systemctl", "disable", "--now", inst.socket_unit], capture_output=True)
+        subprocess.run(["systemctl", "stop", inst.service_unit], capture_output=True)
+    else:
+        subprocess.run(["systemctl", f"--root={root}", "disable", inst.socket_unit], capture_output=True)
+    say(f"stopped and disabled {inst.socket_unit} and {inst.service_unit}")
+    if purge:
+        for rel in (str(inst.config.relative_to("/")), *inst.data_dirs()):
+            _remove(root / rel, say)
+    else:
+        say(f"kept {root / inst.config.relative_to('/')} and the cache {root / inst.cache_dir.relative_to('/')} "
+            "(--purge removes them)")
+    others = [n for n in installed_names(root, configs=False) if n != inst.name]   # still enabled
+    if others:
+        say(f"kept the templates e2vd@.socket and e2vd@.service: still used by instances {', '.join(others)}")
+    else:
+        for unit in INSTANCE_UNITS:
+            path = root / UNIT_DIR / unit
+            if path.exists():
+                path.unlink()
+                say(f"removed {path}")
+    if live:
+        _run(["systemctl", "daemon-reload"])
+        subprocess.run(["systemctl", "reset-failed", inst.service_unit, inst.socket_unit], capture_output=True)
+
+
+def _remove(path: Path, say) -> None:
+    """Remove the file, link or directory tree `path` if it exists, and say so."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+        say(f"removed {path}")
+    elif path.is_dir():
+        shutil.rmtree(path)
+        say(f"removed {path}")
+
+
+def uninstall(*, purge: bool = False, root: Path = Path("/"), say=print, instance: str | None = None) -> None:
+    """Stop, disable and remove the units; with `purge` also the config, the model cache and the group.
+    With `instance` NAME, only that instance (see the module docstring)."""
+    if instance is not None:
+        try:
+            check_name(instance)
+        except InstanceNameError as err:
+            raise InstallUsageError(str(err)) from None
+        return _uninstall_instance(instance, purge=purge, root=root, say=say)
     live = root == Path("/")
     socket_unit = root / UNIT_DIR / "e2vd.socket"
     group = Options.group   # the group of the installed socket, or the default after a plain uninstall
@@ -422,15 +570,17 @@ def uninstall(*, purge: bool = False, root: Path = Path("/"), say=print) -> None
     if not purge:
         say(f"kept {root / CONFIG_PATH} and the model cache {root / 'var/cache/e2vd'} (--purge removes them)")
         return
-    for rel in ("etc/e2vd", *DATA_DIRS):
-        path = root / rel
-        if path.is_symlink() or path.is_file():
-            path.unlink()
-            say(f"removed {path}")
-        elif path.is_dir():
-            shutil.rmtree(path)
-            say(f"removed {path}")
-    if live and _group_exists(group):
+    instances = installed_names(root)                 # their configs live in /etc/e2vd too
+    enabled = installed_names(root, configs=False)    # their sockets use the group
+    if instances:
+        _remove(root / CONFIG_PATH, say)
+        say(f"kept {root / 'etc/e2vd'}/ with the configs of instances {', '.join(instances)} "
+            "(`e2vd uninstall --instance NAME --purge` removes one)")
+    for rel in (() if instances else ("etc/e2vd",)) + DATA_DIRS:
+        _remove(root / rel, say)
+    if enabled:
+        say(f"kept group {group}: the sockets of instances {', '.join(enabled)} use it")
+    elif live and _group_exists(group):
         _run(["groupdel", group])
         say(f"removed group {group}")
 
@@ -452,7 +602,8 @@ def main(args: argparse.Namespace) -> ExitCode:
     if args.command == "install":
         install(Options(args.group, args.warmup_calendar, args.warmup_until, args.model,
                         getattr(args, "web", None), getattr(args, "web_public", False),
-                        not getattr(args, "no_pull", False)), start=not args.no_start)
+                        not getattr(args, "no_pull", False), getattr(args, "instance", None)),
+                start=not args.no_start)
     else:
-        uninstall(purge=args.purge)
+        uninstall(purge=args.purge, instance=getattr(args, "instance", None))
     return ExitCode.OK

@@ -12,10 +12,12 @@ systemd gave the process (`$JOURNAL_STREAM` equals stderr's "st_dev:st_ino"), re
 journald through systemd-python's `journal.send`, one entry per record with fields
 MESSAGE (the message; a traceback is appended for exceptions), PRIORITY (syslog level),
 SYSLOG_IDENTIFIER=e2vd, LOGGER, THREAD_NAME, CODE_FILE, CODE_LINE, CODE_FUNC,
-EXCEPTION_TEXT (only with an exception), and for `event()` calls E2VD_EVENT=<name> plus
-E2VD_<FIELD>=<value> for each field (field name upper-cased; None fields are left out; floats
-rounded to 6 decimals; booleans as true/false), values as they are (a request path keeps its
-control bytes there). Otherwise each record is one line on stderr:
+EXCEPTION_TEXT (only with an exception), E2VD_INSTANCE=<name> on every entry of an
+instance's daemon (e2vd@NAME.service sets $E2VD_INSTANCE; absent for the default instance),
+and for `event()` calls E2VD_EVENT=<name> plus E2VD_<FIELD>=<value> for each field (field name
+upper-cased; None fields are left out; floats rounded to 6 decimals; booleans as true/false),
+values as they are (a request path keeps its control bytes there). Otherwise each record is
+one line on stderr:
 
     2026-11-25 09:00:00 INFO e2vd: Recognized 3.2 s of audio: happy (0.81) (event=request request_id=... infer_ms=41.2)
 
@@ -24,6 +26,7 @@ bytes a client put in a path can neither drive the terminal nor forge a line: ev
 field value, and everywhere but line breaks in the message and traceback.
 
 Query examples: `journalctl -u e2vd E2VD_EVENT=request E2VD_STATUS=500`,
+`journalctl E2VD_INSTANCE=small E2VD_EVENT=idle_exit`,
 `journalctl -u e2vd -o json | jq 'select(.E2VD_EVENT=="model_loaded") | .E2VD_LOAD_SECONDS'`.
 
 Event names and their fields (journald name = E2VD_ + upper case; durations in seconds carry
@@ -99,6 +102,8 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
 }
 """Documented events and their fields; `event()` accepts other names and fields too."""
 
+#: The environment variable naming the instance (e2vd.config.INSTANCE_ENV; this module imports no e2vd).
+INSTANCE_ENV = "E2VD_INSTANCE"
 _EVENT_ATTR = "e2vd_event"
 _FIELDS_ATTR = "e2vd_fields"
 _BAD_NAME_CHARS = re.compile(r"[^A-Za-z0-9_]")
@@ -187,8 +192,9 @@ def field_name(key: str) -> str:
     return "E2VD_" + _BAD_NAME_CHARS.sub("_", key).upper()
 
 
-def journal_fields(record: logging.LogRecord) -> dict[str, str]:
-    """All journald fields for `record` (MESSAGE included), as sent by JournaldHandler."""
+def journal_fields(record: logging.LogRecord, instance: str | None = None) -> dict[str, str]:
+    """All journald fields for `record` (MESSAGE included), as sent by JournaldHandler;
+    E2VD_INSTANCE=`instance` when an instance name is given."""
     message = record.getMessage()
     fields = {
         "MESSAGE": message,
@@ -200,6 +206,8 @@ def journal_fields(record: logging.LogRecord) -> dict[str, str]:
         "CODE_LINE": str(record.lineno),
         "CODE_FUNC": record.funcName,
     }
+    if instance:
+        fields["E2VD_INSTANCE"] = instance
     if record.exc_info and record.exc_info[0] is not None:
         text = "".join(traceback.format_exception(*record.exc_info)).rstrip()
         fields["EXCEPTION_TEXT"] = text
@@ -214,20 +222,25 @@ def journal_fields(record: logging.LogRecord) -> dict[str, str]:
 
 
 class JournaldHandler(logging.Handler):
-    """Sends each record to journald with `journal_fields(record)` via `sender`
-    (default: systemd-python's `systemd.journal.send`; raises ImportError without it)."""
+    """Sends each record to journald with `journal_fields(record, instance)` via `sender`
+    (default: systemd-python's `systemd.journal.send`; raises ImportError without it).
+    `instance`: the E2VD_INSTANCE field of every entry; None reads $E2VD_INSTANCE now (empty or
+    unset: no field; e2vd.config refuses a value that is not an instance name, and a journald field
+    holds any bytes as one value)."""
 
-    def __init__(self, level: int = logging.NOTSET, sender: Sender | None = None) -> None:
+    def __init__(self, level: int = logging.NOTSET, sender: Sender | None = None,
+                 instance: str | None = None) -> None:
         super().__init__(level)
         if sender is None:
             from systemd import journal
 
             sender = journal.send
         self.sender = sender
+        self.instance = instance if instance is not None else (os.environ.get(INSTANCE_ENV, "").strip() or None)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            fields = journal_fields(record)
+            fields = journal_fields(record, self.instance)
             message = fields.pop("MESSAGE")
             fields["CODE_LINE"] = int(fields["CODE_LINE"])  # type: ignore[assignment]
             self.sender(message, **fields)
