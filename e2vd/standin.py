@@ -16,8 +16,12 @@ Presets:
   are 50 Hz like the real model. Builds in seconds; used by the tests.
 * ``large``: the real sizes (164,048,921 parameters) plus an Adam optimizer-state block, so
   ``model.pt`` is ~1.95 GB like the real file. Used by the cold-start benchmark.
+* ``base``:  the large config changed to the published emotion2vec base shape (embed_dim 768,
+  12 attention heads and 12 ALiBi heads; everything else as large), the same 9 labels. The
+  low-confidence fallback model of the tests and bench/fallback.py. Written without the
+  optimizer-state block (the engine never reads it; it would only triple the file and the build).
 
-Usage: ``python -m e2vd.standin {tiny,large} DIR``
+Usage: ``python -m e2vd.standin {tiny,large,base} DIR``
 """
 from __future__ import annotations
 
@@ -290,25 +294,33 @@ TINY_CHANGES: dict[str, Any] = {
     "model_conf.modalities.audio.decoder.decoder_layers": 1,
 }
 
-PRESETS = ("tiny", "large")
+#: What the base preset changes in the real config: the published emotion2vec base shape.
+BASE_CHANGES: dict[str, Any] = {
+    "model_conf.embed_dim": 768,
+    "model_conf.num_heads": 12,
+    "model_conf.modalities.audio.num_alibi_heads": 12,
+}
+
+#: The changes each preset makes to the real (large) config.
+PRESET_CHANGES: dict[str, dict[str, Any]] = {"tiny": TINY_CHANGES, "large": {}, "base": BASE_CHANGES}
+PRESETS = tuple(PRESET_CHANGES)
 SEED = 20240601
 LARGE_PARAMS = 164_048_921
 
 
 def config_for(preset: str) -> dict[str, Any]:
-    """Return the parsed config.yaml for `preset` ("tiny" or "large"; large is the real config)."""
+    """Return the parsed config.yaml for `preset` (one of PRESETS; large is the real config)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown stand-in preset {preset!r}: choose one of {', '.join(PRESETS)}")
     config = yaml.safe_load(REAL_CONFIG_YAML)
-    if preset == "tiny":
-        for dotted, value in TINY_CHANGES.items():
-            *parents, leaf = dotted.split(".")
-            node = config
-            for key in parents:
-                node = node[key]
-            if leaf not in node:
-                raise KeyError(f"TINY_CHANGES names {dotted}, which the real config does not have")
-            node[leaf] = value
+    for dotted, value in PRESET_CHANGES[preset].items():
+        *parents, leaf = dotted.split(".")
+        node = config
+        for key in parents:
+            node = node[key]
+        if leaf not in node:
+            raise KeyError(f"the {preset} preset changes {dotted}, which the real config does not have")
+        node[leaf] = value
     return config
 
 
@@ -361,13 +373,14 @@ def checkpoint(model: torch.nn.Module, optimizer_state: bool = True) -> dict[str
 
 
 def write_config(preset: str, path: Path) -> None:
-    """Write config.yaml for `preset`: the real text for large, a YAML dump of the shrunk dict for tiny."""
+    """Write config.yaml for `preset`: the real text for large, a YAML dump of the changed dict
+    for the others."""
     if preset == "large":
         path.write_text(REAL_CONFIG_YAML, encoding="utf-8")
     else:
         text = yaml.safe_dump(config_for(preset), sort_keys=False, allow_unicode=True)
-        path.write_text("# e2vd tiny stand-in: the real emotion2vec+ large config, shrunk\n" + text,
-                        encoding="utf-8")
+        path.write_text(f"# e2vd {preset} stand-in: the real emotion2vec+ large config, changed: "
+                        f"{', '.join(PRESET_CHANGES[preset])}\n" + text, encoding="utf-8")
 
 
 def build(preset: str, out_dir: str | Path) -> Path:
@@ -379,13 +392,13 @@ def build(preset: str, out_dir: str | Path) -> Path:
     (out / "configuration.json").write_text(json.dumps(CONFIGURATION, indent=2) + "\n", encoding="utf-8")
     (out / "tokens.txt").write_text("\n".join(TOKENS) + "\n", encoding="utf-8")
     tmp = out / "model.pt.partial"
-    torch.save(checkpoint(model), tmp)
+    torch.save(checkpoint(model, optimizer_state=preset != "base"), tmp)
     tmp.replace(out / "model.pt")
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry: ``python -m e2vd.standin {tiny,large} DIR``."""
+    """CLI entry: ``python -m e2vd.standin {tiny,large,base} DIR``."""
     parser = argparse.ArgumentParser(prog="python -m e2vd.standin", description=__doc__.splitlines()[0])
     parser.add_argument("preset", choices=PRESETS)
     parser.add_argument("dir", type=Path, help="output directory (created if missing)")

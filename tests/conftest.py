@@ -20,7 +20,7 @@ CACHE = ROOT / ".cache" / "standin"
 
 
 def standin_dir(preset: str) -> Path:
-    """Return a built stand-in model directory for `preset` ("tiny" or "large"), building it if needed."""
+    """Return a built stand-in model directory for `preset` ("tiny", "base" or "large"), building it if needed."""
     digest = hashlib.sha256((ROOT / "e2vd" / "standin.py").read_bytes()).hexdigest()[:12]
     out = CACHE / f"{preset}-{digest}"
     if not (out / "model.pt").exists():
@@ -34,6 +34,13 @@ def standin_dir(preset: str) -> Path:
 def tiny_model() -> Path:
     """Absolute path of the tiny stand-in model directory (a few hundred thousand parameters)."""
     return standin_dir("tiny")
+
+
+@pytest.fixture(scope="session")
+def base_model() -> Path:
+    """Absolute path of the base stand-in model directory (emotion2vec base shape, ~95 M
+    parameters, 379 MB; the fallback model of tests/test_fallback.py)."""
+    return standin_dir("base")
 
 
 def speechlike(seconds: float, sr: int = 16000, channels: int = 1, seed: int = 0) -> np.ndarray:
