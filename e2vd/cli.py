@@ -441,17 +441,26 @@ def _can_unicode(stream: TextIO) -> bool:
 
 def format_table(name: str, result, unicode: bool = True) -> str:
     """The human view of one result: a header line, then every label with its percentage and a
-    bar, most probable first."""
+    bar, most probable first. When the fallback model decided, the header says so and a second
+    line gives the main model's top label and model; when the fallback was asked but could not
+    answer, a line says why (e2vd.fallback)."""
     timing = result.timing_ms or {}
     ms = sum(v for v in timing.values())
     head = f"{name}: {result.top.label} {100 * result.top.score:.1f}%  ({result.duration_s:.2f} s of audio"
+    decided_by = getattr(result, "decided_by", "primary")
     if result.model:
-        head += f", model {result.model}"
+        head += f", {'fallback model' if decided_by == 'fallback' else 'model'} {result.model}"
     if timing:
         head += f", {ms:.0f} ms in daemon"
     head += ")"
     width = max(len(t.label) for t in result.ranked())
     lines = [head]
+    primary = getattr(result, "primary", None)
+    if decided_by == "fallback" and primary is not None:
+        lines.append(f"  decided by the fallback: the main model {primary.model} was unsure "
+                     f"({primary.top.label} {100 * primary.top.score:.1f}%)")
+    if getattr(result, "fallback_error", ""):
+        lines.append(f"  decided by the main model: {result.fallback_error}")
     for t in result.ranked():
         lines.append(f"  {t.label:<{width}} {100 * t.score:5.1f}% {_bar(t.score, unicode=unicode)}".rstrip())
     return "\n".join(lines)

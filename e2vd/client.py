@@ -136,12 +136,19 @@ class ClientError(E2vdError):
 class Recognition(result.Recognition):
     """One recognition as the daemon served it (`POST /v1/recognize`): the engine's result fields
     (labels, scores, top, model_labels, duration_s, embedding as a float32 array or None) plus
-    model: the model the daemon serves, and timing_ms: its own timings in milliseconds
-    (e.g. {"queue": .., "infer": ..}).
+    model: the model whose result this is, and timing_ms: the daemon's own timings in
+    milliseconds (e.g. {"queue": .., "infer": ..}, and "fallback" when the fallback answered).
+    decided_by: "primary" (the main model's result) or "fallback" (the main model was unsure and
+    the fallback model answered; `primary` then holds the main model's labels, scores, top and
+    model); fallback_error: why the fallback was asked but could not answer ("" otherwise).
+    A daemon from before the fallback sends none of these: "primary", None, "".
     """
 
     model: str = ""
     timing_ms: dict[str, float] = field(default_factory=dict)
+    decided_by: str = "primary"
+    primary: result.Primary | None = None
+    fallback_error: str = ""
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "Recognition":
@@ -151,13 +158,28 @@ class Recognition(result.Recognition):
 
     @classmethod
     def _fields(cls, d: Mapping[str, Any]) -> dict[str, Any]:
-        """The engine's fields, then model and timing_ms (a mapping of names to numbers)."""
+        """The engine's fields, then model and timing_ms (a mapping of names to numbers), and
+        decided_by (one of e2vd.result.DECIDED_BY), primary and fallback_error when present."""
+        decided_by = d.get("decided_by", "primary")
+        if decided_by not in result.DECIDED_BY:
+            raise ValueError(f"'decided_by' must be one of {', '.join(result.DECIDED_BY)}, got {decided_by!r}")
+        primary = d.get("primary")
         return {**super()._fields(d), "model": str(d.get("model", "")),
-                "timing_ms": {str(k): float(v) for k, v in (d.get("timing_ms") or {}).items()}}
+                "timing_ms": {str(k): float(v) for k, v in (d.get("timing_ms") or {}).items()},
+                "decided_by": decided_by,
+                "primary": None if primary is None else result.Primary.from_dict(primary),
+                "fallback_error": str(d.get("fallback_error") or "")}
 
     def to_dict(self, embedding: bool = True) -> dict[str, Any]:
-        """JSON-ready dict with the daemon's field names (model and timing_ms included)."""
-        return {**super().to_dict(embedding), "model": self.model, "timing_ms": dict(self.timing_ms)}
+        """JSON-ready dict with the daemon's field names (model, decided_by, timing_ms included;
+        primary and fallback_error when set)."""
+        out = {**super().to_dict(embedding), "model": self.model, "decided_by": self.decided_by,
+               "timing_ms": dict(self.timing_ms)}
+        if self.primary is not None:
+            out["primary"] = self.primary.to_dict()
+        if self.fallback_error:
+            out["fallback_error"] = self.fallback_error
+        return out
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):

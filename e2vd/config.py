@@ -35,6 +35,14 @@ absolute path, or empty for `<directory of socket>/lock/gpu.lock` (/run/e2vd/loc
 gpu_lock_timeout (a duration, >= 0) bounds the wait for another daemon holding it; then the GPU
 counts as busy (busy_policy decides).
 
+The low-confidence fallback (e2vd.fallback): `fallback_model` is a second model (a directory or
+a ModelScope id, like `model`; empty, the default, turns the fallback off) that answers instead
+of the main model when the main model's top score is below `fallback_below` (0..1, default 0.7);
+it is loaded on first need, on `fallback_device` ("cpu", the default: no GPU memory; or "cuda",
+"cuda:N"; never "auto"). A `fallback_model` that is neither a path nor an id is refused here; a
+missing directory is caught by `check_file` (check-config, install) and, in the daemon, only
+turns the fallback off (answers keep the main model's result and say why).
+
 `model_problem(model)` says why a `model` setting cannot work on this machine (a directory that
 is missing or lacks the model's files), for `e2vd check-config` and `e2vd install`; the daemon
 itself answers such a model with 503 model_unavailable (e2vd.engine says why).
@@ -105,6 +113,9 @@ class Settings:
     drain_timeout: float = 60.0                  # SIGTERM: time to finish in-flight work
     unavailable_grace: float = 60.0              # model failed to load: answer 503 this long, then exit
     inference_timeout: float = 120.0             # one model call running longer is stuck: the process ends
+    fallback_model: str = ""                     # model answering when the main one is unsure; "" = off
+    fallback_device: str = "cpu"                 # cpu | cuda | cuda:N (cpu: no GPU memory)
+    fallback_below: float = 0.7                  # main model's top score below this: the fallback answers
     cache_dir: str = "/var/cache/e2vd"           # model download cache
     log_level: str = "INFO"                      # DEBUG | INFO | WARNING | ERROR | CRITICAL
 
@@ -242,6 +253,11 @@ def check_file(path: str, required: bool = True, check_model: bool = True) -> tu
         where = f"{path}: key 'model'" if in_file else f"the default model (no `model` in {path})"
         raise ConfigError(f"{where}: {problem}. Set model to an absolute directory holding "
                           f"{', '.join(MODEL_FILES)}, readable by the service, or to a ModelScope id.")
+    problem = model_problem(settings.fallback_model) if check_model and settings.fallback_model else None
+    if problem:
+        raise ConfigError(f"{path}: key 'fallback_model': {problem}. Set fallback_model to an absolute "
+                          f"directory holding {', '.join(MODEL_FILES)}, readable by the service, or to a "
+                          "ModelScope id, or to \"\" to turn the fallback off.")
     return settings, present
 
 
@@ -346,6 +362,31 @@ def _non_empty(value: object) -> None:
         raise ValueError("must not be empty")
 
 
+def _fallback_model(value: object) -> None:
+    """Empty (off), a path, or an "owner/name" id; whether the directory exists is `check_file`'s."""
+    text = str(value)
+    if not text:
+        return
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise ValueError("must not hold control characters")
+    if not (os.path.isabs(os.path.expanduser(text)) or text.startswith(("./", "../"))
+            or MODEL_ID_PATTERN.fullmatch(text)):
+        raise ValueError(f"must be an absolute model directory, a ModelScope id 'owner/name', or \"\" "
+                         f"(no fallback); got {text!r}")
+
+
+def _fallback_device(value: object) -> None:
+    if value == "auto" or not DEVICE_PATTERN.fullmatch(str(value)):
+        raise ValueError(f"must be cpu (the default: the fallback then holds no GPU memory), cuda or "
+                         f"cuda:N; got {value!r}")
+
+
+def _fraction(value: object) -> None:
+    if not 0.0 <= value <= 1.0:  # type: ignore[operator]
+        raise ValueError(f"must be a score between 0 and 1 (0 never asks the fallback, 1 almost always); "
+                         f"got {value!r}")
+
+
 def _absolute_or_empty(value: object) -> None:
     if value and not os.path.isabs(str(value)):
         raise ValueError(f"must be an absolute path (or empty for the default); got {value!r}")
@@ -368,4 +409,5 @@ _CHECKS: dict[str, Callable[[object], None]] = {
     "connection_timeout": _positive(" seconds"), "max_seconds": _positive(" seconds"),
     "max_body_bytes": _positive(" bytes"), "queue_size": _at_least(1), "max_batch": _at_least(0),
     "max_connections_per_uid": _at_least(1, " connections"),
+    "fallback_model": _fallback_model, "fallback_device": _fallback_device, "fallback_below": _fraction,
 }

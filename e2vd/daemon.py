@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NoReturn
 
 from e2vd import systemd
 from e2vd.daemon_report import Events, Report
+from e2vd.fallback import Deciding, Fallback
 from e2vd.lifecycle import LifecycleClock, Reason
 from e2vd.log import event
 from e2vd.scheduler import Running, Scheduler
@@ -306,7 +307,9 @@ class Daemon:
         self.scheduler = Scheduler(load or functools.partial(load_engine, settings), queue_size=settings.queue_size,
                                    max_batch=settings.max_batch, on_state=self._on_state, on_running=self.wake,
                                    clock=clock)
-        self.server = Server(self.scheduler, self, max_body_bytes=settings.max_body_bytes,
+        # the low-confidence fallback (e2vd.fallback): nothing is loaded until a request needs it
+        self.deciding = Deciding(self.scheduler, Fallback.from_settings(settings, clock=clock))
+        self.server = Server(self.deciding, self, max_body_bytes=settings.max_body_bytes,
                              max_seconds=settings.max_seconds, connection_timeout=settings.connection_timeout,
                              max_connections_per_uid=settings.max_connections_per_uid, clock=clock,
                              on_change=self.wake)
@@ -372,7 +375,7 @@ class Daemon:
     def _sleep_for(self) -> float:
         now = self.clock()
         at = self.lifecycle.deadline(now)
-        look = self.watchdog.next_look(now, getattr(self.scheduler.running, "started", None))
+        look = self.watchdog.next_look(now, getattr(self.deciding.running, "started", None))
         wait = min(STATUS_EVERY_S, math.inf if at is None else at - now, math.inf if look is None else look - now)
         if self.lifecycle.phase is State.LOADING:
             wait = min(wait, self._next_extend - now)
@@ -386,7 +389,7 @@ class Daemon:
             if self._signals:
                 self.exiting = Reason.SIGNAL
                 return Reason.SIGNAL
-            running = self.scheduler.running          # the watchdog: stuck, or a ping while healthy
+            running = self.deciding.running           # the watchdog: stuck, or a ping while healthy
             if self.watchdog.stuck(now, getattr(running, "started", None)):
                 self.stuck, self.exiting = running, Reason.STUCK
                 return Reason.STUCK
@@ -443,6 +446,7 @@ class Daemon:
             self._waiter.wait(DRAIN_POLL_S)
         self.events.exit_event(reason, signame)
         self.scheduler.stop(timeout=1.0)
+        self.deciding.close(timeout=1.0)
         return ExitCode.SERVER if reason is Reason.UNAVAILABLE else ExitCode.OK
 
 

@@ -243,7 +243,7 @@ _SCHEMAS: dict[str, Any] = {
     },
     "Recognition": {
         "type": "object",
-        "required": ["labels", "scores", "top", "model_labels", "duration_s", "model", "timing_ms"],
+        "required": ["labels", "scores", "top", "model_labels", "duration_s", "model", "decided_by", "timing_ms"],
         "properties": {
             "labels": {"type": "array", "items": {"type": "string", "enum": list(LABELS)},
                        "minItems": len(LABELS), "maxItems": len(LABELS)},
@@ -253,11 +253,29 @@ _SCHEMAS: dict[str, Any] = {
             "model_labels": {"type": "array", "items": {"type": "string"},
                              "description": "The model's own label strings (tokens.txt)."},
             "duration_s": {"type": "number", "description": "Audio duration in seconds."},
-            "embedding": {"type": "array", "description": "Only with embedding=1: D floats, or T x D (50 Hz) for frame."},
-            "model": {"type": "string"},
+            "embedding": {"type": "array", "description": "Only with embedding=1: D floats, or T x D (50 Hz) for frame; "
+                                                          "from the model named in `model` (the fallback's when it decided)."},
+            "model": {"type": "string", "description": "The model whose result this is."},
+            "decided_by": {"type": "string", "enum": ["primary", "fallback"],
+                           "description": "\"fallback\" when the main model's top score was below fallback_below and "
+                                          "the fallback model answered (the main model's result is in `primary`); "
+                                          "else \"primary\"."},
+            "primary": {"type": "object", "required": ["labels", "scores", "top", "model"],
+                        "description": "Only when decided_by is \"fallback\": the main model's result.",
+                        "properties": {
+                            "labels": {"type": "array", "items": {"type": "string", "enum": list(LABELS)}},
+                            "scores": {"type": "array", "items": {"type": "number"}},
+                            "top": {"type": "object", "properties": {"label": {"type": "string"},
+                                                                     "score": {"type": "number"}}},
+                            "model": {"type": "string"}}},
+            "fallback_error": {"type": "string",
+                               "description": "Only when the fallback was asked but could not answer (e.g. its model "
+                                              "could not be loaded): why; the answer is then the main model's."},
             "timing_ms": {"type": "object", "properties": {
-                "queue": {"type": "number", "description": "Milliseconds waiting for the worker (includes model load on a cold start)."},
-                "infer": {"type": "number", "description": "Milliseconds of the forward pass that produced this answer (shared with the other clips in it)."}}},
+                "queue": {"type": "number", "description": "Milliseconds waiting for the main model's worker (includes model load on a cold start)."},
+                "infer": {"type": "number", "description": "Milliseconds of the main model's forward pass for this clip (shared with the other clips in it)."},
+                "fallback": {"type": "number", "description": "Only when the fallback answered: milliseconds from asking it to its "
+                                                              "answer (its model load included the first time)."}}},
         },
     },
     "Health": {"type": "object",

@@ -3,6 +3,8 @@
 Lightweight on purpose (numpy only): the client uses it without importing torch or funasr.
 `Recognition.to_dict` writes the HTTP API's fields; `Recognition.from_dict` reads them back,
 checking every field, so a document from a peer can never build a malformed result.
+`Primary` is the main model's answer kept beside the fallback's when the fallback decided
+(e2vd.fallback; the HTTP answer's `primary` object).
 """
 from __future__ import annotations
 
@@ -93,6 +95,50 @@ class Recognition:
         return {"labels": list(labels), "scores": scores,
                 "model_labels": [str(x) for x in d.get("model_labels") or []],
                 "duration_s": duration, "embedding": _embedding(d.get("embedding"))}
+
+
+#: The values of an answer's `decided_by`: which model's result the answer carries.
+DECIDED_BY = ("primary", "fallback")
+
+
+@dataclass(frozen=True)
+class Primary:
+    """The main model's answer when the low-confidence fallback decided (e2vd.fallback): its
+    `labels` and softmax `scores` in the same order, and `model`, the id the daemon serves it as.
+    """
+
+    labels: list[str]
+    scores: list[float]
+    model: str
+
+    @property
+    def top(self) -> Top:
+        """The label with the highest score (the first of them on a tie)."""
+        best = int(np.argmax(self.scores))
+        return Top(self.labels[best], float(self.scores[best]))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The HTTP answer's `primary` object: labels, scores, top {label, score}, model."""
+        top = self.top
+        return {"labels": list(self.labels), "scores": [float(s) for s in self.scores],
+                "top": {"label": top.label, "score": top.score}, "model": self.model}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "Primary":
+        """Rebuild from `to_dict`'s document (`top` recomputed); ValueError naming what is wrong."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"'primary' must be an object, got {type(d).__name__}")
+        try:
+            labels, scores = d["labels"], [float(x) for x in d["scores"]]
+            model = d.get("model", "")
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            raise ValueError(f"'primary' lacks or mangles field {e}: {str(d)[:200]}") from e
+        if (not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels)
+                or len(scores) != len(labels) or not all(math.isfinite(x) for x in scores)):
+            raise ValueError("'primary' must hold string labels, at least one, with one finite score each")
+        if not isinstance(model, str):
+            raise ValueError("'primary.model' must be a string")
+        return cls(list(labels), scores, model)
 
 
 def _embedding(value: Any) -> np.ndarray | None:

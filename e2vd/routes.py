@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from e2vd import __version__, protocol
+from e2vd.fallback import Deciding
 from e2vd.protocol import BUSY_RETRY_AFTER_S, ApiError, Route
 from e2vd.upload import receive, upload_kind
 from e2vd.scheduler import (BadAudio, InferenceFailed, ModelUnavailable, OutOfGpuMemory, QueueFull, Scheduler,
@@ -68,7 +69,7 @@ class Control(Protocol):
 class App:
     """What the routes serve from (one per server)."""
 
-    scheduler: Scheduler
+    scheduler: "Scheduler | Deciding"  # the daemon's Deciding (primary + fallback); a bare Scheduler is used as is
     control: Control
     max_seconds: float                 # longest audio accepted
     count_served: Callable[[], None]   # one more POST /v1/recognize answered with 200
@@ -151,7 +152,10 @@ def recognize(req: Request) -> Answer:
     """POST /v1/recognize: receive the upload (raw or a form, e2vd.upload) and decode the audio
     here (the connection's thread), run it on the scheduler's worker, answer the result. Options
     come from the query or the form's option fields (never both for one option). The request
-    event gets each step's time and how the audio came (`upload`, `chunked`)."""
+    event gets each step's time and how the audio came (`upload`, `chunked`). The answer says
+    which model decided (`decided_by`; e2vd.fallback): when the main model was unsure and the
+    fallback answered, the main model's result is kept in `primary`; when the fallback was
+    asked but could not answer, `fallback_error` says why."""
     from e2vd.audio import AudioError, decode   # here: importing the server stays light (no numpy)
 
     app, fields = req.app, req.fields
@@ -178,8 +182,8 @@ def recognize(req: Request) -> Answer:
     t2 = time.monotonic()
     fields.update(audio_seconds=round(audio.duration_s, 3), decode_ms=round((t2 - t1) * 1000.0, 2))
     try:
-        job = app.scheduler.submit(audio, options["granularity"], options["embedding"],
-                                   client_gone=req.client_gone)
+        job = Deciding.around(app.scheduler).submit(audio, options["granularity"], options["embedding"],
+                                                    client_gone=req.client_gone)
     except SchedulerError as err:
         raise api_error(err) from None
     job.wait()
@@ -191,10 +195,22 @@ def recognize(req: Request) -> Answer:
         raise api_error(job.error)
     assert job.result is not None
     result = job.result.to_dict()
-    result["model"] = getattr(app.scheduler.engine, "model_id", "")
+    result["model"] = job.model
+    result["decided_by"] = job.decided_by
     result["timing_ms"] = {"queue": round(job.queue_ms, 3), "infer": round(job.infer_ms, 3)}
+    primary, fallback_ms = job.primary, job.fallback_ms
+    if primary is not None:
+        result["primary"] = primary.to_dict()
+        fields.update(primary_top_label=primary.top.label, primary_top_score=primary.top.score)
+    if fallback_ms is not None:
+        result["timing_ms"]["fallback"] = round(fallback_ms, 3)
+        fields["fallback_ms"] = round(fallback_ms, 2)
+    if job.fallback_error is not None:
+        result["fallback_error"] = fields["fallback_error"] = job.fallback_error
     top = result.get("top") or {}
     fields.update(top_label=top.get("label"), top_score=top.get("score"))
+    if job.has_fallback:
+        fields["decided_by"] = job.decided_by
     app.count_served()
     return 200, result
 

@@ -80,7 +80,8 @@ def test_every_key_settable_from_file_and_env(tmp_path):
                    min_free_mb=100, busy_policy="cpu", idle_timeout=1.5, max_hold=2.0, max_seconds=3.0,
                    max_body_bytes=4, queue_size=5, max_batch=6, connection_timeout=7.0, drain_timeout=8.0,
                    unavailable_grace=9.0, cache_dir="/c", log_level="DEBUG", max_connections_per_uid=3,
-                   inference_timeout=10.5)
+                   inference_timeout=10.5, fallback_model="/srv/fb", fallback_device="cuda:1",
+                   fallback_below=0.5)
     changed.update(gpu_lock="/run/x/gpu.lock", gpu_lock_timeout=11.0)
     assert set(changed) == {f.name for f in dataclasses.fields(Settings)}
     lines = []
