@@ -44,7 +44,13 @@ Event names and their fields (journald name = E2VD_ + upper case; durations in s
                         the client hung up before its recognition ran; it was not run and
                         nothing was answered), upload ("raw" | "multipart"), chunked (true
                         for a chunked body), body_bytes, audio_seconds, read_ms, decode_ms,
-                        wait_ms, queue_ms, infer_ms, total_ms, batch_size, top_label, top_score, hold_seconds (warmup)
+                        wait_ms, queue_ms, infer_ms, total_ms, batch_size, top_label, top_score, hold_seconds (warmup),
+                        decided_by (with a fallback_model: "primary" | "fallback", whose result was answered), and when
+                        the fallback was asked: fallback_ms, primary_top_label, primary_top_score
+                        (the main model's, when the fallback decided), fallback_error (it could not answer)
+    fallback_loaded     model, device, load_seconds (the fallback model, loaded on first need)
+    fallback_unavailable model, error (the fallback could not be loaded; unsure answers keep the
+                        main model's result until the daemon exits)
     keep_warm           hold_seconds, capped (true when cut to max_hold)
     idle_exit           alive_seconds, requests_served, idle_timeout_seconds
     stopping            signal, in_flight, queued (SIGTERM/SIGINT received, draining)
