@@ -303,7 +303,6 @@ class Daemon:
         self._signals: list[int] = []
         self._waiter = Waiter(listener.sock)
         self._next_extend = -math.inf
-        self._last_status = ""
         self.scheduler = Scheduler(load or functools.partial(load_engine, settings), queue_size=settings.queue_size,
                                    max_batch=settings.max_batch, on_state=self._on_state, on_running=self.wake,
                                    clock=clock)
@@ -345,8 +344,7 @@ class Daemon:
         if state == State.READY:
             self.lifecycle.loaded(now)
             self.events.model_loaded()
-            self._last_status = self.report.line(now)
-            systemd.ready(self._last_status)
+            systemd.ready(self.report.new_line(now, always=True))
         elif state == State.UNAVAILABLE:
             self.events.model_unavailable(loading=self.lifecycle.phase is State.LOADING)
             self.lifecycle.failed(now)
@@ -395,27 +393,17 @@ class Daemon:
                 return Reason.STUCK
             if self.watchdog.ping(now, getattr(running, "started", None)):
                 systemd.watchdog_ping()
-            holding = self.server.holding(now)
-            if self.scheduler.pending:
-                self.lifecycle.busy(now)
-            elif holding.until is not None:
-                self.lifecycle.busy(now, holding.until)
-            else:
-                self.lifecycle.idle(now)
+            self.lifecycle.observe(now, self.scheduler.pending > 0, self.server.holding(now).until)
             if self.lifecycle.phase is State.LOADING and now >= self._next_extend:
                 self._next_extend = now + EXTEND_EVERY_S
                 systemd.extend_timeout(EXTEND_BY_S)
             reason = self.lifecycle.expired(now)
-            if reason is Reason.IDLE:
-                late = self.listener.last_call()
-                for conn in late:
+            if reason is Reason.IDLE and (late := self.listener.last_call()):
+                for conn in late:   # connections that came at the last moment: not idle after all
                     self.server.add(conn)
-                if late:
-                    return None
+                return None
             self.exiting = reason
-            line = self.report.line(now)
-            if reason is None and line != self._last_status:
-                self._last_status = line
+            if reason is None and (line := self.report.new_line(now)):
                 systemd.status(line)
             return reason
 

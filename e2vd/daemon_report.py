@@ -26,6 +26,7 @@ class Report:
 
     def __init__(self, daemon: "Daemon") -> None:
         self.d = daemon
+        self._last_line = ""
 
     def wall(self, mono: float) -> float:
         """A time on the daemon's monotonic clock as a Unix time (rounded to ms)."""
@@ -73,6 +74,15 @@ class Report:
         """Seconds the model call in progress has run (ms precision), or None when there is none."""
         age = self.d.watchdog.age(now, getattr(self.d.scheduler.running, "started", None))
         return None if age is None else round(age, 3)
+
+    def new_line(self, now: float, *, always: bool = False) -> str | None:
+        """The STATUS= line at `now` when it differs from the last one returned here (or
+        `always`), else None: systemd is told only what changed."""
+        line = self.line(now)
+        if line == self._last_line and not always:
+            return None
+        self._last_line = line
+        return line
 
     def line(self, now: float) -> str:
         """The STATUS= line: what the daemon is doing now."""

@@ -113,6 +113,17 @@ class LifecycleClock:
             if self._held_until == math.inf:
                 self._held_until = now
 
+    def observe(self, now: float, working: bool, held_until: float | None) -> None:
+        """One look at what holds the daemon awake at `now`: model work queued or running
+        (`working`: held with no known end), else connections in use until `held_until`
+        (`e2vd.server.Server.holding`), else nothing (`idle`)."""
+        if working:
+            self.busy(now)
+        elif held_until is not None:
+            self.busy(now, held_until)
+        else:
+            self.idle(now)
+
     # --- what follows ---
     @property
     def phase(self) -> State:

@@ -186,3 +186,18 @@ def test_zero_idle_timeout_exits_as_soon_as_nothing_holds_it():
     assert clock.expired(T0 + 29) is None
     clock.idle(T0 + 31)
     assert clock.expired(T0 + 31) is Reason.IDLE
+
+
+def test_observe_work_then_a_connection_hold_then_nothing():
+    """observe() is what the main loop reports at each look: work (no known end) beats a
+    connection's hold; with neither, the idle clock runs from the end of what held it last."""
+    clock = ready_clock()
+    clock.observe(T0 + 10, working=True, held_until=T0 + 20)   # work in progress: no exit at all
+    assert clock.deadline(T0 + 10) is None
+    clock.observe(T0 + 30, working=False, held_until=T0 + 40)  # work done, a connection in use until +40
+    exits_at(clock, T0 + 40 + IDLE)
+    clock.observe(T0 + 50, working=False, held_until=None)      # nothing: the reported end stays
+    exits_at(clock, T0 + 40 + IDLE)
+    clock.observe(T0 + 60, working=True, held_until=None)
+    clock.observe(T0 + 70, working=False, held_until=None)      # work ended, no end reported: from now
+    exits_at(clock, T0 + 70 + IDLE)
