@@ -84,7 +84,6 @@ class Scaling:
 
 SCALING_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Scaling)}
 _DURATIONS = frozenset({"downscale_delay", "upscale_delay", "metrics_interval", "look_back_period"})
-_NOT_FOR_RAY = ("socket", "max_hold", "max_connections_per_uid", "unavailable_grace", "inference_timeout")
 
 
 def parse_args(args: Mapping[str, object] | None, env: Mapping[str, str] | None = None) -> tuple[Settings, Scaling]:

@@ -184,6 +184,7 @@ def ray_app(cluster: int, tiny_model: Path) -> Iterator[tuple[RayApp, dict[str, 
     from e2vd.ray_serve import app
 
     args = {**app_settings(tiny_model), "config": os.devnull, "min_replicas": "0", "max_replicas": "2",
+            "cpus_per_replica": "0.5",
             "downscale_delay": str(DOWNSCALE_DELAY_S), "upscale_delay": "1", "metrics_interval": "0.5",
             "look_back_period": "2"}
     serve.run(app(args), name="e2vd", route_prefix="/")
@@ -396,3 +397,33 @@ def test_back_to_zero_replicas_after_downscale_delay(ray_app: tuple[RayApp, dict
     target.wait_replicas(0)
     status, _, payload = target.request("POST", "/v1/recognize", wav_clip(1.0))
     assert status == 200, payload
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_model_that_cannot_load_is_answered_not_restarted(cluster: int, tmp_path: Path) -> None:
+    """A replica whose model cannot load answers 503 model_unavailable with the reason (health:
+    503 "unavailable") and stays the same replica: Ray does not restart it in a loop. Served under
+    a route prefix, which the routes do not see."""
+    from ray import serve
+
+    from e2vd.ray_serve import app
+
+    missing = tmp_path / "no-model-here"
+    serve.run(app({"model": str(missing), "device": "cpu", "config": os.devnull, "cpus_per_replica": "0.5",
+                   "downscale_delay": "60"}), name="broken", route_prefix="/broken")
+    try:
+        target = RayApp(cluster)
+        status, headers, payload = target.request("POST", "/broken/v1/recognize", wav_clip(1.0))
+        assert status == 503 and payload["error"]["code"] == "model_unavailable", payload
+        assert str(missing) in payload["error"]["message"]
+        status, _, health = target.request("GET", "/broken/v1/health")
+        assert (status, health["status"], health["error"]["code"]) == (503, "unavailable", "model_unavailable")
+        first = target.request("GET", "/broken/v1/status")[2]
+        status, _, again = target.request("POST", "/broken/v1/recognize", wav_clip(1.0))
+        assert status == 503 and again["error"]["code"] == "model_unavailable"
+        second = target.request("GET", "/broken/v1/status")[2]
+        assert first["replica"] == second["replica"] and first["pid"] == second["pid"], (first, second)
+        assert first["state"] == "unavailable" and str(missing) in first["error"]
+    finally:
+        serve.delete("broken")
