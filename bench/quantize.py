@@ -12,9 +12,15 @@ Usage: ``python bench/quantize.py [--model DIR] [--seconds 5] [--clips 4] [--rep
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
+
+# The daemon's OpenMP wait policy (e2vd.daemon.main), set before torch loads libgomp: with the
+# default spin-waiting, fp32 passes on a CPU shared with other work slowed 2-4x and the ratio
+# swung from 2.1x to 1.0x with the machine's load.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 
