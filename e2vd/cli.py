@@ -155,9 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("install", help="install and start the systemd units (root)")
     i.add_argument("--group", default=Options.group, help=f"the socket's group (default {Options.group})")
-    i.add_argument("--warmup-calendar", default=Options.warmup_calendar,
-                   help=f"OnCalendar= of e2vd-warmup.timer (default {Options.warmup_calendar!r})")
-    i.add_argument("--warmup-until", default=Options.warmup_until,
+    i.add_argument("--warmup-calendar", default=None,
+                   help=f"OnCalendar= of e2vd-warmup.timer (default {Options.warmup_calendar!r}); with --instance, "
+                        "give it (or --warmup-until) to install the instance's own e2vd-warmup@NAME.timer")
+    i.add_argument("--warmup-until", default=None,
                    help=f"keep warm until this local time (default {Options.warmup_until})")
     i.add_argument("--model", help="model for a new /etc/e2vd/e2vd.toml: ModelScope id or absolute directory")
     i.add_argument("--no-start", action="store_true", help="enable the units but do not start them")

@@ -19,9 +19,11 @@ Instances (``--instance NAME``, e2vd.instances): install writes the templates e2
 e2vd@.service (rendered like e2vd.service, shared by every instance), a new /etc/e2vd/NAME.toml
 (never overwritten) with ``model`` from --model and ``cache_dir = "/var/cache/e2vd-NAME"`` (the
 instance's own CacheDirectory=, where its pull puts the model), pulls, and enables (and starts)
-e2vd@NAME.socket; the default instance's units and files are not touched.  Uninstall
-``--instance NAME`` stops and disables only e2vd@NAME.socket/.service and removes the templates
-only when no other instance is left; ``--purge`` removes /etc/e2vd/NAME.toml and the instance's
+e2vd@NAME.socket; the default instance's units and files are not touched.
+``--warmup-calendar``/``--warmup-until`` with ``--instance`` also write and enable the instance's
+own e2vd-warmup@NAME.service/.timer (rendered from e2vd-warmup.*: `e2vd warmup --instance NAME`).
+Uninstall ``--instance NAME`` stops and disables only e2vd@NAME.socket/.service (and removes its
+warmup units), and removes the templates only when no other instance is left; ``--purge`` removes /etc/e2vd/NAME.toml and the instance's
 state and cache.  A plain uninstall leaves instances alone: its ``--purge`` removes only the
 default's config and data, and keeps the group while an instance still uses it.
 
@@ -231,6 +233,7 @@ class Options:
     web_public: bool = False        # `--web-public`: allow a non-loopback --web address
     pull: bool = True               # pull the configured ModelScope model before enabling (`--no-pull`: don't)
     instance: str | None = None     # `--instance NAME`: install instance NAME (e2vd@NAME.socket), not the default
+    instance_warmup: bool = False   # with `instance`: also its warmup timer (--warmup-calendar/--warmup-until given)
 
 
 def template_dir(units: tuple[str, ...] = UNITS) -> Path:
@@ -318,12 +321,15 @@ def config_text(options: Options) -> str:
 def render_units(layout: Layout, options: Options, templates: Path | None = None) -> dict[str, str]:
     """The unit files' text for this layout and these options, keyed by unit name: the four
     units of the default instance (and the page's with --web), or with --instance the two
-    instance templates e2vd@.socket and e2vd@.service."""
+    instance templates e2vd@.socket and e2vd@.service, plus with `instance_warmup` the
+    instance's own warmup units (`warmup_units`)."""
     if options.instance is not None:
         d = templates or template_dir(INSTANCE_UNITS)
         units = {u: (d / u).read_text() for u in INSTANCE_UNITS}
         units["e2vd@.service"] = _render_service(units["e2vd@.service"], "e2vd@.service", layout)
         units["e2vd@.socket"] = _set_key(units["e2vd@.socket"], "SocketGroup", options.group, "e2vd@.socket")
+        if options.instance_warmup:
+            units.update(_instance_warmup(layout, options, d))
         return units
     d = templates or template_dir()
     from e2vd import web_install
@@ -342,6 +348,37 @@ def render_units(layout: Layout, options: Options, templates: Path | None = None
         units = web_install.render(units, web_install.check(options.web, options.web_public), options.web_public,
                                    options.group)
     return units
+
+
+def warmup_units(name: str) -> tuple[str, str]:
+    """The names of instance `name`'s warmup units: e2vd-warmup@NAME.service and .timer."""
+    return f"e2vd-warmup@{name}.service", f"e2vd-warmup@{name}.timer"
+
+
+def _instance_warmup(layout: Layout, options: Options, templates: Path) -> dict[str, str]:
+    """Instance NAME's warmup units, e2vd-warmup.service/.timer rendered for it as unit files of
+    their own (each instance has its own calendar and end of day): `e2vd warmup --instance NAME
+    --until HH:MM` after e2vd@NAME.socket, on the timer's OnCalendar=."""
+    inst = Instance(options.instance)
+    service, timer = warmup_units(inst.name)
+    default = render_units(layout, Options(group=options.group, warmup_calendar=options.warmup_calendar,
+                                           warmup_until=options.warmup_until),
+                           templates if all((templates / u).is_file() for u in UNITS) else None)
+    svc = default["e2vd-warmup.service"]
+    for key in ("Requires", "After"):
+        svc = _set_key(svc, key, inst.socket_unit, "e2vd-warmup.service")
+    svc = _set_key(svc, "Description", f"Prewarm e2vd instance {inst.name} and keep it warm until the end "
+                                       "of the working day", "e2vd-warmup.service")
+    svc = re.sub(r"^(ExecStart=\S+(?: -m e2vd)? warmup) ", lambda m: f"{m[1]} --instance {inst.name} ", svc,
+                 count=1, flags=re.M)
+    if f"warmup --instance {inst.name} --until" not in svc:
+        raise InstallError("template e2vd-warmup.service must run `e2vd warmup --until HH:MM`; "
+                           "the systemd/ files are damaged")
+    tim = _set_key(default["e2vd-warmup.timer"], "Unit", service, "e2vd-warmup.timer")
+    tim = _set_key(tim, "Description", f"Prewarm e2vd instance {inst.name} on its calendar", "e2vd-warmup.timer")
+    head = f"# {{}} - written by `e2vd install --instance {inst.name} --warmup-calendar ...` from {{}}\n"
+    return {service: head.format(service, "e2vd-warmup.service") + svc,
+            timer: head.format(timer, "e2vd-warmup.timer") + tim}
 
 
 def _render_service(text: str, name: str, layout: Layout) -> str:
@@ -470,8 +507,9 @@ def _install_instance(options: Options, *, start: bool, root: Path, layout: Layo
         say(f"wrote {config} for instance {inst.name}" + (f" with model = {json.dumps(options.model)}"
                                                             if options.model else ""))
     if not live:
-        _run(["systemctl", f"--root={root}", "enable", inst.socket_unit])
-        say(f"enabled {inst.socket_unit} in {root}")
+        enable = [inst.socket_unit] + ([warmup_units(inst.name)[1]] if options.instance_warmup else [])
+        _run(["systemctl", f"--root={root}", "enable", *enable])
+        say(f"enabled {', '.join(enable)} in {root}")
         return
     if options.pull:   # before the socket is enabled: the daemon never downloads (e2vd.pull)
         from e2vd.pull_cli import pull_configured
@@ -488,8 +526,9 @@ def _install_instance(options: Options, *, start: bool, root: Path, layout: Layo
     if changed and others:
         say(f"note: the templates changed; instances {', '.join(others)} use them from their next start "
             f"(their sockets keep the old group until `systemctl restart e2vd@NAME.socket`)")
-    _run(["systemctl", "enable", *(["--now"] if start else []), inst.socket_unit])
-    say(f"enabled{' and started' if start else ''} {inst.socket_unit}: instance {inst.name} on {inst.socket} "
+    enable = [inst.socket_unit] + ([warmup_units(inst.name)[1]] if options.instance_warmup else [])
+    _run(["systemctl", "enable", *(["--now"] if start else []), *enable])
+    say(f"enabled{' and started' if start else ''} {', '.join(enable)}: instance {inst.name} on {inst.socket} "
         f"(e2vd recognize --instance {inst.name} FILE)")
     if layout.read_only_paths:
         say(f"note: the units bind {', '.join(map(str, layout.read_only_paths))} read-only (Python lives there)")
@@ -500,12 +539,15 @@ def _uninstall_instance(name: str, *, purge: bool, root: Path, say) -> None:
     other instance is left, with `purge` also NAME's config, state and cache."""
     inst = Instance(name)
     live = root == Path("/")
+    warm_service, warm_timer = warmup_units(inst.name)
     if live:
-        subprocess.run(["systemctl", "disable", "--now", inst.socket_unit], capture_output=True)
-        subprocess.run(["systemctl", "stop", inst.service_unit], capture_output=True)
+        subprocess.run(["systemctl", "disable", "--now", inst.socket_unit, warm_timer], capture_output=True)
+        subprocess.run(["systemctl", "stop", inst.service_unit, warm_service], capture_output=True)
     else:
-        subprocess.run(["systemctl", f"--root={root}", "disable", inst.socket_unit], capture_output=True)
+        subprocess.run(["systemctl", f"--root={root}", "disable", inst.socket_unit, warm_timer], capture_output=True)
     say(f"stopped and disabled {inst.socket_unit} and {inst.service_unit}")
+    for unit in (warm_service, warm_timer):
+        _remove(root / UNIT_DIR / unit, say)
     if purge:
         for rel in (str(inst.config.relative_to("/")), *inst.data_dirs()):
             _remove(root / rel, say)
@@ -523,7 +565,8 @@ def _uninstall_instance(name: str, *, purge: bool, root: Path, say) -> None:
                 say(f"removed {path}")
     if live:
         _run(["systemctl", "daemon-reload"])
-        subprocess.run(["systemctl", "reset-failed", inst.service_unit, inst.socket_unit], capture_output=True)
+        subprocess.run(["systemctl", "reset-failed", inst.service_unit, inst.socket_unit, warm_service],
+                       capture_output=True)
 
 
 def _remove(path: Path, say) -> None:
@@ -600,9 +643,12 @@ def main(args: argparse.Namespace) -> ExitCode:
         raise InstallUsageError(f"must run as root (it writes /etc/systemd/system and manages the "
                                 f"e2vd group); try: sudo {sys.argv[0] if sys.argv else 'e2vd'} {args.command}")
     if args.command == "install":
-        install(Options(args.group, args.warmup_calendar, args.warmup_until, args.model,
+        calendar, until = getattr(args, "warmup_calendar", None), getattr(args, "warmup_until", None)
+        instance = getattr(args, "instance", None)
+        install(Options(args.group, calendar or Options.warmup_calendar, until or Options.warmup_until, args.model,
                         getattr(args, "web", None), getattr(args, "web_public", False),
-                        not getattr(args, "no_pull", False), getattr(args, "instance", None)),
+                        not getattr(args, "no_pull", False), instance,
+                        instance is not None and (calendar, until) != (None, None)),
                 start=not args.no_start)
     else:
         uninstall(purge=args.purge, instance=getattr(args, "instance", None))

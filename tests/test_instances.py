@@ -260,6 +260,36 @@ def test_rendered_instance_units_verify_silently_and_keep_the_sandbox(rendered_i
     assert levels["e2vd@small.service"] == default
 
 
+def test_instance_warmup_units_are_the_default_ones_for_the_instance(tmp_path: Path) -> None:
+    """--warmup-calendar with --instance: e2vd-warmup@NAME.service/.timer, rendered from the
+    default's warmup units, wake that instance only, on its own calendar and end of day."""
+    opts = install.Options(instance="small", instance_warmup=True, warmup_calendar="Mon..Sat 07:00",
+                           warmup_until="17:30", group="speech")
+    units = install.render_units(install.Layout.detect(), opts)
+    assert sorted(units) == ["e2vd-warmup@small.service", "e2vd-warmup@small.timer", "e2vd@.service", "e2vd@.socket"]
+    svc, timer = units["e2vd-warmup@small.service"], units["e2vd-warmup@small.timer"]
+    assert "\nRequires=e2vd@small.socket\nAfter=e2vd@small.socket\n" in svc and "SupplementaryGroups=speech\n" in svc
+    assert " warmup --instance small --until 17:30\n" in svc
+    assert "\nOnCalendar=Mon..Sat 07:00\n" in timer and "\nUnit=e2vd-warmup@small.service\n" in timer
+    default = install.render_units(install.Layout.detect(), install.Options(
+        group="speech", warmup_calendar="Mon..Sat 07:00", warmup_until="17:30"))
+    changed = (set(_lines_of(svc)) ^ set(_lines_of(default["e2vd-warmup.service"]))) | \
+              (set(_lines_of(timer)) ^ set(_lines_of(default["e2vd-warmup.timer"])))
+    assert {line.split("=", 1)[0] for line in changed} == {"Description", "Requires", "After", "ExecStart", "Unit"}
+    assert sorted(install.render_units(install.Layout.detect(), install.Options(instance="small"))) == \
+        ["e2vd@.service", "e2vd@.socket"], "no warmup unless asked for"
+    if shutil.which("systemd-analyze"):
+        for name, text in units.items():
+            (tmp_path / name.replace("@.", "@small.")).write_text(text)
+        cp = subprocess.run(["systemd-analyze", "verify", *map(str, sorted(tmp_path.iterdir()))],
+                            capture_output=True, text=True)
+        assert (cp.returncode, (cp.stdout + cp.stderr).strip()) == (0, "")
+
+
+def _lines_of(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line and not line.startswith("#")]
+
+
 # ------------------------------------------------------------------------------ settings and journal
 def test_config_knows_e2vd_instance_and_checks_it(tmp_path: Path) -> None:
     empty = tmp_path / "empty.toml"
@@ -415,9 +445,13 @@ def test_offline_install_of_instances_beside_the_default(tmp_path: Path, srv_mod
         "model": str(srv_model), "cache_dir": "/var/cache/e2vd-small"}
     assert {p: p.read_bytes() for p in default_files} == default_files, "the default instance is untouched"
     assert f"wrote {tmp_path}/etc/e2vd/small.toml for instance small with model = \"{srv_model}\"" in out
-    out = _install(tmp_path, instance="big", model="iic/emotion2vec_plus_large")
+    out = _install(tmp_path, instance="big", model="iic/emotion2vec_plus_large", instance_warmup=True,
+                   warmup_calendar="Sat 10:00")
     assert [l for l in out if l.startswith(("wrote", "unchanged"))][:2] == [
         f"unchanged {units}/e2vd@.socket", f"unchanged {units}/e2vd@.service"]
+    assert (units / "timers.target.wants/e2vd-warmup@big.timer").is_symlink()
+    assert "OnCalendar=Sat 10:00\n" in (units / "e2vd-warmup@big.timer").read_text()
+    assert not (units / "e2vd-warmup@small.timer").exists()
     assert instances.installed_names(tmp_path) == ["big", "small"]
 
     said: list[str] = []
@@ -432,6 +466,7 @@ def test_offline_install_of_instances_beside_the_default(tmp_path: Path, srv_mod
     assert not (units / "e2vd.socket").exists() and not (tmp_path / "etc/e2vd/e2vd.toml").exists()
     assert (tmp_path / "etc/e2vd/big.toml").is_file() and (units / "sockets.target.wants/e2vd@big.socket").is_symlink()
     install.uninstall(root=tmp_path, instance="big", purge=True, say=said.append)
+    assert not (units / "timers.target.wants/e2vd-warmup@big.timer").is_symlink()
     assert not list(units.rglob("e2vd*")) and not (tmp_path / "etc/e2vd/big.toml").exists()
 
 
@@ -505,9 +540,14 @@ def events(box: sdbox.Box, *match: str) -> list[dict]:
 @pytest.mark.slow
 def test_two_instances_activate_idle_and_uninstall_independently(box: sdbox.Box) -> None:
     box.run(E2VD + ["install", "--no-pull"], env=ENV)              # the default instance, never woken here
-    for name, model in (("a", f"{MODELS}/tiny"), ("b", f"{MODELS}/tiny2")):
-        out = box.run(E2VD + ["install", "--instance", name, "--model", model, "--no-pull"], env=ENV).stdout
+    for name, model, warm in (("a", f"{MODELS}/tiny", ["--warmup-calendar", "*-*-* 04:00", "--warmup-until",
+                                                        "23:59:59"]),
+                              ("b", f"{MODELS}/tiny2", [])):
+        out = box.run(E2VD + ["install", "--instance", name, "--model", model, "--no-pull", *warm], env=ENV).stdout
         assert f"enabled and started e2vd@{name}.socket" in out
+    assert box.run(["systemctl", "is-enabled", "e2vd-warmup@a.timer"]).stdout.strip() == "enabled"
+    assert box.run(["systemctl", "is-active", "e2vd-warmup@a.timer"]).stdout.strip() == "active"
+    assert box.run(["systemctl", "is-enabled", "e2vd-warmup@b.timer"], check=False).returncode != 0
     # CPU, and idle timeouts far apart: a exits long before b
     box.write("/etc/e2vd/a.toml", f'model = "{MODELS}/tiny"\ndevice = "cpu"\nidle_timeout = 2\n')
     box.write("/etc/e2vd/b.toml", f'model = "{MODELS}/tiny2"\ndevice = "cpu"\nidle_timeout = 30\n')
@@ -560,11 +600,23 @@ def test_two_instances_activate_idle_and_uninstall_independently(box: sdbox.Box)
         every = events(box, f"_SYSTEMD_UNIT=e2vd@{name}.service", "SYSLOG_IDENTIFIER=e2vd")
         assert every and all(e.get("E2VD_INSTANCE") == name for e in every), "every entry names its instance"
         assert {"start", "model_loaded", "request", "idle_exit"} <= {e.get("E2VD_EVENT") for e in every}
+        assert "gpu_lock_unavailable" not in {e.get("E2VD_EVENT") for e in every}, "the instance shares the GPU lock"
     assert starts(box, "e2vd.service") == 0, "the default instance was never started"
 
-    # uninstalling a leaves b (and the default) working
+    # a's warmup (its timer's service, started now) wakes a and holds it; b is not touched
+    cp = box.run(["systemctl", "start", "e2vd-warmup@a.service"], timeout=180, check=False)
+    assert cp.returncode == 0, box.run(["journalctl", "--no-pager", "-o", "cat", "-u", "e2vd-warmup@a.service",
+                                        "-u", "e2vd@a.service"], check=False).stdout[-3000:]
+    assert show(box, "e2vd@a.service")["ActiveState"] == "active"
+    assert [starts(box, u) for u in ("e2vd@a.service", "e2vd@b.service", "e2vd.service")] == [2, 1, 0]
+    [hold] = events(box, "E2VD_INSTANCE=a", "E2VD_EVENT=keep_warm")
+    assert float(hold["E2VD_HOLD_SECONDS"]) > 0
+
+    # uninstalling a (warm, held) leaves b (and the default) working
     out = box.run(E2VD + ["uninstall", "--instance", "a", "--purge"], env=ENV).stdout
     assert "still used by instances b" in out
+    assert show(box, "e2vd@a.service")["ActiveState"] == "inactive"
+    assert not box.root.joinpath("etc/systemd/system/e2vd-warmup@a.timer").exists()
     assert not box.root.joinpath("run/e2vd/a.sock").exists() and not box.root.joinpath("etc/e2vd/a.toml").exists()
     assert show(box, "e2vd@a.socket")["ActiveState"] == "inactive"
     assert box.run(["systemctl", "is-enabled", "e2vd@a.socket"], check=False).returncode != 0
