@@ -92,7 +92,8 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "request": ("request_id", "client_uid", "client_pid", "method", "path", "status", "code",
                 "abandoned", "upload", "chunked", "body_bytes", "audio_seconds", "read_ms", "decode_ms", "wait_ms",
                 "queue_ms", "infer_ms", "total_ms",
-                "batch_size", "top_label", "top_score", "hold_seconds"),
+                "batch_size", "top_label", "top_score", "hold_seconds",
+                "decided_by", "fallback_ms", "primary_top_label", "primary_top_score", "fallback_error"),
     "keep_warm": ("hold_seconds", "capped"),
     "idle_exit": ("alive_seconds", "requests_served", "idle_timeout_seconds"),
     "stopping": ("signal", "in_flight", "queued"),
@@ -105,6 +106,8 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "config_invalid": ("error", "grace_seconds"),
     "exit_config_invalid": ("error", "grace_seconds", "refused"),
     "config_fixed": ("alive_seconds", "refused"),
+    "fallback_loaded": ("model", "device", "load_seconds"),
+    "fallback_unavailable": ("model", "error"),
 }
 """Documented events and their fields; `event()` accepts other names and fields too."""
 
