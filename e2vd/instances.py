@@ -213,6 +213,8 @@ class InstanceState:
                 + f"; {self.socket_unit} {self.socket_state} on {self.socket_path}")
         if not self.running and self.socket_state.startswith("active"):
             text += "; asleep, the next request starts it"
+        elif self.socket_state not in ("unknown", "not installed") and not self.socket_state.startswith("active"):
+            text += f"; nothing listens, requests fail: `sudo systemctl enable --now {self.socket_unit}`"
         if not self.config_present:
             text += f"; no {self.config} (the defaults apply)"
         return text

@@ -5,7 +5,7 @@ independently, a request to one never starts the other, each exits on its own id
 are listed by `e2vd status` while asleep, and uninstalling one leaves the other working."""
 from __future__ import annotations
 
-import configparser
+import dataclasses
 import hashlib
 import json
 import logging
@@ -23,7 +23,7 @@ import pytest
 import sdbox
 from conftest import CACHE, ROOT, standin_dir, wav_clip
 from e2vd import config, install, instances, log
-from e2vd.client import Client, DaemonUnreachable
+from e2vd.client import Client
 from e2vd.instances import Instance, InstanceNameError, check_name, socket_for
 from e2vd.vocabulary import ExitCode
 
@@ -178,6 +178,8 @@ def test_list_instances_reads_systemd_and_never_connects(tmp_path: Path) -> None
     assert small.running and small.main_pid == 4242 and small.socket_file and small.config_present
     assert small.line() == ("instance small: e2vd@small.service active (running), PID 4242; "
                             "e2vd@small.socket active (running) on /run/e2vd/small.sock")
+    stopped = dataclasses.replace(small, socket_state="inactive (dead)", running=False, main_pid=None)
+    assert stopped.line().endswith("; nothing listens, requests fail: `sudo systemctl enable --now e2vd@small.socket`")
     assert small.to_dict()["units"] == {"e2vd@small.socket": "active (running)",
                                         "e2vd@small.service": "active (running)"}
     assert all(argv[0] == "systemctl" and argv[1] in ("list-units", "show") for argv in calls)
