@@ -64,11 +64,22 @@ class Report:
             "inference_running_s": self.inference_age(now),
             "inference_timeout_s": s.inference_timeout,
             "error": sch.error,
+            "fallback": self.fallback(),
             "socket": d.listener.path,
             "socket_activated": d.listener.from_systemd,
             "pid": os.getpid(),
             "version": __version__,
         }
+
+    def fallback(self) -> dict[str, Any] | None:
+        """The fallback model's part of GET /v1/status: None when no fallback_model is set; its
+        state is None until a request first needs it, then loading, ready or unavailable."""
+        fb = self.d.deciding.fallback
+        if fb is None:
+            return None
+        state = fb.state
+        return {"model": fb.model, "below": fb.below, "state": None if state is None else State(state).value,
+                "error": fb.error}
 
     def inference_age(self, now: float) -> float | None:
         """Seconds the model call in progress has run (ms precision), or None when there is none."""

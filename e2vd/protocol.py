@@ -304,6 +304,16 @@ _SCHEMAS: dict[str, Any] = {
             "idle_exit_in_s": {"type": ["number", "null"]},
             "keep_warm_deadline": {"type": ["number", "null"]},
             "error": {"type": ["string", "null"], "description": "Why the model is unavailable."},
+            "fallback": {"type": ["object", "null"],
+                         "description": "The low-confidence fallback model; null when fallback_model is not set.",
+                         "properties": {"model": {"type": "string"},
+                                        "below": {"type": "number", "description": "fallback_below: the main "
+                                                  "model's top score under which the fallback is asked."},
+                                        "state": {"type": ["string", "null"], "enum": [*_STATES, None],
+                                                  "description": "null until a request first needs it (it is "
+                                                                 "loaded then, not at start)."},
+                                        "error": {"type": ["string", "null"],
+                                                  "description": "Why it could not be loaded."}}},
             "pid": {"type": "integer"}, "version": {"type": "string"},
         },
     },

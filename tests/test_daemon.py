@@ -158,6 +158,7 @@ def test_status(daemon, tiny_model):
     assert st["idle_timeout_s"] == 600 and st["idle_exit_in_s"] > 500
     assert st["idle_deadline"] == pytest.approx(time.time() + st["idle_exit_in_s"], abs=5)
     assert st["socket_activated"] is False and st["pid"] == daemon.proc.pid
+    assert st["fallback"] is None   # no fallback_model: tests/test_fallback.py has the other states
 
 
 def test_warmup_hold_is_capped_by_max_hold(daemon):

@@ -279,6 +279,8 @@ def test_daemon_answers_with_the_fallback_and_keeps_the_primary(tiny_model, base
     with DaemonProcess(sock, tiny_model, wait_ready=True, idle_timeout=600, fallback_model=base_model,
                        fallback_below=1.0) as d:
         assert "fallback_loaded" not in d.log_text(), "the fallback must not load at start"
+        assert d.request("GET", "/v1/status")[2]["fallback"] == {"model": str(base_model), "below": 1.0,
+                                                                 "state": None, "error": None}
         maps = Path(f"/proc/{d.proc.pid}/maps").read_text()
         assert str(base_model) not in maps and str(tiny_model) in maps
         status, _, answer = d.request("POST", "/v1/recognize", clips["unsure"])
@@ -291,6 +293,7 @@ def test_daemon_answers_with_the_fallback_and_keeps_the_primary(tiny_model, base
         assert primary["top"] == {"label": direct.top.label, "score": primary["scores"][LABELS.index(direct.top.label)]}
         assert set(answer["timing_ms"]) == {"queue", "infer", "fallback"} and "fallback_error" not in answer
         assert str(base_model) in Path(f"/proc/{d.proc.pid}/maps").read_text()
+        assert d.request("GET", "/v1/status")[2]["fallback"]["state"] == "ready"
 
         served = Client(socket=str(sock)).recognize(clips["unsure"])
         assert served.decided_by == "fallback" and served.primary.model == str(tiny_model)
@@ -322,6 +325,8 @@ def test_daemon_survives_a_broken_fallback(tiny_model, clips, tmp_path):
             assert answer["decided_by"] == "primary" and answer["model"] == str(tiny_model)
             assert "primary" not in answer and str(missing) in answer["fallback_error"]
         assert d.request("GET", "/v1/health")[2] == {"status": "ready"}
+        fallback = d.request("GET", "/v1/status")[2]["fallback"]
+        assert fallback["state"] == "unavailable" and str(missing) in fallback["error"]
         assert d.proc.poll() is None
         log = d.log_text()
     assert log.count("event=fallback_unavailable") == 1 and "fallback_error=" in log
