@@ -85,7 +85,7 @@ class Fallback:
         self.model = model
         self.below = below
         self._scheduler = Scheduler(load, queue_size=queue_size, max_batch=1, on_state=self._on_state,
-                                    clock=clock)
+                                    clock=clock, name="e2vd-fallback")
         self._lock = threading.Lock()
         self._started = False
 

@@ -156,13 +156,14 @@ class Scheduler:
     later job fails with ModelUnavailable. `on_state` is called on the worker thread with each
     new state (READY or UNAVAILABLE), before the worker takes any job. `on_running` is called on
     the worker thread right after a model call begins (`running` is set by then). `clock` is the
-    monotonic clock of `running.started` (the daemon's).
+    monotonic clock of `running.started` (the daemon's). `name` is the worker thread's name (the
+    journal's THREAD_NAME, and the name in a stuck daemon's stack dump).
     """
 
     def __init__(self, load: Callable[[], "Engine"], *, queue_size: int = 64, max_batch: int = 0,
                  on_state: Callable[[State], None] | None = None,
                  on_running: Callable[[], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, name: str = "e2vd-worker") -> None:
         if queue_size < 1 or max_batch < 0:
             raise ValueError("queue_size must be >= 1 and max_batch >= 0 (0 = auto)")
         self._load = load
@@ -171,6 +172,7 @@ class Scheduler:
         self._on_state = on_state
         self._on_running = on_running
         self._clock = clock
+        self._name = name
         self._lock = threading.Lock()
         self._running: Running | None = None
         self._submitted = 0
@@ -228,7 +230,7 @@ class Scheduler:
     # --- control ---
     def start(self) -> None:
         """Start the worker thread; it loads the model first, then serves jobs."""
-        self._thread = threading.Thread(target=self._run, name="e2vd-worker", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:

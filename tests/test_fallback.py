@@ -156,6 +156,7 @@ def test_fallback_is_loaded_on_first_need_only(tiny, clips, base_model, caplog):
         assert fallback.state == State.READY and fallback.engine.device == "cpu"
         loaded = [r for r in caplog.records if getattr(r, "e2vd_event", None) == "fallback_loaded"]
         assert len(loaded) == 1 and loaded[0].e2vd_fields["device"] == "cpu"
+        assert loaded[0].threadName == "e2vd-fallback"   # its own worker, told apart in the journal
     finally:
         deciding.primary.stop(5)
         deciding.close(5)
