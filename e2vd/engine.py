@@ -16,7 +16,10 @@ funasr's `AutoModel`, and why:
 * A model directory is data: nothing in it may run code. Checkpoints are only ever unpickled by
   torch's weights_only unpickler; the configuration objects of training runs (argparse
   ``Namespace``, omegaconf containers: `CONFIG_GLOBALS`) are allowed for that one load, and a
-  checkpoint naming any other global is refused with a ModelError that names it.
+  checkpoint naming any other global is refused with a ModelError that names it. funasr
+  ``eval()``s config.yaml's ``feature_encoder_spec``: it is read as a literal instead
+  (`feature_layers`), and the numbers that size the network are bounded (`CONFIG_LIMITS`), so a
+  damaged or hostile config.yaml is a ModelError, never code run or a network too big to build.
 * It runs the very same forward pass as ``Emotion2vec.inference`` (waveform layer norm, mean over
   frames, ``proj``, softmax) on samples it gets from `e2vd.audio`, so a clip's results equal
   ``AutoModel.generate`` on the same samples (tests/test_engine.py proves it).
@@ -33,6 +36,7 @@ funasr's `AutoModel`, and why:
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import gc
@@ -296,7 +300,98 @@ def read_config(model_dir: Path) -> dict[str, Any]:
             or not isinstance(config.get("model_conf"), dict):
         raise ModelError(f"{path} does not describe an Emotion2vec model (need `model: Emotion2vec` "
                          "and `model_conf`): point E2VD_MODEL at an emotion2vec+ directory")
+    _check_sizes(config["model_conf"], path)
     return config
+
+
+#: The largest value config.yaml may give each number that sizes the network ("a.b" is key b
+#: of the mapping a in model_conf). The published large model has embed_dim 1024, depth 8, 16
+#: heads; these leave room for any real model and refuse a damaged or hostile config.yaml before
+#: the network is built (a depth of 20 000 alone took 1.4 GB and 16 s on the meta device).
+CONFIG_LIMITS: dict[str, int] = {
+    "embed_dim": 16384, "depth": 256, "num_heads": 256,
+    "modalities.audio.model_depth": 256, "modalities.audio.prenet_depth": 256,
+    "modalities.audio.num_alibi_heads": 256, "modalities.audio.decoder.decoder_dim": 16384,
+    "modalities.audio.decoder.decoder_layers": 256,
+}
+#: feature_encoder_spec: at most this many convolution layers, each number at most MAX_CONV.
+MAX_FEATURE_LAYERS = 64
+MAX_CONV = 65536
+FEATURE_SPEC_KEY = "modalities.audio.feature_encoder_spec"
+
+
+def _check_sizes(model_conf: dict[str, Any], path: Path) -> None:
+    """Refuse (ModelError naming `path` and the key) a config.yaml whose sizes are not whole
+    numbers from 1 to CONFIG_LIMITS, and make its feature_encoder_spec a plain literal.
+
+    funasr `eval()`s feature_encoder_spec (a Python expression such as "[(512, 10, 5)] +
+    [(512, 3, 2)] * 4"): a config.yaml is data, so the expression is read here with
+    `feature_layers` (list and tuple literals of whole numbers, + and * only; nothing runs) and
+    written back as the literal list it denotes. Keys that are absent keep funasr's defaults."""
+    fix = "copy the model's config.yaml again (it is damaged, or not an emotion2vec+ config)"
+    for dotted, limit in CONFIG_LIMITS.items():
+        found, value = _dotted(model_conf, dotted)
+        if found and (type(value) is not int or not 1 <= value <= limit):
+            raise ModelError(f"{path}: model_conf.{dotted} is {value!r}, expected a whole number from 1 "
+                             f"to {limit}; {fix}")
+    found, spec = _dotted(model_conf, FEATURE_SPEC_KEY)
+    if found:
+        try:
+            layers = feature_layers(spec)
+        except ValueError as err:
+            raise ModelError(f"{path}: model_conf.{FEATURE_SPEC_KEY} {str(spec)[:120]!r} is refused: {err}; "
+                             f"{fix}") from None
+        model_conf["modalities"]["audio"]["feature_encoder_spec"] = repr(layers)
+
+
+def _dotted(mapping: dict[str, Any], dotted: str) -> tuple[bool, Any]:
+    """(found, value) of key path "a.b.c" in nested mappings."""
+    node: Any = mapping
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return False, None
+        node = node[key]
+    return True, node
+
+
+def feature_layers(spec: object) -> list[tuple[int, int, int]]:
+    """The (channels, kernel, stride) layers that the expression `spec` denotes, read without
+    running it: list and tuple literals of whole numbers, joined by + (lists) and * (a list
+    times a whole number). 1 to MAX_FEATURE_LAYERS layers of three numbers from 1 to MAX_CONV;
+    ValueError saying what is wrong otherwise."""
+    if not isinstance(spec, str) or len(spec) > 500:
+        raise ValueError("it must be a short string like \"[(512, 10, 5)] + [(512, 3, 2)] * 4\"")
+    try:
+        tree = ast.parse(spec, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        raise ValueError("it is not an expression of list literals") from None
+
+    def value(node: ast.AST) -> Any:
+        if isinstance(node, ast.Constant) and type(node.value) is int and 0 <= node.value <= MAX_CONV:
+            return node.value
+        if isinstance(node, (ast.List, ast.Tuple)) and len(node.elts) <= MAX_FEATURE_LAYERS:
+            items = [value(e) for e in node.elts]
+            return items if isinstance(node, ast.List) else tuple(items)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            left, right = value(node.left), value(node.right)
+            if isinstance(node.op, ast.Add) and isinstance(left, list) and isinstance(right, list) \
+                    and len(left) + len(right) <= MAX_FEATURE_LAYERS:
+                return left + right
+            if isinstance(node.op, ast.Mult) and isinstance(left, list) and type(right) is int \
+                    and len(left) * right <= MAX_FEATURE_LAYERS:
+                return left * right
+        raise ValueError(f"only list and tuple literals of whole numbers joined by + and * are accepted, "
+                         f"with at most {MAX_FEATURE_LAYERS} layers (nothing in it was run)")
+
+    try:
+        layers = value(tree.body)
+    except RecursionError:
+        raise ValueError("it nests too deeply") from None
+    if (not isinstance(layers, list) or not layers
+            or not all(isinstance(t, tuple) and len(t) == 3 and all(1 <= n <= MAX_CONV for n in t) for t in layers)):
+        raise ValueError(f"it must be a list of 1 to {MAX_FEATURE_LAYERS} (channels, kernel, stride) "
+                         f"layers, each number from 1 to {MAX_CONV}")
+    return layers
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,7 +525,8 @@ def build_model(config: dict[str, Any], weights: dict[str, torch.Tensor], num_la
     Every tensor the model uses must be in `weights` with the right shape (else ModelError);
     extra tensors (the pre-training decoder, EMA copies) are ignored.
     """
-    return assign_weights(construct_model(config, num_labels), weights, weights_path)
+    return assign_weights(construct_model(config, num_labels, weights_path.parent / "config.yaml"),
+                          weights, weights_path)
 
 
 def load_model(config: dict[str, Any], weights_path: Path, num_labels: int) -> torch.nn.Module:
@@ -441,7 +537,7 @@ def load_model(config: dict[str, Any], weights_path: Path, num_labels: int) -> t
     pass (~0.04 s for the large model) off the cold start."""
     reader = _Background(lambda: page_in(load_weights(weights_path)), name="e2vd-weights")
     try:
-        model = construct_model(config, num_labels)
+        model = construct_model(config, num_labels, weights_path.parent / "config.yaml")
     finally:
         weights = reader.result()
     return assign_weights(model, weights, weights_path)
@@ -483,11 +579,20 @@ class _Background:
         return self._value
 
 
-def construct_model(config: dict[str, Any], num_labels: int) -> torch.nn.Module:
+def construct_model(config: dict[str, Any], num_labels: int, config_path: Path | None = None) -> torch.nn.Module:
     """funasr's `Emotion2vec` for `config` on the meta device (no memory, no random init), without
-    the pre-training decoder."""
-    with torch.device("meta"), skip_weight_init():
-        model = new_emotion2vec(copy.deepcopy(config["model_conf"]), num_labels)
+    the pre-training decoder. A config funasr cannot build a network from (its values disagree,
+    e.g. an embed_dim the convolution groups do not divide) is a ModelError naming `config_path`."""
+    try:
+        with torch.device("meta"), skip_weight_init():
+            model = new_emotion2vec(copy.deepcopy(config["model_conf"]), num_labels)
+    except ModelError:
+        raise
+    except Exception as err:   # funasr's own checks: TypeError, ValueError, RuntimeError, ZeroDivisionError ...
+        where = config_path or "config.yaml"
+        raise ModelError(f"{where} describes a network funasr's Emotion2vec cannot build "
+                         f"({type(err).__name__}: {str(err)[:200]}); copy the model's config.yaml again "
+                         "(it is damaged, or not an emotion2vec+ config)") from err
     for encoder in model.modality_encoders.values():
         # the decoder only serves pre-training: fairseq's own inference drops it the same way, and
         # a fine-tuned checkpoint need not carry its weights

@@ -412,3 +412,60 @@ def test_fallback_adds_no_cuda_memory(tiny_model, base_model, clips):
     finally:
         deciding.primary.stop(5)
         deciding.close(5)
+
+
+# --- a hostile fallback model directory ------------------------------------------------------------
+
+def hostile_copy(tiny_model: Path, dest: Path, old: str, new: str) -> Path:
+    """A copy of the tiny stand-in with the config.yaml line `old` replaced by `new`."""
+    import shutil
+
+    shutil.copytree(tiny_model, dest)
+    text = (dest / "config.yaml").read_text(encoding="utf-8")
+    assert old in text, old
+    (dest / "config.yaml").write_text(text.replace(old, new, 1), encoding="utf-8")
+    return dest
+
+
+SPEC = "feature_encoder_spec: '[(64, 10, 5)] + [(64, 3, 2)] * 4 + [(64,2,2)] + [(64,2,2)]'"
+
+
+def test_fallback_config_yaml_that_would_run_code_is_refused_and_nothing_runs(tiny_model, tmp_path):
+    """funasr eval()s feature_encoder_spec: a config.yaml is data, so only a literal list of
+    (channels, kernel, stride) joined by + and * is taken, and nothing in it runs."""
+    marker = tmp_path / "ran"
+    model = hostile_copy(tiny_model, tmp_path / "m", SPEC,
+                         f"feature_encoder_spec: \"__import__('os').system('touch {marker}') or [(64, 10, 5)]\"")
+    with pytest.raises(Exception) as err:
+        load_fallback_engine(Settings(fallback_model=str(model)))
+    assert not marker.exists(), "config.yaml ran code"
+    message = str(err.value)
+    assert type(err.value).__name__ == "ModelError"
+    assert str(model / "config.yaml") in message and "feature_encoder_spec" in message
+    assert "copy the model's config.yaml again" in message
+
+
+@pytest.mark.parametrize("old, new, says", [
+    ("  embed_dim: 64\n", "  embed_dim: 1000000000000\n", "embed_dim"),
+    ("  embed_dim: 64\n", "  embed_dim: -5\n", "embed_dim"),
+    ("  embed_dim: 64\n", "  embed_dim: abc\n", "embed_dim"),
+    ("  embed_dim: 64\n", "  embed_dim: true\n", "embed_dim"),
+    ("  depth: 2\n", "  depth: 20000\n", "depth"),
+    ("  embed_dim: 64\n", "  embed_dim: 65\n", "cannot build"),      # funasr refuses it deep inside
+    (SPEC, "feature_encoder_spec: '[(64, 10, 5)] * 100000000'", "feature_encoder_spec"),
+    (SPEC, "feature_encoder_spec: '[(64, 10)]'", "feature_encoder_spec"),
+    (SPEC, "feature_encoder_spec: '[]'", "feature_encoder_spec"),
+    (SPEC, "feature_encoder_spec: 7", "feature_encoder_spec"),
+])
+def test_fallback_config_yaml_with_odd_sizes_is_model_unavailable(tiny_model, tmp_path, old, new, says):
+    """A config.yaml asking for an absurd or broken network: a ModelError naming the file and the
+    key (the daemon's model_unavailable / fallback_error), quickly, without building it."""
+    import time as _time
+
+    model = hostile_copy(tiny_model, tmp_path / "m", old, new)
+    start = _time.monotonic()
+    with pytest.raises(Exception) as err:
+        load_fallback_engine(Settings(fallback_model=str(model)))
+    assert type(err.value).__name__ == "ModelError", repr(err.value)
+    assert str(model / "config.yaml") in str(err.value) and says in str(err.value), str(err.value)
+    assert _time.monotonic() - start < 10
