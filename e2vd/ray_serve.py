@@ -22,7 +22,9 @@ so malformed requests are refused by it, not with e2vd's bad_request JSON; `POST
 starts a replica and answers when it is ready but grants no hold (`hold_s` 0: keep replicas warm
 with min_replicas); `GET /v1/status` describes the replica that answered. A model that cannot
 load makes its replica answer 503 model_unavailable (never a crash, so Ray does not restart it in
-a loop) until the replica scales down.
+a loop) until the replica scales down. A model call that runs past inference_timeout is stuck:
+the replica's health check ends its process at once (exit 5, as the daemon's watchdog; its GPU
+memory goes with it) and Ray replaces it.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import difflib
+import faulthandler
 import json
 import logging
 import math
@@ -54,6 +57,7 @@ from e2vd.http_io import SMALL_BODY_BYTES
 from e2vd.protocol import ApiError, find_route, parse_options
 from e2vd.routes import ROUTE_FUNCTIONS, App, ClientGone, Request
 from e2vd.scheduler import Scheduler
+from e2vd.vocabulary import ExitCode
 
 log = logging.getLogger("e2vd")
 
@@ -217,8 +221,10 @@ def deployment_options(settings: Settings, scaling: Scaling) -> dict[str, Any]:
         },
         "ray_actor_options": {"num_cpus": scaling.cpus_per_replica, "num_gpus": scaling.gpus_per_replica},
         "graceful_shutdown_timeout_s": settings.drain_timeout,
-        # the constructor waits for the model: a slow disk or a first CUDA context takes a while
-        "health_check_timeout_s": 60.0,
+        # Replica.check_health ends a replica whose model call passed inference_timeout: look often
+        # enough to catch it at most 10 s later
+        "health_check_period_s": max(1.0, min(10.0, settings.inference_timeout / 2)),
+        "health_check_timeout_s": 30.0,
     }
 
 
@@ -447,6 +453,23 @@ class Replica:
         self.scheduler.settled.wait(LOAD_WAIT_S)
         log.info("replica %s: model %s %s (%s)", self.replica_id, settings.model, self.scheduler.state,
                  self.scheduler.error or f"loaded in {getattr(self.scheduler.engine, 'load_seconds', '?')} s")
+
+    def check_health(self) -> None:
+        """Ray asks every health_check_period_s. A model call running longer than
+        inference_timeout is stuck (a wedged GPU, a driver fault), as the daemon's watchdog judges
+        it, and ends the process at once, as the daemon does: the threads' stacks to stderr (the
+        replica's log), then os._exit(5), which frees the GPU memory; a graceful stop would wait
+        graceful_shutdown_timeout_s for the stuck call. Ray then replaces the replica as the
+        autoscaler needs; its clients get Ray's 5xx. A model that could not load is healthy (it
+        answers 503 model_unavailable: replacing it would load it again and again)."""
+        running = self.scheduler.running
+        if running is not None and time.monotonic() - running.started > self.settings.inference_timeout:
+            log.critical("replica %s: the model call %s has run over inference_timeout (%g s): stuck; ending "
+                         "this replica's process (exit 5) so that Ray replaces it", self.replica_id,
+                         running.describe(), self.settings.inference_timeout)
+            faulthandler.dump_traceback(all_threads=True)
+            sys.stderr.flush()
+            os._exit(int(ExitCode.SERVER))
 
     @property
     def served(self) -> int:

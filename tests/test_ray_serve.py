@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from conftest import ROOT, wav_clip
+from conftest import ROOT, standin_dir, wav_clip
 from daemon_proc import DaemonProcess, read_response
 from forms import chunked, form
 
@@ -388,13 +388,18 @@ def test_32_concurrent_requests_all_succeed(ray_app: tuple[RayApp, dict[str, Any
 @pytest.mark.slow
 @pytest.mark.ray
 def test_back_to_zero_replicas_after_downscale_delay(ray_app: tuple[RayApp, dict[str, Any]]) -> None:
-    """downscale_delay after the last request no replica is left; the next request starts one
-    again and is answered."""
+    """downscale_delay after the last request no replica is left and its process has ended; the
+    next request starts one again and is answered."""
     target, _ = ray_app
     status, _, _ = target.request("POST", "/v1/recognize", wav_clip(1.0))
     assert status == 200
     assert sum(target.replicas().values()) >= 1
+    pid = target.request("GET", "/v1/status")[2]["pid"]
     target.wait_replicas(0)
+    deadline = time.monotonic() + SCALE_WAIT_S
+    while not process_gone(pid):   # the replica's process ends: what it held (a GPU) goes with it
+        assert time.monotonic() < deadline, f"replica process {pid} still runs with 0 replicas"
+        time.sleep(0.2)
     status, _, payload = target.request("POST", "/v1/recognize", wav_clip(1.0))
     assert status == 200, payload
 
@@ -427,3 +432,43 @@ def test_a_model_that_cannot_load_is_answered_not_restarted(cluster: int, tmp_pa
         assert first["state"] == "unavailable" and str(missing) in first["error"]
     finally:
         serve.delete("broken")
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_stuck_model_call_gets_its_replica_replaced(cluster: int) -> None:
+    """A model call past inference_timeout is found by the replica's health check, which ends the
+    replica's process at once (its memory goes with it, no drain); the client gets Ray's error,
+    not a hang, and a new replica answers the next request. As in
+    tests/test_systemd_failures.py, the large stand-in on the CPU takes seconds for a 20 s clip,
+    and inference_timeout = 1 makes that call stuck, with no test-only hook."""
+    from ray import serve
+
+    from e2vd.ray_serve import app
+
+    serve.run(app({"model": str(standin_dir("large")), "device": "cpu", "config": os.devnull,
+                   "cpus_per_replica": "0.5", "inference_timeout": "1", "downscale_delay": "60"}),
+              name="stuck", route_prefix="/stuck")
+    try:
+        target = RayApp(cluster)
+        status, _, before = target.request("POST", "/stuck/v1/warmup")
+        assert status == 200, before
+        pid = target.request("GET", "/stuck/v1/status")[2]["pid"]
+        status, _, payload = target.request("POST", "/stuck/v1/recognize", wav_clip(20.0, seed=3))
+        assert status >= 500, payload.get("timing_ms") if isinstance(payload, dict) else payload
+        deadline = time.monotonic() + SCALE_WAIT_S
+        while not process_gone(pid):
+            assert time.monotonic() < deadline, f"the stuck replica's process {pid} is still there"
+            time.sleep(0.2)
+        status, _, after = target.request("GET", "/stuck/v1/status")
+        assert status == 200 and after["pid"] != pid, after
+    finally:
+        serve.delete("stuck")
