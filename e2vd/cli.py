@@ -316,6 +316,15 @@ def _out(text: str) -> bool:
         return False
 
 
+def _lines_out(lines: Sequence[str]) -> str:
+    """`lines` as one text for the terminal: what systemd, the journal or a daemon said may hold
+    control characters (an escape sequence in a unit's state or a daemon's label), written as
+    backslash escapes (e2vd.log.escape_controls) so that they cannot rewrite the screen."""
+    from e2vd.log import escape_controls
+
+    return "\n".join(escape_controls(line) for line in lines)
+
+
 def _stdout_closed() -> None:
     """Point fd 1 at /dev/null, as the Python documentation recommends for EPIPE (signal), so
     the interpreter's final flush of the unwritten buffer does not fail a second time."""
@@ -444,7 +453,8 @@ def format_table(name: str, result, unicode: bool = True) -> str:
     """The human view of one result: a header line, then every label with its percentage and a
     bar, most probable first. When the fallback model decided, the header says so and a second
     line gives the main model's top label and model; when the fallback was asked but could not
-    answer, a line says why (e2vd.fallback)."""
+    answer, a line says why (e2vd.fallback). Control characters in what the daemon sent (labels,
+    model ids, fallback_error) are written as backslash escapes (`_lines_out`)."""
     timing = result.timing_ms or {}
     ms = sum(v for v in timing.values())
     head = f"{name}: {result.top.label} {100 * result.top.score:.1f}%  ({result.duration_s:.2f} s of audio"
@@ -464,7 +474,7 @@ def format_table(name: str, result, unicode: bool = True) -> str:
         lines.append(f"  decided by the main model: {result.fallback_error}")
     for t in result.ranked():
         lines.append(f"  {t.label:<{width}} {100 * t.score:5.1f}% {_bar(t.score, unicode=unicode)}".rstrip())
-    return "\n".join(lines)
+    return _lines_out(lines)
 
 
 def embedding_paths(out: str, files: Sequence[str]) -> list[Path]:
@@ -826,7 +836,7 @@ def cmd_status(args: argparse.Namespace) -> ExitCode:
         if len(listed) > 1:
             lines.append("instances (from systemd; none was asked, none woken):")
             lines.extend(f"  {i.line()}" for i in listed)
-    text = json.dumps(report, indent=2, ensure_ascii=False) if args.json else "\n".join(lines)
+    text = json.dumps(report, indent=2, ensure_ascii=False) if args.json else _lines_out(lines)
     if not _out(text):
         _err("stdout was closed by its reader; the status was not shown")
     return code

@@ -159,16 +159,19 @@ class Recognition(result.Recognition):
     @classmethod
     def _fields(cls, d: Mapping[str, Any]) -> dict[str, Any]:
         """The engine's fields, then model and timing_ms (a mapping of names to numbers), and
-        decided_by (one of e2vd.result.DECIDED_BY), primary and fallback_error when present."""
+        decided_by (one of e2vd.result.DECIDED_BY), primary and fallback_error (a string) when present."""
         decided_by = d.get("decided_by", "primary")
         if decided_by not in result.DECIDED_BY:
             raise ValueError(f"'decided_by' must be one of {', '.join(result.DECIDED_BY)}, got {decided_by!r}")
         primary = d.get("primary")
+        fallback_error = d.get("fallback_error")
+        if fallback_error is not None and not isinstance(fallback_error, str):
+            raise ValueError(f"'fallback_error' must be a string, got {type(fallback_error).__name__}")
         return {**super()._fields(d), "model": str(d.get("model", "")),
                 "timing_ms": {str(k): float(v) for k, v in (d.get("timing_ms") or {}).items()},
                 "decided_by": decided_by,
                 "primary": None if primary is None else result.Primary.from_dict(primary),
-                "fallback_error": str(d.get("fallback_error") or "")}
+                "fallback_error": fallback_error or ""}
 
     def to_dict(self, embedding: bool = True) -> dict[str, Any]:
         """JSON-ready dict with the daemon's field names (model, decided_by, timing_ms included;

@@ -12,7 +12,8 @@ An instance name comes from a command line or the environment, so it is hostile 
 match ``[a-z0-9][a-z0-9_-]{0,23}`` (no path separator, no "..", no character systemd would escape
 in a unit name; at most 24 characters, so that the dynamic user e2vd-NAME is a valid user name),
 and must not be one of RESERVED: ``e2vd`` (the default instance's config and socket), ``web``,
-``daemon``, ``warmup`` (the dynamic users and directories of e2vd's other units).
+``daemon``, ``warmup`` (the dynamic users and directories of e2vd's other units), ``lock`` (the
+GPU lock's directory /run/e2vd/lock).
 `check_name` says exactly what is wrong and what to do.
 
 `list_instances` names the default and every installed instance and what systemd records about
@@ -43,7 +44,9 @@ RESERVED = {DEFAULT: "it is the default instance's own name (/etc/e2vd/e2vd.toml
             "web": "/var/lib/e2vd-web and the user e2vd-web belong to the browser front (e2vd-web.service): "
                    "choose another name",
             "daemon": "its dynamic user e2vd-daemon is the default instance's: choose another name",
-            "warmup": "its dynamic user e2vd-warmup is e2vd-warmup.service's: choose another name"}
+            "warmup": "its dynamic user e2vd-warmup is e2vd-warmup.service's: choose another name",
+            "lock": "/run/e2vd/lock is the GPU lock's directory, which every daemon shares (beside "
+                    "/run/e2vd/lock.sock it would only confuse): choose another name"}
 CONFIG_DIR = Path("/etc/e2vd")
 RUN_DIR = Path("/run/e2vd")
 UNIT_DIR = Path("/etc/systemd/system")
@@ -206,7 +209,10 @@ class InstanceState:
     main_pid: int | None
 
     def line(self) -> str:
-        """One line for `e2vd status`."""
+        """One line for `e2vd status`, control characters (from systemd's answers) written as
+        backslash escapes."""
+        from e2vd.log import escape_controls
+
         what = "default instance" if self.name == DEFAULT else "instance"
         text = (f"{what} {self.name}: {self.service_unit} {self.service_state}"
                 + (f", PID {self.main_pid}" if self.main_pid else "")
@@ -217,7 +223,7 @@ class InstanceState:
             text += f"; nothing listens, requests fail: `sudo systemctl enable --now {self.socket_unit}`"
         if not self.config_present:
             text += f"; no {self.config} (the defaults apply)"
-        return text
+        return escape_controls(text)
 
     def to_dict(self) -> dict[str, object]:
         return {"name": self.name, "default": self.name == DEFAULT, "socket": self.socket_path,
@@ -237,13 +243,15 @@ def _state(props: Mapping[str, str] | None) -> str:
 def list_instances(run=subprocess.run, root: Path = Path("/")) -> list[InstanceState]:
     """The default instance and every installed one (`installed_names`), with systemd's record
     of their units (`systemctl show`, one call) and whether their socket file exists.  Never
-    connects to a socket; without systemd the unit states read "unknown"."""
+    connects to a socket; without systemd the unit states read "unknown". systemctl's output is
+    read as UTF-8 with undecodable bytes replaced; a MainPID that is not 1 to 10 ASCII digits is
+    none."""
     from e2vd.unit_record import parse_systemctl_show
 
     listed = None
     try:
         cp = run(["systemctl", "list-units", "--all", "--plain", "--no-legend", "--no-pager", "e2vd@*"],
-                 capture_output=True, text=True, timeout=10)
+                 capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=10)
         listed = cp.stdout if cp.returncode == 0 else None
     except (OSError, subprocess.TimeoutExpired):
         pass
@@ -252,7 +260,7 @@ def list_instances(run=subprocess.run, root: Path = Path("/")) -> list[InstanceS
     shown: dict[str, dict[str, str]] | None = None
     try:
         cp = run(["systemctl", "show", *units, "-p", "Id,LoadState,ActiveState,SubState,MainPID", "--no-pager"],
-                 capture_output=True, text=True, timeout=10)
+                 capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=10)
         if cp.returncode == 0:
             shown = {k: u.props for k, u in parse_systemctl_show(cp.stdout).items()}
     except (OSError, subprocess.TimeoutExpired):
@@ -262,7 +270,7 @@ def list_instances(run=subprocess.run, root: Path = Path("/")) -> list[InstanceS
         svc = None if shown is None else shown.get(i.service_unit, {})
         sock = None if shown is None else shown.get(i.socket_unit, {})
         running = svc is not None and svc.get("ActiveState") in ("active", "activating", "deactivating")
-        pid = int(svc["MainPID"]) if svc and svc.get("MainPID", "0").isdigit() and svc["MainPID"] != "0" else None
+        pid = int(svc["MainPID"]) if svc and re.fullmatch(r"[1-9][0-9]{0,9}", svc.get("MainPID", "")) else None
         states.append(InstanceState(
             i.name, str(i.socket), str(i.config), (root / i.config.relative_to("/")).is_file(),
             i.socket_unit, i.service_unit, _state(sock), _state(svc),

@@ -95,7 +95,7 @@ def systemd_units(units: Sequence[str] = (SERVICE, SOCKET_UNIT)) -> dict[str, Un
     """Ask systemd about `units` without touching them; a str says why systemd cannot be asked."""
     cmd = ["systemctl", "show", *units, "-p", ",".join(SHOW_PROPS), "--no-pager"]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        proc = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=10)
     except FileNotFoundError:
         return "systemctl is not installed here"
     except subprocess.TimeoutExpired:

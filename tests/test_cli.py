@@ -832,3 +832,55 @@ def test_setup_sh_and_install_without_systemd_as_pid_1_stop_at_once_with_exit_2(
         assert proc.stderr.startswith(prefix + "systemd is not PID 1 here (PID 1 is ")
         assert "e2vd serve --socket /run/e2vd/e2vd.sock --model DIR" in proc.stderr
         assert "podman run --systemd=always IMAGE /sbin/init" in proc.stderr
+
+
+# -- hostile fallback fields in a daemon's answer ---------------------------------------------
+
+def _answer(**extra: object) -> dict:
+    return {"labels": list(LABELS), "scores": [1.0 / len(LABELS)] * len(LABELS), "duration_s": 1.0,
+            "model": "/srv/m", **extra}
+
+
+PRIMARY = {"labels": list(LABELS), "scores": [0.2] + [0.1] * (len(LABELS) - 1), "model": "/srv/main"}
+
+
+@pytest.mark.parametrize("extra", [
+    {"decided_by": "fallback\x1b[2J"}, {"decided_by": ["fallback"]}, {"decided_by": {"a": 1}},
+    {"decided_by": None}, {"decided_by": 1},
+    {"decided_by": "fallback", "primary": "x"}, {"decided_by": "fallback", "primary": []},
+    {"decided_by": "fallback", "primary": {**PRIMARY, "labels": []}},
+    {"decided_by": "fallback", "primary": {**PRIMARY, "scores": [float("nan")] * len(LABELS)}},
+    {"decided_by": "fallback", "primary": {**PRIMARY, "model": ["x"]}},
+    {"decided_by": "fallback", "primary": {**PRIMARY, "scores": [10 ** 400] * len(LABELS)}},
+    {"fallback_error": {"a": "b"}}, {"fallback_error": ["x"]}, {"fallback_error": 5},
+])
+def test_hostile_fallback_fields_are_a_malformed_answer(extra: dict, clips: list[Path]) -> None:
+    """decided_by, primary and fallback_error of the wrong type or value: exit 5 with the
+    malformed-answer message, no traceback (Client: ClientError 502)."""
+    with RawPeer(json_answer(_answer(**extra))) as peer:
+        proc = e2vd("recognize", str(clips[0]), "--socket", peer.socket)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    one_line(proc, ExitCode.SERVER, f"{clips[0]}: ", "HTTP 502")
+
+
+def test_control_characters_in_an_answer_are_escaped_in_the_table(clips: list[Path]) -> None:
+    """Every string the daemon sends (labels, model, primary.model, fallback_error) reaches the
+    terminal with its control characters escaped; --json keeps them (JSON escapes them itself)."""
+    evil = "\x1b]0;owned\x07\x1b[2J\x9b31m\r"
+    labels = [f"{label}{evil}" for label in LABELS]
+    answer = _answer(labels=labels, model=f"/srv/fb{evil}", decided_by="fallback",
+                     primary={**PRIMARY, "labels": labels, "model": f"/srv/main{evil}"})
+    with RawPeer(json_answer(answer)) as peer:
+        proc = e2vd("recognize", str(clips[0]), "--socket", peer.socket)
+    assert proc.returncode == 0, proc.stderr
+    assert not any((ord(c) < 32 and c != "\n") or 0x7f <= ord(c) <= 0x9f for c in proc.stdout), ascii(proc.stdout)
+    assert "fallback model /srv/fb\\x1b]0;owned\\x07\\x1b[2J\\x9b31m\\r" in proc.stdout
+    assert "the main model /srv/main\\x1b]0;owned" in proc.stdout
+    with RawPeer(json_answer(_answer(fallback_error=f"it broke{evil}"))) as peer:
+        proc = e2vd("recognize", str(clips[0]), "--socket", peer.socket)
+    assert proc.returncode == 0, proc.stderr
+    assert "decided by the main model: it broke\\x1b]0;owned" in proc.stdout, proc.stdout
+    assert not any((ord(c) < 32 and c != "\n") or 0x7f <= ord(c) <= 0x9f for c in proc.stdout), ascii(proc.stdout)
+    with RawPeer(json_answer(answer)) as peer:
+        proc = e2vd("recognize", "--json", str(clips[0]), "--socket", peer.socket)
+    assert json.loads(proc.stdout)["primary"]["model"] == f"/srv/main{evil}"

@@ -59,6 +59,15 @@ def test_good_names_are_accepted(name: str) -> None:
     ("web", "reserved"),
     ("daemon", "reserved"),
     ("warmup", "reserved"),
+    ("lock", "reserved: /run/e2vd/lock is the GPU lock's directory"),
+    ("ѕmall", "holds '\\u0455'"),                 # Cyrillic dze, looks like an s
+    ("small\u200b", "holds '\\u200b'"),           # a zero-width space
+    ("ｓｍａｌｌ", "holds '\\uff41'"),              # full-width letters
+    ("１", "holds '\\uff11'"),                      # a full-width digit
+    (" small", "holds ' '"),
+    ("small\t", "holds '\\t'"),
+    ("-", "starts with '_' or '-'"),
+    ("x" * 10_000, "10000 characters long"),
 ])
 def test_bad_names_are_refused_with_the_reason_and_the_rule(name: str, problem: str) -> None:
     with pytest.raises(InstanceNameError) as info:
@@ -189,6 +198,39 @@ def test_list_instances_reads_systemd_and_never_connects(tmp_path: Path) -> None
 
     [alone] = instances.list_instances(run=no_systemctl, root=tmp_path / "empty")
     assert (alone.name, alone.service_state, alone.running) == ("e2vd", "unknown", False)
+
+
+def _systemctl_printing(show: bytes, listed: bytes = b""):
+    """A `run` for list_instances that runs a real process (printf) printing `listed` for
+    `systemctl list-units` and `show` for `systemctl show`, with list_instances' own options."""
+    def run(argv, **kw):
+        out = listed if argv[1] == "list-units" else show
+        return subprocess.run(["printf", "%s", out], **kw)
+    return run
+
+
+def test_list_instances_survives_odd_systemctl_output_and_escapes_it(tmp_path: Path) -> None:
+    """systemctl output that is not UTF-8, with control characters in a state, a MainPID of
+    non-ASCII digits or of 5000 digits, and odd unit names in list-units: no exception, nothing
+    raw on the terminal, odd names never listed."""
+    show = (b"Id=e2vd.service\nLoadState=loaded\nActiveState=active\x1b[2J\nSubState=run\xffning\n"
+            b"MainPID=\xc2\xb2\n\n"
+            b"Id=e2vd.socket\nLoadState=loaded\nActiveState=act\x07ive\nSubState=listening\nMainPID=0\n\n"
+            b"Id=e2vd@gpu.service\nLoadState=loaded\nActiveState=active\nSubState=running\nMainPID="
+            + b"9" * 5000 + b"\n\n"
+            b"Id=e2vd@gpu.socket\nLoadState=loaded\nActiveState=active\nSubState=running\nMainPID=0\n")
+    listed = (b"e2vd@gpu.socket loaded active running x\n"
+              b"e2vd@\x1b[31mred.service loaded active running x\n"
+              b"e2vd@lock.service loaded active running x\n"
+              b"e2vd@\xff.service loaded active running x\n")
+    got = instances.list_instances(run=_systemctl_printing(show, listed), root=tmp_path)
+    assert [i.name for i in got] == ["e2vd", "gpu"]
+    default, gpu = got
+    assert default.main_pid is None and gpu.main_pid is None
+    assert not default.running and gpu.running
+    for line in (default.line(), gpu.line()):
+        assert not any(ord(c) < 32 or 0x7f <= ord(c) <= 0x9f for c in line), ascii(line)
+    assert "active\\x1b[2J" in default.line() and "act\\x07ive" in default.line()
 
 
 # ------------------------------------------------------------------------------ units
@@ -396,6 +438,25 @@ def test_cli_refuses_a_bad_e2vd_instance_from_the_environment(tmp_path: Path) ->
     cp = _e2vd("recognize", str(clip), env={"E2VD_INSTANCE": "../../tmp/x"})
     assert cp.returncode == ExitCode.USAGE
     assert "$E2VD_INSTANCE '../../tmp/x' holds a path separator" in cp.stderr and "Traceback" not in cp.stderr
+
+
+def test_status_escapes_what_systemctl_says(tmp_path: Path) -> None:
+    """`e2vd status` with a systemctl that answers odd states (control characters, bytes that
+    are not UTF-8, a MainPID in other digits): exit without a traceback, nothing raw on stdout."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "systemctl"
+    fake.write_text("#!/bin/sh\n"
+                    "if [ \"$1\" = list-units ]; then printf 'e2vd@gpu.socket loaded active running x\\n'; exit 0; fi\n"
+                    "for u in \"$@\"; do case \"$u\" in *.service|*.socket)\n"
+                    "printf 'Id=%s\\nLoadState=loaded\\nActiveState=active\\033[2J\\nSubState=run\\377\\nMainPID=\\302\\262\\n"
+                    "StatusText=\\033]0;owned\\007\\nResult=success\\n\\n' \"$u\";; esac; done\n")
+    fake.chmod(0o755)
+    cp = _e2vd("status", env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert "Traceback" not in cp.stderr, cp.stderr
+    assert "instance gpu: e2vd@gpu.service active\\x1b[2J" in cp.stdout, cp.stdout
+    assert "\\x1b]0;owned\\x07" in cp.stdout, cp.stdout
+    assert not any(ord(c) < 32 and c != "\n" or 0x7f <= ord(c) <= 0x9f for c in cp.stdout), ascii(cp.stdout)
 
 
 def test_check_config_with_instance_reads_its_file(tmp_path: Path) -> None:
