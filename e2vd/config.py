@@ -39,7 +39,8 @@ The low-confidence fallback (e2vd.fallback): `fallback_model` is a second model 
 a ModelScope id, like `model`; empty, the default, turns the fallback off) that answers instead
 of the main model when the main model's top score is below `fallback_below` (0..1, default 0.7);
 it is loaded on first need, on `fallback_device` ("cpu", the default: no GPU memory; or "cuda",
-"cuda:N"; never "auto"). A `fallback_model` that is neither a path nor an id is refused here; a
+"cuda:N"; never "auto"). A `fallback_model` that is neither an absolute path nor an id is refused
+here (a relative or ~ path would name another directory in the daemon, which runs from /); a
 missing directory is caught by `check_file` (check-config, install) and, in the daemon, only
 turns the fallback off (answers keep the main model's result and say why).
 
@@ -59,6 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import math
 import os
 import re
@@ -75,8 +77,12 @@ INSTANCE_ENV = "E2VD_INSTANCE"   # e2vd.instances: which instance (not a setting
 ENV_PREFIX = "E2VD_"
 IGNORED_ENV_PREFIXES = ("E2VD_SDBOX_", "E2VD_TEST_", "E2VD_BENCH_")
 
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(?::(\d+))?")   # group 1: the GPU index
-MODEL_ID_PATTERN = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # a ModelScope id "owner/name" (fullmatch)
+#: group 1: the GPU index, ASCII digits only (int() would also read "١" or "１"), at most 4 of them
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(?::([0-9]{1,4}))?")
+#: a ModelScope id "owner/name" (fullmatch): ASCII only (no look-alike letters), and a name that
+#: is not "." or ".." (the id becomes a path below cache_dir/models)
+MODEL_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/(?!\.\.?$)[A-Za-z0-9_.-]+")
+MAX_PATH = 4095   # bytes in a path Linux accepts (PATH_MAX less the NUL)
 BUSY_POLICIES = ("refuse", "cpu")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DURATION_KEYS = frozenset({"idle_timeout", "max_hold", "connection_timeout", "drain_timeout",
@@ -227,7 +233,7 @@ def model_problem(model: str) -> str | None:
     expanded = os.path.expanduser(model)
     if os.path.isabs(expanded) or model.startswith(("./", "../")):
         if not os.path.isdir(expanded):
-            return f"the model directory {model} does not exist (or is not a directory)"
+            return _not_a_directory(model, expanded)
         missing = [name for name in MODEL_FILES if not os.path.isfile(os.path.join(expanded, name))]
         if missing:
             return f"the model directory {model} lacks {', '.join(missing)} (it must hold {', '.join(MODEL_FILES)})"
@@ -235,6 +241,17 @@ def model_problem(model: str) -> str | None:
     if not MODEL_ID_PATTERN.fullmatch(model):
         return f"{model!r} is neither an absolute model directory nor a ModelScope id 'owner/name'"
     return None
+
+
+def _not_a_directory(model: str, path: str) -> str:
+    """Why `path` (the setting `model`, expanded), which is not a directory, cannot be the model."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return f"the model directory {model} is a symbolic link loop (or a chain of over 40 links)"
+        return f"the model directory {model} does not exist (or is not a directory)"
+    return f"the model directory {model} is a file, not a directory"
 
 
 def check_file(path: str, required: bool = True, check_model: bool = True) -> tuple[Settings, bool]:
@@ -369,16 +386,18 @@ def _fallback_model(value: object) -> None:
         return
     if any(ord(c) < 32 or ord(c) == 127 for c in text):
         raise ValueError("must not hold control characters")
-    if not (os.path.isabs(os.path.expanduser(text)) or text.startswith(("./", "../"))
-            or MODEL_ID_PATTERN.fullmatch(text)):
-        raise ValueError(f"must be an absolute model directory, a ModelScope id 'owner/name', or \"\" "
-                         f"(no fallback); got {text!r}")
+    if text.startswith(("./", "../", "~")):
+        raise ValueError(f"must be an absolute model directory (the daemon runs from / as its own user, so "
+                         f"{text!r} would not name the directory it names here); got {text!r}")
+    if not (os.path.isabs(text) or MODEL_ID_PATTERN.fullmatch(text)):
+        raise ValueError(f"must be an absolute model directory, a ModelScope id 'owner/name' (ASCII), or "
+                         f"\"\" (no fallback); got {text!r}")
 
 
 def _fallback_device(value: object) -> None:
     if value == "auto" or not DEVICE_PATTERN.fullmatch(str(value)):
         raise ValueError(f"must be cpu (the default: the fallback then holds no GPU memory), cuda or "
-                         f"cuda:N; got {value!r}")
+                         f"cuda:N (N = GPU index, 0 to 9999, ASCII digits); got {value!r}")
 
 
 def _fraction(value: object) -> None:
@@ -388,13 +407,21 @@ def _fraction(value: object) -> None:
 
 
 def _absolute_or_empty(value: object) -> None:
-    if value and not os.path.isabs(str(value)):
+    """Empty, or an absolute path without control characters of at most MAX_PATH bytes."""
+    text = str(value)
+    if text and not os.path.isabs(text):
         raise ValueError(f"must be an absolute path (or empty for the default); got {value!r}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise ValueError(f"must not hold control characters; got {value!r}")
+    if len(os.fsencode(text)) > MAX_PATH:
+        raise ValueError(f"is too long ({len(os.fsencode(text))} bytes, Linux takes {MAX_PATH}): choose a "
+                         "shorter path")
 
 
 def _device(value: object) -> None:
     if not DEVICE_PATTERN.fullmatch(str(value)):
-        raise ValueError(f"must be auto, cpu, cuda or cuda:N (N = GPU index, e.g. cuda:0); got {value!r}")
+        raise ValueError(f"must be auto, cpu, cuda or cuda:N (N = GPU index, 0 to 9999, ASCII digits, "
+                         f"e.g. cuda:0); got {value!r}")
 
 
 _CHECKS: dict[str, Callable[[object], None]] = {

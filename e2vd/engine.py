@@ -208,7 +208,15 @@ def resolve_model(model: str, cache_dir: str | None = None,
                          f"absolute model directory or a ModelScope id such as {DEFAULT_MODEL}")
     expanded = os.path.expanduser(model)
     if os.path.isabs(expanded) or model.startswith(("./", "../")):
-        path = Path(expanded).resolve()
+        try:
+            path = Path(expanded).resolve()
+        except (RuntimeError, OSError) as err:   # a symbolic link loop (RuntimeError in Python 3.11)
+            raise ModelError(f"model directory {model} cannot be resolved: it is a symbolic link loop "
+                             f"({err}); point it at a real directory holding config.yaml, model.pt and "
+                             "tokens.txt") from None
+        if path.is_file():
+            raise ModelError(f"model directory {path} is a file, not a directory: set it to the directory "
+                             "holding config.yaml, model.pt and tokens.txt")
         if not path.is_dir():
             raise ModelError(f"model directory {path} does not exist (or is not a directory): set "
                              "E2VD_MODEL to a directory holding config.yaml, model.pt and tokens.txt")

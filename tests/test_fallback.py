@@ -243,6 +243,25 @@ def test_a_stuck_fallback_call_ends_the_daemon_like_a_stuck_primary_call(in_proc
     ("FALLBACK_DEVICE", "gpu0", "cuda:N"),
     ("FALLBACK_MODEL", "base model", "ModelScope id"),
     ("FALLBACK_MODEL", "/srv/m\x1b[2J", "control characters"),
+    ("FALLBACK_BELOW", "inf", "finite"),
+    ("FALLBACK_BELOW", "true", "a number"),
+    ("FALLBACK_DEVICE", "cuda:-1", "cuda:N"),
+    ("FALLBACK_DEVICE", "cuda:99999999999", "cuda:N"),
+    ("FALLBACK_DEVICE", "cuda:\u0661", "cuda:N"),           # an Arabic-Indic digit one
+    ("FALLBACK_DEVICE", "cuda: 0", "cuda:N"),
+    ("DEVICE", "cuda:\uff11", "cuda:N"),                    # a full-width digit one
+    ("FALLBACK_MODEL", "./models/base", "absolute"),        # the daemon runs from /, check-config from here
+    ("FALLBACK_MODEL", "../base", "absolute"),
+    ("FALLBACK_MODEL", "~/base", "absolute"),
+    ("FALLBACK_MODEL", "iic/..", "ModelScope id"),
+    ("FALLBACK_MODEL", "iic/.", "ModelScope id"),
+    ("FALLBACK_MODEL", "iic/emotion2vec_b\u0430se", "ModelScope id"),   # a Cyrillic a
+    ("GPU_LOCK", "lock/gpu.lock", "absolute"),
+    ("GPU_LOCK", "/run/e2vd/lo\x1bck", "control characters"),
+    ("GPU_LOCK", "/" + "x" * 5000, "too long"),
+    ("GPU_LOCK_TIMEOUT", "-1", "a duration like"),
+    ("GPU_LOCK_TIMEOUT", "nan", "a duration like"),
+    ("GPU_LOCK_TIMEOUT", "1e400", "a duration like"),
 ])
 def test_bad_fallback_settings_are_refused(key, value, says):
     with pytest.raises(ConfigError) as err:
@@ -469,3 +488,21 @@ def test_fallback_config_yaml_with_odd_sizes_is_model_unavailable(tiny_model, tm
     assert type(err.value).__name__ == "ModelError", repr(err.value)
     assert str(model / "config.yaml") in str(err.value) and says in str(err.value), str(err.value)
     assert _time.monotonic() - start < 10
+
+
+def test_a_fallback_model_that_is_a_symlink_loop_or_a_file(tmp_path, tiny_model):
+    """check-config and the fallback's load both say what is wrong with the directory."""
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    plain = tmp_path / "file"
+    plain.write_text("not a model")
+    for path, says in ((loop, "symbolic link loop"), (plain, "is a file, not a directory")):
+        conf = tmp_path / "e2vd.toml"
+        conf.write_text(f'model = "{tiny_model}"\nfallback_model = "{path}"\n')
+        with pytest.raises(ConfigError) as err:
+            check_file(str(conf))
+        assert "key 'fallback_model'" in str(err.value) and says in str(err.value), str(err.value)
+        with pytest.raises(Exception) as err:
+            load_fallback_engine(Settings(fallback_model=str(path)))
+        assert type(err.value).__name__ == "ModelError", repr(err.value)
+        assert str(path) in str(err.value) and says in str(err.value), str(err.value)
