@@ -452,7 +452,7 @@ class Replica:
         self.scheduler.start()
         self.scheduler.settled.wait(LOAD_WAIT_S)
         log.info("replica %s: model %s %s (%s)", self.replica_id, settings.model, self.scheduler.state,
-                 self.scheduler.error or f"loaded in {getattr(self.scheduler.engine, 'load_seconds', '?')} s")
+                 self.scheduler.error or f"loaded in {getattr(self.scheduler.engine, 'load_seconds', 0.0):.2f} s")
 
     def check_health(self) -> None:
         """Ray asks every health_check_period_s. A model call running longer than
