@@ -82,6 +82,7 @@ def test_app_arguments_are_checked(tiny_model: Path) -> None:
         ({"model": model, "max_seconds": "-3"}, "max_seconds"),
         ({"model": model, "device": "tpu"}, "auto, cpu, cuda"),
         ({"model": "not a model"}, "neither an absolute model directory nor a ModelScope id"),
+        ({"model": "./models/e2v"}, "is relative"),
         ({"model": model, "config": "/nonexistent/e2vd.toml"}, "does not exist"),
     ]
     for args, fragment in bad:
