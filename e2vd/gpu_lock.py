@@ -173,7 +173,7 @@ class GpuLock:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 os.close(fd)
-                return None, False, "it is not a regular file; remove it"
+                return None, False, _not_regular(st.st_mode)
             if writable and st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != LOCK_MODE:
                 os.fchmod(fd, LOCK_MODE)   # the umask (the units' UMask=0077) narrowed it at creation
         except OSError as err:
@@ -182,8 +182,16 @@ class GpuLock:
         return fd, writable, None
 
     def _open_problem(self, err: OSError) -> str:
+        """What is wrong with the path, and what to do, for an `open` that failed with `err`."""
         if err.errno == errno.ELOOP:
-            return "it is a symbolic link; remove it"
+            return ("it is a symbolic link: remove it (e2vd never makes one; a link could point the lock "
+                    "at any file) or set gpu_lock to another path")
+        if err.errno == errno.EISDIR:
+            return f"it is a directory: set gpu_lock to a file in it, e.g. {os.path.join(self.path, LOCK_FILE_NAME)}"
+        if err.errno == errno.ENAMETOOLONG:
+            return "its path is too long for the file system: set gpu_lock to a shorter path"
+        if err.errno == errno.ENXIO:
+            return f"it is a socket, not a regular file: {_SET_ANOTHER}"
         if err.errno == errno.ENOENT:
             return f"its directory {os.path.dirname(self.path)} does not exist"
         if err.errno in (errno.EACCES, errno.EPERM):
@@ -247,6 +255,21 @@ class GpuLock:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
             os.pwrite(fd, line, 0)
+
+
+_SET_ANOTHER = (f"set gpu_lock to a regular file's path (or to \"\" for <socket directory>/{LOCK_DIR_NAME}/"
+                f"{LOCK_FILE_NAME})")
+
+
+def _not_regular(mode: int) -> str:
+    """Why a lock path whose file has `mode` cannot be used, and what to do: a FIFO may be
+    removed (nothing of e2vd's makes one), a device such as /dev/null must not be."""
+    if stat.S_ISFIFO(mode):
+        return f"it is a FIFO, not a regular file: remove it (e2vd never makes one) or {_SET_ANOTHER}"
+    kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+    return f"it is {kind}, not a regular file: {_SET_ANOTHER}" if kind != "not a regular file" \
+        else f"it is not a regular file: {_SET_ANOTHER}"
 
 
 def _clean(raw: bytes) -> str:

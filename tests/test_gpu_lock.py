@@ -536,3 +536,31 @@ def test_under_systemd_two_dynamic_users_share_the_kept_lock_directory(tiny_mode
         assert box.sh("test -d /run/e2vd/lock && test -f /run/e2vd/lock/gpu.lock && echo kept").stdout.strip() == "kept"
     finally:
         box.stop()
+
+
+@pytest.mark.parametrize("kind, says", [
+    ("/dev/null", "a character device, not a regular file: set gpu_lock to"),
+    ("directory", "a directory: set gpu_lock to a file in it"),
+    ("fifo", "a FIFO, not a regular file: remove it"),
+    ("symlink", "a symbolic link: remove it"),
+    ("long", "too long"),
+    ("missing dir", "does not exist and cannot be created"),
+])
+def test_an_unusable_lock_path_says_what_to_do(tmp_path: Path, kind: str, says: str) -> None:
+    """In-process: the lock is not held, the block runs, and the problem names the path and what
+    to do; /dev/null is never to be removed."""
+    path = {"/dev/null": Path("/dev/null"), "long": tmp_path / ("x" * 300)}.get(kind, tmp_path / "gpu.lock")
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "symlink":
+        path.symlink_to(tmp_path / "elsewhere")
+    elif kind == "missing dir":
+        path = tmp_path / "no" / "such" / "gpu.lock"
+    with GpuLock(str(path), 0).hold() as outcome:
+        assert not outcome.held
+    assert str(path) in outcome.problem and says in outcome.problem, outcome.problem
+    if kind == "/dev/null":
+        assert "remove" not in outcome.problem
+    assert os.path.exists("/dev/null") and stat.S_ISCHR(os.stat("/dev/null").st_mode)
