@@ -273,7 +273,7 @@ def read_tokens(model_dir: Path) -> list[str]:
     if weights.stat().st_size == 0:
         raise ModelError(f"{weights} is empty: the download or copy was interrupted; copy it again")
     try:
-        lines = tokens.read_text(encoding="utf-8").splitlines()
+        lines = _small_text(tokens, "the model's tokens.txt").splitlines()
     except UnicodeDecodeError as err:
         raise ModelError(f"{tokens} is not UTF-8 text ({err}); copy the model's tokens.txt again") from err
     labels = [line.strip() for line in lines if line.strip()]
@@ -301,15 +301,53 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     path = model_dir / "config.yaml"
     try:
         loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~10x faster
-        config = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)  # noqa: S506 - safe
+        config = yaml.load(_small_text(path, "the model's config.yaml"), Loader=loader)  # noqa: S506 - safe
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ModelError(f"{path} is not valid YAML ({err}); copy the model's config.yaml again") from err
+    if _nodes_over(config, MAX_CONFIG_NODES):
+        raise ModelError(f"{path} denotes more than {MAX_CONFIG_NODES} values (YAML aliases repeating one "
+                         "another, or a file that is not a model's config): copy the model's config.yaml again")
     if not isinstance(config, dict) or config.get("model") != "Emotion2vec" \
             or not isinstance(config.get("model_conf"), dict):
         raise ModelError(f"{path} does not describe an Emotion2vec model (need `model: Emotion2vec` "
                          "and `model_conf`): point E2VD_MODEL at an emotion2vec+ directory")
     _check_sizes(config["model_conf"], path)
     return config
+
+
+#: The largest config.yaml or tokens.txt read (the real ones: ~6 KB and ~100 bytes).
+MAX_TEXT_BYTES = 1 << 20
+#: The most values config.yaml may denote, aliases counted at each use (the real one: ~400):
+#: YAML aliases can repeat one another into billions of values in a few hundred bytes.
+MAX_CONFIG_NODES = 100_000
+
+
+def _small_text(path: Path, what: str) -> str:
+    """The UTF-8 text of `path` (`what` names it in the fix), refused (ModelError) beyond
+    MAX_TEXT_BYTES without reading more than that. Raises UnicodeDecodeError for other bytes."""
+    with open(path, "rb") as fh:
+        data = fh.read(MAX_TEXT_BYTES + 1)
+    if len(data) > MAX_TEXT_BYTES:
+        raise ModelError(f"{path} is larger than {MAX_TEXT_BYTES} bytes, far more than {what} holds: it is "
+                         f"not {what}; copy it again")
+    return data.decode("utf-8")
+
+
+def _nodes_over(doc: Any, limit: int) -> bool:
+    """Whether `doc` (loaded YAML) holds more than `limit` values, a shared one counted at each
+    place it appears; stops counting past `limit`, so an alias bomb costs no more than that."""
+    stack, count = [doc], 0
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > limit:
+            return True
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
 
 
 #: The largest value config.yaml may give each number that sizes the network ("a.b" is key b

@@ -506,3 +506,37 @@ def test_a_fallback_model_that_is_a_symlink_loop_or_a_file(tmp_path, tiny_model)
             load_fallback_engine(Settings(fallback_model=str(path)))
         assert type(err.value).__name__ == "ModelError", repr(err.value)
         assert str(path) in str(err.value) and says in str(err.value), str(err.value)
+
+
+def _bomb(levels: int = 9) -> str:
+    """YAML whose aliases denote 10**levels strings in a few hundred bytes ("billion laughs")."""
+    text = 'l0: &l0 ["x","x","x","x","x","x","x","x","x","x"]\n'
+    return text + "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]\n" for i in range(1, levels))
+
+
+@pytest.mark.parametrize("what", ["alias bomb", "huge config.yaml", "huge tokens.txt"])
+def test_a_fallback_model_directory_cannot_exhaust_the_daemon(tiny_model, tmp_path, what):
+    """A config.yaml or tokens.txt that would take the daemon's memory or minutes (an alias bomb
+    took 60 s and 0.8 GB, still growing, before this was checked): a ModelError at once."""
+    import shutil
+    import time as _time
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model, model)
+    config = (model / "config.yaml").read_text(encoding="utf-8")
+    if what == "alias bomb":
+        (model / "config.yaml").write_text(_bomb() + config.replace("model_conf:\n", "model_conf:\n  junk: *l8\n", 1))
+        name, says = "config.yaml", "aliases"
+    elif what == "huge config.yaml":
+        (model / "config.yaml").write_text(config + "#" * (3 << 20) + "\n")
+        name, says = "config.yaml", "bytes"
+    else:
+        with open(model / "tokens.txt", "a", encoding="utf-8") as fh:
+            fh.write("#" * (3 << 20))
+        name, says = "tokens.txt", "bytes"
+    start = _time.monotonic()
+    with pytest.raises(Exception) as err:
+        load_fallback_engine(Settings(fallback_model=str(model)))
+    assert _time.monotonic() - start < 10
+    assert type(err.value).__name__ == "ModelError", repr(err.value)
+    assert str(model / name) in str(err.value) and says in str(err.value), str(err.value)
