@@ -540,3 +540,50 @@ def test_a_fallback_model_directory_cannot_exhaust_the_daemon(tiny_model, tmp_pa
     assert _time.monotonic() - start < 10
     assert type(err.value).__name__ == "ModelError", repr(err.value)
     assert str(model / name) in str(err.value) and says in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("what", ["booby-trapped model.pt", "config.yaml running code", "labels reordered",
+                                  "a label with an escape"])
+def test_a_hostile_fallback_directory_is_answered_by_the_primary_with_the_reason(tiny, clips, tmp_path, what):
+    """The fallback as the daemon builds it (Fallback.from_settings: load_fallback_engine, i.e.
+    Engine.load's checks): a model.pt or config.yaml that would run code runs nothing; tokens.txt
+    whose labels are in another order than the main model's (answers could not be compared) or
+    carry an escape sequence is refused. The answer is the main model's, fallback_error names
+    the file."""
+    import shutil
+
+    import torch
+    from test_engine import RunsCommand
+
+    marker = tmp_path / "ran"
+    model = tmp_path / "m"
+    shutil.copytree(Path(tiny.model_dir), model)
+    if what == "booby-trapped model.pt":
+        ckpt = torch.load(model / "model.pt", weights_only=True)
+        ckpt["extra"] = RunsCommand(f"touch {marker}")
+        torch.save(ckpt, model / "model.pt")
+        name = "model.pt"
+    elif what == "config.yaml running code":
+        text = (model / "config.yaml").read_text(encoding="utf-8")
+        (model / "config.yaml").write_text(text.replace(SPEC, f"feature_encoder_spec: \"__import__('os').system("
+                                                              f"'touch {marker}') or [(64, 10, 5)]\"", 1))
+        name = "config.yaml"
+    else:
+        tokens = (model / "tokens.txt").read_text(encoding="utf-8").splitlines()
+        if what == "labels reordered":
+            tokens[0], tokens[1] = tokens[1], tokens[0]
+        else:
+            tokens[0] = "生气/angry\x1b[2J"
+        (model / "tokens.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
+        name = "tokens.txt"
+    settings = Settings(model=str(tiny.model_dir), fallback_model=str(model), fallback_below=1.0)
+    deciding = Deciding(started(lambda: tiny), Fallback.from_settings(settings))
+    try:
+        job = decide(deciding, clips["unsure"])
+        assert job.decided_by == "primary" and job.result.scores == tiny.recognize(clips["unsure"]).scores
+        assert str(model / name) in job.fallback_error, job.fallback_error
+        assert job.fallback_error.startswith("the fallback model could not be loaded")
+    finally:
+        deciding.primary.stop(5)
+        deciding.close(5)
+    assert not marker.exists(), "the fallback's model directory ran code"
