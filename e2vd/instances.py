@@ -65,9 +65,10 @@ def check_name(name: str, source: str = "--instance") -> str:
     the name came from, e.g. "--instance" or "$E2VD_INSTANCE"), the problem and the rule."""
     rule = ("an instance name is 1 to 24 characters: lower-case letters, digits, '_' and '-', "
             "starting with a letter or digit, e.g. --instance small")
-    shown = ascii(name)
     if not isinstance(name, str) or name == "":
         raise InstanceNameError(f"{source} is empty; {rule}")
+    # quoted with escapes, and cut: a name from a command line or the environment may be huge
+    shown = ascii(name) if len(name) <= MAX_NAME else f"{ascii(name[:MAX_NAME])[:-1]}...'"
     if "/" in name or "\\" in name or ".." in name or "\0" in name:
         raise InstanceNameError(f"{source} {shown} holds a path separator or '..'; {rule}")
     if len(name) > MAX_NAME:

@@ -79,6 +79,15 @@ def test_bad_names_are_refused_with_the_reason_and_the_rule(name: str, problem: 
         assert "lower-case letters, digits, '_' and '-'" in message
 
 
+@pytest.mark.parametrize("name", ["x" * 1_000_000, "\u202e" * 100_000, "a/" * 100_000, "Ä" * 100_000])
+def test_a_huge_name_is_quoted_short(name: str) -> None:
+    """A name of a million characters (a command line or an environment is hostile) gives a
+    message of a line, not a megabyte."""
+    with pytest.raises(InstanceNameError) as info:
+        check_name(name, "$E2VD_INSTANCE")
+    assert len(str(info.value)) < 400 and "characters" in str(info.value), str(info.value)[:600]
+
+
 def test_every_accepted_name_is_a_literal_systemd_instance_and_user_name() -> None:
     """What check_name lets through needs no escaping in a unit name (%i is the name itself) and
     gives a dynamic user e2vd-NAME within systemd's 31 characters."""
