@@ -27,6 +27,8 @@ file) is not fatal: the daemon logs the event gpu_lock_unavailable (warning, wit
 reason and the fix) and loads without the lock, as e2vd did before it had one.
 
 The holder writes one line into the file (pid, socket, since when); a waiter's messages quote it.
+A file that holds anything else is not a lock file (gpu_lock set to some other file by mistake):
+it is never emptied, written or chmodded, and the daemon loads without the lock.
 flock locks belong to the open file: the kernel drops them when the holder exits or dies, so a
 crashed loader never leaves a stale lock.
 """
@@ -174,6 +176,11 @@ class GpuLock:
             if not stat.S_ISREG(st.st_mode):
                 os.close(fd)
                 return None, False, _not_regular(st.st_mode)
+            if st.st_size and not _holder_text(os.pread(fd, HOLDER_MAX_BYTES + 1, 0)):
+                os.close(fd)   # gpu_lock names someone else's file: never empty, write or chmod it
+                return None, False, (f"it is not a GPU lock file (its {st.st_size} bytes are not a line e2vd "
+                                     f"wrote), so it was left as it was: {_SET_ANOTHER} that no other "
+                                     "program uses")
             if writable and st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != LOCK_MODE:
                 os.fchmod(fd, LOCK_MODE)   # the umask (the units' UMask=0077) narrowed it at creation
         except OSError as err:
@@ -251,7 +258,7 @@ class GpuLock:
 
     def _write_holder(self, fd: int) -> None:
         line = (f"pid {os.getpid()}{', ' + self.owner if self.owner else ''}, since "
-                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n").encode()
+                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}").encode()[:HOLDER_MAX_BYTES - 1] + b"\n"
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
             os.pwrite(fd, line, 0)
@@ -270,6 +277,13 @@ def _not_regular(mode: int) -> str:
             else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
     return f"it is {kind}, not a regular file: {_SET_ANOTHER}" if kind != "not a regular file" \
         else f"it is not a regular file: {_SET_ANOTHER}"
+
+
+def _holder_text(data: bytes) -> bool:
+    """Whether `data` (a lock file's first HOLDER_MAX_BYTES + 1 bytes) is what `_write_holder`
+    writes: one line "pid N, ..." of at most HOLDER_MAX_BYTES bytes."""
+    return (len(data) <= HOLDER_MAX_BYTES and re.match(rb"pid [0-9]+[,\n]", data) is not None
+            and data.count(b"\n") <= 1)
 
 
 def _clean(raw: bytes) -> str:

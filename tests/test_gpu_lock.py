@@ -564,3 +564,26 @@ def test_an_unusable_lock_path_says_what_to_do(tmp_path: Path, kind: str, says: 
     if kind == "/dev/null":
         assert "remove" not in outcome.problem
     assert os.path.exists("/dev/null") and stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+@pytest.mark.parametrize("content", [b"root:x:0:0:root:/root:/bin/bash\n", b"\x00" * 100, b"pid " + b"9" * 2000])
+def test_a_lock_path_naming_someone_elses_file_leaves_it_untouched(tmp_path: Path, content: bytes) -> None:
+    """gpu_lock set by mistake to an existing file (say /etc/passwd, for a daemon run by hand as
+    root): it is not emptied, written or chmodded; the lock is not held and the problem says so."""
+    path = tmp_path / "passwd"
+    path.write_bytes(content)
+    path.chmod(0o644)
+    with GpuLock(str(path), 0).hold() as outcome:
+        assert not outcome.held
+    assert path.read_bytes() == content and stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert str(path) in outcome.problem and "not a GPU lock file" in outcome.problem, outcome.problem
+    assert "set gpu_lock to" in outcome.problem
+
+
+def test_a_lock_file_of_a_previous_holder_is_reused(tmp_path: Path) -> None:
+    path = tmp_path / "gpu.lock"
+    path.write_bytes(b"pid 12, the fallback of instance gpu, since 2026-01-01T00:00:00Z\n")
+    with GpuLock(str(path), 0, owner="socket /x.sock").hold() as outcome:
+        assert outcome.held
+        assert path.read_text().startswith(f"pid {os.getpid()}, socket /x.sock, since ")
+    assert path.read_bytes() == b""
