@@ -251,9 +251,11 @@ def _download(model_id: str, revision: str, cache_root: Path) -> Path:
     if (target / "model.pt").is_file() and (target / ".e2vd-complete").is_file():
         return target
     unfinished = (target.parent / f".{revision}.partial").is_dir()
+    # another cache than the default's (an instance's /var/cache/e2vd-NAME): a plain pull would miss it
+    where = "" if str(cache_root) == Settings.cache_dir else f" --cache-dir {cache_root}"
     raise ModelError(f"model {model_id} (revision {revision}) has not been pulled into {cache_root}"
                      + (" (a pull was started and not finished)" if unfinished else "")
-                     + f"; the daemon never downloads. run: sudo e2vd pull {model_id}")
+                     + f"; the daemon never downloads. run: sudo e2vd pull {model_id}{where}")
 
 
 def read_tokens(model_dir: Path) -> list[str]:

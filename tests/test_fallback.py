@@ -587,3 +587,13 @@ def test_a_hostile_fallback_directory_is_answered_by_the_primary_with_the_reason
         deciding.primary.stop(5)
         deciding.close(5)
     assert not marker.exists(), "the fallback's model directory ran code"
+
+
+def test_an_unpulled_fallback_id_of_an_instance_names_the_pull_into_its_cache(tmp_path):
+    """An instance's fallback_model id that was not pulled: the fix names the instance's own
+    cache_dir (a plain `e2vd pull ID` would fill the default instance's cache)."""
+    cache = tmp_path / "var/cache/e2vd-small"
+    with pytest.raises(Exception) as err:
+        load_fallback_engine(Settings(cache_dir=str(cache), fallback_model="iic/emotion2vec_base"))
+    assert type(err.value).__name__ == "ModelError"
+    assert f"run: sudo e2vd pull iic/emotion2vec_base --cache-dir {cache}" in str(err.value), str(err.value)
