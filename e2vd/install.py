@@ -105,7 +105,9 @@ def _toml_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return json.dumps(value)   # a JSON string is a valid TOML basic string
+        # a JSON string is a TOML basic string, but for \ud83d\ude00-style surrogate pairs (TOML
+        # refuses them: non-ASCII is written as it is) and a raw DEL (TOML wants it escaped)
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return repr(value)

@@ -481,6 +481,13 @@ def _install(root: Path, **opts) -> list[str]:
     return lines
 
 
+@pytest.mark.parametrize("model", ["/srv/models/😀", "/srv/m\x7f\x1b\"\\'x", "/srv/é\u2028"])
+def test_an_instance_config_keeps_any_model_path_as_it_is(model: str) -> None:
+    """The model path written into NAME.toml reads back unchanged (json.dumps wrote an emoji as
+    a surrogate pair, which TOML refuses: the file was unreadable)."""
+    assert tomllib.loads(install.default_config(model, "small"))["model"] == model
+
+
 def test_instance_config_sets_its_model_and_its_own_cache(tmp_path: Path) -> None:
     text = install.default_config("/srv/models/small", "small")
     assert tomllib.loads(text) == {"model": "/srv/models/small", "cache_dir": "/var/cache/e2vd-small"}
