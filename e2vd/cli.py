@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import re
 import stat
 import sys
 import threading
@@ -316,13 +317,19 @@ def _out(text: str) -> bool:
         return False
 
 
+#: Characters that reorder or break the text around them on a terminal without being control
+#: characters: bidirectional overrides, embeddings and isolates, marks, line/paragraph separators.
+_INVISIBLE = re.compile("[\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029]")
+
+
 def _lines_out(lines: Sequence[str]) -> str:
     """`lines` as one text for the terminal: what systemd, the journal or a daemon said may hold
     control characters (an escape sequence in a unit's state or a daemon's label), written as
-    backslash escapes (e2vd.log.escape_controls) so that they cannot rewrite the screen."""
+    backslash escapes (e2vd.log.escape_controls), and bidirectional overrides or line separators
+    (_INVISIBLE) as \\uXXXX, so that they cannot rewrite or reorder the screen."""
     from e2vd.log import escape_controls
 
-    return "\n".join(escape_controls(line) for line in lines)
+    return "\n".join(_INVISIBLE.sub(lambda m: f"\\u{ord(m.group()):04x}", escape_controls(line)) for line in lines)
 
 
 def _stdout_closed() -> None:

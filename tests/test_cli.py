@@ -866,7 +866,7 @@ def test_hostile_fallback_fields_are_a_malformed_answer(extra: dict, clips: list
 def test_control_characters_in_an_answer_are_escaped_in_the_table(clips: list[Path]) -> None:
     """Every string the daemon sends (labels, model, primary.model, fallback_error) reaches the
     terminal with its control characters escaped; --json keeps them (JSON escapes them itself)."""
-    evil = "\x1b]0;owned\x07\x1b[2J\x9b31m\r"
+    evil = "\x1b]0;owned\x07\x1b[2J\x9b31m\r\u202e\u2028"
     labels = [f"{label}{evil}" for label in LABELS]
     answer = _answer(labels=labels, model=f"/srv/fb{evil}", decided_by="fallback",
                      primary={**PRIMARY, "labels": labels, "model": f"/srv/main{evil}"})
@@ -874,7 +874,8 @@ def test_control_characters_in_an_answer_are_escaped_in_the_table(clips: list[Pa
         proc = e2vd("recognize", str(clips[0]), "--socket", peer.socket)
     assert proc.returncode == 0, proc.stderr
     assert not any((ord(c) < 32 and c != "\n") or 0x7f <= ord(c) <= 0x9f for c in proc.stdout), ascii(proc.stdout)
-    assert "fallback model /srv/fb\\x1b]0;owned\\x07\\x1b[2J\\x9b31m\\r" in proc.stdout
+    assert "\u202e" not in proc.stdout and "\u2028" not in proc.stdout   # bidi override, line separator
+    assert "fallback model /srv/fb\\x1b]0;owned\\x07\\x1b[2J\\x9b31m\\r\\u202e\\u2028" in proc.stdout
     assert "the main model /srv/main\\x1b]0;owned" in proc.stdout
     with RawPeer(json_answer(_answer(fallback_error=f"it broke{evil}"))) as peer:
         proc = e2vd("recognize", str(clips[0]), "--socket", peer.socket)
