@@ -356,11 +356,12 @@ def _nodes_over(doc: Any, limit: int) -> bool:
 #: of the mapping a in model_conf). The published large model has embed_dim 1024, depth 8, 16
 #: heads; these leave room for any real model and refuse a damaged or hostile config.yaml before
 #: the network is built (a depth of 20 000 alone took 1.4 GB and 16 s on the meta device).
-CONFIG_LIMITS: dict[str, int] = {
-    "embed_dim": 16384, "depth": 256, "num_heads": 256,
-    "modalities.audio.model_depth": 256, "modalities.audio.prenet_depth": 256,
-    "modalities.audio.num_alibi_heads": 256, "modalities.audio.decoder.decoder_dim": 16384,
-    "modalities.audio.decoder.decoder_layers": 256,
+#: Widths and head counts must be at least 1; layer counts may be 0 (no such layers).
+CONFIG_LIMITS: dict[str, tuple[int, int]] = {
+    "embed_dim": (1, 16384), "depth": (0, 256), "num_heads": (1, 256),
+    "modalities.audio.model_depth": (0, 256), "modalities.audio.prenet_depth": (0, 256),
+    "modalities.audio.num_alibi_heads": (0, 256), "modalities.audio.decoder.decoder_dim": (1, 16384),
+    "modalities.audio.decoder.decoder_layers": (0, 256),
 }
 #: feature_encoder_spec: at most this many convolution layers, each number at most MAX_CONV.
 MAX_FEATURE_LAYERS = 64
@@ -370,18 +371,18 @@ FEATURE_SPEC_KEY = "modalities.audio.feature_encoder_spec"
 
 def _check_sizes(model_conf: dict[str, Any], path: Path) -> None:
     """Refuse (ModelError naming `path` and the key) a config.yaml whose sizes are not whole
-    numbers from 1 to CONFIG_LIMITS, and make its feature_encoder_spec a plain literal.
+    numbers within CONFIG_LIMITS, and make its feature_encoder_spec a plain literal.
 
     funasr `eval()`s feature_encoder_spec (a Python expression such as "[(512, 10, 5)] +
     [(512, 3, 2)] * 4"): a config.yaml is data, so the expression is read here with
     `feature_layers` (list and tuple literals of whole numbers, + and * only; nothing runs) and
     written back as the literal list it denotes. Keys that are absent keep funasr's defaults."""
     fix = "copy the model's config.yaml again (it is damaged, or not an emotion2vec+ config)"
-    for dotted, limit in CONFIG_LIMITS.items():
+    for dotted, (low, high) in CONFIG_LIMITS.items():
         found, value = _dotted(model_conf, dotted)
-        if found and (type(value) is not int or not 1 <= value <= limit):
-            raise ModelError(f"{path}: model_conf.{dotted} is {value!r}, expected a whole number from 1 "
-                             f"to {limit}; {fix}")
+        if found and (type(value) is not int or not low <= value <= high):
+            raise ModelError(f"{path}: model_conf.{dotted} is {str(value)[:40]!r}, expected a whole number "
+                             f"from {low} to {high}; {fix}")
     found, spec = _dotted(model_conf, FEATURE_SPEC_KEY)
     if found:
         try:
