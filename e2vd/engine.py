@@ -268,6 +268,10 @@ def read_tokens(model_dir: Path) -> list[str]:
     tokens = model_dir / "tokens.txt"
     for path, what in ((config, "the model's config"), (weights, "the weights"),
                        (tokens, "the label list")):
+        if (not os.access(path, os.R_OK) and os.path.lexists(path)) or not os.access(model_dir, os.X_OK):
+            raise ModelError(f"{path} cannot be read by uid {os.geteuid()} (permission denied): the service "
+                             f"runs as its own user; make the model readable by everyone, e.g. "
+                             f"`sudo chmod -R a+rX {model_dir}`")
         if not path.is_file():
             extra = " (funasr would silently run with random weights)" if path is weights else ""
             raise ModelError(f"{path} is missing: it holds {what}{extra}. Point E2VD_MODEL at a "

@@ -597,3 +597,30 @@ def test_an_unpulled_fallback_id_of_an_instance_names_the_pull_into_its_cache(tm
         load_fallback_engine(Settings(cache_dir=str(cache), fallback_model="iic/emotion2vec_base"))
     assert type(err.value).__name__ == "ModelError"
     assert f"run: sudo e2vd pull iic/emotion2vec_base --cache-dir {cache}" in str(err.value), str(err.value)
+
+
+def test_a_fallback_directory_the_service_may_not_read_says_so_not_missing(tiny_model):
+    """A fallback directory readable by root only (check-config, run as root, passes) seen by the
+    daemon's own user: the error says permission denied and how to fix it, not 'is missing'."""
+    import shutil
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(prefix="e2vd-perm-"))
+    try:
+        top.chmod(0o755)
+        model = top / "m"
+        shutil.copytree(tiny_model, model)
+        model.chmod(0o700)
+        # the checks Engine.load (so the fallback's load) makes first, as another user (after the
+        # imports: Python is under /root)
+        code = ("import os, sys, pickle\nfrom e2vd.engine import read_tokens, resolve_model\n"
+                "os.setgid(65534); os.setuid(65534)\n"
+                "try:\n    read_tokens(resolve_model(sys.argv[1])[0])\n"
+                "except Exception as e:\n    print(type(e).__name__, e)\n")
+        out = subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, text=True, cwd=ROOT,
+                             timeout=120).stdout
+    finally:
+        shutil.rmtree(top)
+    assert out.startswith("ModelError"), out
+    assert "is missing" not in out and "permission denied" in out and "uid 65534" in out, out
+    assert "chmod" in out, out
