@@ -853,17 +853,22 @@ def cmd_status(args: argparse.Namespace) -> ExitCode:
 
 def cmd_check_config(args: argparse.Namespace) -> ExitCode:
     """Check the settings file as the daemon will read it (e2vd.config.check_file); one line on
-    stdout and 0 when it can be used; ConfigError (exit 2, through `main`) when it cannot."""
-    from e2vd.config import CONFIG_ENV, ENV_PREFIX, check_file, config_file_path
+    stdout and 0 when it can be used; ConfigError (exit 2, through `main`) when it cannot. The
+    file: --config, else --instance's, else $E2VD_CONFIG, else $E2VD_INSTANCE's (blank: unset),
+    else the default instance's."""
+    from e2vd.config import CONFIG_ENV, ENV_PREFIX, INSTANCE_ENV, check_file, config_file_path
     from e2vd.instances import instance
 
     chosen = args.config if getattr(args, "instance", None) is None else str(instance(args.instance).config)
+    named = os.environ.get(INSTANCE_ENV, "")
+    if chosen is None and not os.environ.get(CONFIG_ENV) and named.strip():   # as recognize and status do
+        chosen = str(instance(named, f"${INSTANCE_ENV}").config)
     path, explicit = config_file_path(chosen)
     settings, present = check_file(path, required=explicit)
     where = path if present else f"{path} (absent: the defaults apply)"
     line = (f"{where}: usable; model {settings.model}, device {settings.device}, idle_timeout "
             f"{settings.idle_timeout:g} s, inference_timeout {settings.inference_timeout:g} s")
-    ignored = sorted(k for k in os.environ if k.startswith(ENV_PREFIX) and k != CONFIG_ENV)
+    ignored = sorted(k for k in os.environ if k.startswith(ENV_PREFIX) and k not in (CONFIG_ENV, INSTANCE_ENV))
     if ignored:
         line += f" ({', '.join(ignored)} of this shell not applied: the service has its own environment)"
     if not _out(line):

@@ -474,6 +474,21 @@ def test_check_config_with_instance_reads_its_file(tmp_path: Path) -> None:
     assert f"Config file /etc/e2vd/t{os.getpid()}.toml does not exist" in cp.stderr
 
 
+def test_check_config_follows_e2vd_instance_like_the_other_commands() -> None:
+    """$E2VD_INSTANCE picks the instance for recognize, warmup and status: check-config too
+    (it checked the default's file and called $E2VD_INSTANCE "not applied"); blank is unset."""
+    name = f"t{os.getpid()}"
+    cp = _e2vd("check-config", env={"E2VD_INSTANCE": name})
+    assert cp.returncode == ExitCode.USAGE, cp.stderr
+    assert f"Config file /etc/e2vd/{name}.toml does not exist" in cp.stderr
+    cp = _e2vd("check-config", env={"E2VD_INSTANCE": "../x"})
+    assert cp.returncode == ExitCode.USAGE and "$E2VD_INSTANCE '../x' holds a path separator" in cp.stderr
+    cp = _e2vd("check-config", "--config", "/dev/null", env={"E2VD_INSTANCE": name})
+    assert cp.returncode == 0 and "/dev/null: usable" in cp.stdout, cp.stderr
+    cp = _e2vd("check-config", "--config", "/dev/null", env={"E2VD_INSTANCE": " "})
+    assert cp.returncode == 0 and "E2VD_INSTANCE" not in cp.stdout, cp.stdout
+
+
 # ------------------------------------------------------------------------------ install, offline
 def _install(root: Path, **opts) -> list[str]:
     lines: list[str] = []
