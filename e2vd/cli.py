@@ -319,7 +319,16 @@ def _out(text: str) -> bool:
 
 #: Characters that reorder or break the text around them on a terminal without being control
 #: characters: bidirectional overrides, embeddings and isolates, marks, line/paragraph separators.
-_INVISIBLE = re.compile("[\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029]")
+#: Lone surrogates too: no character, from a daemon's JSON ("\\ud800") or an undecodable name; in
+#: the C locale stdout would write \\udc80-\\udcff as raw bytes (0x9b: a terminal's CSI).
+_INVISIBLE = re.compile("[\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _json_text(doc: Any, indent: int | None = None) -> str:
+    """`doc` as JSON for stdout: non-ASCII as it is, but lone surrogates as \\uXXXX escapes
+    (JSON reads them back; stdout cannot encode them)."""
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(doc, indent=indent, ensure_ascii=False))
 
 
 def _lines_out(lines: Sequence[str]) -> str:
@@ -639,7 +648,7 @@ def _recognize_one(client: "Client", args: argparse.Namespace, name: str, emb_pa
         if emb_path is not None:
             doc["embedding_file"] = str(emb_path)
             doc["embedding_shape"] = list(result.embedding.shape) if result.embedding is not None else None
-        text = json.dumps(doc, ensure_ascii=False)
+        text = _json_text(doc)
     else:
         text = ("" if first else "\n") + format_table(label, result, unicode=_can_unicode(sys.stdout))
     return ExitCode.OK, (True if _out(text) else None)
@@ -843,7 +852,7 @@ def cmd_status(args: argparse.Namespace) -> ExitCode:
         if len(listed) > 1:
             lines.append("instances (from systemd; none was asked, none woken):")
             lines.extend(f"  {i.line()}" for i in listed)
-    text = json.dumps(report, indent=2, ensure_ascii=False) if args.json else _lines_out(lines)
+    text = _json_text(report, indent=2) if args.json else _lines_out(lines)
     if not _out(text):
         _err("stdout was closed by its reader; the status was not shown")
     return code

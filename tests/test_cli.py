@@ -885,3 +885,16 @@ def test_control_characters_in_an_answer_are_escaped_in_the_table(clips: list[Pa
     with RawPeer(json_answer(answer)) as peer:
         proc = e2vd("recognize", "--json", str(clips[0]), "--socket", peer.socket)
     assert json.loads(proc.stdout)["primary"]["model"] == f"/srv/main{evil}"
+
+
+def test_lone_surrogates_in_an_answer_are_printed_escaped(clips: list[Path]) -> None:
+    """JSON may carry "\\ud800" (no character): the table and --json print it escaped instead of
+    failing with UnicodeEncodeError (stdout's errors are 'surrogateescape' in the C locale)."""
+    body = ('{"labels": ["a\\ud800", "b\\udfff"], "scores": [0.5, 0.5], "duration_s": 1.0, "model": "m\\ud800",'
+            ' "decided_by": "fallback", "primary": {"labels": ["x\\ud800", "y"], "scores": [0.6, 0.4],'
+            ' "model": "p\\udc80"}, "fallback_error": "e\\ud800"}')
+    for argv in (["recognize"], ["recognize", "--json"]):
+        with RawPeer(http_answer(body)) as peer:
+            proc = e2vd(*argv, str(clips[0]), "--socket", peer.socket, env={"LC_ALL": "C", "PYTHONIOENCODING": ""})
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert "\\ud800" in proc.stdout, proc.stdout
