@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from e2vd.http_chunked import ChunkedReader
-from e2vd.http_wire import MAX_HEADERS, MAX_LINE_BYTES, RequestHead, RequestLine
+from e2vd.http_wire import MAX_HEADER_SECTION_BYTES, MAX_HEADERS, MAX_LINE_BYTES, RequestHead, RequestLine
 from e2vd.protocol import ApiError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -73,23 +73,35 @@ class Wire:
 
     def read_headers(self, request: RequestLine) -> RequestHead:
         """Check `request`'s version (before waiting for more: an HTTP/0.9 client sends no headers),
-        then read the header lines up to the blank line."""
+        then read the header lines up to the blank line: at most MAX_HEADERS of them, of at most
+        MAX_HEADER_SECTION_BYTES together (else 431 header_too_large: 256 connections must not hold
+        100 lines of 64 KiB each)."""
         version = request.check()
         lines: list[bytes] = []
+        total = 0
         while (line := self.read_line("header line")) not in (b"\r\n", b"\n"):
             if len(lines) == MAX_HEADERS:
-                raise ApiError("too_large", f"the request has more than {MAX_HEADERS} header lines; send fewer")
+                raise ApiError("header_too_large", f"the request has more than {MAX_HEADERS} header lines; send "
+                                                   "fewer (the connection is closed)")
+            total += len(line)
+            if total > MAX_HEADER_SECTION_BYTES:
+                raise ApiError("header_too_large", f"the request's header lines come to more than "
+                                                   f"{MAX_HEADER_SECTION_BYTES} bytes; send fewer or shorter ones "
+                                                   "(the connection is closed)")
             lines.append(line)
         return RequestHead.build(request, version, lines)
 
     def read_line(self, what: str) -> bytes:
-        """One line of the request's head, with its LF. ApiError too_large when it is longer than
-        MAX_LINE_BYTES, timeout when the request deadline cut it off, bad_request when the client
-        stopped sending in the middle of it."""
+        """One line of the request's head, with its LF. ApiError uri_too_long (414) for a request
+        line longer than MAX_LINE_BYTES, header_too_large (431) for a header line, timeout when the
+        request deadline cut it off, bad_request when the client stopped sending in the middle of it."""
         line = self.read_raw_line(MAX_LINE_BYTES)
         if len(line) > MAX_LINE_BYTES:
-            raise ApiError("too_large", f"a {what} of the request is longer than {MAX_LINE_BYTES} bytes; "
-                                        "send a shorter one")
+            if what == "request line":
+                raise ApiError("uri_too_long", f"the request line is longer than {MAX_LINE_BYTES} bytes; send a "
+                                               "shorter path and query, e.g. /v1/health (the connection is closed)")
+            raise ApiError("header_too_large", f"a {what} of the request is longer than {MAX_LINE_BYTES} bytes; "
+                                               "send a shorter one (the connection is closed)")
         if not line.endswith(b"\n"):
             if self.conn.timed_out:
                 raise ApiError("timeout", f"the request did not arrive within {self.connection_timeout:g} s "

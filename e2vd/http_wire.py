@@ -22,6 +22,7 @@ from e2vd.protocol import ApiError
 
 MAX_LINE_BYTES = 65536     # longest request line or header line (http.client's limit)
 MAX_HEADERS = 100          # most header lines in one request (http.client's limit)
+MAX_HEADER_SECTION_BYTES = 65536   # most bytes of all header lines together (the request line aside)
 MAX_CHUNK_SIZE_DIGITS = 16  # most hex digits of a chunk size, leading zeros aside (2^64 - 1)
 SERVER_HEADER = f"e2vd/{__version__}"
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")          # RFC 9110 §5.6.2
@@ -30,6 +31,8 @@ _HTTP_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])")          # RFC 9112 §2.3
 _FIELD_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*\r?\n")
 # RFC 9112 §7.1: chunk-size [ chunk-ext ] CRLF; the extensions are ignored, but hold no control
 # characters (HTAB aside): a bare CR or LF in them is read as a line end by some parsers
+# RFC 9110 §7.2: Host = uri-host [ ":" port ]; uri-host is an IP-literal or a reg-name (or IPv4)
+_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]+)([ \t]*;[^\x00-\x08\x0a-\x1f\x7f]*)?\r\n")
 _SEND_CHUNKED = "send each chunk as its size in hex, CRLF, the bytes, CRLF, and end with 0 CRLF CRLF (the connection is closed)"
 _SEND_HTTP_1_1 = "send an HTTP/1.1 request as curl --unix-socket SOCKET http://e2vd/v1/... does"
@@ -64,7 +67,9 @@ class RequestLine:
 
     def check(self) -> tuple[int, int]:
         """The HTTP version as (1, minor); ApiError bad_request for a line without an HTTP version
-        (HTTP/0.9), another version than 1.x or a method that is not a token."""
+        (HTTP/0.9), another version than 1.x, a method that is not a token or a request target
+        that is not one a server answers (`_check_target_form`). (Checked here, not in `parse`, so
+        that the refused request's method and target are logged.)"""
         if not self.version:
             raise ApiError("bad_request", f"the request line has no HTTP version (HTTP/0.9 is not spoken here); "
                                           f"send '{self.method[:40]} {self.target[:200]} HTTP/1.1'")
@@ -77,7 +82,36 @@ class RequestLine:
                                           f"{_SEND_HTTP_1_1}")
         if not _TOKEN.fullmatch(self.method):
             raise ApiError("bad_request", f"the method {self.method[:40]!r} is not an HTTP method; {_SEND_HTTP_1_1}")
+        _check_target_form(self.method, self.target)
         return 1, int(match.group(2))
+
+
+def _check_target_form(method: str, target: str) -> None:
+    """ApiError bad_request unless `target` is one of the request-target forms a server answers
+    (RFC 9112 §3.2): origin-form (/path?query), absolute-form (http://host/path, whose host is
+    not looked at), or asterisk-form (*) with OPTIONS. Refused: a #fragment (never sent by a
+    conforming client: a proxy could drop it, or route on what follows it), characters other than
+    printable ASCII (a client percent-encodes them), CONNECT (authority-form: this is no proxy)
+    and anything else that is not a path."""
+    shown = repr(target[:200])
+    if not (target.isascii() and target.isprintable()):
+        raise ApiError("bad_request", f"the request target {shown} has characters that are not printable ASCII; "
+                                      "percent-encode them (%XX), as curl does, e.g. /v1/health")
+    if "#" in target:
+        raise ApiError("bad_request", f"the request target {shown} has a #fragment, which a client never sends; "
+                                      "send the path and query alone, e.g. /v1/health (the connection is closed)")
+    if method == "CONNECT":
+        raise ApiError("bad_request", f"CONNECT {shown} asks for a tunnel; this daemon is not a proxy: "
+                                      "send a request such as GET /v1/health")
+    if target == "*":
+        if method != "OPTIONS":
+            raise ApiError("bad_request", f"the request target '*' is only for OPTIONS, not {method[:40]}; "
+                                          "send a path such as /v1/health")
+        return
+    scheme, sep, _ = target.partition("://")
+    if not target.startswith("/") and not (sep and scheme.lower() in ("http", "https")):
+        raise ApiError("bad_request", f"the request target {shown} is not a path (/...) nor an http:// URL; "
+                                      "send a path such as /v1/health")
 
 
 def parse_field_line(line: bytes) -> tuple[str, str]:
@@ -137,6 +171,39 @@ def content_length(headers: http.client.HTTPMessage) -> int | None:
     if len(digits) > 18:
         raise ApiError("too_large", f"Content-Length is a {len(digits)}-digit number of bytes; send a shorter clip")
     return int(digits)
+
+
+def check_host(headers: http.client.HTTPMessage, version: tuple[int, int]) -> None:
+    """ApiError bad_request unless the request has exactly one Host header whose value is a host
+    with an optional :port (RFC 9112 §3.2: a server MUST refuse more than one, an invalid one, and
+    none in an HTTP/1.1 request; HTTP/1.0 may leave it out). Its value is not looked at otherwise
+    (a Unix socket has one host), but two of them are read differently by different parsers."""
+    values = headers.get_all("Host") or []
+    if len(values) > 1:
+        raise ApiError("bad_request", f"Host is given {len(values)} times ({', '.join(values)[:100]!r}); send it "
+                                      "once, e.g. 'Host: e2vd' (the connection is closed)")
+    if not values:
+        if version >= (1, 1):
+            raise ApiError("bad_request", "the HTTP/1.1 request has no Host header (RFC 9112 §3.2); send one, "
+                                          "e.g. 'Host: e2vd', as curl --unix-socket SOCKET http://e2vd/... does")
+        return
+    if not _HOST.fullmatch(values[0]):
+        raise ApiError("bad_request", f"the Host header {values[0][:100]!r} is not a host name with an optional "
+                                      ":port; send e.g. 'Host: e2vd' (the connection is closed)")
+
+
+def expectations(headers: http.client.HTTPMessage) -> list[str]:
+    """The members of the Expect header(s), lower-cased (empty ones dropped). ApiError
+    expectation_failed (417, RFC 9110 §10.1.1) for any member but 100-continue: the only
+    expectation this daemon meets; refused before any body is read."""
+    values = headers.get_all("Expect") or []
+    members = [member.strip().lower() for value in values for member in value.split(",")]
+    members = [member for member in members if member]
+    if any(member != "100-continue" for member in members):
+        raise ApiError("expectation_failed", f"Expect {', '.join(values)[:100]!r} asks for what this daemon does "
+                                             "not do: it meets only 100-continue; send the request without that "
+                                             "Expect header, or with 'Expect: 100-continue' alone")
+    return members
 
 
 def is_chunked(headers: http.client.HTTPMessage, version: tuple[int, int]) -> bool:
@@ -215,13 +282,15 @@ class RequestHead:
     @classmethod
     def build(cls, request: RequestLine, version: tuple[int, int], lines: list[bytes]) -> "RequestHead":
         """The head of `request` (already checked: `version` is its `check()`) with header `lines`;
-        ApiError bad_request or too_large as `parse_header_lines`, `content_length` and
-        `is_chunked` raise them."""
+        ApiError bad_request, too_large or expectation_failed as `parse_header_lines`,
+        `check_host`, `content_length`, `is_chunked` and `expectations` raise them."""
         headers = parse_header_lines(lines)
+        check_host(headers, version)
+        expectations(headers)
         return cls(request.method, request.target, version, headers, content_length(headers),
                    is_chunked(headers, version), keeps_alive(version, headers.get("Connection", "")))
 
     @property
     def expects_continue(self) -> bool:
         """Whether the client waits for "100 Continue" before it sends the body (HTTP/1.1 only)."""
-        return self.version >= (1, 1) and self.headers.get("Expect", "").lower() == "100-continue"
+        return self.version >= (1, 1) and "100-continue" in expectations(self.headers)

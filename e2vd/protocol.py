@@ -9,8 +9,8 @@ states and boolean spellings come from `e2vd.vocabulary`. It imports nothing hea
 Error responses always have the shape ``{"error": {"code": str, "message": str}}``. The codes of
 the first design (bad_audio, too_large, too_long, too_short, bad_option, busy, model_unavailable,
 internal) are extended with HTTP-level codes (bad_request, not_found, method_not_allowed,
-timeout, length_required) and bad_form (a multipart upload that is malformed or does not hold
-exactly one file part, see e2vd.upload), each listed in `ERRORS` with its status. `ERRORS` is the only source of
+timeout, length_required, uri_too_long, expectation_failed, header_too_large) and bad_form (a
+multipart upload that is malformed or does not hold exactly one file part, see e2vd.upload), each listed in `ERRORS` with its status. `ERRORS` is the only source of
 an error's HTTP status: `ApiError.status` reads it, the server answers with it, and the OpenAPI
 document lists it (per operation, and for every code in the Error schema's `x-status`).
 """
@@ -42,16 +42,24 @@ ERRORS: dict[str, tuple[int, str]] = {
                         "query and the form, or has a bad value."),
     "bad_form": (400, "The multipart/form-data body is malformed (boundary, part headers, no closing boundary, "
                       "nested multipart) or does not hold exactly one file part."),
-    "bad_request": (400, "The HTTP request itself is malformed (request line, HTTP version other than 1.x, header "
-                         "lines, Content-Length, Transfer-Encoding other than chunked, chunk framing, short body); "
+    "bad_request": (400, "The HTTP request itself is malformed (request line, request target with a #fragment or "
+                         "not a path, HTTP version other than 1.x, header lines, Host missing (HTTP/1.1), repeated "
+                         "or not a host, Content-Length, Transfer-Encoding other than chunked, chunk framing, short body); "
                          "the connection is closed after the answer."),
     "not_found": (404, "No such route; see GET /v1/openapi.json."),
     "method_not_allowed": (405, "The route exists but not for this method; the Allow header lists the methods."),
     "timeout": (408, "The request was not received completely within connection_timeout seconds."),
     "length_required": (411, "The request has no body: send it with Content-Length or Transfer-Encoding: chunked."),
     "too_large": (413, "The body is larger than the daemon accepts (max_body_bytes; a chunked body is refused the "
-                       "moment it would cross it), or the request line or a header line is longer than 64 KiB, or "
-                       "there are more than 100 header lines."),
+                       "moment it would cross it), or its Content-Length has more than 18 digits, or a chunked "
+                       "body has more than 100 trailer lines."),
+    "uri_too_long": (414, "The request line (its path and query) is longer than 64 KiB; the connection is closed "
+                          "after the answer."),
+    "expectation_failed": (417, "The Expect header asks for something other than 100-continue, the only "
+                                "expectation met; the connection is closed after the answer."),
+    "header_too_large": (431, "A header line is longer than 64 KiB, the header lines come to more than 64 KiB "
+                              "together, or there are more than 100 of them; the connection is closed after the "
+                              "answer."),
     "too_long": (422, "The audio is longer than max_seconds."),
     "too_short": (422, "The audio is too short to analyse."),
     "internal": (500, "The daemon failed unexpectedly; the journal has the details."),
@@ -64,8 +72,8 @@ ERRORS: dict[str, tuple[int, str]] = {
 
 # Errors any request can get, whatever its route: listed under every operation of the document.
 # (not_found and method_not_allowed belong to no operation; the Error schema's x-status has them.)
-HTTP_ERRORS: tuple[str, ...] = ("bad_request", "timeout", "length_required", "too_large", "busy", "internal",
-                                "config_invalid")
+HTTP_ERRORS: tuple[str, ...] = ("bad_request", "timeout", "length_required", "too_large", "uri_too_long",
+                                "expectation_failed", "header_too_large", "busy", "internal", "config_invalid")
 
 # Retry-After seconds sent with 503 busy.
 BUSY_RETRY_AFTER_S = 1

@@ -176,6 +176,65 @@ def test_an_error_in_the_head_closes_the_connection(daemon):
     assert s.closed()
 
 
+HOSTILE_HEADS = [
+    ("request line too long", b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: e2vd\r\n\r\n", 414, "uri_too_long",
+     "request line is longer than 65536 bytes"),
+    ("header line too long", head("GET", "/v1/health", "X-A: " + "a" * 70000), 431, "header_too_large",
+     "header line of the request is longer than 65536 bytes"),
+    ("too many header lines", head("GET", "/v1/health", *[f"X-{i}: 1" for i in range(120)]), 431,
+     "header_too_large", "more than 100 header lines"),
+    ("a #fragment", head("GET", "/v1/health#top"), 400, "bad_request", "has a #fragment"),
+    ("two Host headers", head("GET", "/v1/health", "Host: evil.example"), 400, "bad_request", "Host is given 2 times"),
+    ("no Host header", b"GET /v1/health HTTP/1.1\r\n\r\n", 400, "bad_request", "has no Host header"),
+    ("a Host that is not one", b"GET /v1/health HTTP/1.1\r\nHost: a b\r\n\r\n", 400, "bad_request",
+     "is not a host name"),
+    ("an unknown expectation", head("POST", "/v1/recognize", f"Content-Length: {len(GOOD)}", "Expect: 200-ok"),
+     417, "expectation_failed", "only 100-continue"),
+    ("CONNECT", head("CONNECT", "e2vd:80"), 400, "bad_request", "not a proxy"),
+    ("GET *", head("GET", "*"), 400, "bad_request", "only for OPTIONS"),
+    ("a target that is not a path", head("GET", "v1/health"), 400, "bad_request", "is not a path"),
+    ("Content-Length and Transfer-Encoding", head("POST", "/v1/recognize", "Content-Length: 5",
+                                                  "Transfer-Encoding: chunked") + b"0\r\n\r\n", 400, "bad_request",
+     "both Transfer-Encoding and Content-Length"),
+    ("Transfer-Encoding then Content-Length", head("POST", "/v1/recognize", "Transfer-Encoding: chunked",
+                                                   "Content-Length: 5") + b"0\r\n\r\n", 400, "bad_request",
+     "both Transfer-Encoding and Content-Length"),
+    ("two Content-Lengths that differ", head("POST", "/v1/recognize", "Content-Length: 5", "Content-Length: 50"),
+     400, "bad_request", "Content-Length is given 2 times"),
+    ("a plus-signed Content-Length", head("POST", "/v1/recognize", "Content-Length: +5"), 400, "bad_request",
+     "is not a whole number"),
+    ("a negative Content-Length", head("POST", "/v1/recognize", "Content-Length: -5"), 400, "bad_request",
+     "is not a whole number"),
+    ("a folded header line", head("GET", "/v1/health", "X-A: 1", " folded"), 400, "bad_request", "obs-fold"),
+    ("a NUL in a header value", head("GET", "/v1/health", "X-A: a\0b"), 400, "bad_request", "control characters"),
+    ("a bare CR in a header value", head("GET", "/v1/health", "X-A: a\rb"), 400, "bad_request", "control characters"),
+]
+
+
+@pytest.mark.parametrize("what, data, status, code, needle", HOSTILE_HEADS, ids=[h[0] for h in HOSTILE_HEADS])
+def test_a_hostile_head_is_refused_by_name_the_request_behind_it_is_not_run_and_others_are_served(
+        daemon, what, data, status, code, needle):
+    s = daemon.connect()
+    s.sendall(data + head("GET", "/v1/status"))     # a second request behind it must never be answered
+    got, headers, answer = s.response()
+    assert (got, answer["error"]["code"]) == (status, code), answer
+    assert needle in answer["error"]["message"] and headers["connection"] == "close", answer
+    assert s.closed()
+    other = daemon.connect()
+    other.sendall(head("GET", "/v1/health"))
+    assert other.response()[2] == {"status": "ready"}
+
+
+def test_absolute_form_and_options_star_keep_the_connection(daemon):
+    s = daemon.connect()
+    s.sendall(head("GET", "http://e2vd/v1/health") + head("OPTIONS", "*") + head("GET", "HTTP://other/v1/health"))
+    assert s.response()[2] == {"status": "ready"}                 # absolute-form: its host is not looked at
+    status, headers, answer = s.response()
+    assert status == 404 and answer["error"]["code"] == "not_found" and "connection" not in headers
+    assert "the routes are GET" in answer["error"]["message"] or "POST /v1/recognize" in answer["error"]["message"]
+    assert s.response()[2] == {"status": "ready"}
+
+
 def test_head_is_answered_without_a_body_and_closes(daemon):
     s = daemon.connect()
     s.sendall(head("HEAD", "/v1/health"))

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from e2vd.http_io import SMALL_BODY_BYTES, Body, Wire
-from e2vd.http_wire import MAX_HEADERS, MAX_LINE_BYTES, RequestHead, RequestLine
+from e2vd.http_wire import MAX_HEADER_SECTION_BYTES, MAX_HEADERS, MAX_LINE_BYTES, RequestHead, RequestLine
 from e2vd.protocol import ApiError
 from e2vd.server import Connection, Peer
 
@@ -38,7 +38,7 @@ def refused(code: str, call, *args) -> str:
 
 def head_of(*lines: str, version: tuple[int, int] = (1, 1)) -> RequestHead:
     request = RequestLine.parse(b"POST /v1/recognize HTTP/1.1\r\n")
-    return RequestHead.build(request, version, [f"{line}\r\n".encode("latin-1") for line in lines])
+    return RequestHead.build(request, version, [f"{line}\r\n".encode("latin-1") for line in ("Host: e2vd", *lines)])
 
 
 # --- the head -------------------------------------------------------------------------------------
@@ -62,23 +62,49 @@ def test_http_0_9_is_refused_before_waiting_for_headers(pair):
     assert "no HTTP version" in refused("bad_request", wire.read_headers, request)
 
 
-def test_lines_longer_than_the_limit_are_too_large_without_reading_on(pair):
+def test_a_request_line_longer_than_the_limit_is_414_without_reading_on(pair):
     wire, client = pair
     client.sendall(b"GET /" + b"a" * MAX_LINE_BYTES + b" HTTP/1.1\r\n\r\n")
-    assert "request line of the request is longer than 65536 bytes" in refused("too_large", wire.read_request_line)
+    message = refused("uri_too_long", wire.read_request_line)
+    assert "request line is longer than 65536 bytes" in message and "shorter path and query" in message
 
 
-def test_more_header_lines_than_the_limit_are_too_large(pair):
+def test_a_header_line_longer_than_the_limit_is_431_without_reading_on(pair):
+    wire, client = pair
+    client.sendall(b"GET / HTTP/1.1\r\nX-A: " + b"a" * MAX_LINE_BYTES + b"\r\n\r\n")
+    request = wire.read_request_line()
+    message = refused("header_too_large", wire.read_headers, request)
+    assert "header line of the request is longer than 65536 bytes" in message and "send a shorter one" in message
+
+
+def test_more_header_lines_than_the_limit_are_431(pair):
     wire, client = pair
     client.sendall(b"GET / HTTP/1.1\r\n" + b"X: 1\r\n" * (MAX_HEADERS + 1) + b"\r\n")
     request = wire.read_request_line()
-    assert f"more than {MAX_HEADERS} header lines" in refused("too_large", wire.read_headers, request)
+    assert f"more than {MAX_HEADERS} header lines" in refused("header_too_large", wire.read_headers, request)
+
+
+def test_header_lines_of_more_than_64_kib_together_are_431_without_reading_on(pair):
+    wire, client = pair
+    client.sendall(b"GET / HTTP/1.1\r\nHost: e2vd\r\n" + (b"X-A: " + b"a" * 30000 + b"\r\n") * 3 + b"\r\n")
+    request = wire.read_request_line()
+    message = refused("header_too_large", wire.read_headers, request)
+    assert f"header lines come to more than {MAX_HEADER_SECTION_BYTES} bytes" in message
+    assert wire.rfile.peek(1)[:2] == b"\r\n"              # the blank line after them: never read
+
+
+def test_header_lines_of_exactly_64_kib_together_are_fine(pair):
+    wire, client = pair
+    lines = b"Host: e2vd\r\n" + b"X-A: " + b"a" * (MAX_HEADER_SECTION_BYTES - 12 - 7) + b"\r\n"
+    assert len(lines) == MAX_HEADER_SECTION_BYTES
+    client.sendall(b"GET / HTTP/1.1\r\n" + lines + b"\r\n")
+    assert len(wire.read_headers(wire.read_request_line()).headers["X-A"]) == MAX_HEADER_SECTION_BYTES - 19
 
 
 def test_exactly_the_limit_of_header_lines_is_fine(pair):
     wire, client = pair
-    client.sendall(b"GET / HTTP/1.1\r\n" + b"X: 1\r\n" * MAX_HEADERS + b"\r\n")
-    assert len(wire.read_headers(wire.read_request_line()).headers.get_all("X")) == MAX_HEADERS
+    client.sendall(b"GET / HTTP/1.1\r\nHost: e2vd\r\n" + b"X: 1\r\n" * (MAX_HEADERS - 1) + b"\r\n")
+    assert len(wire.read_headers(wire.read_request_line()).headers.get_all("X")) == MAX_HEADERS - 1
 
 
 def test_a_client_that_stops_in_a_line_is_bad_request(pair):

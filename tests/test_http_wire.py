@@ -229,22 +229,23 @@ def test_keeps_alive(version, connection, keep):
 
 def test_request_head_gathers_framing_keep_alive_and_expect():
     request = RequestLine.parse(b"POST /v1/recognize HTTP/1.1\r\n")
-    head = RequestHead.build(request, request.check(), [b"Content-Length: 5\r\n", b"Expect: 100-Continue\r\n",
-                                                        b"Connection: close\r\n"])
+    head = RequestHead.build(request, request.check(), [b"Host: e2vd\r\n", b"Content-Length: 5\r\n",
+                                                        b"Expect: 100-Continue\r\n", b"Connection: close\r\n"])
     assert (head.method, head.target, head.version) == ("POST", "/v1/recognize", (1, 1))
     assert head.content_length == 5 and not head.chunked and not head.keep_alive and head.expects_continue
-    chunked = RequestHead.build(request, (1, 1), [b"Transfer-Encoding: chunked\r\n"])
+    chunked = RequestHead.build(request, (1, 1), [b"Host: e2vd\r\n", b"Transfer-Encoding: chunked\r\n"])
     assert chunked.chunked and chunked.content_length is None and chunked.keep_alive
     assert not chunked.expects_continue
-    refused("bad_request", RequestHead.build, request, (1, 1), [b"Transfer-Encoding: gzip\r\n"])
+    refused("bad_request", RequestHead.build, request, (1, 1), [b"Host: e2vd\r\n", b"Transfer-Encoding: gzip\r\n"])
     old = RequestHead.build(request, (1, 0), [b"Expect: 100-continue\r\n"])
     assert not old.expects_continue              # an HTTP/1.0 client does not wait for it
 
 
 def test_request_head_refuses_what_its_lines_refuse():
     request = RequestLine.parse(b"POST /v1/recognize HTTP/1.1\r\n")
-    refused("bad_request", RequestHead.build, request, (1, 1), [b"Content-Length : 5\r\n"])
-    refused("bad_request", RequestHead.build, request, (1, 1), [b"Content-Length: 5\r\n", b"Content-Length: 5\r\n"])
+    refused("bad_request", RequestHead.build, request, (1, 1), [b"Host: e2vd\r\n", b"Content-Length : 5\r\n"])
+    refused("bad_request", RequestHead.build, request, (1, 1), [b"Host: e2vd\r\n", b"Content-Length: 5\r\n",
+                                                                b"Content-Length: 5\r\n"])
 
 
 # --- the answer's head ----------------------------------------------------------------------------
@@ -268,3 +269,89 @@ def test_response_head_keeps_the_connection_open_unless_told():
     assert head.startswith("HTTP/1.1 200 OK\r\n") and "Connection" not in head
     assert response_head(404, 1).startswith(b"HTTP/1.1 404 Not Found\r\n")
     assert response_head(411, 1).startswith(b"HTTP/1.1 411 Length Required\r\n")
+
+
+# --- the request target's form (RFC 9112 §3.2) -----------------------------------------------------------
+
+@pytest.mark.parametrize("line, target", [
+    (b"GET http://e2vd/v1/health HTTP/1.1\r\n", "http://e2vd/v1/health"),      # absolute-form: accepted
+    (b"GET HTTP://e2vd/v1/health?x=1 HTTP/1.1\r\n", "HTTP://e2vd/v1/health?x=1"),
+    (b"OPTIONS * HTTP/1.1\r\n", "*"),                                          # asterisk-form, OPTIONS only
+    (b"GET /v1/health?a=%20b HTTP/1.1\r\n", "/v1/health?a=%20b"),
+])
+def test_request_targets_of_the_four_forms_that_are_accepted(line, target):
+    request = RequestLine.parse(line)
+    assert request.target == target and request.check() == (1, 1)
+
+
+HOSTILE_TARGETS = [
+    (b"GET /v1/health#frag HTTP/1.1\r\n", "has a #fragment"),
+    (b"GET /v1/health?x=1#a HTTP/1.1\r\n", "has a #fragment"),
+    (b"GET http://e2vd/v1/health#a HTTP/1.1\r\n", "has a #fragment"),
+    (b"GET # HTTP/1.1\r\n", "has a #fragment"),
+    (b"GET * HTTP/1.1\r\n", "'*' is only for OPTIONS"),
+    (b"CONNECT e2vd:80 HTTP/1.1\r\n", "not a proxy"),
+    (b"CONNECT /v1/health HTTP/1.1\r\n", "not a proxy"),
+    (b"GET e2vd:80 HTTP/1.1\r\n", "is not a path"),
+    (b"GET v1/health HTTP/1.1\r\n", "is not a path"),
+    (b"GET ftp://e2vd/v1/health HTTP/1.1\r\n", "is not a path"),
+    (b"GET http:/v1/health HTTP/1.1\r\n", "is not a path"),
+    (b"GET /v1/h\xe9alth HTTP/1.1\r\n", "not printable ASCII"),
+    (b"GET /v1/h\x00alth HTTP/1.1\r\n", "not printable ASCII"),
+    (b"GET /v1/h\x7falth HTTP/1.1\r\n", "not printable ASCII"),
+]
+
+
+@pytest.mark.parametrize("line, needle", HOSTILE_TARGETS, ids=[repr(l) for l, _ in HOSTILE_TARGETS])
+def test_hostile_request_targets_are_refused_by_name(line, needle):
+    request = RequestLine.parse(line)                        # split as sent (and logged so) ...
+    message = refused("bad_request", request.check)          # ... then refused
+    assert needle in message and "/v1/health" in message, message
+
+
+# --- Host (RFC 9112 §3.2) and Expect (RFC 9110 §10.1.1) --------------------------------------------
+
+@pytest.mark.parametrize("lines, needle", [
+    ([b"Host: e2vd\r\n", b"Host: e2vd\r\n"], "Host is given 2 times"),
+    ([b"Host: e2vd\r\n", b"host: evil.example\r\n"], "Host is given 2 times"),
+    ([], "has no Host header"),
+    ([b"Host: e2 vd\r\n"], "is not a host name"),
+    ([b"Host: e2vd/v1\r\n"], "is not a host name"),
+    ([b"Host: e2vd:80x\r\n"], "is not a host name"),
+    ([b"Host: user@e2vd\r\n"], "is not a host name"),
+    ([b"Host: [::1\r\n"], "is not a host name"),
+])
+def test_a_request_without_exactly_one_good_host_is_refused(lines, needle):
+    request = RequestLine.parse(b"GET /v1/health HTTP/1.1\r\n")
+    message = refused("bad_request", RequestHead.build, request, (1, 1), lines)
+    assert needle in message and "Host: e2vd" in message, message
+
+
+@pytest.mark.parametrize("value", ["e2vd", "", "localhost:8080", "127.0.0.1", "[::1]:80", "a-b.c_d~e%41"])
+def test_good_host_values_are_accepted(value):
+    request = RequestLine.parse(b"GET /v1/health HTTP/1.1\r\n")
+    head = RequestHead.build(request, (1, 1), [f"Host: {value}\r\n".encode()])
+    assert head.headers["Host"] == value
+
+
+def test_http_1_0_needs_no_host_but_not_two():
+    request = RequestLine.parse(b"GET /v1/health HTTP/1.0\r\n")
+    assert RequestHead.build(request, (1, 0), []).keep_alive is False
+    refused("bad_request", RequestHead.build, request, (1, 0), [b"Host: a\r\n", b"Host: a\r\n"])
+
+
+@pytest.mark.parametrize("lines", [
+    [b"Expect: 200-ok\r\n"], [b"Expect: 100-continue, x\r\n"], [b"Expect: 100-continue\r\n", b"Expect: y=1\r\n"],
+    [b"Expect: 100-continue; a=b\r\n"],
+])
+def test_an_expectation_other_than_100_continue_is_417(lines):
+    request = RequestLine.parse(b"POST /v1/recognize HTTP/1.1\r\n")
+    message = refused("expectation_failed", RequestHead.build, request, (1, 1), [b"Host: e2vd\r\n", *lines])
+    assert "only 100-continue" in message and "Expect" in message, message
+
+
+def test_100_continue_in_any_case_or_listed_twice_is_met():
+    request = RequestLine.parse(b"POST /v1/recognize HTTP/1.1\r\n")
+    head = RequestHead.build(request, (1, 1), [b"Host: e2vd\r\n", b"Content-Length: 1\r\n",
+                                               b"Expect: 100-CONTINUE, 100-continue\r\n"])
+    assert head.expects_continue

@@ -19,6 +19,19 @@ def test_design_error_codes_and_statuses():
         assert ERRORS[code][0] == status
 
 
+def test_http_limits_and_expectations_have_their_own_codes_and_statuses():
+    """RFC 9110: 414 for a request line too long, 417 for an unmet Expect, 431 for the header section;
+    413 is the body's alone."""
+    assert {code: ERRORS[code][0] for code in ("uri_too_long", "expectation_failed", "header_too_large")} == {
+        "uri_too_long": 414, "expectation_failed": 417, "header_too_large": 431}
+    assert {"uri_too_long", "expectation_failed", "header_too_large"} <= set(HTTP_ERRORS)
+    assert "header" not in ERRORS["too_large"][1] and "request line" not in ERRORS["too_large"][1]
+    for path in openapi()["paths"].values():
+        for op in path.values():
+            assert {"414", "417", "431"} <= set(op["responses"])
+            assert "uri_too_long:" in op["responses"]["414"]["description"]
+
+
 def test_recognize_defaults():
     assert parse_options("", RECOGNIZE) == {"granularity": "utterance", "embedding": False}
 

@@ -239,9 +239,9 @@ def test_the_daemons_malformed_header_corpus_is_400_and_never_forwarded(front, w
 HOSTILE = [
     ("no HTTP version", b"GET /\r\n\r\n", 400, "bad_request"),
     ("HTTP/2.0", b"GET / HTTP/2.0\r\n\r\n", 400, "bad_request"),
-    ("request line too long", None, 413, "too_large"),
-    ("header line too long", None, 413, "too_large"),
-    ("too many header lines", None, 413, "too_large"),
+    ("request line too long", None, 414, "uri_too_long"),
+    ("header line too long", None, 431, "header_too_large"),
+    ("too many header lines", None, 431, "header_too_large"),
     ("chunked upload", "chunked", 411, "length_required"),
     ("POST without Content-Length", "nolength", 411, "length_required"),
     ("Content-Length over max_body_bytes", "huge", 413, "too_large"),
