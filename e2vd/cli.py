@@ -297,11 +297,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 # -- output helpers ---------------------------------------------------------------------------
 
 def _err(message: str) -> None:
-    """One line for the operator on stderr; a closed or missing stderr loses it silently."""
+    """One line for the operator on stderr; a closed or missing stderr loses it silently.
+    Control characters (a daemon's or systemd's words may hold them) are escaped (`_lines_out`)."""
     if sys.stderr is None:  # fd 2 was closed at start: print(file=None) would write to stdout
         return
     try:
-        print(f"e2vd: {message}", file=sys.stderr, flush=True)
+        print(f"e2vd: {_lines_out([message])}", file=sys.stderr, flush=True)
     except (OSError, ValueError):
         pass
 

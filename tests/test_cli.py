@@ -898,3 +898,15 @@ def test_lone_surrogates_in_an_answer_are_printed_escaped(clips: list[Path]) -> 
             proc = e2vd(*argv, str(clips[0]), "--socket", peer.socket, env={"LC_ALL": "C", "PYTHONIOENCODING": ""})
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
         assert "\\ud800" in proc.stdout, proc.stdout
+
+
+def test_a_daemon_error_message_reaches_stderr_escaped(clips: list[Path]) -> None:
+    """An error answer's message (the daemon's words, e.g. a fallback or model error quoting a
+    file) is one line on stderr with its control characters escaped."""
+    message = "model gone\x1b]0;owned\x07\x1b[2J\nsecond line\u202e"
+    answer = http_answer(json.dumps({"error": {"code": "model_unavailable", "message": message}}),
+                         "503 Service Unavailable")
+    with RawPeer(answer) as peer:
+        proc = e2vd("recognize", str(clips[0]), "--socket", peer.socket)
+    one_line(proc, ExitCode.SERVER, "model gone\\x1b]0;owned\\x07\\x1b[2J\\nsecond line\\u202e")
+    assert not any((ord(c) < 32 and c != "\n") or 0x7f <= ord(c) <= 0x9f for c in proc.stderr), ascii(proc.stderr)
