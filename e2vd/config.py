@@ -386,12 +386,22 @@ def _fallback_model(value: object) -> None:
         return
     if any(ord(c) < 32 or ord(c) == 127 for c in text):
         raise ValueError("must not hold control characters")
+    _utf8(text)
     if text.startswith(("./", "../", "~")):
         raise ValueError(f"must be an absolute model directory (the daemon runs from / as its own user, so "
                          f"{text!r} would not name the directory it names here); got {text!r}")
     if not (os.path.isabs(text) or MODEL_ID_PATTERN.fullmatch(text)):
         raise ValueError(f"must be an absolute model directory, a ModelScope id 'owner/name' (ASCII), or "
                          f"\"\" (no fallback); got {text!r}")
+
+
+def _utf8(text: str) -> None:
+    """ValueError unless `text` is valid UTF-8 (an environment value with undecodable bytes
+    holds surrogates, which the journal and JSON answers cannot carry)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"is not valid UTF-8 text ({ascii(text)[:200]}); write the path in UTF-8") from None
 
 
 def _fallback_device(value: object) -> None:
@@ -413,6 +423,7 @@ def _absolute_or_empty(value: object) -> None:
         raise ValueError(f"must be an absolute path (or empty for the default); got {value!r}")
     if any(ord(c) < 32 or ord(c) == 127 for c in text):
         raise ValueError(f"must not hold control characters; got {value!r}")
+    _utf8(text)
     if len(os.fsencode(text)) > MAX_PATH:
         raise ValueError(f"is too long ({len(os.fsencode(text))} bytes, Linux takes {MAX_PATH}): choose a "
                          "shorter path")

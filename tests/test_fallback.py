@@ -259,6 +259,8 @@ def test_a_stuck_fallback_call_ends_the_daemon_like_a_stuck_primary_call(in_proc
     ("GPU_LOCK", "lock/gpu.lock", "absolute"),
     ("GPU_LOCK", "/run/e2vd/lo\x1bck", "control characters"),
     ("GPU_LOCK", "/" + "x" * 5000, "too long"),
+    ("FALLBACK_MODEL", "/srv/m\udcff", "UTF-8"),            # an undecodable byte from the environment
+    ("GPU_LOCK", "/run/e2vd/lock/gpu\udcff.lock", "UTF-8"),
     ("GPU_LOCK_TIMEOUT", "-1", "a duration like"),
     ("GPU_LOCK_TIMEOUT", "nan", "a duration like"),
     ("GPU_LOCK_TIMEOUT", "1e400", "a duration like"),
