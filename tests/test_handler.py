@@ -231,7 +231,7 @@ def test_absolute_form_and_options_star_keep_the_connection(daemon):
     assert s.response()[2] == {"status": "ready"}                 # absolute-form: its host is not looked at
     status, headers, answer = s.response()
     assert status == 404 and answer["error"]["code"] == "not_found" and "connection" not in headers
-    assert "the routes are GET" in answer["error"]["message"] or "POST /v1/recognize" in answer["error"]["message"]
+    assert "no route '*'; the routes are POST /v1/recognize" in answer["error"]["message"], answer
     assert s.response()[2] == {"status": "ready"}
 
 
