@@ -177,11 +177,13 @@ def installed_names(root: Path = Path("/"), listed: str | None = None, configs: 
     are ignored, never an error."""
     names: set[str] = set()
     conf = root / CONFIG_DIR.relative_to("/")
-    if configs and conf.is_dir():
+    if configs and os.path.isdir(conf):
         names.update(p.stem for p in conf.glob("*.toml"))
     wants = root / UNIT_DIR.relative_to("/") / "sockets.target.wants"
-    if wants.is_dir():
-        names.update(m[1] for p in wants.iterdir() if (m := re.fullmatch(r"e2vd@(.+)\.socket", p.name)))
+    try:
+        names.update(m[1] for name in os.listdir(wants) if (m := re.fullmatch(r"e2vd@(.+)\.socket", name)))
+    except OSError:   # absent, or closed to this user: systemd's list still names what it loaded
+        pass
     for line in (listed or "").splitlines():
         m = re.match(r"\s*e2vd@(\S+)\.(?:socket|service)\s", line + " ")
         if m:
@@ -273,7 +275,22 @@ def list_instances(run=subprocess.run, root: Path = Path("/")) -> list[InstanceS
         running = svc is not None and svc.get("ActiveState") in ("active", "activating", "deactivating")
         pid = int(svc["MainPID"]) if svc and re.fullmatch(r"[1-9][0-9]{0,9}", svc.get("MainPID", "")) else None
         states.append(InstanceState(
-            i.name, str(i.socket), str(i.config), (root / i.config.relative_to("/")).is_file(),
+            i.name, str(i.socket), str(i.config), _present(root / i.config.relative_to("/"), os.path.isfile),
             i.socket_unit, i.service_unit, _state(sock), _state(svc),
-            (root / i.socket.relative_to("/")).exists(), running, pid))
+            _present(root / i.socket.relative_to("/"), os.path.lexists), running, pid))
     return states
+
+
+def _present(path: Path, test) -> bool:
+    """`test(path)` (os.path.isfile, os.path.lexists), and True when this user may not look into
+    the directory (`e2vd status` run by a user for whom /etc/e2vd is closed must not crash, nor
+    say a file is absent that it cannot see)."""
+    if test(path):
+        return True
+    try:
+        os.lstat(path)
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return False

@@ -727,3 +727,30 @@ def test_two_instances_activate_idle_and_uninstall_independently(box: sdbox.Box)
     out = box.run(E2VD + ["uninstall", "--instance", "b", "--purge"], env=ENV).stdout
     assert "removed /etc/systemd/system/e2vd@.service" in out
     assert box.run(["systemctl", "is-active", "e2vd.socket"]).stdout.strip() == "active"
+
+
+def test_status_listing_as_a_user_who_may_not_look_into_the_directories(tmp_path: Path) -> None:
+    """list_instances run by an unprivileged user where /etc/e2vd, the unit wants directory and
+    /run/e2vd are closed to it: a listing (it crashed with PermissionError), never "no config"
+    for a file it cannot see."""
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(prefix="e2vd-status-"))
+    try:
+        top.chmod(0o755)
+        for d in ("etc/e2vd", "etc/systemd/system/sockets.target.wants", "run/e2vd"):
+            (top / d).mkdir(parents=True)
+        (top / "etc/e2vd/small.toml").write_text("")
+        (top / "etc/systemd/system/sockets.target.wants/e2vd@big.socket").symlink_to("/dev/null")
+        for d in ("etc/e2vd", "etc/systemd/system/sockets.target.wants", "run/e2vd"):
+            (top / d).chmod(0o700)
+        code = ("import os, sys, pathlib\nfrom e2vd import instances, unit_record, log\n"
+                "os.setgid(65534); os.setuid(65534)\n"
+                "def run(argv, **kw):\n    raise FileNotFoundError('systemctl')\n"
+                "for s in instances.list_instances(run=run, root=pathlib.Path(sys.argv[1])):\n    print(s.line())\n")
+        cp = subprocess.run([PY, "-c", code, str(top)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    finally:
+        shutil.rmtree(top)
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout.startswith("default instance e2vd: e2vd.service unknown"), cp.stdout
+    assert "no /etc/e2vd/e2vd.toml" not in cp.stdout, cp.stdout
