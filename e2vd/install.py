@@ -426,15 +426,13 @@ def _group_exists(name: str) -> bool:
         return False
 
 
-def install(options: Options, *, start: bool = True, root: Path = Path("/"), layout: Layout | None = None,
-            say=print) -> None:
-    """Install the units (see the module docstring).  With `root` other than /, only files are
-    written (an offline image: `systemctl --root` enables, no group, nothing started)."""
-    validate(options)
-    if options.instance is not None:
-        return _install_instance(options, start=start, root=root, layout=layout, say=say)
+def _write_files(options: Options, config: Path, *, root: Path, layout: Layout | None, say,
+                 wrote: str) -> tuple[Layout, set[str]]:
+    """The files of `install` and `_install_instance`: check an existing `config` as the daemon
+    will read it (nothing is changed if it is refused), create the group (live only), write the
+    units, and write `config` unless it exists (`wrote` begins the line that says so). Returns the
+    layout and the names of the units whose text changed."""
     live = root == Path("/")
-    config = root / CONFIG_PATH
     if config.exists():
         check_config(config, model=live)
     layout = layout or Layout.detect()
@@ -452,19 +450,45 @@ def install(options: Options, *, start: bool = True, root: Path = Path("/"), lay
                                          if options.model is not None else ""))
     else:
         _write(config, config_text(options))
-        say(f"wrote default {config}" + (f" with model = {json.dumps(options.model)}" if options.model else ""))
-    if not live:
-        enable = ENABLE + (("e2vd-web.socket",) if options.web else ())
-        _run(["systemctl", f"--root={root}", "enable", *enable])
-        say(f"enabled {', '.join(enable)} in {root}")
-        return
-    if options.pull:   # before the socket is enabled: the daemon never downloads (e2vd.pull)
+        say(wrote + (f" with model = {json.dumps(options.model)}" if options.model else ""))
+    return layout, changed
+
+
+def _pull_and_reload(options: Options, config: Path, say) -> None:
+    """A live install's steps before its socket is enabled: the pull (with --pull; the daemon
+    never downloads, e2vd.pull), then `systemctl daemon-reload`."""
+    if options.pull:
         from e2vd.pull_cli import pull_configured
 
         pulled = pull_configured(config)
         if pulled is not None:
             say(f"model {'already pulled' if pulled.already_present else 'pulled'}: {pulled.directory}")
     _run(["systemctl", "daemon-reload"])
+
+
+def _note_read_only(layout: Layout, say) -> None:
+    """Say which paths the units bind read-only, if any."""
+    if layout.read_only_paths:
+        say(f"note: the units bind {', '.join(map(str, layout.read_only_paths))} read-only (Python lives there)")
+
+
+def install(options: Options, *, start: bool = True, root: Path = Path("/"), layout: Layout | None = None,
+            say=print) -> None:
+    """Install the units (see the module docstring).  With `root` other than /, only files are
+    written (an offline image: `systemctl --root` enables, no group, nothing started)."""
+    validate(options)
+    if options.instance is not None:
+        return _install_instance(options, start=start, root=root, layout=layout, say=say)
+    live = root == Path("/")
+    config = root / CONFIG_PATH
+    layout, changed = _write_files(options, config, root=root, layout=layout, say=say,
+                                   wrote=f"wrote default {config}")
+    if not live:
+        enable = ENABLE + (("e2vd-web.socket",) if options.web else ())
+        _run(["systemctl", f"--root={root}", "enable", *enable])
+        say(f"enabled {', '.join(enable)} in {root}")
+        return
+    _pull_and_reload(options, config, say)
     if "e2vd.socket" in changed and subprocess.run(["systemctl", "is-active", "--quiet", "e2vd.socket"]).returncode == 0:
         # a new group or mode only applies to a newly created socket; this also stops a running daemon
         _run(["systemctl", "restart", "e2vd.socket"])
@@ -479,8 +503,7 @@ def install(options: Options, *, start: bool = True, root: Path = Path("/"), lay
         from e2vd.web_listen import parse_address
 
         say(f"the browser page: {parse_address(options.web).url}")
-    if layout.read_only_paths:
-        say(f"note: the units bind {', '.join(map(str, layout.read_only_paths))} read-only (Python lives there)")
+    _note_read_only(layout, say)
 
 
 def _install_instance(options: Options, *, start: bool, root: Path, layout: Layout | None, say) -> None:
@@ -489,37 +512,14 @@ def _install_instance(options: Options, *, start: bool, root: Path, layout: Layo
     inst = Instance(options.instance)
     live = root == Path("/")
     config = root / inst.config.relative_to("/")
-    if config.exists():
-        check_config(config, model=live)
-    layout = layout or Layout.detect()
-    if live and not _group_exists(options.group):
-        _run(["groupadd", "--system", options.group])
-        say(f"created system group {options.group} (members may use the socket: usermod -aG {options.group} USER)")
-    changed = set()
-    for name, text in render_units(layout, options).items():
-        path = root / UNIT_DIR / name
-        if _write(path, text):
-            changed.add(name)
-        say(f"{'wrote' if name in changed else 'unchanged'} {path}")
-    if config.exists():
-        say(f"kept existing {config}" + (f" (--model not applied: set model = {json.dumps(options.model)} there)"
-                                         if options.model is not None else ""))
-    else:
-        _write(config, config_text(options))
-        say(f"wrote {config} for instance {inst.name}" + (f" with model = {json.dumps(options.model)}"
-                                                            if options.model else ""))
+    layout, changed = _write_files(options, config, root=root, layout=layout, say=say,
+                                   wrote=f"wrote {config} for instance {inst.name}")
     if not live:
         enable = [inst.socket_unit] + ([warmup_units(inst.name)[1]] if options.instance_warmup else [])
         _run(["systemctl", f"--root={root}", "enable", *enable])
         say(f"enabled {', '.join(enable)} in {root}")
         return
-    if options.pull:   # before the socket is enabled: the daemon never downloads (e2vd.pull)
-        from e2vd.pull_cli import pull_configured
-
-        pulled = pull_configured(config)
-        if pulled is not None:
-            say(f"model {'already pulled' if pulled.already_present else 'pulled'}: {pulled.directory}")
-    _run(["systemctl", "daemon-reload"])
+    _pull_and_reload(options, config, say)
     if "e2vd@.socket" in changed and subprocess.run(["systemctl", "is-active", "--quiet",
                                                      inst.socket_unit]).returncode == 0:
         _run(["systemctl", "restart", inst.socket_unit])   # a new group applies to a new socket only
@@ -532,8 +532,7 @@ def _install_instance(options: Options, *, start: bool, root: Path, layout: Layo
     _run(["systemctl", "enable", *(["--now"] if start else []), *enable])
     say(f"enabled{' and started' if start else ''} {', '.join(enable)}: instance {inst.name} on {inst.socket} "
         f"(e2vd recognize --instance {inst.name} FILE)")
-    if layout.read_only_paths:
-        say(f"note: the units bind {', '.join(map(str, layout.read_only_paths))} read-only (Python lives there)")
+    _note_read_only(layout, say)
 
 
 def _uninstall_instance(name: str, *, purge: bool, root: Path, say) -> None:
@@ -560,15 +559,24 @@ def _uninstall_instance(name: str, *, purge: bool, root: Path, say) -> None:
     if others:
         say(f"kept the templates e2vd@.socket and e2vd@.service: still used by instances {', '.join(others)}")
     else:
-        for unit in INSTANCE_UNITS:
-            path = root / UNIT_DIR / unit
-            if path.exists():
-                path.unlink()
-                say(f"removed {path}")
+        _remove_units(root, INSTANCE_UNITS, say)
     if live:
-        _run(["systemctl", "daemon-reload"])
-        subprocess.run(["systemctl", "reset-failed", inst.service_unit, inst.socket_unit, warm_service],
-                       capture_output=True)
+        _reload_and_reset_failed(inst.service_unit, inst.socket_unit, warm_service)
+
+
+def _remove_units(root: Path, names, say) -> None:
+    """Remove the unit files `names` that exist in `root`'s unit directory, and say so."""
+    for name in names:
+        path = root / UNIT_DIR / name
+        if path.exists():
+            path.unlink()
+            say(f"removed {path}")
+
+
+def _reload_and_reset_failed(*units: str) -> None:
+    """After a live uninstall: `systemctl daemon-reload`, then forget the failed state of `units`."""
+    _run(["systemctl", "daemon-reload"])
+    subprocess.run(["systemctl", "reset-failed", *units], capture_output=True)
 
 
 def _remove(path: Path, say) -> None:
@@ -604,14 +612,9 @@ def uninstall(*, purge: bool = False, root: Path = Path("/"), say=print, instanc
     else:
         subprocess.run(["systemctl", f"--root={root}", "disable", *ENABLE], capture_output=True)
         subprocess.run(["systemctl", f"--root={root}", "disable", "e2vd-web.socket"], capture_output=True)
-    for name in UNITS + ("e2vd-web.socket", "e2vd-web.service"):
-        path = root / UNIT_DIR / name
-        if path.exists():
-            path.unlink()
-            say(f"removed {path}")
+    _remove_units(root, UNITS + ("e2vd-web.socket", "e2vd-web.service"), say)
     if live:
-        _run(["systemctl", "daemon-reload"])
-        subprocess.run(["systemctl", "reset-failed", *UNITS, "e2vd-web.service"], capture_output=True)
+        _reload_and_reset_failed(*UNITS, "e2vd-web.service")
     if not purge:
         say(f"kept {root / CONFIG_PATH} and the model cache {root / 'var/cache/e2vd'} (--purge removes them)")
         return
