@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -17,6 +21,7 @@ import soundfile as sf
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "standin"
+UNIT_STARTING = "7d4958e842da4a758f6c1cdc7b36dcc5"  # journal MESSAGE_ID of "Starting UNIT..."
 
 
 def standin_dir(preset: str) -> Path:
@@ -79,3 +84,34 @@ def wav_file(tmp_path: Path) -> Path:
 def wav_bytes(wav_file: Path) -> bytes:
     """The bytes of `wav_file`."""
     return wav_file.read_bytes()
+
+
+@pytest.fixture
+def srv_model() -> Iterator[Path]:
+    """An (empty) model directory in /srv, where the service's sandbox can see it (the install
+    tests of tests/test_install.py and tests/test_instances.py); skips without a writable /srv."""
+    try:
+        Path("/srv").mkdir(exist_ok=True)
+        d = Path(tempfile.mkdtemp(prefix="e2vd-test-", dir="/srv"))
+    except OSError as exc:
+        pytest.skip(f"needs a writable /srv: {exc}")
+    (d / "model.pt").write_bytes(b"")
+    yield d
+    shutil.rmtree(d)
+
+
+def unit_starts(box, unit: str) -> int:
+    """How many times the systemd of `box` (a tests/sdbox.Box) has begun starting `unit` so far
+    (a daemon with a broken model never sends READY=1, so "Started" would miss it)."""
+    out = box.run(["journalctl", "--no-pager", "-o", "cat", f"MESSAGE_ID={UNIT_STARTING}",
+                   f"UNIT={unit}"], check=False).stdout
+    return sum(1 for line in out.splitlines() if line.startswith("Starting"))
+
+
+def wait_for(what: str, cond: Callable[[], bool], timeout: float) -> None:
+    """Poll `cond` every 0.1 s until it is true; AssertionError naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for: {what}")
+        time.sleep(0.1)

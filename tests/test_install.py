@@ -3,7 +3,6 @@ as root inside a throw-away systemd (tests/sdbox.py)."""
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import tempfile
 import tomllib
@@ -68,19 +67,6 @@ def test_install_refuses_a_settings_file_the_daemon_would_refuse_before_changing
     config.write_text("idle_timeout = 30\n")
     _install(tmp_path)
     assert (tmp_path / "etc/systemd/system/e2vd.service").is_file()
-
-
-@pytest.fixture
-def srv_model() -> Path:
-    """An (empty) model directory in /srv, where the service's sandbox can see it."""
-    try:
-        Path("/srv").mkdir(exist_ok=True)
-        d = Path(tempfile.mkdtemp(prefix="e2vd-test-", dir="/srv"))
-    except OSError as exc:
-        pytest.skip(f"needs a writable /srv: {exc}")
-    (d / "model.pt").write_bytes(b"")
-    yield d
-    shutil.rmtree(d)
 
 
 def test_default_config_shows_every_setting_with_the_default_of_settings(tmp_path: Path) -> None:

@@ -16,12 +16,11 @@ import sys
 import time
 import tomllib
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 import sdbox
-from conftest import CACHE, ROOT, standin_dir, wav_clip
+from conftest import CACHE, ROOT, standin_dir, unit_starts, wait_for, wav_clip
 from e2vd import config, install, instances, log
 from e2vd.client import Client
 from e2vd.instances import Instance, InstanceNameError, check_name, socket_for
@@ -513,21 +512,6 @@ def test_instance_config_sets_its_model_and_its_own_cache(tmp_path: Path) -> Non
     assert config.load_settings(env={}, config_path=str(path)).cache_dir == "/var/cache/e2vd-small"
 
 
-@pytest.fixture
-def srv_model() -> Path:
-    """An (empty) model directory in /srv, where the service's sandbox can see it."""
-    import tempfile
-
-    try:
-        Path("/srv").mkdir(exist_ok=True)
-        d = Path(tempfile.mkdtemp(prefix="e2vd-test-", dir="/srv"))
-    except OSError as exc:
-        pytest.skip(f"needs a writable /srv: {exc}")
-    (d / "model.pt").write_bytes(b"")
-    yield d
-    shutil.rmtree(d)
-
-
 def test_offline_install_of_instances_beside_the_default(tmp_path: Path, srv_model: Path) -> None:
     units = tmp_path / "etc/systemd/system"
     _install(tmp_path)
@@ -610,21 +594,6 @@ def show(box: sdbox.Box, unit: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
-def starts(box: sdbox.Box, unit: str) -> int:
-    """How many times systemd began starting `unit` in this box."""
-    out = box.run(["journalctl", "--no-pager", "-o", "cat", "MESSAGE_ID=7d4958e842da4a758f6c1cdc7b36dcc5",
-                   f"UNIT={unit}"], check=False).stdout
-    return sum(1 for line in out.splitlines() if line.startswith("Starting"))
-
-
-def wait_for(what: str, cond: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for: {what}")
-        time.sleep(0.1)
-
-
 def events(box: sdbox.Box, *match: str) -> list[dict]:
     out = box.run(["journalctl", "--no-pager", "-o", "json", *match], check=False).stdout
     return [json.loads(line) for line in out.splitlines() if line.strip()]
@@ -668,19 +637,19 @@ def test_two_instances_activate_idle_and_uninstall_independently(box: sdbox.Box)
     one = box.run(E2VD + ["status", "--instance", "b"], env=ENV).stdout
     assert "e2vd@b.service: inactive (dead)" in one and "e2vd@b.socket: active (listening)" in one
     time.sleep(0.5)
-    assert [starts(box, u) for u in ("e2vd@a.service", "e2vd@b.service", "e2vd.service")] == [0, 0, 0]
+    assert [unit_starts(box, u) for u in ("e2vd@a.service", "e2vd@b.service", "e2vd.service")] == [0, 0, 0]
 
     # b first (long idle), then a: each answers from its own model; neither request starts the other
     box.write("/var/tmp/c.wav", wav_clip(1.0, seed=3))
     got_b = json.loads(box.run(E2VD + ["recognize", "--json", "/var/tmp/c.wav"], env={**ENV, "E2VD_INSTANCE": "b"},
                                timeout=180).stdout)
     assert show(box, "e2vd@b.service")["ActiveState"] == "active"
-    assert show(box, "e2vd@a.service")["ActiveState"] == "inactive" and starts(box, "e2vd@a.service") == 0
+    assert show(box, "e2vd@a.service")["ActiveState"] == "inactive" and unit_starts(box, "e2vd@a.service") == 0
     got_a = json.loads(box.run(E2VD + ["recognize", "--json", "--instance", "a", "/var/tmp/c.wav"], env=ENV,
                                timeout=180).stdout)
     assert (got_a["model"], got_b["model"]) == (f"{MODELS}/tiny", f"{MODELS}/tiny2")
     assert got_a["scores"] != got_b["scores"], "two different stand-ins answered the same"
-    assert [starts(box, u) for u in ("e2vd@a.service", "e2vd@b.service", "e2vd.service")] == [1, 1, 0]
+    assert [unit_starts(box, u) for u in ("e2vd@a.service", "e2vd@b.service", "e2vd.service")] == [1, 1, 0]
 
     # a exits on its own 2 s idle timeout while b (30 s) keeps serving; then b on its own
     wait_for("a's idle exit", lambda: show(box, "e2vd@a.service")["ActiveState"] == "inactive", 60)
@@ -695,14 +664,14 @@ def test_two_instances_activate_idle_and_uninstall_independently(box: sdbox.Box)
         assert every and all(e.get("E2VD_INSTANCE") == name for e in every), "every entry names its instance"
         assert {"start", "model_loaded", "request", "idle_exit"} <= {e.get("E2VD_EVENT") for e in every}
         assert "gpu_lock_unavailable" not in {e.get("E2VD_EVENT") for e in every}, "the instance shares the GPU lock"
-    assert starts(box, "e2vd.service") == 0, "the default instance was never started"
+    assert unit_starts(box, "e2vd.service") == 0, "the default instance was never started"
 
     # a's warmup (its timer's service, started now) wakes a and holds it; b is not touched
     cp = box.run(["systemctl", "start", "e2vd-warmup@a.service"], timeout=180, check=False)
     assert cp.returncode == 0, box.run(["journalctl", "--no-pager", "-o", "cat", "-u", "e2vd-warmup@a.service",
                                         "-u", "e2vd@a.service"], check=False).stdout[-3000:]
     assert show(box, "e2vd@a.service")["ActiveState"] == "active"
-    assert [starts(box, u) for u in ("e2vd@a.service", "e2vd@b.service", "e2vd.service")] == [2, 1, 0]
+    assert [unit_starts(box, u) for u in ("e2vd@a.service", "e2vd@b.service", "e2vd.service")] == [2, 1, 0]
     [hold] = events(box, "E2VD_INSTANCE=a", "E2VD_EVENT=keep_warm")
     assert float(hold["E2VD_HOLD_SECONDS"]) > 0
 

@@ -20,13 +20,12 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 import sdbox
 import tzshift
-from conftest import standin_dir, wav_clip
+from conftest import standin_dir, unit_starts, wait_for, wav_clip
 from e2vd.client import Client, ClientError
 
 pytestmark = [pytest.mark.systemd, pytest.mark.slow]
@@ -34,7 +33,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = str(Path(sys.executable))
 ENV = {"PYTHONPATH": str(ROOT)}          # e2vd from this checkout, as the installed units use it
 E2VD = [PY, "-m", "e2vd"]
-UNIT_STARTING = "7d4958e842da4a758f6c1cdc7b36dcc5"  # journal MESSAGE_ID of "Starting UNIT..."
 MODEL = "/srv/e2vd-models/tiny"         # the tiny stand-in, bound read-only into the box
 LOAD_S = 180.0                           # patience for one cold start on a busy 2-core machine
 
@@ -73,17 +71,7 @@ def show(box: sdbox.Box, unit: str = "e2vd.service") -> dict[str, str]:
 def starts(box: sdbox.Box) -> int:
     """How many times systemd has begun starting e2vd.service in this box so far (a daemon
     with a broken model never sends READY=1, so "Started" would miss it)."""
-    out = box.run(["journalctl", "--no-pager", "-o", "cat", f"MESSAGE_ID={UNIT_STARTING}",
-                   "UNIT=e2vd.service"], check=False).stdout
-    return sum(1 for line in out.splitlines() if line.startswith("Starting"))
-
-
-def wait_for(what: str, cond: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for: {what}")
-        time.sleep(0.1)
+    return unit_starts(box, "e2vd.service")
 
 
 def socket_path(box: sdbox.Box) -> str:
