@@ -42,7 +42,13 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 def http_request(path: str | os.PathLike[str], method: str, url: str, body: bytes | None = None,
                  headers: dict[str, str] | None = None, timeout: float = 60.0) -> tuple[int, dict[str, str], Any]:
     """One request on a fresh connection: (status, headers, JSON body or raw bytes)."""
-    conn = UnixHTTPConnection(path, timeout)
+    return http_exchange(UnixHTTPConnection(path, timeout), method, url, body, headers)
+
+
+def http_exchange(conn: http.client.HTTPConnection, method: str, url: str, body: bytes | None = None,
+                  headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], Any]:
+    """One request on `conn`, closed after it (any http.client connection: the daemon's socket,
+    or TCP as tests/test_ray_serve.py): (status, lower-cased headers, JSON body or raw bytes)."""
     try:
         conn.request(method, url, body=body, headers=headers or {})
         resp = conn.getresponse()

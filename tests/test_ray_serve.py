@@ -9,7 +9,6 @@ argument checks and the "e2vd imports no ray" rule are quick tests without a clu
 from __future__ import annotations
 
 import http.client
-import json
 import os
 import socket
 import subprocess
@@ -23,7 +22,7 @@ from typing import Any
 import pytest
 
 from conftest import ROOT, standin_dir, wav_clip
-from daemon_proc import DaemonProcess, read_response
+from daemon_proc import DaemonProcess, http_exchange, read_response
 from forms import chunked, form
 
 from e2vd.config import ConfigError
@@ -117,18 +116,8 @@ class RayApp:
     def request(self, method: str, url: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], Any]:
         """One request on a fresh connection: (status, lower-cased headers, JSON or raw bytes)."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=HTTP_TIMEOUT_S)
-        try:
-            conn.request(method, url, body=body, headers=headers or {})
-            resp = conn.getresponse()
-            data = resp.read()
-            try:
-                payload: Any = json.loads(data)
-            except ValueError:
-                payload = data
-            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, payload
-        finally:
-            conn.close()
+        return http_exchange(http.client.HTTPConnection("127.0.0.1", self.port, timeout=HTTP_TIMEOUT_S),
+                             method, url, body, headers)
 
     def raw(self, data: bytes) -> tuple[int, dict[str, str], Any]:
         """Send raw bytes on a fresh connection and read one answer."""
