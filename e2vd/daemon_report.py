@@ -10,7 +10,7 @@ import logging
 import math
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from e2vd import __version__, systemd
 from e2vd.lifecycle import Hold, Reason
@@ -19,6 +19,19 @@ from e2vd.vocabulary import State
 
 if TYPE_CHECKING:  # pragma: no cover
     from e2vd.daemon import Daemon
+
+
+def engine_memory(engine: Any, on_error: Callable[[Exception], object]) -> dict[str, int]:
+    """The `memory` of GET /v1/status (the daemon's, and a Ray Serve replica's): engine.memory()
+    as a dict, {} before there is an engine. Status must answer even if the probe fails: then {},
+    and the exception goes to `on_error` (each says it its own way)."""
+    if engine is None:
+        return {}
+    try:
+        return dict(engine.memory())
+    except Exception as exc:
+        on_error(exc)
+        return {}
 
 
 class Report:
@@ -37,12 +50,7 @@ class Report:
         idle deadline is the one that holds if the request asking (and all other work) ended now."""
         d, s, sch, lc = self.d, self.d.settings, self.d.scheduler, self.d.lifecycle
         engine = sch.engine
-        memory: dict[str, int] = {}
-        if engine is not None:
-            try:
-                memory = dict(engine.memory())
-            except Exception as exc:  # status must answer even if the probe fails
-                event("memory_probe_failed", f"engine.memory() failed: {exc}")
+        memory = engine_memory(engine, lambda exc: event("memory_probe_failed", f"engine.memory() failed: {exc}"))
         idle_at = lc.deadline(now, if_idle_now=True) if lc.phase is State.READY else None
         keep = lc.keep_warm_until(now)
         return {

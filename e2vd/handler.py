@@ -75,6 +75,20 @@ class Exchange:
         return self.close or (self.body is not None and self.body.close)
 
 
+def request_summary(method: str, path: str, status: int, fields: dict[str, Any]) -> tuple[int, str]:
+    """The level and the first words of a `request` event, the daemon's (Handler) and a Ray Serve
+    replica's (e2vd.ray_serve): a healthy GET /v1/health is DEBUG, a 5xx WARNING, the rest INFO;
+    "METHOD PATH -> STATUS", then the top label and audio length, then the error code, if any."""
+    level = logging.DEBUG if path == "/v1/health" and status == 200 else (
+        logging.WARNING if status >= 500 else logging.INFO)
+    summary = f"{method} {path} -> {status}"
+    if "top_label" in fields:
+        summary += f" {fields['top_label']} ({fields.get('audio_seconds')} s audio)"
+    if "code" in fields:
+        summary += f" {fields['code']}"
+    return level, summary
+
+
 class Handler:
     """Serves the requests of one connection in order, until it closes (module docstring)."""
 
@@ -175,13 +189,7 @@ class Handler:
         fields, status, peer = ex.fields, ex.status, self.conn.peer
         path = urlsplit(ex.target).path
         total_ms = round((time.monotonic() - ex.start) * 1000.0, 2)
-        level = logging.DEBUG if path == "/v1/health" and status == 200 else (
-            logging.WARNING if status >= 500 else logging.INFO)
-        summary = f"{ex.method or '-'} {path} -> {status}"
-        if "top_label" in fields:
-            summary += f" {fields['top_label']} ({fields.get('audio_seconds')} s audio)"
-        if "code" in fields:
-            summary += f" {fields['code']}"
+        level, summary = request_summary(ex.method or "-", path, status, fields)
         if fields.get("abandoned"):
             summary += " abandoned: the client hung up before its turn, so it was not run"
         event("request", summary, level, request_id=ex.rid, client_uid=peer.uid, client_pid=peer.pid,

@@ -52,6 +52,7 @@ from starlette.responses import Response
 
 from e2vd import __version__, config
 from e2vd.config import ConfigError, Settings
+from e2vd.daemon_report import engine_memory
 from e2vd.durations import parse_duration
 from e2vd.http_io import SMALL_BODY_BYTES
 from e2vd.protocol import ApiError, find_route, parse_options
@@ -413,12 +414,7 @@ class ReplicaControl:
         r = self.replica
         sch, s = r.scheduler, r.settings
         engine = sch.engine
-        memory: dict[str, int] = {}
-        if engine is not None:
-            try:
-                memory = dict(engine.memory())
-            except Exception as exc:  # status must answer even if the probe fails
-                log.warning("engine.memory() failed: %s", exc)
+        memory = engine_memory(engine, lambda exc: log.warning("engine.memory() failed: %s", exc))
         return {
             "state": sch.state, "model": getattr(engine, "model_id", None) or s.model,
             "device": getattr(engine, "device", None), "dtype": getattr(engine, "dtype", None) or s.dtype,
@@ -530,15 +526,10 @@ class Replica:
 
 def _log_request(method: str, path: str, status: int, start: float, replica: str, fields: dict[str, Any]) -> None:
     """The `request` event of one request (the daemon's fields, plus the replica)."""
+    from e2vd.handler import request_summary
     from e2vd.log import event
 
-    level = logging.DEBUG if path == "/v1/health" and status == 200 else (
-        logging.WARNING if status >= 500 else logging.INFO)
-    summary = f"{method} {path[:200]} -> {status}"
-    if "top_label" in fields:
-        summary += f" {fields['top_label']} ({fields.get('audio_seconds')} s audio)"
-    if "code" in fields:
-        summary += f" {fields['code']}"
+    level, summary = request_summary(method, path[:200], status, fields)   # the cut keeps the level
     event("request", summary, level, method=method, path=path[:200], status=status, replica=replica,
           total_ms=round((time.monotonic() - start) * 1000.0, 2), **fields)
 
