@@ -46,6 +46,19 @@ from e2vd import Client  # noqa: E402
 MIXED_SECONDS = (1.0, 10.0)
 
 
+def at_once(threads: list[threading.Thread], barrier: threading.Barrier) -> float:
+    """Start `threads` and return the seconds from their release at `barrier` (each thread waits
+    there once it is set up; so does this one, the last of the barrier's parties) until all have
+    ended. Also bench/ray_serve.py's."""
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
 def run_concurrent(socket: str, clips: list[list[bytes]]) -> float:
     """Seconds for len(clips) clients, client i sending the clips of clips[i] one after another,
     all clients at once."""
@@ -63,14 +76,7 @@ def run_concurrent(socket: str, clips: list[list[bytes]]) -> float:
             errors.append(e)
             barrier.abort()
 
-    threads = [threading.Thread(target=client, args=(a,)) for a in clips]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - t0
+    elapsed = at_once([threading.Thread(target=client, args=(a,)) for a in clips], barrier)
     if errors:
         raise errors[0]
     return elapsed

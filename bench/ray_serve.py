@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from concurrency import at_once  # noqa: E402  (bench/concurrency.py)
 from conftest import standin_dir, wav_clip  # noqa: E402
 from daemon_proc import DaemonProcess  # noqa: E402
 from e2vd.client import Client  # noqa: E402
@@ -101,14 +102,7 @@ def burst_rps(make: Callable[[], object], audio: bytes, clients: int, per_client
         finally:
             client.close()  # type: ignore[attr-defined]
 
-    threads = [threading.Thread(target=run) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - t0
+    elapsed = at_once([threading.Thread(target=run) for _ in range(clients)], barrier)
     if errors:
         raise RuntimeError(f"{len(errors)} clients failed, e.g. {errors[0]!r}")
     return clients * per_client / elapsed
