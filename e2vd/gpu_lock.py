@@ -28,7 +28,9 @@ reason and the fix) and loads without the lock, as e2vd did before it had one.
 
 The holder writes one line into the file (pid, socket, since when); a waiter's messages quote it.
 A file that holds anything else is not a lock file (gpu_lock set to some other file by mistake):
-it is never emptied, written or chmodded, and the daemon loads without the lock.
+it is never emptied, written or chmodded, and the daemon loads without the lock. Nor is a file of
+a stranger used (owned by neither root nor this uid, in none of its groups: a user who made
+/tmp/lock/gpu.lock beside a socket in /tmp could hold it for ever).
 flock locks belong to the open file: the kernel drops them when the holder exits or dies, so a
 crashed loader never leaves a stale lock.
 """
@@ -176,6 +178,12 @@ class GpuLock:
             if not stat.S_ISREG(st.st_mode):
                 os.close(fd)
                 return None, False, _not_regular(st.st_mode)
+            if st.st_uid not in (0, os.geteuid()) and st.st_gid != os.getegid() and st.st_gid not in os.getgroups():
+                os.close(fd)   # a stranger's file: it could hold the lock for ever and stop every load
+                return None, False, (f"it belongs to uid {st.st_uid} and group {st.st_gid}, neither this daemon's "
+                                     f"(uid {os.geteuid()}) nor root nor of a group it is in, so that user could "
+                                     f"hold it for ever: {_SET_ANOTHER} in a directory only e2vd's daemons may "
+                                     "write, or remove it")
             if st.st_size and not _holder_text(os.pread(fd, HOLDER_MAX_BYTES + 1, 0)):
                 os.close(fd)   # gpu_lock names someone else's file: never empty, write or chmod it
                 return None, False, (f"it is not a GPU lock file (its {st.st_size} bytes are not a line e2vd "

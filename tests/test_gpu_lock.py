@@ -587,3 +587,18 @@ def test_a_lock_file_of_a_previous_holder_is_reused(tmp_path: Path) -> None:
         assert outcome.held
         assert path.read_text().startswith(f"pid {os.getpid()}, socket /x.sock, since ")
     assert path.read_bytes() == b""
+
+
+def test_a_lock_file_of_a_stranger_is_not_waited_for(shared_dir: Path, holders: list[Holder]) -> None:
+    """A lock file that another user (neither root, nor this uid, nor of one of its groups) made,
+    e.g. in /tmp/lock beside a socket in /tmp: that user could hold it for ever and stop every
+    load. It is not used (no wait; load without the lock, with the warning)."""
+    path = shared_dir / "gpu.lock"
+    path.write_text("")
+    os.chown(path, NOBODY, NOBODY)
+    path.chmod(0o666)
+    stranger = start(holders, path, 60, "someone", uid=NOBODY, gid=NOBODY)
+    assert stranger.line() == "HELD True False"
+    with GpuLock(str(path), 5).hold() as outcome:
+        assert not outcome.held and outcome.waited_s == 0
+    assert f"belongs to uid {NOBODY}" in outcome.problem and "set gpu_lock to" in outcome.problem, outcome.problem
