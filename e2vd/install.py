@@ -263,6 +263,10 @@ def validate(options: Options) -> None:
         parse_clock(options.warmup_until)   # what `e2vd warmup --until` will accept at run time
     except ValueError as err:
         raise InstallUsageError(f"--warmup-until: {err}") from None
+    if re.search(r"[\x00-\x1f\x7f-\x9f]", options.warmup_calendar):   # checked without systemd-analyze too
+        raise InstallUsageError(f"--warmup-calendar {options.warmup_calendar!r} holds control characters (a newline "
+                                "would add a line to the timer unit); give one systemd calendar expression, e.g. "
+                                "'Mon..Fri 08:55'")
     if shutil.which("systemd-analyze"):
         cp = subprocess.run(["systemd-analyze", "calendar", options.warmup_calendar], capture_output=True, text=True)
         if cp.returncode != 0:

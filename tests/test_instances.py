@@ -559,6 +559,19 @@ def test_install_refuses_a_bad_instance_and_writes_nothing(tmp_path: Path, opts:
         install.uninstall(root=tmp_path, instance="a/../../b", say=lambda _l: None)
 
 
+@pytest.mark.parametrize("calendar", ["Mon 08:55\nExecStart=/bin/sh -c evil", "Mon 08:55\r", "Mon\x1b[2J 08:55"])
+def test_install_refuses_a_warmup_calendar_with_control_characters_without_systemd_analyze(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, calendar: str) -> None:
+    """Where systemd-analyze is missing the calendar was written unchecked into OnCalendar=: a
+    newline added any line to the timer unit. Control characters are refused first."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    with pytest.raises(install.InstallUsageError, match="control characters"):
+        _install(tmp_path / "root", instance="small", warmup_calendar=calendar, instance_warmup=True)
+    assert not (tmp_path / "root/etc").exists()
+
+
 # ------------------------------------------------------------------------------ for real, in a box
 MODELS = "/srv/e2vd-models"
 
