@@ -379,11 +379,22 @@ def _non_empty(value: object) -> None:
         raise ValueError("must not be empty")
 
 
+def _model(value: object) -> None:
+    """An absolute model directory or an "owner/name" id, like fallback_model but never empty
+    (run by hand from a checkout, './models/x' would name another directory under systemd)."""
+    _non_empty(value)
+    _model_path_or_id(str(value), "")
+
+
 def _fallback_model(value: object) -> None:
     """Empty (off), a path, or an "owner/name" id; whether the directory exists is `check_file`'s."""
-    text = str(value)
-    if not text:
-        return
+    if str(value):
+        _model_path_or_id(str(value), ", or \"\" (no fallback)")
+
+
+def _model_path_or_id(text: str, or_empty: str) -> None:
+    """ValueError unless `text` is an absolute path or an ASCII "owner/name" id, in UTF-8, without
+    control characters; `or_empty` is appended to the list of what is accepted."""
     if any(ord(c) < 32 or ord(c) == 127 for c in text):
         raise ValueError("must not hold control characters")
     _utf8(text)
@@ -391,8 +402,8 @@ def _fallback_model(value: object) -> None:
         raise ValueError(f"must be an absolute model directory (the daemon runs from / as its own user, so "
                          f"{text!r} would not name the directory it names here); got {text!r}")
     if not (os.path.isabs(text) or MODEL_ID_PATTERN.fullmatch(text)):
-        raise ValueError(f"must be an absolute model directory, a ModelScope id 'owner/name' (ASCII), or "
-                         f"\"\" (no fallback); got {text!r}")
+        raise ValueError(f"must be an absolute model directory or a ModelScope id 'owner/name' (ASCII)"
+                         f"{or_empty}; got {text!r}")
 
 
 def _utf8(text: str) -> None:
@@ -436,7 +447,7 @@ def _device(value: object) -> None:
 
 
 _CHECKS: dict[str, Callable[[object], None]] = {
-    "socket": _non_empty, "model": _non_empty, "cache_dir": _non_empty,
+    "socket": _non_empty, "model": _model, "cache_dir": _non_empty,
     "device": _device, "dtype": _one_of(DTYPES), "busy_policy": _one_of(BUSY_POLICIES),
     "log_level": _one_of(LOG_LEVELS, fold=True),
     "min_free_mb": _at_least(0, " MB"),

@@ -248,3 +248,18 @@ def test_check_file_reads_the_file_alone_and_checks_the_model(tmp_path, monkeypa
     absent = str(tmp_path / "absent.toml")
     assert check_file(absent, required=False) == (Settings(), False)
     assert "does not exist" in str(pytest.raises(ConfigError, check_file, absent).value)
+
+
+@pytest.mark.parametrize("model, says", [
+    ("./models/large", "absolute"),           # the daemon runs from / under systemd
+    ("~/models/large", "absolute"),
+    ("large", "ModelScope id 'owner/name'"),   # neither a path nor an id
+    ("iic/emotion2vec\u0661", "ModelScope id"),
+    ("/srv/models/\x1b[31mlarge", "control characters"),
+])
+def test_model_is_an_absolute_directory_or_an_id(tmp_path, model, says):
+    message = fails(env={"E2VD_MODEL": model}, config_path=toml(tmp_path, ""))
+    assert "E2VD_MODEL" in message and says in message, message
+    assert load_settings(env={"E2VD_MODEL": "/srv/models/large"}, config_path=toml(tmp_path, "")).model == "/srv/models/large"
+    assert load_settings(env={"E2VD_MODEL": "iic/emotion2vec_plus_large"},
+                         config_path=toml(tmp_path, "")).model == "iic/emotion2vec_plus_large"
