@@ -2,7 +2,7 @@
 # Fill .whl/ with the wheels e2vd needs on the lent GPU machine (the `run` tool's nvidia-h200 image:
 # python3 3.12 with torch, numpy, scipy, PyYAML, requests, tqdm, pytest, nvidia-ml-py, numba, ...,
 # and no package registry), for scripts/gpu_checks.sh to install there. Run it HERE, where pip
-# reaches PyPI; the run call then carries .whl (git-ignored through .git/info/exclude).
+# reaches PyPI; the run call then carries .whl (git-ignored: .gitignore, else .git/info/exclude).
 #
 #   scripts/gpu_wheels.sh            # cp312 wheels into .whl/, then the size of what travels
 #
