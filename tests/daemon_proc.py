@@ -145,6 +145,9 @@ class DaemonProcess:
                 continue
             if not self.wait_ready or (status == 200 and body.get("status") == "ready"):
                 return self
+            if status == 503 and body.get("error", {}).get("code") == "busy":
+                time.sleep(0.1)   # the previous probe's connection still counted (max_connections_per_uid = 1)
+                continue
             if status != 200:
                 raise RuntimeError(f"e2vd serve is unhealthy ({status}): {body}")
             time.sleep(0.1)

@@ -152,7 +152,8 @@ def test_unusable_settings_answer_503_until_fixed_then_the_next_daemon_serves(ti
         client.settimeout(120)
         client.connect(str(path))
         client.sendall(b"GET /v1/health HTTP/1.1\r\nHost: e2vd\r\n\r\n")
-        assert bad.wait(60) == 0                              # hands over, leaving the connection queued
+        code = bad.wait(60)                                   # hands over, leaving the connection queued
+        assert code == 0, f"exit {code}:\n" + (tmp_path / "bad.log").read_text()[-3000:]
         good = start_with_fd(listener, tiny_model, tmp_path, "good", env=env)
         status, _, doc = read_response(client)
         client.close()
