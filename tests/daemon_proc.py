@@ -149,6 +149,7 @@ class DaemonProcess:
                 time.sleep(0.1)   # the previous probe's connection still counted (max_connections_per_uid = 1)
                 continue
             if status != 200:
+                self.kill()   # no daemon left behind (on a GPU it would hold memory through later tests)
                 raise RuntimeError(f"e2vd serve is unhealthy ({status}): {body}")
             time.sleep(0.1)
 
