@@ -190,6 +190,16 @@ class DaemonProcess:
         self.returncode = self.proc.returncode
         return self.returncode
 
+    def settled_health(self, timeout: float = 120.0) -> tuple[int, dict]:
+        """GET /v1/health until it says something other than 200 "loading" (or `timeout` s have
+        passed): (status, body) of that answer."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status, _, body = self.request("GET", "/v1/health")
+            if status != 200 or body.get("status") == "ready" or time.monotonic() > deadline:
+                return status, body
+            time.sleep(0.05)
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()

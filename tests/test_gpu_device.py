@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -50,21 +49,11 @@ def test_half_precisions_run_on_the_gpu(tiny_model, dtype):
     assert engine.dtype == dtype and abs(sum(r.scores) - 1.0) < 1e-3
 
 
-def _first_error(d: DaemonProcess, timeout: float = 120.0) -> tuple[int, dict]:
-    """Poll GET /v1/health until it stops answering 200 "loading"; return (status, body)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status, _, body = d.request("GET", "/v1/health")
-        if status != 200 or body.get("status") == "ready" or time.monotonic() > deadline:
-            return status, body
-        time.sleep(0.1)
-
-
 def test_a_gpu_below_min_free_mb_is_refused_with_the_reason_then_the_daemon_exits(tiny_model, tmp_path):
     d = DaemonProcess(tmp_path / "s.sock", tiny_model, device="auto", min_free_mb=10**9,
                       busy_policy="refuse", unavailable_grace=3)
     with d:
-        status, body = _first_error(d)
+        status, body = d.settled_health()
         assert status == 503 and body["error"]["code"] == "model_unavailable"
         assert "min_free_mb" in body["error"]["message"]
         assert d.wait(60) == 5
@@ -100,7 +89,7 @@ def test_cuda_out_of_memory_at_load_is_model_unavailable_not_a_crash(tiny_model,
         d = DaemonProcess(tmp_path / "s.sock", tiny_model, device="cuda:0", min_free_mb=0,
                           unavailable_grace=3)
         with d:
-            status, body = _first_error(d)
+            status, body = d.settled_health()
             assert status == 503 and body["error"]["code"] == "model_unavailable", body
             assert "memory" in body["error"]["message"].lower()
             assert d.wait(60) == 5

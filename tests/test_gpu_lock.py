@@ -309,24 +309,12 @@ def test_a_daemon_whose_lock_stays_held_answers_model_unavailable_then_exits(
     d = DaemonProcess(tmp_path / "d.sock", tiny_model, device="auto", gpu_lock_timeout=0.5,
                       unavailable_grace=1)
     with d:
-        status, body = first_answer(d)
+        status, body = d.settled_health()
         assert status == 503 and body["error"]["code"] == "model_unavailable", body
         assert f"GPU lock {tmp_path / 'lock' / 'gpu.lock'}" in body["error"]["message"]
         assert f"pid {other.proc.pid}, instance stuck" in body["error"]["message"]
         assert d.wait(60) == 5
     assert "event=gpu_lock_wait" in d.log_text()
-
-
-def first_answer(d: DaemonProcess, timeout: float = 120.0) -> tuple[int, dict]:
-    """GET /v1/health until it says something other than 200 "loading": (status, body)."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        status, _, body = d.request("GET", "/v1/health")
-        if status != 200 or body.get("status") == "ready" or time.monotonic() > deadline:
-            return status, body
-        time.sleep(0.05)
 
 
 # --- the cached GPU memory after a batch -------------------------------------------------------------
@@ -409,7 +397,7 @@ def test_two_daemons_started_at_once_on_one_gpu_one_loads_the_other_is_refused(t
     try:
         with ThreadPoolExecutor(2) as pool:   # both processes started at the same moment
             list(pool.map(DaemonProcess.start, daemons))
-        answers = [first_answer(d) for d in daemons]
+        answers = [d.settled_health() for d in daemons]
         ready = [d for d, (status, body) in zip(daemons, answers) if status == 200 and body.get("status") == "ready"]
         refused = [(d, body) for d, (status, body) in zip(daemons, answers) if status == 503]
         assert len(ready) == 1 and len(refused) == 1, answers
