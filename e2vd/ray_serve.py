@@ -120,9 +120,6 @@ def parse_args(args: Mapping[str, object] | None, env: Mapping[str, str] | None 
         for key in args:
             message = message.replace(f"command-line option --{key.replace('_', '-')}", f"app argument {key}")
         raise ConfigError(message) from None
-    if settings.model.startswith(("./", "../", "~")):
-        raise ConfigError(f"app argument model={settings.model[:200]!r} is relative: replicas run in Ray's own "
-                          "working directories, on other nodes too; give the absolute model directory")
     problem = config.model_problem(settings.model)
     if problem and not os.path.isabs(os.path.expanduser(settings.model)):
         raise ConfigError(f"app argument model: {problem}. Give an absolute model directory that exists on every "

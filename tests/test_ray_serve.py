@@ -80,8 +80,8 @@ def test_app_arguments_are_checked(tiny_model: Path) -> None:
         ({"model": model, "max_ongoing_requests": "0"}, "max_ongoing_requests"),
         ({"model": model, "max_seconds": "-3"}, "max_seconds"),
         ({"model": model, "device": "tpu"}, "auto, cpu, cuda"),
-        ({"model": "not a model"}, "neither an absolute model directory nor a ModelScope id"),
-        ({"model": "./models/e2v"}, "is relative"),
+        ({"model": "not a model"}, "app argument model: must be an absolute model directory or a ModelScope id"),
+        ({"model": "./models/e2v"}, "app argument model: must be an absolute model directory"),   # e2vd.config
         ({"model": model, "config": "/nonexistent/e2vd.toml"}, "does not exist"),
     ]
     for args, fragment in bad:
