@@ -36,6 +36,14 @@ length" placeholder and is accepted; a data size of 0 with data after it is repo
 FLAC fails inside libsndfile while decoding; a cut MP3 decodes fewer frames than its Xing/Info
 header states (tolerance: 2 MPEG frames or 2 %, since MP3 lengths without such a header are
 estimates).
+MP3 garbage: data that starts like an MP3 (an ID3v2 tag or an MPEG frame sync) must begin with
+3 MPEG frames that chain (each header valid, the next one where the previous frame ends, same
+version, layer and rate; looked for within libmpg123's 1024-byte resync range), else it is
+"bad_audio" ("not decodable audio: ... re-export it as WAV or FLAC") before libsndfile sees it.
+Reason: libmpg123 prints its notes on bad frames straight to fd 2 (libsndfile never sets
+MPG123_QUIET and offers no way to; its libmpg123 is linked in statically, out of reach), and
+redirecting fd 2 around a decode is not safe in the threaded daemon. An MP3 damaged after good
+first frames still reaches libmpg123, which may then write to stderr before it fails.
 Sample magnitude: float samples are full scale at ±1.0, but a float file or array may hold any
 finite value. The model layer-norms each whole waveform in fp32 (emotion2vec+ configs set
 `normalize: true`), so its scores do not depend on the scale until the sum of squares overflows:
@@ -136,6 +144,8 @@ def decode(data: bytes, max_seconds: float = 30.0) -> Audio:
     problem = _container_truncation(data, kind)
     if problem:
         raise AudioError("bad_audio", f"The {kind} file is truncated: {problem}. Send the complete file.")
+    if kind == "MP3" and (problem := _mpeg_start_problem(data)):
+        raise AudioError("bad_audio", _not_decodable_mp3(problem))
     try:
         handle = _SoundFile(io.BytesIO(data))
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
@@ -166,6 +176,9 @@ def decode(data: bytes, max_seconds: float = 30.0) -> Audio:
                 block = _read_float32(handle, want)
             except (sf.LibsndfileError, RuntimeError) as err:
                 where = f" after {total / rate:.3f} s" if total else ""
+                if fmt == "MP3":
+                    raise AudioError("bad_audio", _not_decodable_mp3(
+                        f"the MPEG decoder found invalid data{where} ({_lib_reason(err)})")) from None
                 raise AudioError("bad_audio", (
                     f"The {fmt} file is truncated or damaged: decoding failed{where} "
                     f"({_lib_reason(err)}). Send the complete file, or re-encode it, "
@@ -478,6 +491,10 @@ def _lib_reason(err: BaseException) -> str:
 
 def _unreadable(data: bytes, kind: str, err: BaseException) -> str:
     reason = _lib_reason(err)
+    if kind == "MP3":   # past _mpeg_start_problem: its first frames look right, libmpg123 still refused it
+        if data[:3] == b"ID3":
+            return _not_decodable_mp3(f"what follows its ID3 tag is neither MPEG audio nor another format ({reason})")
+        return _not_decodable_mp3(f"the MPEG decoder could not read its first frames ({reason})")
     if kind != "audio":
         return (f"The {kind} file cannot be decoded ({reason}); it is truncated or damaged. Send the "
                 f"complete file, or re-encode it, e.g. {_CONVERT}.")
@@ -489,3 +506,105 @@ def _unreadable(data: bytes, kind: str, err: BaseException) -> str:
         found = f"not an audio file ({len(data)} bytes starting with {data[:12]!r})"
     return (f"The data is {found}, which libsndfile cannot read ({reason}). Send {_FORMATS}; "
             f"convert other formats first, e.g. {_CONVERT}.")
+
+
+# --- MPEG audio (MP3) frames ---------------------------------------------------------------------
+# Bitrates in kbit/s by bitrate index (1..14; 0 is "free format", 15 is invalid), for
+# MPEG-1 layers I, II, III and MPEG-2/2.5 layer I, layers II and III (ISO 11172-3, 13818-3).
+_MPEG_BITRATES = {
+    (1, 1): (32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448),
+    (1, 2): (32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384),
+    (1, 3): (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+    (2, 1): (32, 48, 56, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256),
+    (2, 2): (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+}
+_MPEG_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}  # by version bits
+_MPEG_CHECKED_FRAMES = 3      # consecutive frames that must chain at the start of an MP3
+_MPEG_RESYNC_BYTES = 1024     # libmpg123's default resync limit: how far it looks for a first frame
+_MP3_TRAILERS = (b"TAG", b"APETAGEX", b"LYRICSBEGIN", b"ID3", b"3DI")   # tags that may follow the frames
+
+
+def _mpeg_frame(data: bytes, pos: int) -> tuple[int, int, int, int] | None:
+    """(version bits, layer, sample rate, frame length in bytes) of a valid MPEG audio frame header
+    at `pos` (length 0: free format, not computable), or None. The checks are libmpg123's own:
+    11 sync bits, no reserved version, layer, bitrate index 15 or sample rate index 3."""
+    if pos + 4 > len(data) or data[pos] != 0xFF or data[pos + 1] & 0xE0 != 0xE0:
+        return None
+    version, layer_bits = (data[pos + 1] >> 3) & 3, (data[pos + 1] >> 1) & 3
+    bitrate_index, rate_index, padding = data[pos + 2] >> 4, (data[pos + 2] >> 2) & 3, (data[pos + 2] >> 1) & 1
+    if version == 1 or layer_bits == 0 or bitrate_index == 15 or rate_index == 3:
+        return None
+    layer, rate = 4 - layer_bits, _MPEG_RATES[version][rate_index]
+    if bitrate_index == 0:
+        return version, layer, rate, 0
+    table = (1, layer) if version == 3 else (2, 1 if layer == 1 else 2)
+    bitrate = _MPEG_BITRATES[table][bitrate_index - 1] * 1000
+    if layer == 1:
+        size = (12 * bitrate // rate + padding) * 4
+    elif layer == 3 and version != 3:
+        size = 72 * bitrate // rate + padding
+    else:
+        size = 144 * bitrate // rate + padding
+    return version, layer, rate, size
+
+
+def _mpeg_chain(data: bytes, start: int) -> str | None:
+    """Why the MPEG frames from `start` do not chain for _MPEG_CHECKED_FRAMES frames (each header
+    valid, each next one where the previous frame ends, same version, layer and rate), or None.
+    The data may end at a frame boundary or continue with a tag after the first frame."""
+    first = _mpeg_frame(data, start)
+    if first is None:
+        return f"the bytes at offset {start} are not a valid MPEG frame header ({data[start:start + 4].hex()})"
+    pos = start
+    for index in range(_MPEG_CHECKED_FRAMES):
+        frame = _mpeg_frame(data, pos)
+        if frame is None or frame[:3] != first[:3]:
+            if index and data.startswith(_MP3_TRAILERS, pos):
+                return None
+            return (f"its MPEG frames break off at byte {pos}: frame {index + 1} should begin there, but the "
+                    f"bytes there ({data[pos:pos + 4].hex() or 'none'}) are no frame header of the same stream")
+        if frame[3] == 0:
+            return None   # free format: the length is not in the header; leave the verdict to libmpg123
+        pos += frame[3]
+        if pos > len(data):
+            return f"it ends at byte {len(data)}, inside MPEG frame {index + 1}, which needs {pos} bytes"
+        if pos == len(data):
+            return None
+    return None
+
+
+def _mpeg_start_problem(data: bytes) -> str | None:
+    """Why data that starts like an MP3 (an ID3v2 tag or an MPEG frame sync) holds no MPEG audio
+    stream, or None when its first frames look right (or something else follows its ID3 tags,
+    which libsndfile then identifies on its own).
+
+    libmpg123 writes its complaints about bad frames straight to the process's fd 2 (libsndfile
+    never sets MPG123_QUIET, and its libmpg123 is linked in statically, out of reach); a daemon
+    cannot redirect fd 2 around one decode without taking other threads' output with it. So
+    garbage is refused here, before libmpg123 sees it: like libmpg123, the first frame is looked
+    for within _MPEG_RESYNC_BYTES of the start, but it must be followed by frames of the same
+    stream, so that random bytes are not taken for one."""
+    pos = 0
+    while data.startswith(b"ID3", pos):
+        header = data[pos:pos + 10]
+        if len(header) < 10 or any(b & 0x80 for b in header[6:10]):
+            return f"its ID3 tag at byte {pos} is cut off or malformed"
+        size = (header[6] << 21) | (header[7] << 14) | (header[8] << 7) | header[9]
+        pos += 10 + size + (10 if header[5] & 0x10 else 0)
+        if pos >= len(data):
+            return "it is only an ID3 tag, with no audio after it"
+    if data[pos] != 0xFF or data[pos + 1:pos + 2] and data[pos + 1] & 0xE0 != 0xE0:
+        return None if pos else "its first bytes are not an MPEG frame header"
+    problem = _mpeg_chain(data, pos)
+    if problem is None:
+        return None
+    for start in range(pos + 1, min(len(data) - 3, pos + _MPEG_RESYNC_BYTES)):
+        if data[start] == 0xFF and _mpeg_chain(data, start) is None:
+            return None
+    return problem
+
+
+def _not_decodable_mp3(problem: str) -> str:
+    return (f"The data is not decodable audio: it looks like an MP3 file, but {problem}. The file is damaged, "
+            f"truncated or not an MP3 at all. Send the complete file, or re-export it as WAV or FLAC, "
+            f"e.g. {_CONVERT}.")

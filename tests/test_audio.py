@@ -439,3 +439,69 @@ def test_nan_is_placed_at_its_time_with_many_channels():
     x[40000, 5] = np.nan
     err = error(encode(data=x, subtype="FLOAT"))
     assert err.code == "bad_audio" and "first at 2.500 s" in err.message
+
+
+# --- garbage that looks like MP3 ------------------------------------------------------------------
+
+def real_mp3(seconds: float = 3.0, sr: int = 16000) -> bytes:
+    return encode(seconds, sr=sr, fmt="MP3", subtype="MPEG_LAYER_III")
+
+
+def id3v2(body: bytes = b"") -> bytes:
+    """An ID3v2.4 tag holding `body` (its size syncsafe-encoded), as taggers put before MPEG frames."""
+    n = len(body)
+    return b"ID3\x04\x00\x00" + bytes([(n >> 21) & 0x7F, (n >> 14) & 0x7F, (n >> 7) & 0x7F, n & 0x7F]) + body
+
+
+GARBAGE_MP3 = {   # each: bytes libsndfile hands to libmpg123 (or reads as an ID3 tag) but that hold no MP3
+    "MPEG header, then random bytes": lambda: real_mp3()[:4] + np.random.default_rng(3).bytes(20000),
+    "MPEG header, then zeros": lambda: b"\xff\xfb\x90\x64" + b"\x00" * 5000,
+    "random bytes that start with an MPEG sync": lambda: b"\xff\xe4" + np.random.default_rng(1).bytes(20000),
+    "cut inside its first frame": lambda: real_mp3()[:100],
+    "an ID3 tag, then random bytes": lambda: id3v2(b"\x00" * 30) + np.random.default_rng(4).bytes(20000),
+    "an ID3 tag and nothing else": lambda: id3v2(b"\x00" * 30),
+}
+
+
+@pytest.mark.parametrize("make", GARBAGE_MP3.values(), ids=GARBAGE_MP3.keys())
+def test_garbage_mp3_is_named_not_decodable(make):
+    err = error(make())
+    assert err.code == "bad_audio"
+    assert "not decodable audio" in err.message and "MP3" in err.message, err.message
+    assert "WAV or FLAC" in err.message and "ffmpeg -i" in err.message, err.message
+    # libsndfile's "File does not exist or is not a regular file (possibly a pipe?)" is not what happened
+    assert "does not exist" not in err.message and "pipe" not in err.message, err.message
+
+
+def test_garbage_mp3_leaves_stderr_quiet():
+    """libmpg123 writes its notes straight to fd 2 (libsndfile never sets MPG123_QUIET, and the
+    statically linked libmpg123 cannot be reached to set it): garbage is refused before it gets
+    there. Run in a child so that its real fd 2 is what is checked."""
+    import subprocess
+    import sys
+    code = ("import sys\nfrom e2vd.audio import decode, AudioError\nfor data in sys.stdin.buffer.read().split(b'<SEP>'):\n"
+            "    try:\n        decode(data)\n    except AudioError as err:\n        print(err.code)\n")
+    data = b"<SEP>".join(make() for make in GARBAGE_MP3.values())
+    child = subprocess.run([sys.executable, "-c", code], input=data, capture_output=True, timeout=120)
+    assert child.stdout.decode().split() == ["bad_audio"] * len(GARBAGE_MP3), child
+    assert child.stderr == b"", child.stderr[:500]
+
+
+def test_mp3_damaged_after_a_good_start_is_named():
+    good = real_mp3()
+    err = error(good[:2000] + np.random.default_rng(5).bytes(20000))
+    assert err.code == "bad_audio"
+    assert "not decodable audio" in err.message and "damaged" in err.message, err.message
+    assert "WAV or FLAC" in err.message, err.message
+
+
+@pytest.mark.parametrize("sr", [8000, 11025, 16000, 22050, 32000, 44100, 48000])
+def test_real_mp3_at_every_mpeg_rate_passes_the_frame_check(sr):
+    """MPEG-1, -2 and -2.5 rates: the check of the first frames must not refuse a real file."""
+    assert decode(real_mp3(1.0, sr)).duration_s == pytest.approx(1.0, abs=0.15)
+
+
+def test_real_mp3_behind_an_id3_tag_still_decodes():
+    tagged = id3v2(b"TIT2\x00\x00\x00\x05\x00\x00\x03clip" + b"\x00" * 100) + real_mp3(1.0)
+    assert sf.info(io.BytesIO(tagged)).format == "MP3"   # libsndfile reads past the tag itself
+    assert decode(tagged).duration_s == pytest.approx(1.0, abs=0.15)

@@ -211,6 +211,13 @@ CASES: list[tuple[str, Callable[..., Any], int | None, str | None]] = [
     ("wav header only", lambda d, t: post(d, audio_bytes(1.0)[:44]), 400, "bad_audio"),
     ("NaN samples", lambda d, t: post(d, nan_samples()), 400, "bad_audio"),
     ("inf samples", lambda d, t: post(d, inf_samples()), 400, "bad_audio"),
+    ("garbage after an MPEG frame header", lambda d, t: post(d, audio_bytes(1.0, fmt="MP3")[:4] + bytes(range(256)) * 40),
+     400, "bad_audio"),
+    ("mp3 cut inside its first frame", lambda d, t: post(d, audio_bytes(1.0, fmt="MP3")[:100]), 400, "bad_audio"),
+    ("mp3 with random bytes after its first frames", lambda d, t: post(
+        d, audio_bytes(3.0, fmt="MP3")[:2000] + np.random.default_rng(5).bytes(20000)), 400, "bad_audio"),
+    ("random bytes as clip.mp3 in a form", lambda d, t: post_form(
+        d, ("file", b"\xff\xfb\x90\x64" + np.random.default_rng(6).bytes(20000), "clip.mp3")), 400, "bad_audio"),
     ("10 ms of audio", lambda d, t: post(d, audio_bytes(0.01)), 422, "too_short"),
     ("10 min of audio", lambda d, t: post(d, audio_bytes(samples=np.zeros((9_600_000, 1), np.float32))), 422, "too_long"),
     ("31 s of audio", lambda d, t: post(d, audio_bytes(samples=np.zeros((496_000, 1), np.float32))), 422, "too_long"),
@@ -353,6 +360,8 @@ def test_bad_input(daemon, tmp_path, name, action, status, code):
             assert payload["error"]["code"] == code, payload
             message = payload["error"]["message"]
             assert len(message) > 20 and not message.startswith("<")   # a sentence, not an HTML page
+            if "mp3" in name.lower() or "MPEG" in name:   # garbage that looks like MP3: named, with what to do
+                assert "not decodable audio" in message and "WAV or FLAC" in message, message
         elif status == 200 and isinstance(payload, dict) and "labels" in payload:
             assert len(payload["scores"]) == 9
     # ... and the daemon still answers a good request
