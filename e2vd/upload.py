@@ -19,11 +19,18 @@ is bounded: the boundary (1 to 70 characters of RFC 2046's set), part header lin
 (MAX_FIELD_BYTES); parts are bounded by the rules themselves (one file, each option once). A part that is itself multipart (nested), or encoded with a
 Content-Transfer-Encoding other than binary, 8bit or 7bit, a second file part, no file part, or a
 form without its closing boundary is refused with 400 `bad_form`; bad option fields with 400
-`bad_option`. This module does no I/O of its own: it reads the body's pieces.
+`bad_option`. RFC 2231/5987 extended parameters in a part's Content-Disposition: `filename*=`
+(which RFC 7578 §4.2 tells senders not to use, but older urllib3 sent for non-ASCII filenames) is
+read, decoded from UTF-8 or ISO-8859-1 and preferred over `filename` (it only names the file in
+messages); a part naming its field only with `name*=` is refused with 400 `bad_form` naming the
+parameter and asking for a plain `name="..."` (RFC 7578 §4.2: the field name is the `name`
+parameter; the multipart package ignores `name*` and would take the part for a nameless file part);
+`name*` beside a plain `name` is ignored. This module does no I/O of its own: it reads the body's pieces.
 """
 from __future__ import annotations
 
 import re
+import urllib.parse
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -42,6 +49,10 @@ _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _MEDIA_TYPE = re.compile(rf"[ \t]*({_TOKEN})/({_TOKEN})")
 _PARAMETER = re.compile(rf'[ \t]*;[ \t]*({_TOKEN})=({_TOKEN}|"(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\[\t -~\x80-\xff])*")')
 _PLAIN_ENCODINGS = frozenset({"binary", "8bit", "7bit"})
+# One `; name=value` parameter of a part's Content-Disposition, leniently (what the multipart package
+# reads too): a quoted value may hold ';' and '=', so the parameters are walked one after another.
+_DISPOSITION_PARAMETER = re.compile(r'[ \t]*;[ \t]*([^\s=;"]+)[ \t]*=[ \t]*("(?:\\.|[^"\\])*"|[^;]*)')
+_EXT_VALUE = re.compile(r"([A-Za-z0-9!#$&+\-^_`{}~]+)'[A-Za-z0-9\-]*'(.*)", re.DOTALL)   # RFC 5987 ext-value
 _HOW = "send the audio as one file part, e.g. curl -F file=@clip.wav, or the raw file: curl --data-binary @clip.wav"
 
 
@@ -193,6 +204,16 @@ class FormReader:
 
     def _start(self, part: multipart.MultipartSegment) -> list[bytes] | bytearray:
         """Check a part's headers as it begins; where its bytes go."""
+        params = _disposition_parameters(part.header("Content-Disposition") or "")
+        if "name" not in params and (star := next((key for key in params if key.startswith("name*")), None)):
+            given = f"{params[star][0]}={params[star][1]}"
+            raise ApiError("bad_form", f"the form part's Content-Disposition gives its field name only as {given[:80]!r}, "
+                                       "an RFC 2231/5987 extended parameter, which form fields do not use (RFC 7578 "
+                                       "§4.2: a part names its field with the name parameter; a non-ASCII name goes "
+                                       'in it as UTF-8); send a plain name="file" (or an option\'s name, e.g. '
+                                       f'name="granularity"); {_HOW}')
+        if "filename*" in params and (filename := _ext_value(params["filename*"][1])) is not None:
+            part.filename = filename   # RFC 6266 §4.3: filename* is preferred; it only names the file
         name = part.name or ""
         if (part.content_type or "").startswith("multipart/"):
             raise ApiError("bad_form", f"the form part {name!r} is itself {part.content_type} (nested multipart is "
@@ -216,6 +237,30 @@ class FormReader:
 
     def _field_name(self) -> str:
         return next(name for name, value in self.fields.items() if value is self.sink)
+
+
+def _disposition_parameters(value: str) -> dict[str, tuple[str, str]]:
+    """The parameters of a Content-Disposition value, by lower-case name: (name as sent, raw
+    value). Walked from the first ';' until a parameter does not parse; the first of a name wins."""
+    params: dict[str, tuple[str, str]] = {}
+    pos = value.find(";")
+    while pos >= 0 and (param := _DISPOSITION_PARAMETER.match(value, pos)):
+        params.setdefault(param.group(1).lower(), (param.group(1), param.group(2).strip(" \t")))
+        pos = param.end()
+    return params
+
+
+def _ext_value(raw: str) -> str | None:
+    """An RFC 5987 ext-value (charset'language'percent-encoded) decoded, or None when it is not
+    one, its charset is not UTF-8 or ISO-8859-1 (the two RFC 5987 requires), or its bytes are not
+    text in that charset."""
+    match = _EXT_VALUE.fullmatch(raw.strip('"'))
+    if match is None or match.group(1).lower() not in ("utf-8", "iso-8859-1"):
+        return None
+    try:
+        return urllib.parse.unquote(match.group(2), encoding=match.group(1).lower(), errors="strict")
+    except UnicodeDecodeError:
+        return None
 
 
 def _parser_reason(exc: multipart.MultipartError) -> str:

@@ -105,6 +105,15 @@ def post_form(d: DaemonProcess, *parts: Part, query: str = "", chunk: int | None
                        f"Content-Length: {len(body)}") + body)
 
 
+def star_form(params: bytes, *more: bytes) -> bytes:
+    """A request whose form has GOOD in a part with Content-Disposition `form-data; <params>`,
+    then the raw parts `more`."""
+    body = (b"--b\r\nContent-Disposition: form-data; " + params + b"\r\nContent-Type: audio/wav\r\n\r\n" + GOOD
+            + b"\r\n" + b"".join(more) + b"--b--\r\n")
+    return head("POST", "/v1/recognize", "Content-Type: multipart/form-data; boundary=b",
+                f"Content-Length: {len(body)}") + body
+
+
 def crossing_max_body_chunked(d: DaemonProcess) -> tuple[int, Any]:
     """A chunked body refused the moment its chunks would cross max_body_bytes: 20 MB, then 6 MB more."""
     big = b"\0" * 20_000_000
@@ -284,6 +293,12 @@ CASES: list[tuple[str, Callable[..., Any], int | None, str | None]] = [
      400, "bad_form"),
     ("multipart/mixed body", lambda d, t: raw(d, head("POST", "/v1/recognize", "Content-Type: multipart/mixed; boundary=b",
                                                       "Content-Length: 7") + b"--b--\r\n"), 400, "bad_form"),
+    ("form field named only by name*= (RFC 2231)", lambda d, t: raw(d, star_form(b"name*=UTF-8''audio")), 400, "bad_form"),
+    ("form option field named by name*=", lambda d, t: raw(d, star_form(
+        b'name="file"', b"--b\r\nContent-Disposition: form-data; name*=UTF-8''granularity\r\n\r\nframe\r\n")),
+     400, "bad_form"),
+    ("form file with filename*= (ok)", lambda d, t: raw(d, star_form(b"name=\"file\"; filename*=UTF-8''%E2%82%AC.wav")),
+     200, None),
     ("option in the query and the form", lambda d, t: post_form(d, FILE, ("embedding", b"1", None), query="?embedding=1"),
      400, "bad_option"),
     ("form field granularity=word", lambda d, t: post_form(d, FILE, ("granularity", b"word", None)), 400, "bad_option"),
@@ -362,6 +377,8 @@ def test_bad_input(daemon, tmp_path, name, action, status, code):
             assert len(message) > 20 and not message.startswith("<")   # a sentence, not an HTML page
             if "mp3" in name.lower() or "MPEG" in name:   # garbage that looks like MP3: named, with what to do
                 assert "not decodable audio" in message and "WAV or FLAC" in message, message
+            if "name*=" in name:   # the extended parameter is named, with what to send instead
+                assert "name*=UTF-8''" in message and 'plain name="file"' in message, message
         elif status == 200 and isinstance(payload, dict) and "labels" in payload:
             assert len(payload["scores"]) == 9
     # ... and the daemon still answers a good request

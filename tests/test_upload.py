@@ -162,3 +162,48 @@ def test_hostile_forms_are_refused_with_what_to_send(what, body, code, needle):
     data, content_type = body
     message = refused(code, data, content_type)
     assert needle in message and len(message) < 600
+
+
+# --- RFC 2231/5987 extended parameters (name*=, filename*=) ---------------------------------------
+
+def one_part(disposition: bytes, value: bytes = AUDIO, *more: bytes) -> tuple[bytes, str]:
+    """A form of one part with the Content-Disposition `disposition` (raw bytes), then `more` parts."""
+    part = b"--b\r\nContent-Disposition: " + disposition + b"\r\nContent-Type: audio/wav\r\n\r\n" + value + b"\r\n"
+    return part + b"".join(more) + b"--b--\r\n", "multipart/form-data; boundary=b"
+
+
+@pytest.mark.parametrize("disposition, filename", [
+    (b"form-data; name=\"file\"; filename*=UTF-8''%E2%82%AC%20clip.wav", "\u20ac clip.wav"),
+    (b"form-data; name=\"file\"; filename=\"EUR clip.wav\"; filename*=utf-8''%E2%82%AC%20clip.wav", "\u20ac clip.wav"),
+    (b"form-data; name=\"file\"; filename*=iso-8859-1'de'Gr%FC%DFe.wav", "Gr\u00fc\u00dfe.wav"),
+    (b"form-data; name=\"file\"; filename=\"plain.wav\"; filename*=UTF-8''%FF%FE.wav", "plain.wav"),   # not UTF-8
+    (b"form-data; name=\"file\"; filename=\"plain.wav\"; filename*=koi8-r''%C1.wav", "plain.wav"),     # other charset
+    (b"form-data; name=\"file\"; filename=\"a; filename*=UTF-8''b.wav\"", "a; filename*=UTF-8''b.wav"),  # quoted
+])
+def test_filename_star_is_accepted_and_decoded(disposition, filename):
+    """RFC 7578 §4.2 tells senders not to use filename* (RFC 5987), but some do; it only names the
+    file, so it is read (preferred over filename, as RFC 6266 §4.3 does) and never refused."""
+    got = upload(*one_part(disposition))
+    assert (got.audio, got.part, got.filename) == (AUDIO, "file", filename)
+
+
+@pytest.mark.parametrize("disposition, shown", [
+    (b"form-data; name*=UTF-8''audio; filename=\"a.wav\"", "name*=UTF-8''audio"),
+    (b"form-data; NAME*=utf-8'en'%C3%A4udio", "NAME*=utf-8'en'%C3%A4udio"),
+    (b"form-data; name*0=au; name*1=dio", "name*0=au"),   # RFC 2231 continuations
+])
+def test_name_star_is_refused_naming_the_parameter(disposition, shown):
+    message = refused("bad_form", *one_part(disposition))
+    assert shown in message and "RFC 7578" in message and 'plain name="file"' in message, message
+
+
+def test_name_star_for_an_option_field_is_refused_not_taken_for_a_second_file():
+    option = b"--b\r\nContent-Disposition: form-data; name*=UTF-8''granularity\r\n\r\nframe\r\n"
+    message = refused("bad_form", *one_part(b'form-data; name="file"; filename="a.wav"', AUDIO, option))
+    assert "name*=UTF-8''granularity" in message and "two file parts" not in message, message
+
+
+def test_name_star_beside_a_plain_name_is_ignored():
+    """RFC 7578 §4.2: the field name is the `name` parameter; an extra name* changes nothing."""
+    got = upload(*one_part(b"form-data; name=\"file\"; name*=UTF-8''other; filename=\"a.wav\""))
+    assert (got.audio, got.part, got.filename) == (AUDIO, "file", "a.wav")

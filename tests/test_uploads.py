@@ -184,3 +184,39 @@ def test_real_clients_get_clear_errors_for_bad_forms(daemon, clip_file):
     assert "no file part (only granularity)" in answer["error"]["message"]
     status, answer = httpx_post(daemon, data={"granularity": "word"}, files={"file": ("a.wav", CLIP)})
     assert status == 400 and answer["error"]["code"] == "bad_option" and "granularity='word'" in answer["error"]["message"]
+
+
+def rfc2231_form(name: str, filename: str) -> tuple[bytes, str]:
+    """A form of CLIP as urllib3 1.x (under requests) wrote one for non-ASCII names: RFC 2231
+    parameters, `name*=utf-8''...` / `filename*=utf-8''...` (urllib3 2 still offers the formatter,
+    deprecated)."""
+    import warnings
+
+    from urllib3 import encode_multipart_formdata
+    from urllib3.fields import RequestField, format_header_param_rfc2231
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        field = RequestField(name, CLIP, filename=filename, header_formatter=format_header_param_rfc2231)
+        field.make_multipart(content_type="audio/wav")
+        return encode_multipart_formdata([field])
+
+
+def test_rfc2231_parameters_from_a_real_client(daemon):
+    """filename*= (a non-ASCII filename) is read; name*= (a non-ASCII field name) is refused with
+    the parameter named and what to send instead; the daemon answers a good form afterwards."""
+    status, reference = requests_post(daemon, data=CLIP)
+    assert status == 200, reference
+    body, content_type = rfc2231_form("file", "\u20ac clip.wav")
+    assert b"filename*=utf-8''%E2%82%AC%20clip.wav" in body
+    for post in (lambda: requests_post(daemon, data=body, headers={"Content-Type": content_type}),
+                 lambda: httpx_post(daemon, content=body, headers={"Content-Type": content_type})):
+        status, result = post()
+        assert status == 200 and result["scores"] == pytest.approx(reference["scores"], rel=0, abs=1e-7), result
+    body, content_type = rfc2231_form("\u00e4udio", "a.wav")
+    assert b"name*=utf-8''%C3%A4udio" in body
+    status, answer = requests_post(daemon, data=body, headers={"Content-Type": content_type})
+    assert status == 400 and answer["error"]["code"] == "bad_form", answer
+    assert "name*=utf-8''%C3%A4udio" in answer["error"]["message"] and 'plain name="file"' in answer["error"]["message"]
+    status, result = requests_post(daemon, files={"file": ("clip.wav", CLIP)})
+    assert status == 200 and result["scores"] == pytest.approx(reference["scores"], rel=0, abs=1e-7), result
