@@ -9,11 +9,22 @@ the same way: its status and JSON body unchanged, its Retry-After and Allow head
 with the front's own Server, Date and Connection. When the daemon cannot be reached or closes
 without an answer the client gets 502, when it does not answer within `answer_timeout` 504, both
 in the daemon's error shape.
+
+The daemon's bytes are bounded too, as a client's are: an answer announcing more than
+`Upstream.max_answer_bytes` (by default `answer_cap(max_seconds)`: the largest recognize answer,
+frame embeddings for max_seconds of audio, with room to spare), or one that is not a
+Content-Length answer (chunked), is refused with 502 daemon_bad_answer before any of it goes to
+the browser; so is one whose body does not arrive within `answer_timeout` seconds of waiting
+(a drip). Only time spent waiting on the daemon counts, not time spent writing to a slow browser.
+An answer larger than SMALL_ANSWER_BYTES is streamed, so when it stalls after its head went out
+the browser's connection is closed with the body cut short (and the log says why).
 """
 from __future__ import annotations
 
 import http.client
+import io
 import json
+import math
 import re
 import select
 import socket
@@ -29,15 +40,21 @@ from e2vd.protocol import Route, error_body
 
 PIECE_BYTES = 1 << 16          # most bytes moved in one read or write
 CLIENT_GONE = 499              # logged status of a request whose client hung up before the answer
-SMALL_ANSWER_BYTES = 1 << 16   # error answers up to this size are read whole, to log their code
+SMALL_ANSWER_BYTES = 1 << 16   # answers up to this size are read whole before any goes out (errors: to log their code)
+FRAME_HZ = 50                  # frame-granularity embeddings: one row per 20 ms (e2vd.protocol's granularity option)
+EMBEDDING_DIM_BOUND = 1024     # the widest Emotion2Vec+ encoder (large: 1024; base: 768)
+FLOAT_JSON_BYTES = 32          # one float32 in the daemon's JSON: at most 24 characters and a comma, rounded up
+ANSWER_SLACK_BYTES = 1 << 20   # the rest of a recognize answer (labels, scores, timings, fallback fields)
+DEFAULT_MAX_SECONDS = 30.0     # e2vd.config.Settings.max_seconds
 _RELAYED = {"retry-after": re.compile(r"[0-9]{1,9}"),
             "allow": re.compile(r"[A-Z]+(, ?[A-Z]+){0,15}")}
 _CONTENT_TYPE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+/[!#$%&'*+\-.^_`|~0-9A-Za-z]+([ \t]*;[\x20-\x7e\t]*)?")
 
 
 class GatewayError(Exception):
-    """The daemon could not be reached (502 daemon_unreachable) or did not answer in time (504
-    daemon_timeout); `message` says what to do. Raised only before any of the answer went out."""
+    """The daemon could not be reached (502 daemon_unreachable), did not answer in time (504
+    daemon_timeout) or answered beyond the front's bounds (502 daemon_bad_answer); `message` says
+    what to do. Raised only before any of the answer went out."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
@@ -57,15 +74,34 @@ def timed_out(message: str) -> GatewayError:
     return GatewayError(504, "daemon_timeout", message)
 
 
+def bad_answer(message: str) -> GatewayError:
+    return GatewayError(502, "daemon_bad_answer", message)
+
+
+def answer_cap(max_seconds: float) -> int:
+    """The most bytes the front relays from the daemon in one answer: a frame-granularity
+    embedding for `max_seconds` of audio (50 rows a second, plus two) of EMBEDDING_DIM_BOUND
+    floats at FLOAT_JSON_BYTES each, and ANSWER_SLACK_BYTES for the rest. 30 s: 50,266,112 bytes."""
+    rows = math.ceil(max(max_seconds, 0.0) * FRAME_HZ) + 2
+    return rows * EMBEDDING_DIM_BOUND * FLOAT_JSON_BYTES + ANSWER_SLACK_BYTES
+
+
 @dataclass(frozen=True)
 class Upstream:
     """The daemon as the front reaches it. Seconds: `connect_timeout` for room in the socket's
     backlog (full while a cold daemon starts), `answer_timeout` for its answer (a cold start
-    with the model's load included)."""
+    with the model's load included, and again for its body, counting only the time spent waiting
+    on the daemon). `max_answer_bytes`: the largest answer relayed (None: answer_cap of the
+    default max_seconds; e2vd.web_http.Front fills it from the configured max_seconds)."""
 
     socket_path: str
     connect_timeout: float = 30.0
     answer_timeout: float = 300.0
+    max_answer_bytes: int | None = None
+
+    @property
+    def answer_limit(self) -> int:
+        return answer_cap(DEFAULT_MAX_SECONDS) if self.max_answer_bytes is None else self.max_answer_bytes
 
 
 @dataclass
@@ -203,9 +239,44 @@ def _await_answer(sock: socket.socket, client: socket.socket, upstream: Upstream
             watched = [sock]
 
 
+class _Budget(io.RawIOBase):
+    """The daemon's socket as a raw stream that may wait at most `left` seconds in all (set
+    before each phase): a daemon that drips its answer runs out of it, socket.timeout."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self.sock = sock
+        self.left = 0.0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        if self.left <= 0:
+            raise socket.timeout("the daemon's time is spent")
+        self.sock.settimeout(self.left)
+        t0 = time.monotonic()
+        try:
+            return self.sock.recv_into(buffer)
+        finally:
+            self.left -= time.monotonic() - t0
+
+
+class _Source:
+    """What http.client.HTTPResponse reads from: makefile() gives the budgeted stream."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.raw = _Budget(sock)
+
+    def makefile(self, mode: str, *args: object, **kwargs: object) -> io.BufferedReader:
+        return io.BufferedReader(self.raw, PIECE_BYTES)
+
+
 def _relay(sock: socket.socket, upstream: Upstream, write: Callable[[bytes], bool], out: Outcome) -> None:
-    """Read the daemon's answer and pass it on as it arrives."""
-    resp = http.client.HTTPResponse(sock)
+    """Read the daemon's answer and pass it on as it arrives, within its bounds."""
+    source = _Source(sock)
+    source.raw.left = upstream.answer_timeout
+    resp = http.client.HTTPResponse(source)  # type: ignore[arg-type]
     try:
         resp.begin()
     except socket.timeout:
@@ -220,12 +291,21 @@ def _relay(sock: socket.socket, upstream: Upstream, write: Callable[[bytes], boo
         phrase_ok = False
     length_text = resp.getheader("Content-Length", "")
     json_type = resp.getheader("Content-Type", "").split(";")[0].strip().lower() == "application/json"
+    if resp.getheader("Transfer-Encoding") is not None:
+        raise bad_answer(f"the daemon's answer (status {resp.status}) came with Transfer-Encoding "
+                         f"{resp.getheader('Transfer-Encoding', '')[:40]!r}: the page's server relays only answers "
+                         "with a Content-Length, of at most a known size; see journalctl -u e2vd")
     # the daemon answers 200 to 5xx with a JSON body; 1xx, 204 and 304 carry none (RFC 9110 §6.4.1), so
     # relaying one with the Content-Length written here would break the browser's framing
     if not phrase_ok or not 200 <= resp.status <= 599 or resp.status in (204, 304) or not length_text.isascii() \
-            or not length_text.isdigit() or resp.getheader("Transfer-Encoding") or not json_type:
+            or not length_text.isdigit() or not json_type:
         raise unreachable(f"the daemon's answer is not one the page's server understands (status {resp.status}, "
                           f"Content-Length {length_text[:20]!r}); see journalctl -u e2vd")
+    cap = upstream.answer_limit
+    if len(length_text) > 20 or int(length_text) > cap:
+        raise bad_answer(f"the daemon's answer announces {length_text[:24]} bytes (status {resp.status}), more than "
+                         f"the {cap} the page's server relays (the largest recognize answer: frame embeddings for "
+                         "max_seconds of audio); see journalctl -u e2vd")
     length = int(length_text)
     headers = {}
     for name in ("Retry-After", "Allow"):
@@ -233,10 +313,12 @@ def _relay(sock: socket.socket, upstream: Upstream, write: Callable[[bytes], boo
         if value is not None and _RELAYED[name.lower()].fullmatch(value):
             headers[name] = value
     out.status = resp.status
+    source.raw.left = upstream.answer_timeout      # the body's own time, spent only while waiting on the daemon
     first = b""
-    if resp.status >= 400 and length <= SMALL_ANSWER_BYTES:
+    if length <= SMALL_ANSWER_BYTES:
         first = _read(resp, length, upstream)
-        out.code = _error_code(first)
+        if resp.status >= 400:
+            out.code = _error_code(first)
     if not write(response_head(resp.status, length, headers, close=out.close) + first):
         out.close = True
         return
@@ -244,6 +326,11 @@ def _relay(sock: socket.socket, upstream: Upstream, write: Callable[[bytes], boo
     while out.bytes_down < length:
         try:
             piece = resp.read(min(PIECE_BYTES, length - out.bytes_down))
+        except socket.timeout:
+            out.notes.append(f"the daemon's answer dripped: {out.bytes_down} of {length} bytes in "
+                             f"{upstream.answer_timeout:g} s of waiting; the browser's answer is cut short")
+            out.code, out.close = "daemon_bad_answer", True
+            return
         except (OSError, http.client.HTTPException):
             piece = b""
         if not piece:
@@ -260,7 +347,8 @@ def _read(resp: http.client.HTTPResponse, length: int, upstream: Upstream) -> by
     try:
         data = resp.read(length)
     except socket.timeout:
-        raise timed_out(f"the daemon's answer stalled for {upstream.answer_timeout:g} s") from None
+        raise bad_answer(f"the daemon's answer of {length} bytes did not arrive within {upstream.answer_timeout:g} s "
+                         "of waiting (it dripped or stalled); see journalctl -u e2vd") from None
     except (OSError, http.client.HTTPException):
         data = b""
     if len(data) < length:

@@ -12,7 +12,8 @@ on, then forwarded (e2vd.web_forward). Requests from other web sites are refused
 header must name this front's loopback address (no DNS rebinding; any Host with --public), and
 an Origin or Sec-Fetch-Site header must say same-origin, except for opening the page itself.
 Every error is JSON in the daemon's shape; statuses of the daemon's codes come from
-`protocol.ERRORS`, the front's own codes are 403 forbidden, 502 daemon_unreachable and 504
+`protocol.ERRORS`, the front's own codes are 403 forbidden, 502 daemon_unreachable, 502 daemon_bad_answer
+(the daemon's answer broke the front's bounds: too large, chunked, or dripped) and 504
 daemon_timeout.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import select
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from typing import Callable
 from urllib.parse import parse_qsl, urlsplit
@@ -32,7 +33,7 @@ from e2vd.http_io import SMALL_BODY_BYTES, Wire
 from e2vd.http_wire import SERVER_HEADER, RequestHead, response_head
 from e2vd.log import event
 from e2vd.protocol import ApiError, error_body, find_route, parse_options
-from e2vd.web_forward import CLIENT_GONE, GatewayError, Upstream, forward, request_head
+from e2vd.web_forward import CLIENT_GONE, GatewayError, Upstream, answer_cap, forward, request_head
 from e2vd.web_page import Page
 from e2vd.web_status import StatusSource
 
@@ -172,6 +173,9 @@ class Front:
 
     def __init__(self, config: FrontConfig, upstream: Upstream, status: StatusSource, page: Page,
                  on_change: Callable[[], None] = lambda: None) -> None:
+        if upstream.max_answer_bytes is None and "max_seconds" in status.limits:
+            # the daemon's answers are bounded by what its configured max_seconds allows
+            upstream = replace(upstream, max_answer_bytes=answer_cap(float(status.limits["max_seconds"])))
         self.config, self.upstream, self.status, self.page = config, upstream, status, page
         self.on_change = on_change
         self._reaper = _Reaper()

@@ -9,6 +9,7 @@ the daemon sits behind `systemd-socket-activate`, so a test sees whether anythin
 """
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import shutil
@@ -23,11 +24,12 @@ from typing import Callable
 import pytest
 from conftest import wav_clip
 from daemon_proc import http_request, read_response
-from raw_peer import RawPeer
+from raw_peer import RawPeer, json_answer
 from test_server import MALFORMED_HEADS
 from webfront import ActivatedDaemon, FrontProcess, cmdline, peak_rss_kib
 
 from e2vd.http_wire import MAX_HEADERS, MAX_LINE_BYTES
+from e2vd.web_forward import SMALL_ANSWER_BYTES, answer_cap
 
 pytestmark = pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
                                 reason="systemd-socket-activate is not installed (apt-get install systemd)")
@@ -224,6 +226,91 @@ def test_a_40_mb_upload_and_a_40_mb_answer_stream_through_in_little_memory(work)
         peak = peak_rss_kib(f.proc.pid)
         print(f"\nfront peak RSS: {before / 1024:.1f} MiB before, {peak / 1024:.1f} MiB after moving 2 x 40 MiB")
         assert peak - before < 16 * 1024 and peak < 60 * 1024
+
+
+
+# ------------------------------------------------------------------------- a hostile daemon
+CAP = answer_cap(30.0)   # the front's bound for the default max_seconds (the fronts here read no config file)
+
+
+def _endless(conn: socket.socket, head_text: str, piece: bytes = b"x" * 65536) -> None:
+    """Send `head_text`, then `piece` for ever (until the front closes its end)."""
+    conn.sendall(head_text.encode())
+    while True:
+        conn.sendall(piece)
+
+
+def _drip(conn: socket.socket, length: int, fast: int) -> None:
+    """Announce `length` bytes, send `fast` of them at once, then one byte every 0.2 s."""
+    conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n".encode())
+    conn.sendall(b"x" * fast)
+    for _ in range(length - fast):
+        time.sleep(0.2)
+        conn.sendall(b"x")
+
+
+@pytest.mark.parametrize("what, script, needle", [
+    ("a length past the cap", lambda c: _endless(c, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                                    f"Content-Length: {CAP + 1}\r\n\r\n"),
+     f"announces {CAP + 1} bytes"),
+    ("an absurd length", lambda c: _endless(c, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                              f"Content-Length: {10 ** 40}\r\n\r\n"), f"more than the {CAP}"),
+    ("an endless chunked body", lambda c: _endless(c, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                                      "Transfer-Encoding: chunked\r\n\r\n", b"4\r\nxxxx\r\n"),
+     "Transfer-Encoding 'chunked'"),
+    ("a small answer that drips", lambda c: _drip(c, 200, 10), "did not arrive within 1 s"),
+], ids=["past-the-cap", "absurd-length", "endless-chunked", "small-drip"])
+def test_a_daemon_answer_past_the_fronts_bounds_is_502_and_the_front_keeps_serving(work, what, script, needle):
+    with HostilePeer(work / "hostile.sock", script) as peer, FrontProcess(peer.path, work, daemon_timeout=1) as f:
+        t0 = time.monotonic()
+        status, headers, data = f.request("POST", "/v1/recognize?granularity=frame&embedding=1", GOOD, timeout=30)
+        err = json.loads(data)["error"]
+        assert (status, err["code"]) == (502, "daemon_bad_answer"), (what, err)
+        assert needle in err["message"], err["message"]
+        assert time.monotonic() - t0 < 20
+        assert int(headers["content-length"]) == len(data) < 1000, "none of the daemon's bytes went to the browser"
+        assert f.request("GET", "/")[0] == 200, "the front keeps serving"
+        peer.script = lambda c: c.sendall(json_answer({"status": "ready"}))
+        assert f.json("GET", "/v1/health") == (200, {"status": "ready"}), "and forwarding"
+        _await_log(f, "/v1/recognize -> 502 daemon_bad_answer")
+
+
+def test_a_large_answer_that_drips_after_its_head_is_cut_short_and_the_front_keeps_serving(work):
+    """Past SMALL_ANSWER_BYTES the answer streams, so its head has gone out: the browser's
+    connection is closed with the body short, the request logged with daemon_bad_answer."""
+    length = 4 * SMALL_ANSWER_BYTES
+    with HostilePeer(work / "drip.sock", lambda c: _drip(c, length, 2 * SMALL_ANSWER_BYTES)) as peer, \
+            FrontProcess(peer.path, work, daemon_timeout=1) as f:
+        conn = f.connection(30)
+        t0 = time.monotonic()
+        conn.request("GET", "/v1/status")
+        resp = conn.getresponse()
+        assert resp.status == 200 and int(resp.getheader("Content-Length")) == length
+        with pytest.raises(http.client.IncompleteRead) as cut:
+            resp.read()
+        conn.close()
+        assert 2 * SMALL_ANSWER_BYTES <= len(cut.value.partial) < length and time.monotonic() - t0 < 20
+        peer.script = lambda c: c.sendall(json_answer({"status": "ready"}))
+        assert f.json("GET", "/v1/health") == (200, {"status": "ready"}), "the front keeps serving"
+        _await_log(f, "GET /v1/status -> 200 daemon_bad_answer")
+
+
+def _await_log(front: FrontProcess, needle: str) -> None:
+    """Wait (10 s at most) for `needle` in the front's log: it logs a request after answering it."""
+    deadline = time.monotonic() + 10
+    while needle not in front.log_text():
+        assert time.monotonic() < deadline, front.log_text()
+        time.sleep(0.05)
+
+
+def test_the_cap_holds_the_largest_legitimate_answer():
+    """The cap holds the largest legitimate answer: frame embeddings of the large model's 1024
+    floats for max_seconds of audio, each float as long as the daemon's JSON writes one."""
+    import math
+    rows = math.ceil(30.0 * 50) + 1
+    worst = json.dumps({"embedding": [[-1.1754943508222875e-38] * 1024] * rows, "labels": ["x" * 40] * 9,
+                        "scores": [0.1] * 9}, separators=(",", ":"))
+    assert len(worst) < CAP < 2 * len(worst)
 
 
 # ------------------------------------------------------------------------- hostile input
@@ -449,3 +536,56 @@ class RecordingPeer:
             view = memoryview(payload)
             for i in range(0, len(view), 1 << 20):
                 conn.sendall(view[i:i + (1 << 20)])
+
+
+class HostilePeer:
+    """A stand-in daemon on a real Unix socket that reads each request (head and body) and runs
+    `script(conn)` to answer it, one thread a connection; `script` may be changed between requests."""
+
+    def __init__(self, path: Path, script: Callable[[socket.socket], None]) -> None:
+        self.path, self.script = path, script
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    def __enter__(self) -> "HostilePeer":
+        self.path.unlink(missing_ok=True)
+        self._listener.bind(str(self.path))
+        self._listener.listen(16)
+        threading.Thread(target=self._serve, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._listener.close()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(30)
+            buf = b""
+            try:
+                while b"\r\n\r\n" not in buf:
+                    piece = conn.recv(65536)
+                    if not piece:
+                        return
+                    buf += piece
+                head_bytes, body = buf.split(b"\r\n\r\n", 1)
+                m = re.search(rb"\r\nContent-Length: (\d+)", head_bytes)
+                left = (int(m[1]) if m else 0) - len(body)
+                while left > 0:
+                    piece = conn.recv(min(left, 65536))
+                    if not piece:
+                        return
+                    left -= len(piece)
+                self.script(conn)
+            except OSError:
+                pass   # the front closed its end: what a hostile answer should come to
