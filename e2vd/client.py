@@ -37,10 +37,13 @@ import struct
 import time
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from e2vd import config, protocol, result
+from e2vd import config, protocol
 from e2vd.vocabulary import ExitCode, Granularity
+
+if TYPE_CHECKING:   # Recognition is defined on first use (module __getattr__): numpy comes with it
+    Recognition: type
 
 #: The daemon's socket when neither `socket` nor $E2VD_SOCKET names one: the daemon's default.
 DEFAULT_SOCKET = config.Settings.socket
@@ -132,57 +135,86 @@ class ClientError(E2vdError):
         return 400 <= self.status < 500
 
 
-@dataclass(frozen=True)
-class Recognition(result.Recognition):
-    """One recognition as the daemon served it (`POST /v1/recognize`): the engine's result fields
-    (labels, scores, top, model_labels, duration_s, embedding as a float32 array or None) plus
-    model: the model whose result this is, and timing_ms: the daemon's own timings in
-    milliseconds (e.g. {"queue": .., "infer": ..}, and "fallback" when the fallback answered).
-    decided_by: "primary" (the main model's result) or "fallback" (the main model was unsure and
-    the fallback model answered; `primary` then holds the main model's labels, scores, top and
-    model); fallback_error: why the fallback was asked but could not answer ("" otherwise).
-    A daemon from before the fallback sends none of these: "primary", None, "".
-    """
+def _define_recognition() -> type:
+    """The Recognition class, defined on first use: it extends e2vd.result.Recognition, whose
+    embedding is a numpy array, so numpy is imported only when a recognition is built or the
+    name is looked up (`e2vd status`, `e2vd health` and `import e2vd.client` do without it)."""
+    from e2vd import result
 
-    model: str = ""
-    timing_ms: dict[str, float] = field(default_factory=dict)
-    decided_by: str = "primary"
-    primary: result.Primary | None = None
-    fallback_error: str = ""
+    @dataclass(frozen=True)
+    class Recognition(result.Recognition):
+        """One recognition as the daemon served it (`POST /v1/recognize`): the engine's result fields
+        (labels, scores, top, model_labels, duration_s, embedding as a float32 array or None) plus
+        model: the model whose result this is, and timing_ms: the daemon's own timings in
+        milliseconds (e.g. {"queue": .., "infer": ..}, and "fallback" when the fallback answered).
+        decided_by: "primary" (the main model's result) or "fallback" (the main model was unsure and
+        the fallback model answered; `primary` then holds the main model's labels, scores, top and
+        model); fallback_error: why the fallback was asked but could not answer ("" otherwise).
+        A daemon from before the fallback sends none of these: "primary", None, "".
+        """
 
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "Recognition":
-        """Build from the decoded JSON body (`result.Recognition.from_dict` plus model and
-        timing_ms); raises ValueError naming a missing or malformed field."""
-        return cls.from_dict(d)
+        model: str = ""
+        timing_ms: dict[str, float] = field(default_factory=dict)
+        decided_by: str = "primary"
+        primary: result.Primary | None = None
+        fallback_error: str = ""
 
-    @classmethod
-    def _fields(cls, d: Mapping[str, Any]) -> dict[str, Any]:
-        """The engine's fields, then model and timing_ms (a mapping of names to numbers), and
-        decided_by (one of e2vd.result.DECIDED_BY), primary and fallback_error (a string) when present."""
-        decided_by = d.get("decided_by", "primary")
-        if decided_by not in result.DECIDED_BY:
-            raise ValueError(f"'decided_by' must be one of {', '.join(result.DECIDED_BY)}, got {decided_by!r}")
-        primary = d.get("primary")
-        fallback_error = d.get("fallback_error")
-        if fallback_error is not None and not isinstance(fallback_error, str):
-            raise ValueError(f"'fallback_error' must be a string, got {type(fallback_error).__name__}")
-        return {**super()._fields(d), "model": str(d.get("model", "")),
-                "timing_ms": {str(k): float(v) for k, v in (d.get("timing_ms") or {}).items()},
-                "decided_by": decided_by,
-                "primary": None if primary is None else result.Primary.from_dict(primary),
-                "fallback_error": fallback_error or ""}
+        @classmethod
+        def from_json(cls, d: Mapping[str, Any]) -> "Recognition":
+            """Build from the decoded JSON body (`result.Recognition.from_dict` plus model and
+            timing_ms); raises ValueError naming a missing or malformed field."""
+            return cls.from_dict(d)
 
-    def to_dict(self, embedding: bool = True) -> dict[str, Any]:
-        """JSON-ready dict with the daemon's field names (model, decided_by, timing_ms included;
-        primary and fallback_error when set)."""
-        out = {**super().to_dict(embedding), "model": self.model, "decided_by": self.decided_by,
-               "timing_ms": dict(self.timing_ms)}
-        if self.primary is not None:
-            out["primary"] = self.primary.to_dict()
-        if self.fallback_error:
-            out["fallback_error"] = self.fallback_error
-        return out
+        @classmethod
+        def _fields(cls, d: Mapping[str, Any]) -> dict[str, Any]:
+            """The engine's fields, then model and timing_ms (a mapping of names to numbers), and
+            decided_by (one of e2vd.result.DECIDED_BY), primary and fallback_error (a string) when present."""
+            decided_by = d.get("decided_by", "primary")
+            if decided_by not in result.DECIDED_BY:
+                raise ValueError(f"'decided_by' must be one of {', '.join(result.DECIDED_BY)}, got {decided_by!r}")
+            primary = d.get("primary")
+            fallback_error = d.get("fallback_error")
+            if fallback_error is not None and not isinstance(fallback_error, str):
+                raise ValueError(f"'fallback_error' must be a string, got {type(fallback_error).__name__}")
+            return {**super()._fields(d), "model": str(d.get("model", "")),
+                    "timing_ms": {str(k): float(v) for k, v in (d.get("timing_ms") or {}).items()},
+                    "decided_by": decided_by,
+                    "primary": None if primary is None else result.Primary.from_dict(primary),
+                    "fallback_error": fallback_error or ""}
+
+        def to_dict(self, embedding: bool = True) -> dict[str, Any]:
+            """JSON-ready dict with the daemon's field names (model, decided_by, timing_ms included;
+            primary and fallback_error when set)."""
+            out = {**super().to_dict(embedding), "model": self.model, "decided_by": self.decided_by,
+                   "timing_ms": dict(self.timing_ms)}
+            if self.primary is not None:
+                out["primary"] = self.primary.to_dict()
+            if self.fallback_error:
+                out["fallback_error"] = self.fallback_error
+            return out
+
+    Recognition.__qualname__ = "Recognition"   # e2vd.client.Recognition, as pickle and repr() name it
+    return Recognition
+
+
+_RECOGNITION: list[type] = []
+
+
+def _recognition() -> type:
+    if not _RECOGNITION:
+        _RECOGNITION.append(_define_recognition())
+    return _RECOGNITION[0]
+
+
+def __getattr__(name: str) -> Any:
+    """`e2vd.client.Recognition`, defined (and numpy imported) the first time it is asked for."""
+    if name == "Recognition":
+        return _recognition()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), "Recognition"])
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -438,7 +470,7 @@ class Client:
         # closed before any answer byte arrived cannot do anything twice, so it may be retried.
         data = self._request("POST", f"/v1/recognize?{query}", body, idempotent=True)
         try:
-            return Recognition.from_json(data)
+            return _recognition().from_json(data)
         except ValueError as e:
             raise ClientError(502, "internal", f"the daemon's answer to POST /v1/recognize is "
                                                f"malformed: {e}") from None

@@ -473,3 +473,25 @@ def test_daemon_result_equals_in_process_engine(daemon, wav_bytes: bytes, tiny_m
     assert remote.scores == pytest.approx(local.scores, abs=1e-5)
     assert remote.top.label == local.top.label
     np.testing.assert_allclose(remote.embedding, local.embedding, atol=1e-5)
+
+
+def test_importing_the_client_and_asking_status_do_not_import_numpy(wav_file: Path) -> None:
+    """numpy comes only with a recognition (e2vd.client.Recognition, whose embedding is an array):
+    `e2vd status` and `e2vd health` start without it. A fresh interpreter, against a real socket."""
+    code = ("import sys; sys.path.insert(0, sys.argv[2]); import e2vd.client as c\n"
+            "assert 'numpy' not in sys.modules, 'import'\n"
+            "with c.Client(sys.argv[1]) as cl:\n"
+            "    assert cl.status()['model'] == 'tiny-test' and cl.health()['status'] == 'ready'\n"
+            "    assert 'numpy' not in sys.modules, 'status'\n"
+            "    r = cl.recognize(sys.argv[3], embedding=True)\n"
+            "assert 'numpy' in sys.modules and isinstance(r, c.Recognition)\n"
+            "assert type(r.embedding).__name__ == 'ndarray'\n"
+            "from e2vd.client import Recognition\n"
+            "import pickle; assert Recognition is c.Recognition and pickle.loads(pickle.dumps(r)).top == r.top\n"
+            "assert 'Recognition' in dir(c) and Recognition.__qualname__ == 'Recognition'\n"
+            "print('ok')\n")
+    root = str(Path(__file__).resolve().parent.parent)
+    with TinyDaemon() as d:
+        proc = subprocess.run([sys.executable, "-c", code, d.socket, root, str(wav_file)],
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
