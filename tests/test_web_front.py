@@ -295,6 +295,30 @@ def test_a_large_answer_that_drips_after_its_head_is_cut_short_and_the_front_kee
         _await_log(f, "GET /v1/status -> 200 daemon_bad_answer")
 
 
+def _answer_of(length: int) -> Callable[[socket.socket], None]:
+    def script(conn: socket.socket) -> None:
+        conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n".encode())
+        conn.sendall(b"x" * length)
+    return script
+
+
+def test_the_cap_follows_the_configured_max_seconds(work):
+    """max_seconds = 1 in the config file the front reads: an answer of exactly answer_cap(1)
+    bytes is relayed whole, one byte more is 502 before any of it goes out."""
+    conf = work / "one-second.toml"
+    conf.write_text("max_seconds = 1\n")
+    cap = answer_cap(1.0)
+    with HostilePeer(work / "cap.sock", _answer_of(cap)) as peer, \
+            FrontProcess(peer.path, work, env={"E2VD_CONFIG": str(conf)}) as f:
+        status, headers, data = f.request("POST", "/v1/recognize?granularity=frame&embedding=1", GOOD)
+        assert status == 200 and len(data) == int(headers["content-length"]) == cap
+        peer.script = _answer_of(cap + 1)
+        status, err = f.json("POST", "/v1/recognize?granularity=frame&embedding=1", GOOD)
+        assert (status, err["error"]["code"]) == (502, "daemon_bad_answer")
+        message = err["error"]["message"]
+        assert f"announces {cap + 1} bytes" in message and f"more than the {cap}" in message
+
+
 def _await_log(front: FrontProcess, needle: str) -> None:
     """Wait (10 s at most) for `needle` in the front's log: it logs a request after answering it."""
     deadline = time.monotonic() + 10
