@@ -492,19 +492,16 @@ def _wait_serving(front: FrontProcess) -> int:
     return front.proc.pid
 
 
-class RecordingPeer:
-    """A stand-in daemon on a Unix socket. mode "sink": reads each request's head and body (in
-    pieces) and answers 200 with `answer_bytes` of JSON (or {"ok": true, "got": N}); "silent":
-    accepts and never answers; "hangup": reads the head and closes."""
+class UnixPeer:
+    """A stand-in daemon listening on a real Unix socket at `path` while in a `with` block: each
+    accepted connection goes to `_accepted` (by default `_one(conn)` on a thread of its own)."""
 
-    def __init__(self, path: Path, mode: str = "sink", answer_bytes: int = 0) -> None:
-        self.path, self.mode, self.answer_bytes = path, mode, answer_bytes
-        self.heads: list[bytes] = []
-        self.body_bytes: list[int] = []
+    def __init__(self, path: Path) -> None:
+        self.path = path
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._held: list[socket.socket] = []
 
-    def __enter__(self) -> "RecordingPeer":
+    def __enter__(self):
         self.path.unlink(missing_ok=True)
         self._listener.bind(str(self.path))
         self._listener.listen(16)
@@ -526,10 +523,31 @@ class RecordingPeer:
                 conn, _ = self._listener.accept()
             except OSError:
                 return
-            if self.mode == "silent":
-                self._held.append(conn)
-                continue
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+            self._accepted(conn)
+
+    def _accepted(self, conn: socket.socket) -> None:
+        threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class RecordingPeer(UnixPeer):
+    """A stand-in daemon on a Unix socket. mode "sink": reads each request's head and body (in
+    pieces) and answers 200 with `answer_bytes` of JSON (or {"ok": true, "got": N}); "silent":
+    accepts and never answers; "hangup": reads the head and closes."""
+
+    def __init__(self, path: Path, mode: str = "sink", answer_bytes: int = 0) -> None:
+        super().__init__(path)
+        self.mode, self.answer_bytes = mode, answer_bytes
+        self.heads: list[bytes] = []
+        self.body_bytes: list[int] = []
+
+    def _accepted(self, conn: socket.socket) -> None:
+        if self.mode == "silent":
+            self._held.append(conn)
+        else:
+            super()._accepted(conn)
 
     def _one(self, conn: socket.socket) -> None:
         with conn:
@@ -562,35 +580,13 @@ class RecordingPeer:
                 conn.sendall(view[i:i + (1 << 20)])
 
 
-class HostilePeer:
+class HostilePeer(UnixPeer):
     """A stand-in daemon on a real Unix socket that reads each request (head and body) and runs
     `script(conn)` to answer it, one thread a connection; `script` may be changed between requests."""
 
     def __init__(self, path: Path, script: Callable[[socket.socket], None]) -> None:
-        self.path, self.script = path, script
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-
-    def __enter__(self) -> "HostilePeer":
-        self.path.unlink(missing_ok=True)
-        self._listener.bind(str(self.path))
-        self._listener.listen(16)
-        threading.Thread(target=self._serve, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._listener.close()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+        super().__init__(path)
+        self.script = script
 
     def _one(self, conn: socket.socket) -> None:
         with conn:
