@@ -531,6 +531,19 @@ class UnixPeer:
     def _one(self, conn: socket.socket) -> None:
         raise NotImplementedError
 
+    @staticmethod
+    def read_head(conn: socket.socket) -> tuple[bytes, bytes] | None:
+        """A request's head (without the blank line) and the body bytes read with it; None if the
+        peer closed first."""
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            piece = conn.recv(65536)
+            if not piece:
+                return None
+            buf += piece
+        head_bytes, body = buf.split(b"\r\n\r\n", 1)
+        return head_bytes, body
+
 
 class RecordingPeer(UnixPeer):
     """A stand-in daemon on a Unix socket. mode "sink": reads each request's head and body (in
@@ -551,13 +564,10 @@ class RecordingPeer(UnixPeer):
 
     def _one(self, conn: socket.socket) -> None:
         with conn:
-            buf = b""
-            while b"\r\n\r\n" not in buf:
-                piece = conn.recv(65536)
-                if not piece:
-                    return
-                buf += piece
-            head_bytes, body = buf.split(b"\r\n\r\n", 1)
+            read = self.read_head(conn)
+            if read is None:
+                return
+            head_bytes, body = read
             self.heads.append(head_bytes)
             if self.mode == "hangup":
                 return
@@ -591,14 +601,11 @@ class HostilePeer(UnixPeer):
     def _one(self, conn: socket.socket) -> None:
         with conn:
             conn.settimeout(30)
-            buf = b""
             try:
-                while b"\r\n\r\n" not in buf:
-                    piece = conn.recv(65536)
-                    if not piece:
-                        return
-                    buf += piece
-                head_bytes, body = buf.split(b"\r\n\r\n", 1)
+                read = self.read_head(conn)
+                if read is None:
+                    return
+                head_bytes, body = read
                 m = re.search(rb"\r\nContent-Length: (\d+)", head_bytes)
                 left = (int(m[1]) if m else 0) - len(body)
                 while left > 0:
