@@ -274,15 +274,12 @@ def load_engine(settings: "Settings") -> "Engine":
     its weights placed while holding the machine's GPU lock (e2vd.gpu_lock: gpu_lock,
     gpu_lock_timeout), which every e2vd daemon shares."""
     from e2vd.engine import Engine
-    from e2vd.gpu_lock import GpuLock, lock_path
+    from e2vd.gpu_lock import daemon_gpu_lock
 
     s = settings
-    instance = os.environ.get("E2VD_INSTANCE", "").strip()
-    lock = GpuLock(lock_path(s.gpu_lock, s.socket), s.gpu_lock_timeout,
-                   owner=f"instance {instance}" if instance else f"socket {s.socket}")
     return Engine.load(s.model, device=s.device, dtype=s.dtype, quantize=s.quantize,
                        min_free_mb=s.min_free_mb, busy_policy=s.busy_policy, cache_dir=s.cache_dir,
-                       gpu_lock=lock)
+                       gpu_lock=daemon_gpu_lock(s))
 
 
 class Daemon:

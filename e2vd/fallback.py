@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import threading
 import time
 from typing import TYPE_CHECKING, Callable
@@ -59,16 +58,12 @@ def load_fallback_engine(settings: "Settings") -> "Engine":
     main model's min_free_mb, refusing one that is too full, under the machine's GPU lock
     (e2vd.gpu_lock), like the main model."""
     from e2vd.engine import Engine
-    from e2vd.gpu_lock import GpuLock, lock_path
+    from e2vd.gpu_lock import daemon_gpu_lock
 
     s = settings
-    lock = None
-    if s.fallback_device != "cpu":
-        instance = os.environ.get("E2VD_INSTANCE", "").strip()
-        lock = GpuLock(lock_path(s.gpu_lock, s.socket), s.gpu_lock_timeout,
-                       owner=f"the fallback of instance {instance}" if instance else f"the fallback of socket {s.socket}")
     return Engine.load(s.fallback_model, device=s.fallback_device, dtype="fp32", quantize=False,
-                       min_free_mb=s.min_free_mb, busy_policy="refuse", cache_dir=s.cache_dir, gpu_lock=lock)
+                       min_free_mb=s.min_free_mb, busy_policy="refuse", cache_dir=s.cache_dir,
+                       gpu_lock=daemon_gpu_lock(s, "the fallback"))
 
 
 class Fallback:

@@ -46,9 +46,14 @@ import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from e2vd.config import INSTANCE_ENV
 from e2vd.gpu import GpuBusyError
 from e2vd.log import event
+
+if TYPE_CHECKING:  # pragma: no cover
+    from e2vd.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +91,17 @@ def lock_path(setting: str, socket_path: str) -> str:
     if setting:
         return setting
     return os.path.join(os.path.dirname(os.path.abspath(socket_path)), LOCK_DIR_NAME, LOCK_FILE_NAME)
+
+
+def daemon_gpu_lock(settings: "Settings", role: str = "") -> "GpuLock":
+    """The lock a daemon with `settings` shares with every other (gpu_lock, gpu_lock_timeout). Its
+    holder line names the instance ($E2VD_INSTANCE) or, outside one, the socket; `role` says which
+    of the daemon's models holds it (e.g. "the fallback"; empty: the main model). Engine.load
+    takes it only for a device other than "cpu"."""
+    instance = os.environ.get(INSTANCE_ENV, "").strip()
+    whose = f"instance {instance}" if instance else f"socket {settings.socket}"
+    return GpuLock(lock_path(settings.gpu_lock, settings.socket), settings.gpu_lock_timeout,
+                   owner=f"{role} of {whose}" if role else whose)
 
 
 class GpuLock:
