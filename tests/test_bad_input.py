@@ -70,24 +70,20 @@ def hold_open(d: DaemonProcess, data: bytes, then: Callable[[socket.socket], Non
         return status, payload
 
 
-def trickle(s: socket.socket) -> None:
-    """Send one body byte every 0.5 s (never silent for connection_timeout) until the daemon gives up."""
-    try:
-        for _ in range(CONNECTION_TIMEOUT * 6):
-            s.send(b"x")
-            time.sleep(0.5)
-    except OSError:
-        pass
+def dripping(piece: bytes) -> Callable[[socket.socket], None]:
+    """A sender of `piece` every 0.5 s (never silent for connection_timeout) until the daemon gives up."""
+    def drip(s: socket.socket) -> None:
+        try:
+            for _ in range(CONNECTION_TIMEOUT * 6):
+                s.send(piece)
+                time.sleep(0.5)
+        except OSError:
+            pass
+    return drip
 
 
-def chunked_trickle(s: socket.socket) -> None:
-    """Send a one-byte chunk every 0.5 s (never silent for connection_timeout) until the daemon gives up."""
-    try:
-        for _ in range(CONNECTION_TIMEOUT * 6):
-            s.send(b"1\r\nx\r\n")
-            time.sleep(0.5)
-    except OSError:
-        pass
+trickle = dripping(b"x")                          # one body byte at a time
+chunked_trickle = dripping(b"1\r\nx\r\n")         # a one-byte chunk at a time
 
 
 def post_chunked(d: DaemonProcess, data: bytes, *lines: str) -> tuple[int, Any]:
