@@ -150,6 +150,26 @@ class Wire:
         return True
 
 
+def declared_length(length: int | None, chunked: bool, required: bool, limit: int, server: str = "daemon") -> int | None:
+    """The declared body length (Content-Length) a request may send, checked before any of the
+    body is read: None for a chunked body (counted as it arrives) or for none where none is
+    `required`; ApiError 411 length_required for a missing required body, 413 too_large for a
+    Content-Length over `limit` bytes. `server` names what refuses ("daemon", or e2vd.ray_serve's
+    "service"). The daemon's http_io.Body and the Ray replica's body share these rules."""
+    if chunked:
+        return None
+    if length is None:
+        if required:
+            raise ApiError("length_required", "this request needs a body, sent with Content-Length or "
+                                              "Transfer-Encoding: chunked; send the audio file's bytes, "
+                                              "e.g. curl --data-binary @clip.wav")
+        return None
+    if length > limit:
+        raise ApiError("too_large", f"the body is {length} bytes; this {server} accepts at most {limit} "
+                                    "(max_body_bytes); send a shorter clip or raise max_body_bytes")
+    return length
+
+
 class Body:
     """The body of one request, read as its head frames it (Content-Length or chunked), piece by
     piece as it arrives.
@@ -195,22 +215,14 @@ class Body:
         or when it has none and none is `required`. Refuses a missing body where `required` (411)
         and a Content-Length over `limit` (413; default max_body_bytes when `required`, else
         SMALL_BODY_BYTES), before any of it is read."""
-        length = self.head.content_length
-        if self.head.chunked:
-            return None
-        if length is None:
-            if required:
-                raise ApiError("length_required", "this request needs a body, sent with Content-Length or "
-                                                  "Transfer-Encoding: chunked; send the audio file's bytes, "
-                                                  "e.g. curl --data-binary @clip.wav")
-            return None
         if limit is None:
             limit = self.max_body_bytes if required else SMALL_BODY_BYTES
-        if length > limit:
-            self.close = True
-            raise ApiError("too_large", f"the body is {length} bytes; this daemon accepts at most {limit} "
-                                        "(max_body_bytes); send a shorter clip or raise max_body_bytes")
-        return length
+        try:
+            return declared_length(self.head.content_length, self.head.chunked, required, limit)
+        except ApiError as err:
+            if err.code == "too_large":
+                self.close = True
+            raise
 
     def pieces(self) -> Iterator[bytes]:
         """The body of a route that takes one (at most max_body_bytes), in pieces of at most

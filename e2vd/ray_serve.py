@@ -54,7 +54,7 @@ from e2vd import __version__, config
 from e2vd.config import ConfigError, Settings
 from e2vd.daemon_report import engine_memory
 from e2vd.durations import parse_duration
-from e2vd.http_io import SMALL_BODY_BYTES
+from e2vd.http_io import SMALL_BODY_BYTES, declared_length
 from e2vd.protocol import ApiError, find_route, parse_options
 from e2vd.routes import ROUTE_FUNCTIONS, App, ClientGone, Request
 from e2vd.scheduler import Scheduler
@@ -271,19 +271,8 @@ class StreamBody:
 
     def _check_length(self, required: bool) -> None:
         """411 for a required body sent without a length; 413 for a declared one over the limit."""
-        length = self._length()
-        if self.chunked:
-            return
-        if length is None:
-            if required:
-                raise ApiError("length_required", "this request needs a body, sent with Content-Length or "
-                                                  "Transfer-Encoding: chunked; send the audio file's bytes, "
-                                                  "e.g. curl --data-binary @clip.wav")
-            return
-        limit = self.max_body_bytes if required else SMALL_BODY_BYTES
-        if length > limit:
-            raise ApiError("too_large", f"the body is {length} bytes; this service accepts at most {limit} "
-                                        "(max_body_bytes); send a shorter clip or raise max_body_bytes")
+        declared_length(self._length(), self.chunked, required,
+                        self.max_body_bytes if required else SMALL_BODY_BYTES, server="service")
 
     def _frames(self, limit: int) -> Iterator[bytes]:
         if self._started:
