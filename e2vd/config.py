@@ -399,8 +399,9 @@ def _model_path_or_id(text: str, or_empty: str) -> None:
         raise ValueError("must not hold control characters")
     _utf8(text)
     if text.startswith(("./", "../", "~")):
-        raise ValueError(f"must be an absolute model directory (the daemon runs from / as its own user, so "
-                         f"{text!r} would not name the directory it names here); got {text!r}")
+        raise ValueError(f"must be an absolute model directory, e.g. {os.path.abspath(os.path.expanduser(text))!r} "
+                         f"(under systemd the daemon runs from / as its own user, where {text!r} would name "
+                         f"another directory); got {text!r}")
     if not (os.path.isabs(text) or MODEL_ID_PATTERN.fullmatch(text)):
         raise ValueError(f"must be an absolute model directory or a ModelScope id 'owner/name' (ASCII)"
                          f"{or_empty}; got {text!r}")
