@@ -419,7 +419,7 @@ def test_a_refused_client_that_writes_first_still_reads_the_503(tiny_model, tmp_
     its write side and reads what the client sends before it closes (a lingering close)."""
     with DaemonProcess(tmp_path / "s.sock", tiny_model, wait_ready=True, idle_timeout=600,
                        max_connections_per_uid=1) as d:
-        with only_connection(d.socket) as held:
+        with only_connection(d.socket):   # the uid's one connection, held open
             with connect_unix(str(d.socket), 30) as extra:
                 assert select.select([extra], [], [], 30)[0], "no 503 within 30 s"
                 time.sleep(0.3)   # past the moment the daemon used to close a refused connection
