@@ -15,7 +15,7 @@ E2VD_QUANTIZE=yes); an empty value counts as unset. Overrides are a mapping from
 where None means "not given" (argparse's default) and strings are parsed like environment values.
 
 Value forms: durations (idle_timeout, max_hold, connection_timeout, drain_timeout,
-unavailable_grace, inference_timeout, gpu_lock_timeout) are seconds as a number, or a string like "90s", "30m", "9h", "1h30m";
+unavailable_grace, inference_timeout, load_timeout, gpu_lock_timeout) are seconds as a number, or a string like "90s", "30m", "9h", "1h30m";
 booleans are true/false (TOML) or, in the environment, the spellings of
 `e2vd.vocabulary.TRUE_WORDS`/`FALSE_WORDS` (1/0, true/false, yes/no, on/off); log_level is
 DEBUG, INFO, WARNING, ERROR or CRITICAL in any case (stored upper-case). max_connections_per_uid
@@ -28,6 +28,12 @@ the device is handed back (docs/design.md, the lifecycle). The default, 120 s, i
 max_seconds (30 s) of audio takes on a CPU (the large model ran 20 s of audio in 7 s on 2 cores)
 or a GPU (under 0.1 s); raise it with max_seconds or max_batch on a slow device, never set it
 below what max_batch clips of max_seconds take there.
+
+load_timeout bounds the model load (the wait for the GPU lock included): a model not loaded
+after that long (a hung disk or network filesystem) is given up on. The daemon then answers 503
+model_unavailable, naming where the load waits, for unavailable_grace seconds and exits, like a
+model that failed to load; it must be longer than gpu_lock_timeout. While the model loads, the
+daemon extends systemd's start timeout (TimeoutStartSec=), so load_timeout is the bound that counts.
 
 gpu_lock is the lock file every daemon holds while it chooses its device and puts the model on
 it (e2vd.gpu_lock), so that daemons starting at once cannot all pass the min_free_mb check: an
@@ -86,7 +92,7 @@ MAX_PATH = 4095   # bytes in a path Linux accepts (PATH_MAX less the NUL)
 BUSY_POLICIES = ("refuse", "cpu")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DURATION_KEYS = frozenset({"idle_timeout", "max_hold", "connection_timeout", "drain_timeout",
-                           "unavailable_grace", "inference_timeout", "gpu_lock_timeout"})
+                           "unavailable_grace", "inference_timeout", "load_timeout", "gpu_lock_timeout"})
 
 
 class ConfigError(ValueError):
@@ -119,6 +125,7 @@ class Settings:
     drain_timeout: float = 60.0                  # SIGTERM: time to finish in-flight work
     unavailable_grace: float = 60.0              # model failed to load: answer 503 this long, then exit
     inference_timeout: float = 120.0             # one model call running longer is stuck: the process ends
+    load_timeout: float = 300.0                  # model not loaded after this long: given up on (503, then exit)
     fallback_model: str = ""                     # model answering when the main one is unsure; "" = off
     fallback_device: str = "cpu"                 # cpu | cuda | cuda:N (cpu: no GPU memory)
     fallback_below: float = 0.7                  # main model's top score below this: the fallback answers
@@ -150,9 +157,11 @@ def load_settings(overrides: Mapping[str, object] | None = None, env: Mapping[st
     `overrides`. Raises ConfigError for an unreadable or invalid file, unknown keys and bad values."""
     env = os.environ if env is None else env
     values: dict[str, object] = {}
+    sources: dict[str, str] = {}   # where each value that is not a default came from
     path, explicit = config_file_path(config_path, env)
     for key, raw in read_config_file(path, required=explicit).items():
-        values[key] = _convert(key, raw, f"{path}: key {key!r}", from_text=False)
+        sources[key] = f"{path}: key {key!r}"
+        values[key] = _convert(key, raw, sources[key], from_text=False)
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV or name.startswith(IGNORED_ENV_PREFIXES):
             continue
@@ -166,16 +175,30 @@ def load_settings(overrides: Mapping[str, object] | None = None, env: Mapping[st
                               f"(and {CONFIG_ENV} for the config file); unset it or fix the name.")
         if raw.strip() == "":
             continue
-        values[key] = _convert(key, raw, f"environment variable {name}", from_text=True)
+        sources[key] = f"environment variable {name}"
+        values[key] = _convert(key, raw, sources[key], from_text=True)
     for key, raw in (overrides or {}).items():
         if raw is None:
             continue
         if key not in FIELDS:
             raise ConfigError(f"Unknown setting {key!r} given on the command line{_hint(key)}; "
                               f"known settings: {', '.join(FIELDS)}.")
-        values[key] = _convert(key, raw, f"command-line option --{key.replace('_', '-')}",
-                               from_text=isinstance(raw, str))
-    return Settings(**values)
+        sources[key] = f"command-line option --{key.replace('_', '-')}"
+        values[key] = _convert(key, raw, sources[key], from_text=isinstance(raw, str))
+    settings = Settings(**values)
+    _check_together(settings, sources)
+    return settings
+
+
+def _check_together(s: Settings, sources: Mapping[str, str]) -> None:
+    """ConfigError for values that are fine alone but not together, naming where they came from."""
+    if s.load_timeout <= s.gpu_lock_timeout:
+        def named(key: str) -> str:
+            return f"{key} = {getattr(s, key):g} s ({sources.get(key, 'the default')})"
+
+        raise ConfigError(f"{named('load_timeout')} must be longer than {named('gpu_lock_timeout')}: a daemon "
+                          "waiting its turn for the GPU lock would be given up on before loading. Raise "
+                          "load_timeout or lower gpu_lock_timeout.")
 
 
 def _check_instance(raw: str) -> None:
@@ -454,7 +477,7 @@ _CHECKS: dict[str, Callable[[object], None]] = {
     "min_free_mb": _at_least(0, " MB"),
     "idle_timeout": _at_least(0, " seconds"), "max_hold": _at_least(0, " seconds"),
     "drain_timeout": _at_least(0, " seconds"), "unavailable_grace": _at_least(0, " seconds"),
-    "inference_timeout": _positive(" seconds"),
+    "inference_timeout": _positive(" seconds"), "load_timeout": _positive(" seconds"),
     "gpu_lock": _absolute_or_empty, "gpu_lock_timeout": _at_least(0, " seconds"),
     "connection_timeout": _positive(" seconds"), "max_seconds": _positive(" seconds"),
     "max_body_bytes": _positive(" bytes"), "queue_size": _at_least(1), "max_batch": _at_least(0),

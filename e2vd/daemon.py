@@ -293,7 +293,8 @@ class Daemon:
                  load: Callable[[], "Engine"] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings, self.listener, self.clock = settings, listener, clock
         self.started = clock()
-        self.lifecycle = LifecycleClock(settings.idle_timeout, settings.max_hold, settings.unavailable_grace)
+        self.lifecycle = LifecycleClock(settings.idle_timeout, settings.max_hold, settings.unavailable_grace,
+                                        settings.load_timeout, loading_since=self.started)
         self.exiting: Reason | None = None   # set by the look that decides to exit
         self.watchdog = Watchdog(settings.inference_timeout, systemd.watchdog_interval())
         self.stuck: Running | None = None    # the model call found stuck, once it is
@@ -343,8 +344,11 @@ class Daemon:
             self.events.model_loaded()
             systemd.ready(self.report.new_line(now, always=True))
         elif state == State.UNAVAILABLE:
-            self.events.model_unavailable(loading=self.lifecycle.phase is State.LOADING)
+            loading = self.lifecycle.phase is State.LOADING
+            self.events.model_unavailable(loading=loading)
             self.lifecycle.failed(now)
+            if loading:   # still `activating`: systemd's start timeout must not cut the grace short
+                systemd.extend_timeout(self.settings.unavailable_grace + self.settings.drain_timeout + EXTEND_BY_S)
         self.wake()   # the main loop sends the STATUS= line and runs the grace clock
 
     def _on_signal(self, signum: int, frame: object) -> None:
@@ -373,7 +377,8 @@ class Daemon:
         look = self.watchdog.next_look(now, getattr(self.deciding.running, "started", None))
         wait = min(STATUS_EVERY_S, math.inf if at is None else at - now, math.inf if look is None else look - now)
         if self.lifecycle.phase is State.LOADING:
-            wait = min(wait, self._next_extend - now)
+            overdue_at = self.lifecycle.load_deadline()
+            wait = min(wait, self._next_extend - now, math.inf if overdue_at is None else overdue_at - now)
         return max(0.0, wait)
 
     def _look(self) -> Reason | None:
@@ -391,7 +396,11 @@ class Daemon:
             if self.watchdog.ping(now, getattr(running, "started", None)):
                 systemd.watchdog_ping()
             self.lifecycle.observe(now, self.scheduler.pending > 0, self.server.holding(now).until)
-            if self.lifecycle.phase is State.LOADING and now >= self._next_extend:
+            if self.lifecycle.load_overdue(now):   # a hung disk or filesystem: unavailable from now on
+                self.scheduler.give_up_loading(f"the model did not finish loading within load_timeout = "
+                                               f"{self.settings.load_timeout:g} s (a hung disk or network "
+                                               "filesystem?); raise load_timeout if it really takes that long")
+            elif self.lifecycle.phase is State.LOADING and now >= self._next_extend:
                 self._next_extend = now + EXTEND_EVERY_S
                 systemd.extend_timeout(EXTEND_BY_S)
             reason = self.lifecycle.expired(now)
@@ -475,7 +484,7 @@ def main(overrides: Mapping[str, object], config_path: str | None = None) -> Exi
         return exc.exit_code
     daemon = Daemon(settings, listener)
     code = daemon.run()
-    if daemon.exiting is Reason.STUCK:
+    if daemon.exiting is Reason.STUCK or daemon.scheduler.worker_alive:   # a stuck call, or a load given up on
         end_process(code)
     return ExitCode(code)
 

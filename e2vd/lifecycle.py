@@ -11,7 +11,9 @@ including those decided elsewhere: a stuck model call (e2vd.watchdog) and settin
 be used under socket activation (e2vd.misconfigured).
 
 The rules, by phase:
-- loading: never expires. systemd's start timeout, extended while the model loads, bounds it.
+- loading: never expires by itself. After `load_timeout` seconds `load_overdue(now)` says so:
+  the daemon then gives up on the load, which makes the model unavailable (below). systemd's
+  start timeout, extended while the model loads, is only the backstop.
 - ready: the daemon exits `idle_timeout` seconds after the latest of: the moment the model was
   ready, the keep-warm deadline, and the end of the last thing that held it awake. The caller
   reports that end with `busy(now, until)`: math.inf while work is in progress (no deadline at
@@ -60,13 +62,17 @@ class Hold:
 class LifecycleClock:
     """Decides when the daemon exits; see the module docstring for the rules.
 
-    idle_timeout, max_hold and unavailable_grace are seconds (the settings of the same names).
+    idle_timeout, max_hold, unavailable_grace and load_timeout are seconds (the settings of the
+    same names); `loading_since` is when the load began, on the caller's clock.
     """
 
-    def __init__(self, idle_timeout: float, max_hold: float, unavailable_grace: float) -> None:
+    def __init__(self, idle_timeout: float, max_hold: float, unavailable_grace: float,
+                 load_timeout: float = math.inf, loading_since: float = 0.0) -> None:
         self.idle_timeout = float(idle_timeout)
         self.max_hold = float(max_hold)
         self.unavailable_grace = float(unavailable_grace)
+        self.load_timeout = float(load_timeout)
+        self._loading_since = float(loading_since)
         self._lock = threading.Lock()
         self._phase = State.LOADING
         self._ready_at = -math.inf
@@ -129,6 +135,17 @@ class LifecycleClock:
     def phase(self) -> State:
         """The model's state as the clock knows it (loading, ready, unavailable)."""
         return self._phase
+
+    def load_overdue(self, now: float) -> bool:
+        """Whether the model is still loading at `now`, load_timeout seconds or more after it began."""
+        with self._lock:
+            return self._phase is State.LOADING and now - self._loading_since >= self.load_timeout
+
+    def load_deadline(self) -> float | None:
+        """When a load still running is overdue (None once it has ended, or with no load_timeout)."""
+        with self._lock:
+            at = self._loading_since + self.load_timeout
+            return at if self._phase is State.LOADING and math.isfinite(at) else None
 
     def held(self, now: float) -> bool:
         """Whether the last report says something holds the daemon awake at `now`."""

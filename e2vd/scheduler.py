@@ -25,9 +25,12 @@ first and reuses the cache.
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -187,6 +190,7 @@ class Scheduler:
         self._shown.set()
         self.engine: "Engine | None" = None
         self.error: str | None = None
+        self._load_over = False   # the load returned, or was given up on (whichever came first)
 
     # --- observers (any thread) ---
     @property
@@ -220,6 +224,11 @@ class Scheduler:
         if threading.current_thread() is not self._thread:
             self._shown.wait(STATE_WAIT_S)
         return self._state
+
+    @property
+    def worker_alive(self) -> bool:
+        """Whether the worker thread still runs (after `stop`: a load given up on that never returned)."""
+        return self._thread is not None and self._thread.is_alive()
 
     @property
     def running(self) -> Running | None:
@@ -261,6 +270,33 @@ class Scheduler:
                 self._pending -= 1
             raise QueueFull(self._queue.maxsize) from None
         return job
+
+    def give_up_loading(self, reason: str) -> bool:
+        """The load has run too long (called from another thread): the model is unavailable from
+        now on, with `reason` and where the worker thread waits (file:line) as `error`; queued
+        and later jobs fail with ModelUnavailable. The worker stays where it is (a thread cannot
+        be interrupted in a system call); if its load ever returns, the engine is dropped and the
+        worker ends. False, doing nothing, when the load had already returned."""
+        with self._lock:
+            if self._load_over:
+                return False
+            self._load_over = True
+        where = self._worker_frame()
+        self.error = reason + (f" (the load was waiting in {where})" if where else "")
+        self._set_state(State.UNAVAILABLE)
+        self.settled.set()
+        threading.Thread(target=self._fail_queued, name=f"{self._name}-refusing", daemon=True).start()
+        return True
+
+    def _worker_frame(self, depth: int = 4) -> str | None:
+        """Where the worker thread is: its `depth` innermost frames, innermost first, as
+        "file.py:LINE (function) < ..."; None when it is not running."""
+        thread = self._thread
+        frame = sys._current_frames().get(thread.ident) if thread is not None and thread.ident else None
+        if frame is None:
+            return None
+        frames = traceback.extract_stack(frame)[-depth:]
+        return " < ".join(f"{os.path.basename(f.filename)}:{f.lineno} ({f.name})" for f in reversed(frames))
 
     def unavailable(self) -> ModelUnavailable:
         """The error of a model that could not be loaded (meaningful once `state` is UNAVAILABLE)."""
@@ -308,14 +344,24 @@ class Scheduler:
 
     def _run(self) -> None:
         try:
-            self.engine = self._load()
-            self.max_batch = self.max_batch or auto_batch(str(getattr(self.engine, "device", "cpu")))
+            engine = self._load()
+            failure: BaseException | None = None
         except BaseException as exc:  # noqa: BLE001 - any load failure makes the model unavailable
-            self.error = str(exc) or type(exc).__name__
+            engine, failure = None, exc
+        with self._lock:
+            given_up, self._load_over = self._load_over, True
+        if given_up:   # give_up_loading came first: its thread refuses the jobs
+            log.warning("the model load that was given up on has returned (%s); dropping it",
+                        "failed" if failure is not None else "loaded")
+            return
+        if failure is not None:
+            self.error = str(failure) or type(failure).__name__
             self._set_state(State.UNAVAILABLE)
             self.settled.set()
             self._fail_queued()
             return
+        self.engine = engine
+        self.max_batch = self.max_batch or auto_batch(str(getattr(self.engine, "device", "cpu")))
         self._set_state(State.READY)
         self.settled.set()
         try:

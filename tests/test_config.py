@@ -82,7 +82,7 @@ def test_every_key_settable_from_file_and_env(tmp_path):
                    unavailable_grace=9.0, cache_dir="/c", log_level="DEBUG", max_connections_per_uid=3,
                    inference_timeout=10.5, fallback_model="/srv/fb", fallback_device="cuda:1",
                    fallback_below=0.5)
-    changed.update(gpu_lock="/run/x/gpu.lock", gpu_lock_timeout=11.0)
+    changed.update(gpu_lock="/run/x/gpu.lock", gpu_lock_timeout=11.0, load_timeout=12.5)
     assert set(changed) == {f.name for f in dataclasses.fields(Settings)}
     lines = []
     for k, v in changed.items():
@@ -90,6 +90,19 @@ def test_every_key_settable_from_file_and_env(tmp_path):
     assert load_settings(env={}, config_path=toml(tmp_path, "\n".join(lines))) == Settings(**changed)
     env = {env_name(k): ("yes" if v is True else str(v)) for k, v in changed.items()}
     assert load_settings(env=env, config_path=toml(tmp_path, "", "empty.toml")) == Settings(**changed)
+
+
+def test_load_timeout_must_outlast_the_gpu_lock_wait_and_the_error_names_both_sources(tmp_path):
+    path = toml(tmp_path, 'load_timeout = "1m"')
+    with pytest.raises(ConfigError) as info:
+        load_settings(env={"E2VD_GPU_LOCK_TIMEOUT": "90"}, config_path=path)
+    message = str(info.value)
+    assert f"load_timeout = 60 s ({path}: key 'load_timeout')" in message
+    assert "gpu_lock_timeout = 90 s (environment variable E2VD_GPU_LOCK_TIMEOUT)" in message
+    assert "Raise load_timeout or lower gpu_lock_timeout" in message
+    with pytest.raises(ConfigError, match=r"gpu_lock_timeout = 60 s \(the default\)"):
+        load_settings(overrides={"load_timeout": "60"}, env={}, config_path=toml(tmp_path, "", "e.toml"))
+    assert load_settings(env={}, config_path=path, overrides={"gpu_lock_timeout": "59"}).load_timeout == 60.0
 
 
 def test_env_forms(tmp_path):

@@ -672,6 +672,43 @@ def test_model_that_cannot_load_answers_503_then_exits_after_the_grace(in_proces
     assert fields == {"model": "fake/model", "error": "model.pt is truncated", "grace_seconds": 60.0}
 
 
+def test_a_load_that_hangs_is_given_up_after_load_timeout_and_the_daemon_exits_after_the_grace(in_process, clip,
+                                                                                             caplog):
+    ip = in_process(loading=True, load_timeout=100, gpu_lock_timeout=10, unavailable_grace=60)   # it never returns
+
+    def body(ip: InProcess) -> None:
+        waiting: list = []
+        t = threading.Thread(target=lambda: waiting.append(ip.request("POST", "/v1/recognize", clip)))
+        t.start()
+        wait_until("the request to be queued", lambda: ip.daemon.scheduler.pending == 1)
+        ip.clock.advance(99.999)
+        ip.serving()
+        assert ip.daemon.scheduler.state == "loading" and any(
+            line.startswith("EXTEND_TIMEOUT_USEC=") for line in ip.notify.lines())
+        ip.clock.advance(0.001)
+        ip.serving()                                          # given up: unavailable, not an exit yet
+        t.join(30)
+        status, _, answer = waiting[0]                        # the queued request is answered, not lost
+        assert status == 503 and answer["error"]["code"] == "model_unavailable", answer
+        message = answer["error"]["message"]
+        assert "load_timeout = 100 s" in message and "test_daemon.py" in message, message   # where it hangs
+        status, _, answer = ip.request("GET", "/v1/health")
+        assert status == 503 and answer["error"]["code"] == "model_unavailable"
+        grace = 60 + 60 + 30                                  # unavailable_grace + drain_timeout + EXTEND_BY_S
+        assert f"EXTEND_TIMEOUT_USEC={grace * 1_000_000}" in ip.notify.lines()   # the grace outlives TimeoutStartSec
+        assert ip.daemon.scheduler.worker_alive               # the load itself is still where it hung
+        ip.exits_after(60, Reason.UNAVAILABLE)
+
+    assert ip.run(body) == 5
+    assert "READY=1" not in ip.notify.lines()
+    assert [n for n, _ in events(caplog, "model_unavailable", *EXIT_EVENTS)] == ["model_unavailable",
+                                                                                  "exit_unavailable"]
+    ip.load_gate.set()                                        # the load returns at last: dropped, never served
+    ip.daemon.scheduler.stop(timeout=30)
+    assert not ip.daemon.scheduler.worker_alive and ip.daemon.scheduler.engine is None
+    assert ip.daemon.scheduler.state == "unavailable"
+
+
 def test_queue_full_answers_503_busy_with_retry_after(in_process, clip):
     ip = in_process(queue_size=1, loading=True)             # the model cannot load before the test says so
 

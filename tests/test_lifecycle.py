@@ -33,6 +33,20 @@ def test_loading_never_expires():
     assert clock.deadline(T0 + 1e6) is None and clock.expired(T0 + 1e6) is None
 
 
+def test_a_load_is_overdue_after_load_timeout_and_only_while_it_runs():
+    clock = LifecycleClock(IDLE, MAX_HOLD, GRACE, load_timeout=100.0, loading_since=T0)
+    assert clock.load_deadline() == T0 + 100.0
+    assert not clock.load_overdue(T0 + 100.0 - 1e-6) and clock.load_overdue(T0 + 100.0)
+    assert clock.expired(T0 + 1e6) is None                    # overdue is the daemon's cue, not an exit
+    clock.failed(T0 + 100.0)                                  # the daemon gave up on it: the grace runs
+    assert not clock.load_overdue(T0 + 1e6) and clock.load_deadline() is None
+    assert clock.expired(T0 + 100.0 + GRACE) is Reason.UNAVAILABLE
+    loaded = LifecycleClock(IDLE, MAX_HOLD, GRACE, load_timeout=100.0, loading_since=T0)
+    loaded.loaded(T0 + 99.0)
+    assert not loaded.load_overdue(T0 + 1e6) and loaded.load_deadline() is None
+    assert LifecycleClock(IDLE, MAX_HOLD, GRACE).load_deadline() is None   # no load_timeout: never overdue
+
+
 def test_idle_exit_counts_from_the_moment_the_model_is_ready():
     clock = LifecycleClock(IDLE, MAX_HOLD, GRACE)
     clock.idle(T0)                     # idle while loading: does not count

@@ -152,6 +152,46 @@ def test_model_that_cannot_load_fails_queued_and_later_jobs(tmp_path):
         sch.stop(10)
 
 
+def test_a_load_given_up_on_fails_queued_and_later_jobs_and_is_dropped_if_it_returns(engine):
+    gate, load = gated(engine)
+    states: list[State] = []
+    sch = Scheduler(load, queue_size=4, max_batch=4, on_state=states.append)
+    sch.start()
+    try:
+        queued = sch.submit(clip(0.5))
+        assert sch.give_up_loading("the model did not finish loading within load_timeout = 5 s")
+        assert queued.wait(30) and isinstance(queued.error, ModelUnavailable)
+        assert queued.error.reason.startswith("the model did not finish loading within load_timeout = 5 s")
+        assert "test_scheduler.py:" in queued.error.reason and "(load)" in queued.error.reason   # where it waits
+        assert sch.state == State.UNAVAILABLE and sch.settled.is_set() and states == [State.UNAVAILABLE]
+        with pytest.raises(ModelUnavailable):
+            sch.submit(clip(0.5))
+        assert not sch.give_up_loading("again")                 # once only
+        assert sch.worker_alive
+        gate.set()                                              # the load returns after all: dropped
+        sch._thread.join(30)
+        assert not sch.worker_alive and sch.engine is None and states == [State.UNAVAILABLE]
+        late = None
+        with pytest.raises(ModelUnavailable):
+            late = sch.submit(clip(0.5))
+        assert late is None and sch.pending == 0
+    finally:
+        gate.set()
+        sch.stop(10)
+
+
+def test_giving_up_after_the_load_returned_does_nothing(engine):
+    sch = Scheduler(lambda: engine, queue_size=4)
+    sch.start()
+    try:
+        assert sch.settled.wait(30) and sch.state == State.READY
+        assert not sch.give_up_loading("too late")
+        job = sch.submit(clip(0.5))
+        assert job.wait(60) and job.result is not None and sch.error is None
+    finally:
+        sch.stop(10)
+
+
 def test_a_job_whose_client_hung_up_is_abandoned_without_running(engine):
     """The server's own check on real socket pairs: the client that closed is skipped, the one
     that only shut down its sending side (it still reads the answer) is served."""
