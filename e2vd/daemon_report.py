@@ -90,8 +90,9 @@ class Report:
                 "error": fb.error}
 
     def inference_age(self, now: float) -> float | None:
-        """Seconds the model call in progress has run (ms precision), or None when there is none."""
-        age = self.d.watchdog.age(now, getattr(self.d.scheduler.running, "started", None))
+        """Seconds the model call in progress has run (ms precision), or None when there is none:
+        the call the watchdog watches (the main model's or the fallback's, the older one)."""
+        age = self.d.watchdog.age(now, getattr(self.d.deciding.running, "started", None))
         return None if age is None else round(age, 3)
 
     def new_line(self, now: float, *, always: bool = False) -> str | None:
@@ -109,7 +110,8 @@ class Report:
         if d.exiting:
             return f"Stopping: finishing {d.server.active} request(s)"
         if lc.phase is State.LOADING:
-            return f"Loading model {s.model} (device {s.device})"
+            return (f"Loading model {s.model} (device {s.device}) for {math.floor(now - d.started)} s "
+                    f"(load_timeout {s.load_timeout:g} s)")
         at = lc.deadline(now)
         if lc.phase is State.UNAVAILABLE:
             return f"Model unavailable: {sch.error}; exiting in {max(0, math.ceil((at or now) - now))} s"

@@ -214,7 +214,10 @@ def test_a_stuck_fallback_call_ends_the_daemon_like_a_stuck_primary_call(in_proc
         s.sendall(recognize_head(clips["unsure"]) + clips["unsure"])
         assert hung.entered.wait(30), "the fallback's model call never began"
         assert ip.daemon.deciding.running.device == "cpu" and ip.daemon.scheduler.running is None
-        ip.clock.advance(119.999)
+        ip.clock.advance(90)
+        status, _, st = ip.request("GET", "/v1/status")   # shows the call the watchdog watches
+        assert status == 200 and st["inference_running_s"] == 90.0, st
+        ip.clock.advance(29.999)
         ip.serving()
         ip.clock.advance(0.001)
         ip.exits(Reason.STUCK)
