@@ -99,6 +99,7 @@ def test_service_contract() -> None:
     assert int(svc["WatchdogSec"]) >= 10 and "WatchdogSignal" not in svc, "SIGABRT: faulthandler's stacks"
     assert int(svc["TimeoutAbortSec"]) <= int(svc["TimeoutStopSec"])
     assert svc["NotifyAccess"] == "main"
+    assert svc["LimitCORE"] == "0", "a core dump would write the model and clients' audio to disk"
 
 
 def test_timer_and_warmup_contract() -> None:
