@@ -70,6 +70,7 @@ import errno
 import math
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -217,8 +218,7 @@ def read_config_file(path: str, required: bool = False) -> dict[str, object]:
     """The flat key/value table of a TOML config file; {} when it is absent and not `required`.
     Checks that keys are known and values are not tables; values are converted by load_settings."""
     try:
-        with open(path, "rb") as fh:
-            table = tomllib.load(fh)
+        table = tomllib.loads(_config_text(path))
     except FileNotFoundError:
         if required:
             raise ConfigError(f"Config file {path} does not exist. Create it, or point "
@@ -232,6 +232,9 @@ def read_config_file(path: str, required: bool = False) -> dict[str, object]:
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"Config file {path} is not valid TOML: {err}. Fix the syntax "
                           f"(flat `key = value` lines; strings in double quotes).") from None
+    except RecursionError:   # arrays or inline tables nested thousands deep
+        raise ConfigError(f"Config file {path} nests arrays or tables too deeply to read; the config file "
+                          "takes flat `key = value` lines only (no [sections]).") from None
     except UnicodeDecodeError as err:
         raise ConfigError(f"Config file {path} is not valid UTF-8 text ({err}).") from None
     for key, value in table.items():
@@ -242,6 +245,30 @@ def read_config_file(path: str, required: bool = False) -> dict[str, object]:
             raise ConfigError(f"{path}: key {key!r} holds a {'table' if isinstance(value, dict) else 'list'}; "
                               f"the config file takes flat `key = value` lines only (no [sections]).")
     return table
+
+
+#: The largest config file read (a real one is well under 2 KB).
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _config_text(path: str) -> str:
+    """The UTF-8 text of the config file `path`. Opened without blocking (a FIFO named as the
+    config would wait for a writer for ever) and refused with ConfigError unless it is a regular
+    file of at most MAX_CONFIG_BYTES. Raises FileNotFoundError, PermissionError and
+    UnicodeDecodeError as reading would."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as fh:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError(f"Config file {path} is a directory; give the path of a TOML file.")
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"Config file {path} is not a regular file (a FIFO, socket or device); "
+                              "give the path of a TOML file.")
+        data = fh.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"Config file {path} is over {MAX_CONFIG_BYTES} bytes; a config file is a few "
+                          "flat `key = value` lines: check that the path names the right file.")
+    return data.decode("utf-8")
 
 
 MODEL_FILES = ("config.yaml", "model.pt", "tokens.txt")

@@ -49,6 +49,7 @@ from typing import Callable, Iterator, TextIO
 from e2vd.vocabulary import ExitCode
 
 MARKER = ".e2vd-complete"
+MAX_MARKER_BYTES = 1 << 20   # a marker lists a few files: read no more than this of one
 CHUNK_BYTES = 1 << 20
 HTTP_TIMEOUT_S = 30.0
 PROBE_TIMEOUT_S = 5.0
@@ -100,11 +101,12 @@ class Manifest:
 
     @classmethod
     def read(cls, path: Path) -> "Manifest":
-        text = path.read_text(encoding="utf-8", errors="replace")
+        with open(path, "rb") as fh:   # a marker is a few KB: more is not one of ours
+            text = fh.read(MAX_MARKER_BYTES).decode("utf-8", errors="replace")
         try:
             data = json.loads(text)
             return cls(data["model"], data["revision"], data.get("files", {}), data.get("verified"))
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             model_id, _, revision = text.strip().partition(" ")
             return cls(model_id, revision, {}, None)
 

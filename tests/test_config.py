@@ -190,6 +190,22 @@ def test_directory_and_unreadable_file(tmp_path):
     assert "is a directory" in fails(env={}, config_path=str(tmp_path))
 
 
+def test_hostile_config_files_are_refused_with_a_config_error(tmp_path):
+    """Nesting thousands deep (tomllib recursed until RecursionError, a traceback), a FIFO (open()
+    waited for a writer for ever), a device and an oversized file: each a ConfigError naming it."""
+    deep = toml(tmp_path, "a = " + "[" * 50_000 + "]" * 50_000, "deep.toml")
+    assert "nests arrays or tables too deeply" in fails(env={}, config_path=deep)
+    tables = toml(tmp_path, "a = " + "{b=" * 5_000 + "1" + "}" * 5_000, "tables.toml")
+    assert "too deeply" in fails(env={}, config_path=tables)
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    assert "not a regular file" in fails(env={}, config_path=str(fifo))
+    assert "not a regular file" in fails(env={}, config_path="/dev/zero")
+    big = toml(tmp_path, "# padding\n" * 200_000, "big.toml")
+    assert "is over 1048576 bytes" in fails(env={}, config_path=big)
+    assert "is over" in fails(env={"E2VD_CONFIG": big})        # the same through $E2VD_CONFIG
+
+
 def test_unreadable_file_names_uid_and_fix():
     """Real permission denial: as root, read it as uid 65534 (nobody) in a child process."""
     folder = Path(tempfile.mkdtemp(prefix="e2vd-cfg-"))

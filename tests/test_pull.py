@@ -378,3 +378,12 @@ def test_models_in_a_cache_it_cannot_read_says_sudo(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(pull_cli, "scan", denied)
     assert main(["models", "--prune", "--cache-dir", str(tmp_path)]) == 1
     assert "run: sudo e2vd models --prune" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, "[1, 2]", '{"model": 1}', "\xff\xfe garbage"])
+def test_a_hostile_marker_is_read_as_unverified_never_a_crash(tmp_path, text):
+    """The marker lies in a model directory: nesting deep enough for RecursionError, JSON of the
+    wrong shape, bytes that are not UTF-8 — all read as an old-style, unverified marker."""
+    marker = tmp_path / pull.MARKER
+    marker.write_bytes(text.encode("latin-1"))
+    assert pull.Manifest.read(marker).verified is None
