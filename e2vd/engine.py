@@ -39,6 +39,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import copy
+import errno
 import gc
 import importlib
 import importlib.util
@@ -46,6 +47,7 @@ import io
 import logging
 import os
 import pickle
+import stat
 import sys
 import threading
 import time
@@ -268,16 +270,7 @@ def read_tokens(model_dir: Path) -> list[str]:
     tokens = model_dir / "tokens.txt"
     for path, what in ((config, "the model's config"), (weights, "the weights"),
                        (tokens, "the label list")):
-        if (not os.access(path, os.R_OK) and os.path.lexists(path)) or not os.access(model_dir, os.X_OK):
-            raise ModelError(f"{path} cannot be read by uid {os.geteuid()} (permission denied): the service "
-                             f"runs as its own user; make the model readable by everyone, e.g. "
-                             f"`sudo chmod -R a+rX {model_dir}`")
-        if not path.is_file():
-            extra = " (funasr would silently run with random weights)" if path is weights else ""
-            raise ModelError(f"{path} is missing: it holds {what}{extra}. Point E2VD_MODEL at a "
-                             "complete emotion2vec+ directory (config.yaml, model.pt, tokens.txt)")
-    if weights.stat().st_size == 0:
-        raise ModelError(f"{weights} is empty: the download or copy was interrupted; copy it again")
+        model_file(path, what)
     try:
         lines = _small_text(tokens, "the model's tokens.txt").splitlines()
     except UnicodeDecodeError as err:
@@ -287,10 +280,70 @@ def read_tokens(model_dir: Path) -> list[str]:
         raise ModelError(f"{tokens} has {len(labels)} labels, expected {len(LABELS)} "
                          f"({', '.join(LABELS)}): this is not an emotion2vec+ model directory")
     for i, (token, expected) in enumerate(zip(labels, LABELS)):
+        if len(token) > MAX_LABEL_CHARS or not token.isprintable():
+            raise ModelError(f"{tokens} line {i + 1} ({token[:40]!r}) is not a label: labels are at most "
+                             f"{MAX_LABEL_CHARS} characters without control characters (every client "
+                             "receives them); copy the model's tokens.txt again")
         if english_label(token) != expected:
             raise ModelError(f"{tokens} line {i + 1} is {token!r}, expected the {expected!r} label "
                              "there: the labels are missing or in another order than emotion2vec+'s")
     return labels
+
+
+#: The longest label tokens.txt may hold (the real ones: up to 12 characters, "吃惊/surprised").
+MAX_LABEL_CHARS = 64
+#: Where a symbolic link in a model directory must not lead: kernel interfaces whose "files" are
+#: no model's (procfs and sysfs files claim a size of 0 or 4096 whatever they hold; /proc/self/mem
+#: reads fail; /dev holds devices).
+_KERNEL_TREES = ("/proc/", "/sys/", "/dev/")
+
+
+def model_file(path: Path, what: str) -> os.stat_result:
+    """The `os.stat` of `path`, a file of the model directory holding `what`, once it is known to be
+    a readable, non-empty regular file (a symbolic link to one is fine: hub caches link to blobs).
+
+    Anything else is a ModelError saying what `path` is and what to do: missing, a dangling
+    symbolic link or a loop, a directory, a FIFO (opening it would wait forever), a device
+    (/dev/zero never ends), a socket, a file in /proc, /sys or /dev, unreadable, or empty."""
+    directory = path.parent
+    fix = "copy the model's files again (config.yaml, model.pt, tokens.txt are plain files)"
+    if not os.access(directory, os.X_OK) and directory.exists():
+        raise _unreadable(path, directory)
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise ModelError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist: "
+                             f"it should hold {what}; {fix}") from None
+        extra = " (funasr would silently run with random weights)" if path.name == "model.pt" else ""
+        raise ModelError(f"{path} is missing: it holds {what}{extra}. Point E2VD_MODEL at a "
+                         "complete emotion2vec+ directory (config.yaml, model.pt, tokens.txt)") from None
+    except PermissionError:
+        raise _unreadable(path, directory) from None
+    except OSError as err:
+        kind = "a symbolic link loop" if err.errno == errno.ELOOP else f"not usable ({err.strerror})"
+        raise ModelError(f"{path} is {kind}: it should hold {what}; {fix}") from None
+    mode = info.st_mode
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "a device")
+        target = f" (it leads to {os.path.realpath(path)})" if os.path.islink(path) else ""
+        raise ModelError(f"{path} is {kind}{target}, not a file: it should hold {what}; {fix}")
+    real = os.path.realpath(path)
+    if real.startswith(_KERNEL_TREES):
+        raise ModelError(f"{path} leads to {real}, a kernel interface, not a file: it should hold {what}; {fix}")
+    if not os.access(path, os.R_OK):
+        raise _unreadable(path, directory)
+    if info.st_size == 0:
+        raise ModelError(f"{path} is empty: the download or copy was interrupted; {fix}")
+    return info
+
+
+def _unreadable(path: Path, directory: Path) -> ModelError:
+    """The error for a model file this process may not read."""
+    return ModelError(f"{path} cannot be read by uid {os.geteuid()} (permission denied): the service "
+                      f"runs as its own user; make the model readable by everyone, e.g. "
+                      f"`sudo chmod -R a+rX {directory}`")
 
 
 def english_label(token: str) -> str:
@@ -308,8 +361,10 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     try:
         loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~10x faster
         config = yaml.load(_small_text(path, "the model's config.yaml"), Loader=loader)  # noqa: S506 - safe
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ModelError(f"{path} is not valid YAML ({err}); copy the model's config.yaml again") from err
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError, OverflowError, RecursionError, TypeError) as err:
+        # ValueError: an integer of more than 4300 digits; RecursionError: collections nested too deeply
+        raise ModelError(f"{path} is not valid YAML ({type(err).__name__}: {str(err)[:300]}); copy the "
+                         "model's config.yaml again") from None
     if _nodes_over(config, MAX_CONFIG_NODES):
         raise ModelError(f"{path} denotes more than {MAX_CONFIG_NODES} values (YAML aliases repeating one "
                          "another, or a file that is not a model's config): copy the model's config.yaml again")
@@ -329,14 +384,23 @@ MAX_CONFIG_NODES = 100_000
 
 
 def _small_text(path: Path, what: str) -> str:
-    """The UTF-8 text of `path` (`what` names it in the fix), refused (ModelError) beyond
-    MAX_TEXT_BYTES without reading more than that. Raises UnicodeDecodeError for other bytes."""
-    with open(path, "rb") as fh:
-        data = fh.read(MAX_TEXT_BYTES + 1)
+    """The UTF-8 text of regular file `path` (`what` names it in the fix), without a leading byte
+    order mark; refused (ModelError) beyond MAX_TEXT_BYTES without reading more than that, or when
+    it is no longer a regular file once opened (opened non-blocking: a FIFO put there meanwhile
+    cannot stall the load). Raises UnicodeDecodeError for bytes that are not UTF-8."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ModelError(f"{path} is not a regular file: it is not {what}; copy it again")
+            data = fh.read(MAX_TEXT_BYTES + 1)
+    except OSError as err:
+        raise ModelError(f"{path} cannot be read ({err.strerror or err}): it should be {what}; "
+                         "copy it again") from None
     if len(data) > MAX_TEXT_BYTES:
         raise ModelError(f"{path} is larger than {MAX_TEXT_BYTES} bytes, far more than {what} holds: it is "
                          f"not {what}; copy it again")
-    return data.decode("utf-8")
+    return data.decode("utf-8").removeprefix("\ufeff")
 
 
 def _nodes_over(doc: Any, limit: int) -> bool:
@@ -359,14 +423,36 @@ def _nodes_over(doc: Any, limit: int) -> bool:
 #: The largest value config.yaml may give each number that sizes the network ("a.b" is key b
 #: of the mapping a in model_conf). The published large model has embed_dim 1024, depth 8, 16
 #: heads; these leave room for any real model and refuse a damaged or hostile config.yaml before
-#: the network is built (a depth of 20 000 alone took 1.4 GB and 16 s on the meta device).
-#: Widths and head counts must be at least 1; layer counts may be 0 (no such layers).
+#: the network is built (a depth of 20 000 alone took 1.4 GB and 16 s on the meta device; funasr
+#: builds conv_pos_depth and projection_layers layers in Python loops too).
+#: Widths, kernels and group counts must be at least 1; layer counts may be 0 (no such layers).
 CONFIG_LIMITS: dict[str, tuple[int, int]] = {
     "embed_dim": (1, 16384), "depth": (0, 256), "num_heads": (1, 256),
     "modalities.audio.model_depth": (0, 256), "modalities.audio.prenet_depth": (0, 256),
     "modalities.audio.num_alibi_heads": (0, 256), "modalities.audio.decoder.decoder_dim": (1, 16384),
     "modalities.audio.decoder.decoder_layers": (0, 256),
+    "modalities.audio.conv_pos_depth": (1, 256), "modalities.audio.conv_pos_width": (1, 65536),
+    "modalities.audio.conv_pos_groups": (1, 16384), "modalities.audio.num_extra_tokens": (0, 65536),
+    "modalities.audio.decoder.decoder_kernel": (1, 65536),
+    "modalities.audio.decoder.decoder_groups": (1, 16384),
+    "modalities.audio.decoder.projection_layers": (0, 256),
 }
+#: The range of each real number of config.yaml that sizes the network or its arithmetic
+#: (emotion2vec+: mlp_ratio 4.0, projection_ratio 2.0, norm_eps 1e-05); a whole number is
+#: accepted too. NaN, infinities and strings are refused.
+CONFIG_REAL_LIMITS: dict[str, tuple[float, float]] = {
+    "mlp_ratio": (1e-3, 64.0), "modalities.audio.decoder.projection_ratio": (1e-3, 64.0),
+    "norm_eps": (0.0, 1.0),
+}
+#: Switches of config.yaml that must be true or false: funasr tests them for truth, so a string
+#: such as "false" would silently build or run another network (`normalize` changes every result
+#: without changing a single weight).
+CONFIG_SWITCHES: tuple[str, ...] = (
+    "normalize", "layer_norm_first", "norm_affine", "end_of_block_targets",
+    "modalities.audio.conv_pos_pre_ln", "modalities.audio.use_alibi_encoder",
+    "modalities.audio.learned_alibi", "modalities.audio.learned_alibi_scale_per_head",
+    "modalities.audio.learned_alibi_scale_per_layer",
+)
 #: feature_encoder_spec: at most this many convolution layers, each number at most MAX_CONV.
 MAX_FEATURE_LAYERS = 64
 MAX_CONV = 65536
@@ -382,11 +468,27 @@ def _check_sizes(model_conf: dict[str, Any], path: Path) -> None:
     `feature_layers` (list and tuple literals of whole numbers, + and * only; nothing runs) and
     written back as the literal list it denotes. Keys that are absent keep funasr's defaults."""
     fix = "copy the model's config.yaml again (it is damaged, or not an emotion2vec+ config)"
+    interpolated = _interpolation(model_conf)
+    if interpolated is not None:
+        dotted, text = interpolated
+        raise ModelError(f"{path}: model_conf.{dotted} is {text[:80]!r}, an omegaconf interpolation (${{...}}): "
+                         "funasr would resolve it while building the network (reading the environment, "
+                         f"other keys or resolvers); a model's config holds plain values only. {fix}")
     for dotted, (low, high) in CONFIG_LIMITS.items():
         found, value = _dotted(model_conf, dotted)
         if found and (type(value) is not int or not low <= value <= high):
-            raise ModelError(f"{path}: model_conf.{dotted} is {str(value)[:40]!r}, expected a whole number "
+            raise ModelError(f"{path}: model_conf.{dotted} is {_shown(value)}, expected a whole number "
                              f"from {low} to {high}; {fix}")
+    for dotted, (low_f, high_f) in CONFIG_REAL_LIMITS.items():
+        found, value = _dotted(model_conf, dotted)
+        if found and (type(value) not in (int, float) or not low_f <= value <= high_f):
+            raise ModelError(f"{path}: model_conf.{dotted} is {_shown(value)}, expected a number from "
+                             f"{low_f:g} to {high_f:g}; {fix}")
+    for dotted in CONFIG_SWITCHES:
+        found, value = _dotted(model_conf, dotted)
+        if found and type(value) is not bool:
+            raise ModelError(f"{path}: model_conf.{dotted} is {_shown(value)}, expected true or false "
+                             f"(funasr would take any other value for true); {fix}")
     found, spec = _dotted(model_conf, FEATURE_SPEC_KEY)
     if found:
         try:
@@ -395,6 +497,30 @@ def _check_sizes(model_conf: dict[str, Any], path: Path) -> None:
             raise ModelError(f"{path}: model_conf.{FEATURE_SPEC_KEY} {str(spec)[:120]!r} is refused: {err}; "
                              f"{fix}") from None
         model_conf["modalities"]["audio"]["feature_encoder_spec"] = repr(layers)
+
+
+def _shown(value: Any) -> str:
+    """`value` as an operator's message quotes it: its repr, at most 40 characters."""
+    if isinstance(value, (dict, list)):
+        return f"a {'mapping' if isinstance(value, dict) else 'list'}"
+    if type(value) is int and value.bit_length() > 128:
+        return f"a number of about {int(value.bit_length() * 0.30103)} digits"
+    return repr(value)[:40]
+
+
+def _interpolation(node: Any, prefix: str = "") -> tuple[str, str] | None:
+    """(dotted key, text) of the first string in `node` (config.yaml's model_conf, already bounded
+    by MAX_CONFIG_NODES) that omegaconf would take for an interpolation ("${...}"); None if none."""
+    stack: list[tuple[str, Any]] = [(prefix, node)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, str) and "${" in item:
+            return where, item
+        if isinstance(item, dict):
+            stack.extend((f"{where}.{k}" if where else str(k), v) for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((f"{where}[{i}]", v) for i, v in enumerate(item))
+    return None
 
 
 def _dotted(mapping: dict[str, Any], dotted: str) -> tuple[bool, Any]:
