@@ -144,10 +144,14 @@ def decode(data: bytes, max_seconds: float = 30.0) -> Audio:
     problem = _container_truncation(data, kind)
     if problem:
         raise AudioError("bad_audio", f"The {kind} file is truncated: {problem}. Send the complete file.")
-    if kind == "MP3" and (problem := _mpeg_start_problem(data)):
+    if kind == "MP3" and (problem := _mpeg_start_problem(data, _mpeg_frames_to_check(max_seconds))):
         raise AudioError("bad_audio", _not_decodable_mp3(problem))
+    if (refused := _refused_format(data)):
+        raise AudioError("bad_audio", f"The data is {refused}, which is not accepted here: libsndfile's reader "
+                                      f"for it writes a line to the daemon's stdout for every damaged block. "
+                                      f"Send {_FORMATS}; convert it first, e.g. {_CONVERT}.")
     try:
-        handle = _SoundFile(io.BytesIO(data))
+        handle = _SoundFile(_Memory(data))
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
         raise AudioError("bad_audio", _unreadable(data, kind, err)) from None
     with handle:
@@ -200,6 +204,23 @@ def decode(data: bytes, max_seconds: float = 30.0) -> Audio:
             f"(its writer never finished the header). Rewrite it, e.g. {_CONVERT}."))
     mono = blocks[0] if len(blocks) == 1 else np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
     return _finish_mono(mono, rate, channels, f"The {fmt} file")
+
+
+class _Memory(io.BytesIO):
+    """The file's bytes as libsndfile's virtual I/O reads them (through soundfile's callbacks).
+
+    A seek before the start goes to the start instead of raising: libsndfile asks for one on
+    damaged headers (e.g. an AIFF whose chunk sizes point backwards), and an exception inside a
+    soundfile callback is printed to stderr by cffi as "Exception ignored ... Traceback", which
+    is noise in the daemon's journal (libsndfile gets position 0 either way, and fails or reads
+    garbage it then reports)."""
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        """Move to `offset` bytes from `whence`; a target before byte 0 is byte 0. The new position."""
+        try:
+            return super().seek(offset, whence)
+        except (ValueError, OverflowError):
+            return super().seek(0)
 
 
 class _SoundFile(sf.SoundFile):
@@ -420,6 +441,36 @@ def _container(data: bytes) -> str:
     return "audio"
 
 
+# MIDI Sample Dump Standard, as libsndfile recognises it (F0 7E xx 01, bit 7 of xx clear): its
+# reader printf()s "Error A : .." and "Error 1 : .." to stdout for every damaged 127-byte block
+# (src/sds.c), so one hostile upload could write hundreds of thousands of lines to the journal.
+_SDS_MASK, _SDS_MAGIC = bytes((0xFF, 0xFF, 0x80, 0xFF)), bytes((0xF0, 0x7E, 0x00, 0x01))
+
+
+def _refused_format(data: bytes) -> str | None:
+    """What the data is when libsndfile would read it as a format refused here (only MIDI Sample
+    Dump, see _SDS_MAGIC), else None. Looked for where libsndfile looks: at the start, and after
+    any ID3v2 tags (libsndfile skips those and identifies what follows)."""
+    start = _id3_end(data)
+    head = data[start:start + 4]
+    if len(head) == 4 and bytes(a & b for a, b in zip(head, _SDS_MASK)) == _SDS_MAGIC:
+        return "a MIDI Sample Dump (SDS)" + (f" after an ID3 tag of {start} bytes" if start else "")
+    return None
+
+
+def _id3_end(data: bytes) -> int:
+    """The offset just past the ID3v2 tags at the start of `data` (0 without one; a cut-off or
+    malformed tag ends the walk where it begins)."""
+    pos = 0
+    while data.startswith(b"ID3", pos):
+        header = data[pos:pos + 10]
+        if len(header) < 10 or any(b & 0x80 for b in header[6:10]):
+            return pos
+        size = (header[6] << 21) | (header[7] << 14) | (header[8] << 7) | header[9]
+        pos += 10 + size + (10 if header[5] & 0x10 else 0)
+    return pos
+
+
 def _container_truncation(data: bytes, kind: str) -> str | None:
     """Why a WAV or Ogg container is cut short, or None. libsndfile accepts both silently."""
     if kind == "WAV" and data[:4] == b"RIFF":
@@ -548,15 +599,21 @@ def _mpeg_frame(data: bytes, pos: int) -> tuple[int, int, int, int] | None:
     return version, layer, rate, size
 
 
-def _mpeg_chain(data: bytes, start: int) -> str | None:
-    """Why the MPEG frames from `start` do not chain for _MPEG_CHECKED_FRAMES frames (each header
-    valid, each next one where the previous frame ends, same version, layer and rate), or None.
-    The data may end at a frame boundary or continue with a tag after the first frame."""
+def _mpeg_frames_to_check(max_seconds: float) -> int | None:
+    """How many MPEG frames decoding `max_seconds` (plus 1 s that libmpg123 may read ahead) can
+    reach: 125 frames a second at most (layer I, 384 samples a frame, 48 kHz). None: no limit."""
+    return math.ceil((max_seconds + 1) * 125) if math.isfinite(max_seconds) else None
+
+
+def _mpeg_chain(data: bytes, start: int, frames: int | None = _MPEG_CHECKED_FRAMES) -> str | None:
+    """Why the MPEG frames from `start` do not chain for `frames` frames (None: to the end of the
+    data; each header valid, each next one where the previous frame ends, same version, layer and
+    rate), or None. The data may end at a frame boundary or continue with a tag after the first frame."""
     first = _mpeg_frame(data, start)
     if first is None:
         return f"the bytes at offset {start} are not a valid MPEG frame header ({data[start:start + 4].hex()})"
-    pos = start
-    for index in range(_MPEG_CHECKED_FRAMES):
+    pos, index = start, 0
+    while frames is None or index < frames:
         frame = _mpeg_frame(data, pos)
         if frame is None or frame[:3] != first[:3]:
             if index and data.startswith(_MP3_TRAILERS, pos):
@@ -570,10 +627,11 @@ def _mpeg_chain(data: bytes, start: int) -> str | None:
             return f"it ends at byte {len(data)}, inside MPEG frame {index + 1}, which needs {pos} bytes"
         if pos == len(data):
             return None
+        index += 1
     return None
 
 
-def _mpeg_start_problem(data: bytes) -> str | None:
+def _mpeg_start_problem(data: bytes, frames: int | None = None) -> str | None:
     """Why data that starts like an MP3 (an ID3v2 tag or an MPEG frame sync) holds no MPEG audio
     stream, or None when its first frames look right (or something else follows its ID3 tags,
     which libsndfile then identifies on its own).
@@ -583,7 +641,11 @@ def _mpeg_start_problem(data: bytes) -> str | None:
     cannot redirect fd 2 around one decode without taking other threads' output with it. So
     garbage is refused here, before libmpg123 sees it: like libmpg123, the first frame is looked
     for within _MPEG_RESYNC_BYTES of the start, but it must be followed by frames of the same
-    stream, so that random bytes are not taken for one."""
+    stream, so that random bytes are not taken for one. From that first frame on, the frames must
+    chain for `frames` frames (None: to the end; the most decoding within max_seconds can reach) up
+    to the end of the data or a trailing tag: a break or a cut in the middle is refused here too,
+    since libmpg123 writes a note to fd 2 for every resync over damaged data (dozens of lines for
+    one damaged upload)."""
     pos = 0
     while data.startswith(b"ID3", pos):
         header = data[pos:pos + 10]
@@ -596,11 +658,11 @@ def _mpeg_start_problem(data: bytes) -> str | None:
     if data[pos] != 0xFF or data[pos + 1:pos + 2] and data[pos + 1] & 0xE0 != 0xE0:
         return None if pos else "its first bytes are not an MPEG frame header"
     problem = _mpeg_chain(data, pos)
-    if problem is None:
-        return None
+    if problem is None or _mpeg_frame(data, pos) is not None:   # libmpg123 takes a valid header for the first frame
+        return problem or _mpeg_chain(data, pos, frames)
     for start in range(pos + 1, min(len(data) - 3, pos + _MPEG_RESYNC_BYTES)):
         if data[start] == 0xFF and _mpeg_chain(data, start) is None:
-            return None
+            return _mpeg_chain(data, start, frames)
     return problem
 
 
