@@ -527,3 +527,41 @@ def test_content_types_give_a_boundary_or_are_refused(content_type):
     if outcome_of(content_type[:60], lambda: form_boundary(content_type)) == "ok":
         boundary = form_boundary(content_type)
         assert boundary and len(boundary) <= 70 and boundary.isascii()
+
+
+# --- the nastiest, through a real daemon ------------------------------------------------------------
+
+def test_the_nastiest_cases_get_4xx_json_from_a_real_daemon_which_keeps_serving(tiny_model, tmp_path):
+    from daemon_proc import DaemonProcess, raw_request
+
+    def post(body: bytes, *lines: str) -> bytes:
+        head = ["POST /v1/recognize HTTP/1.1", "Host: e2vd", f"Content-Length: {len(body)}", *lines]
+        return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+    damaged_mp3 = bytearray(encode("MP3", "MPEG_LAYER_III", seconds=2.0))
+    damaged_mp3[len(damaged_mp3) // 2:len(damaged_mp3) // 2] = b"\0" * 40   # the frames after it no longer chain
+    sds = bytearray(encode("SDS", "PCM_16", seconds=1.0))
+    for spot in range(40, len(sds), 127):
+        sds[spot] ^= 0x55
+    cases = {
+        "header with a blank run": (post(encode("WAV", "PCM_16"), "X-Note: a" + " " * 60000 + "b"), 200),
+        "AIFF chunk of 0xFFFFFFFF": (post(aiff_with_chunk(0xFFFFFFFF)), None),
+        "damaged SDS": (post(bytes(sds)), 400),
+        "damaged MP3": (post(bytes(damaged_mp3)), 400),
+        "WAV data before fmt": (post(HOSTILE_HEADERS["data before fmt"]()), None),
+        "form without closing boundary": (post(HOSTILE_FORMS["no closing boundary"],
+                                               "Content-Type: multipart/form-data; boundary=b"), 400),
+    }
+    config = tmp_path / "e2vd.toml"   # an empty config file of its own (config refuses /dev/null, a device)
+    config.write_text("")
+    with DaemonProcess(tmp_path / "e2vd.sock", tiny_model, wait_ready=True, idle_timeout=600, max_seconds=30,
+                       config=config) as d:
+        for case, (request, expected) in cases.items():
+            status, _, payload = raw_request(d.socket, request)
+            if expected is not None:
+                assert status == expected, (case, status, payload)
+            if status != 200:
+                assert 400 <= status < 500 and payload["error"]["code"] and payload["error"]["message"], (case, payload)
+            assert d.request("GET", "/v1/health")[0] == 200, case
+        log = d.log_text()
+    assert "Traceback" not in log and "Error A :" not in log and "Note: " not in log, log[-2000:]
