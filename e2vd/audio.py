@@ -42,8 +42,10 @@ version, layer and rate; looked for within libmpg123's 1024-byte resync range), 
 "bad_audio" ("not decodable audio: ... re-export it as WAV or FLAC") before libsndfile sees it.
 Reason: libmpg123 prints its notes on bad frames straight to fd 2 (libsndfile never sets
 MPG123_QUIET and offers no way to; its libmpg123 is linked in statically, out of reach), and
-redirecting fd 2 around a decode is not safe in the threaded daemon. An MP3 damaged after good
-first frames still reaches libmpg123, which may then write to stderr before it fails.
+redirecting fd 2 around a decode is not safe in the threaded daemon. For the same reason the frames
+must go on chaining up to the end of the data (or a trailing tag), as far as decoding within
+max_seconds reaches: an MP3 damaged or cut later is refused the same way. MIDI Sample Dump (SDS)
+data is refused outright: libsndfile's reader for it printf()s to stdout on every damaged block.
 Sample magnitude: float samples are full scale at ±1.0, but a float file or array may hold any
 finite value. The model layer-norms each whole waveform in fp32 (emotion2vec+ configs set
 `normalize: true`), so its scores do not depend on the scale until the sum of squares overflows:
