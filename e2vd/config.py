@@ -249,18 +249,21 @@ def read_config_file(path: str, required: bool = False) -> dict[str, object]:
 
 #: The largest config file read (a real one is well under 2 KB).
 MAX_CONFIG_BYTES = 1 << 20
+DEV_NULL = os.makedev(1, 3)   # the null device's numbers on Linux: read as an empty config file
 
 
 def _config_text(path: str) -> str:
     """The UTF-8 text of the config file `path`. Opened without blocking (a FIFO named as the
     config would wait for a writer for ever) and refused with ConfigError unless it is a regular
-    file of at most MAX_CONFIG_BYTES. Raises FileNotFoundError, PermissionError and
+    file of at most MAX_CONFIG_BYTES, or /dev/null (no settings). Raises FileNotFoundError, PermissionError and
     UnicodeDecodeError as reading would."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as fh:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
             raise ConfigError(f"Config file {path} is a directory; give the path of a TOML file.")
+        if stat.S_ISCHR(mode) and os.fstat(fd).st_rdev == DEV_NULL:   # E2VD_CONFIG=/dev/null: no settings
+            return ""
         if not stat.S_ISREG(mode):
             raise ConfigError(f"Config file {path} is not a regular file (a FIFO, socket or device); "
                               "give the path of a TOML file.")

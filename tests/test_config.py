@@ -201,6 +201,7 @@ def test_hostile_config_files_are_refused_with_a_config_error(tmp_path):
     os.mkfifo(fifo)
     assert "not a regular file" in fails(env={}, config_path=str(fifo))
     assert "not a regular file" in fails(env={}, config_path="/dev/zero")
+    assert load_settings(env={}, config_path="/dev/null") == Settings()   # the usual "no settings"
     big = toml(tmp_path, "# padding\n" * 200_000, "big.toml")
     assert "is over 1048576 bytes" in fails(env={}, config_path=big)
     assert "is over" in fails(env={"E2VD_CONFIG": big})        # the same through $E2VD_CONFIG
