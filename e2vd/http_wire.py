@@ -213,9 +213,10 @@ def expectations(headers: http.client.HTTPMessage) -> list[str]:
 
 def is_chunked(headers: http.client.HTTPMessage, version: tuple[int, int]) -> bool:
     """Whether the body is sent with Transfer-Encoding: chunked (RFC 9112 §6.1, §7.1). ApiError
-    bad_request for any other transfer coding (gzip, identity, "chunked, chunked", ...), which this
-    daemon does not decode, and for Transfer-Encoding in an HTTP/1.0 request, whose framing a proxy
-    could read differently."""
+    bad_request when chunked is not the last coding, or comes twice (the length is unknown: RFC
+    9112 §6.3), and for Transfer-Encoding in an HTTP/1.0 request, whose framing a proxy could read
+    differently; not_implemented (501) for another coding before chunked ("gzip, chunked"), which
+    this daemon does not decode."""
     values = headers.get_all("Transfer-Encoding") or []
     if not values:
         return False
@@ -224,9 +225,14 @@ def is_chunked(headers: http.client.HTTPMessage, version: tuple[int, int]) -> bo
         raise ApiError("bad_request", f"Transfer-Encoding ({shown!r}) in an HTTP/1.0 request; send HTTP/1.1 "
                                       "for a chunked body, or the body with Content-Length (the connection is closed)")
     codings = [coding.strip().lower() for value in values for coding in value.split(",")]
-    if codings != ["chunked"]:
-        raise ApiError("bad_request", f"Transfer-Encoding {shown!r} is not supported; send the body plain, with "
-                                      "Content-Length or with 'Transfer-Encoding: chunked' alone (the connection is closed)")
+    if codings[-1:] != ["chunked"] or codings.count("chunked") > 1:   # RFC 9112 §6.3: the length is unknown
+        raise ApiError("bad_request", f"Transfer-Encoding {shown!r} does not end with one chunked coding, so the body's "
+                                      "length is unknown; send the body with Content-Length or with "
+                                      "'Transfer-Encoding: chunked' alone (the connection is closed)")
+    if codings != ["chunked"]:   # RFC 9112 §6.1: a transfer coding the daemon does not decode
+        raise ApiError("not_implemented", f"Transfer-Encoding {shown!r}: this daemon decodes no transfer coding but "
+                                          "chunked; send the body plain, with Content-Length or with "
+                                          "'Transfer-Encoding: chunked' alone (the connection is closed)")
     return True
 
 

@@ -9,7 +9,7 @@ states and boolean spellings come from `e2vd.vocabulary`. It imports nothing hea
 Error responses always have the shape ``{"error": {"code": str, "message": str}}``. The codes of
 the first design (bad_audio, too_large, too_long, too_short, bad_option, busy, model_unavailable,
 internal) are extended with HTTP-level codes (bad_request, not_found, method_not_allowed,
-timeout, length_required, uri_too_long, expectation_failed, header_too_large) and bad_form (a
+timeout, length_required, uri_too_long, expectation_failed, header_too_large, not_implemented) and bad_form (a
 multipart upload that is malformed or does not hold exactly one file part, see e2vd.upload), each listed in `ERRORS` with its status. `ERRORS` is the only source of
 an error's HTTP status: `ApiError.status` reads it, the server answers with it, and the OpenAPI
 document lists it (per operation, and for every code in the Error schema's `x-status`).
@@ -66,12 +66,16 @@ ERRORS: dict[str, tuple[int, str]] = {
     "busy": (503, "The inference queue is full, the daemon has too many connections open, or the GPU ran out "
                   "of memory for this request; retry after Retry-After seconds."),
     "model_unavailable": (503, "The model could not be loaded (the message says why); the daemon exits after a grace period."),
+    "not_implemented": (501, "The request method is not one HTTP defines (methods are case-sensitive: GET, HEAD, "
+                             "POST, ...), or the body has a transfer coding other than chunked (gzip, ...) before "
+                             "its chunked coding; the connection is closed after a transfer coding."),
     "config_invalid": (503, "The daemon's settings cannot be used (the message names the file, the key and the fix); "
                             "it answers every request so until the file is fixed, then a fresh daemon serves."),
 }
 
 # Errors any request can get, whatever its route: listed under every operation of the document.
-# (not_found and method_not_allowed belong to no operation; the Error schema's x-status has them.)
+# (not_found, method_not_allowed and not_implemented belong to no operation; the Error schema's
+# x-status has them.)
 HTTP_ERRORS: tuple[str, ...] = ("bad_request", "timeout", "length_required", "too_large", "uri_too_long",
                                 "expectation_failed", "header_too_large", "busy", "internal", "config_invalid")
 
@@ -221,17 +225,35 @@ OPENAPI = Route("GET", "/v1/openapi.json", "openapi", "This document.")
 ROUTES: tuple[Route, ...] = (RECOGNIZE, HEALTH, STATUS, WARMUP, OPENAPI)
 
 
+#: The request methods HTTP defines (RFC 9110 §9, PATCH from RFC 5789). Methods are case-sensitive;
+#: any other is answered 501 not_implemented (RFC 9110 §15.6.2), one of these that the route does
+#: not take 405 method_not_allowed with Allow.
+HTTP_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS",
+                                          "TRACE", "PATCH"})
+
+
+def check_method(method: str) -> None:
+    """ApiError not_implemented (501) unless `method` is one of HTTP_METHODS."""
+    if method not in HTTP_METHODS:
+        hint = f" (methods are case-sensitive: {method.upper()})" if method.upper() in HTTP_METHODS else ""
+        raise ApiError("not_implemented", f"the method {shown(method)} is not an HTTP method this daemon "
+                                          f"implements{hint}; it answers GET, HEAD and POST (see GET /v1/openapi.json)")
+
+
 def find_route(method: str, path: str) -> Route:
-    """The route for `method` and `path` (no query); raises ApiError not_found / method_not_allowed."""
+    """The route for `method` and `path` (no query). HEAD is answered as GET without the body
+    (RFC 9110 §9.3.2). Raises ApiError not_implemented (a method HTTP does not define),
+    not_found, or method_not_allowed (with Allow)."""
+    check_method(method)
     candidates = [r for r in ROUTES if r.path == path]
     if not candidates:
         raise ApiError("not_found", f"no route {shown(path)}; the routes are "
                        + ", ".join(f"{r.method} {r.path}" for r in ROUTES))
     for route in candidates:
-        if route.method == method:
+        if route.method == method or (method == "HEAD" and route.method == "GET"):
             return route
-    allow = ", ".join(r.method for r in candidates)
-    raise ApiError("method_not_allowed", f"{path} accepts {allow}, not {method[:_SHOWN_CHARS]}",
+    allow = ", ".join(m for r in candidates for m in ((r.method, "HEAD") if r.method == "GET" else (r.method,)))
+    raise ApiError("method_not_allowed", f"{path} accepts {allow}, not {method}",
                    headers={"Allow": allow})
 
 

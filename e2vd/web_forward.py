@@ -118,11 +118,14 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
 
 
-def request_head(route: Route, pairs: list[tuple[str, str]], length: int | None, content_type: str | None) -> bytes:
-    """The head the daemon gets: the route's method and path, `pairs` re-encoded as the query,
-    Content-Length when there is a body, a Content-Type that is a plain media type, no keep-alive."""
+def request_head(route: Route, pairs: list[tuple[str, str]], length: int | None, content_type: str | None,
+                 head_only: bool = False) -> bytes:
+    """The head the daemon gets: the route's method (HEAD for `head_only`) and path, `pairs`
+    re-encoded as the query, Content-Length when there is a body, a Content-Type that is a plain
+    media type, no keep-alive."""
     query = urlencode(pairs)
-    lines = [f"{route.method} {route.path}{'?' + query if query else ''} HTTP/1.1", "Host: e2vd"]
+    method = "HEAD" if head_only else route.method
+    lines = [f"{method} {route.path}{'?' + query if query else ''} HTTP/1.1", "Host: e2vd"]
     if length is not None:
         lines.append(f"Content-Length: {length}")
     if content_type and _CONTENT_TYPE.fullmatch(content_type) and len(content_type) <= 200:
@@ -165,7 +168,8 @@ def connect(upstream: Upstream) -> socket.socket:
 
 
 def forward(upstream: Upstream, head: bytes, length: int, read_body: Callable[[int], bytes],
-            write: Callable[[bytes], bool], close_after: bool, client: socket.socket | None = None) -> Outcome:
+            write: Callable[[bytes], bool], close_after: bool, client: socket.socket | None = None,
+            head_only: bool = False) -> Outcome:
     """Send `head` and `length` body bytes (from `read_body(most)`, which raises for a client that
     stops short: the daemon's connection is closed and the exception goes to the caller) to the
     daemon, and relay its answer through `write` (False: the client has gone). `close_after`: the
@@ -173,7 +177,8 @@ def forward(upstream: Upstream, head: bytes, length: int, read_body: Callable[[i
 
     While the daemon works, `client` (the browser's socket) is watched: when it hangs up, the
     daemon's connection is closed at once, so a recognition still queued there is not run (the
-    daemon skips jobs whose client has gone); the outcome is then status 499 with `close`."""
+    daemon skips jobs whose client has gone); the outcome is then status 499 with `close`.
+    `head_only`: `head` is a HEAD request; the answer's head is relayed, no body is read or sent."""
     out = Outcome()
     sock = connect(upstream)
     try:
@@ -183,7 +188,7 @@ def forward(upstream: Upstream, head: bytes, length: int, read_body: Callable[[i
             out.status, out.close = CLIENT_GONE, True
             out.notes.append("the client hung up before the daemon answered")
             return out
-        _relay(sock, upstream, write, out)
+        _relay(sock, upstream, write, out, head_only)
     finally:
         sock.close()
     return out
@@ -272,11 +277,13 @@ class _Source:
         return io.BufferedReader(self.raw, PIECE_BYTES)
 
 
-def _relay(sock: socket.socket, upstream: Upstream, write: Callable[[bytes], bool], out: Outcome) -> None:
-    """Read the daemon's answer and pass it on as it arrives, within its bounds."""
+def _relay(sock: socket.socket, upstream: Upstream, write: Callable[[bytes], bool], out: Outcome,
+           head_only: bool = False) -> None:
+    """Read the daemon's answer and pass it on as it arrives, within its bounds (its head only,
+    with the Content-Length a GET would get, for `head_only`)."""
     source = _Source(sock)
     source.raw.left = upstream.answer_timeout
-    resp = http.client.HTTPResponse(source)  # type: ignore[arg-type]
+    resp = http.client.HTTPResponse(source, method="HEAD" if head_only else None)  # type: ignore[arg-type]
     try:
         resp.begin()
     except socket.timeout:
@@ -313,6 +320,10 @@ def _relay(sock: socket.socket, upstream: Upstream, write: Callable[[bytes], boo
         if value is not None and _RELAYED[name.lower()].fullmatch(value):
             headers[name] = value
     out.status = resp.status
+    if head_only:
+        if not write(response_head(resp.status, length, headers, close=out.close)):
+            out.close = True
+        return
     source.raw.left = upstream.answer_timeout      # the body's own time, spent only while waiting on the daemon
     first = b""
     if length <= SMALL_ANSWER_BYTES:

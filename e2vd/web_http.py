@@ -32,7 +32,7 @@ from urllib.parse import parse_qsl, urlsplit
 from e2vd.http_io import SMALL_BODY_BYTES, Wire
 from e2vd.http_wire import SERVER_HEADER, RequestHead, response_head
 from e2vd.log import event
-from e2vd.protocol import ApiError, error_body, find_route, parse_options
+from e2vd.protocol import ApiError, check_method, error_body, find_route, parse_options
 from e2vd.web_forward import CLIENT_GONE, GatewayError, Upstream, answer_cap, forward, request_head
 from e2vd.web_page import Page
 from e2vd.web_status import StatusSource
@@ -247,6 +247,7 @@ class Front:
         ex.path, ex.unread = target.path, self._unread(head)
         try:
             self._check_site(head, target.path)
+            check_method(head.method)                         # 501 for a method HTTP does not define
             if target.path.startswith("/v1/"):
                 keep = self._forward(wire, conn, head, target.path, target.query, ex)
             elif target.path in PAGE_PATHS or target.path == STATUS_PATH:
@@ -349,8 +350,10 @@ class Front:
         conn.deadline = None   # from here on the reader keeps the time, only while it waits for the client
         content_type = head.headers.get("Content-Type") if route.body else None
         try:
-            out = forward(self.upstream, request_head(route, pairs, length, content_type),
-                          length or 0, reader.read, wire.write, close_after=not head.keep_alive, client=wire.sock)
+            head_only = head.method == "HEAD"
+            out = forward(self.upstream, request_head(route, pairs, length, content_type, head_only),
+                          length or 0, reader.read, wire.write, close_after=not head.keep_alive, client=wire.sock,
+                          head_only=head_only)
         except GatewayError as err:
             ex.bytes_up, ex.unread = reader.got, (length or 0) - reader.got
             raise FrontError.of(err, close=ex.unread > 0) from None

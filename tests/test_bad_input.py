@@ -249,12 +249,14 @@ CASES: list[tuple[str, Callable[..., Any], int | None, str | None]] = [
     ("60 KB option value", lambda d, t: short(post(d, GOOD, "?granularity=" + LONG)), 400, "bad_option"),
     ("60 KB option name", lambda d, t: short(post(d, GOOD, f"?{LONG}=1")), 400, "bad_option"),
     ("60 KB path", lambda d, t: short(raw(d, head("GET", "/" + LONG))), 404, "not_found"),
-    ("60 KB method", lambda d, t: short(raw(d, head(LONG.upper(), "/v1/status"))), 405, "method_not_allowed"),
+    ("60 KB method", lambda d, t: short(raw(d, head(LONG.upper(), "/v1/status"))), 501, "not_implemented"),
     ("unknown route", lambda d, t: d.request("GET", "/v1/recognise")[::2], 404, "not_found"),
     ("GET /v1/recognize", lambda d, t: d.request("GET", "/v1/recognize")[::2], 405, "method_not_allowed"),
     ("DELETE /v1/status", lambda d, t: d.request("DELETE", "/v1/status")[::2], 405, "method_not_allowed"),
-    ("HEAD /v1/health", lambda d, t: raw(d, head("HEAD", "/v1/health")), 405, None),
-    ("unknown method", lambda d, t: raw(d, head("BREW", "/v1/status")), 405, "method_not_allowed"),
+    ("HEAD /v1/health (GET's answer, no body)", lambda d, t: raw(d, head("HEAD", "/v1/health", "Connection: close")),
+     200, None),
+    ("unknown method", lambda d, t: raw(d, head("BREW", "/v1/status")), 501, "not_implemented"),
+    ("lower-case method", lambda d, t: raw(d, head("post", "/v1/recognize")), 501, "not_implemented"),
     # --- framing ---
     # --- chunked bodies ---
     ("chunked upload (ok)", lambda d, t: post_chunked(d, chunked(GOOD)), 200, None),

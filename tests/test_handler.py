@@ -5,6 +5,7 @@ errors that keep the connection in sync or close it, HEAD, draining, abandoned r
 from __future__ import annotations
 
 import json
+import re
 import logging
 import socket
 import threading
@@ -235,12 +236,22 @@ def test_absolute_form_and_options_star_keep_the_connection(daemon):
     assert s.response()[2] == {"status": "ready"}
 
 
-def test_head_is_answered_without_a_body_and_closes(daemon):
+def test_head_is_answered_as_get_without_the_body(daemon):
+    """RFC 9110 §9.3.2: HEAD of a GET route has GET's status and headers (Content-Length
+    included) and no body; the connection stays open. HEAD of a POST route is 405 and closes."""
     s = daemon.connect()
-    s.sendall(head("HEAD", "/v1/health"))
+    s.sendall(head("HEAD", "/v1/openapi.json") + head("GET", "/v1/openapi.json", "Connection: close"))
+    first, second = s.rest().split(b"\r\n\r\n", 1)     # GET's answer right behind HEAD's head
+    assert first.startswith(b"HTTP/1.1 200 OK\r\n") and second.startswith(b"HTTP/1.1 200 OK\r\n"), second[:80]
+    length = re.search(rb"\r\nContent-Length: (\d+)", first).group(1)
+    second_head, body = second.split(b"\r\n\r\n", 1)
+    assert re.search(rb"\r\nContent-Length: (\d+)", second_head).group(1) == length
+    assert len(body) == int(length) and json.loads(body)["openapi"].startswith("3.")
+    s = daemon.connect()
+    s.sendall(head("HEAD", "/v1/recognize"))
     data = s.rest()
     assert data.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n") and data.endswith(b"\r\n\r\n")
-    assert b"Allow: GET\r\n" in data and b"Connection: close\r\n" in data
+    assert b"Allow: POST\r\n" in data and b"Connection: close\r\n" in data
 
 
 def test_expect_100_continue(daemon):

@@ -84,6 +84,17 @@ def test_find_route_errors():
         find_route("GET", "/v1/recognize")
     assert info.value.code == "method_not_allowed" and info.value.status == 405
     assert info.value.headers == {"Allow": "POST"}
+    with pytest.raises(ApiError) as info:
+        find_route("PUT", "/v1/status")
+    assert info.value.code == "method_not_allowed" and info.value.headers == {"Allow": "GET, HEAD"}
+    assert find_route("HEAD", "/v1/status") is find_route("GET", "/v1/status")
+    for method in ("BREW", "get", "Post", "M-SEARCH"):
+        with pytest.raises(ApiError) as info:
+            find_route(method, "/v1/status")
+        assert info.value.code == "not_implemented" and info.value.status == 501, method
+    with pytest.raises(ApiError) as info:
+        find_route("get", "/v1/nothing")                  # the method is judged before the path
+    assert info.value.code == "not_implemented" and "methods are case-sensitive: GET" in info.value.message
 
 
 def test_bool_options_accept_the_spellings_settings_accept():

@@ -228,11 +228,15 @@ ERROR_PATHS: list[tuple[str, str, Callable[[DaemonProcess], tuple[int, dict[str,
      lambda d: raw_request(d.socket, head("POST", "/v1/recognize", "Content-Length: abc"))),
     ("not_found", "unknown route", lambda d: raw_request(d.socket, head("GET", "/v1/nothing"))),
     ("method_not_allowed", "GET on a POST route", lambda d: raw_request(d.socket, head("GET", "/v1/recognize"))),
-    ("method_not_allowed", "unknown method", lambda d: raw_request(d.socket, head("BREW", "/v1/status"))),
+    ("method_not_allowed", "DELETE on a GET route", lambda d: raw_request(d.socket, head("DELETE", "/v1/status"))),
+    ("not_implemented", "a method HTTP does not define", lambda d: raw_request(d.socket, head("BREW", "/v1/status"))),
+    ("not_implemented", "a lower-case method", lambda d: raw_request(d.socket, head("get", "/v1/status"))),
     ("timeout", "cut off in the request line", lambda d: exchange(d, b"GET /v1/hea")[:3]),
     ("length_required", "POST without Content-Length", lambda d: raw_request(d.socket, head("POST", "/v1/recognize"))),
-    ("bad_request", "a transfer coding other than chunked", lambda d: raw_request(
+    ("not_implemented", "a transfer coding before chunked", lambda d: raw_request(
         d.socket, head("POST", "/v1/recognize", "Transfer-Encoding: gzip, chunked") + b"0\r\n\r\n")),
+    ("bad_request", "chunked not the last transfer coding", lambda d: raw_request(
+        d.socket, head("POST", "/v1/recognize", "Transfer-Encoding: chunked, gzip") + b"0\r\n\r\n")),
     ("bad_request", "a chunk size that is not hex", lambda d: raw_request(
         d.socket, head("POST", "/v1/recognize", "Transfer-Encoding: chunked") + b"zz\r\n")),
     ("bad_form", "a form with two file parts", lambda d: raw_request(d.socket, post_form(
@@ -290,7 +294,7 @@ def test_error_status_comes_from_the_table(daemon, document, code, what, action)
     status, headers, body = action(daemon)
     check_against_the_table(code, status, headers, body, document)
     if code == "method_not_allowed":
-        assert headers["allow"] in ("GET", "POST")
+        assert headers["allow"] in ("GET, HEAD", "POST")
     if code == "busy":
         assert int(headers["retry-after"]) >= 1
     assert daemon.request("GET", "/v1/health")[0] == 200   # and the daemon still serves
