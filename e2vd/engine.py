@@ -36,6 +36,7 @@ funasr's `AutoModel`, and why:
 """
 from __future__ import annotations
 
+import _compat_pickle
 import ast
 import contextlib
 import copy
@@ -46,13 +47,14 @@ import importlib.util
 import io
 import logging
 import os
-import pickle
+import pickletools
 import stat
 import sys
 import threading
 import time
 import types
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -86,6 +88,11 @@ class ModelError(RuntimeError):
     """The model cannot be resolved, validated or loaded; the message names the file and the fix."""
 
     exit_code = ExitCode.SERVER
+
+
+class NonFiniteResult(RuntimeError):
+    """The loaded model computed NaN or infinity for a request (weights that overflow on its
+    audio); the message says so. Raised instead of a result that JSON cannot carry."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -579,9 +586,12 @@ def feature_layers(spec: object) -> list[tuple[int, int, int]]:
 
 #: Globals, as "module.name", that a checkpoint may pickle besides tensors and plain containers:
 #: the configuration objects of training runs (fairseq's argparse.Namespace; omegaconf's
-#: DictConfig/ListConfig with the metadata, nodes and plain types they record). torch's
-#: weights_only unpickler rebuilds them as data; it refuses every other global, so nothing in a
-#: model directory can run code. omegaconf is imported only for a checkpoint that names it.
+#: DictConfig/ListConfig with the metadata, nodes and plain types they record). They are never
+#: rebuilt: each loads as an inert `ConfigStub` that keeps what the pickle gave it and calls
+#: nothing, since torch's weights_only unpickler lets a pickle *call* every allowed global with
+#: arguments of its choosing (``str`` of a list of lists sharing one another spells out 2**60
+#: characters; ``DictConfig`` copies such a tree node by node) and runs their ``__setstate__``.
+#: The engine needs only the tensors; omegaconf need not even be installed.
 CONFIG_GLOBALS: frozenset[str] = frozenset({
     "argparse.Namespace",
     "omegaconf.dictconfig.DictConfig", "omegaconf.listconfig.ListConfig",
@@ -592,6 +602,60 @@ CONFIG_GLOBALS: frozenset[str] = frozenset({
     "builtins.dict", "builtins.list", "builtins.int", "builtins.float", "builtins.str",
     "builtins.bool",
 })
+#: What torch.save writes for tensors and state dicts, and all a checkpoint's pickle may name
+#: besides CONFIG_GLOBALS: torch's own weights_only allow-list is far wider (builtins.bytearray
+#: of 2**34 zeroed bytes, collections.Counter or set iterating a 2**40-element tensor that
+#: repeats one number, device and wrapper-subclass rebuilders), so `scan_pickle` checks the
+#: pickle against this list, without running it, before torch reads it.
+TENSOR_GLOBALS: frozenset[str] = frozenset({
+    "collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter",
+    "torch.device", "torch.Size",
+} | {f"torch.{name}Storage" for name in (
+    "Float", "Double", "Half", "BFloat16", "Long", "Int", "Short", "Char", "Byte", "Bool",
+    "ComplexFloat", "ComplexDouble")})
+#: The globals among TENSOR_GLOBALS and CONFIG_GLOBALS that the pickle may call, and with what:
+#: None - any arguments; "()" - no arguments only (``OrderedDict()``, filled item by item after).
+_CALLABLE: dict[str, str | None] = {
+    "torch._utils._rebuild_tensor_v2": None, "torch._utils._rebuild_parameter": None,
+    "torch.device": None, "collections.OrderedDict": "()", **{name: None for name in CONFIG_GLOBALS},
+}
+#: The largest data.pkl (the pickle that lists a checkpoint's objects; the real model.pt's is a
+#: few hundred KB) and the most zip entries read: beyond them a file is not a model's checkpoint.
+MAX_PICKLE_BYTES = 64 << 20
+MAX_ARCHIVE_ENTRIES = 1 << 16
+
+
+class ConfigStub:
+    """An inert stand-in for one of CONFIG_GLOBALS in a loaded checkpoint: it records the
+    arguments and state the pickle gave it and never calls, copies or prints them. One subclass
+    per global (`stub_for`); `pickled_name` is the "module.name" the pickle used."""
+
+    pickled_name = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "ConfigStub":
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<{self.pickled_name}, not rebuilt>"
+
+
+_STUBS: dict[str, type[ConfigStub]] = {}
+
+
+def stub_for(name: str) -> type[ConfigStub]:
+    """The `ConfigStub` subclass standing in for global `name` (one of CONFIG_GLOBALS)."""
+    if name not in _STUBS:
+        _STUBS[name] = type(name.rpartition(".")[2], (ConfigStub,), {"pickled_name": name})
+    return _STUBS[name]
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -599,9 +663,10 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 
     The file is memory-mapped, so only the tensors the model uses are ever read from disk; the
     optimizer state in the same file is not. Keys are remapped like funasr's scope_map
-    ``['d2v_model.', none]``: ``d2v_model.X`` -> ``X``; ``proj.*`` stays. On the CPU the model
-    keeps using the mapped file: replace model.pt by renaming a new file over it, never by
-    rewriting it in place while a daemon runs (the daemon would see the new bytes or SIGBUS).
+    ``['d2v_model.', none]``: ``d2v_model.X`` -> ``X``; ``proj.*`` stays. Every tensor is checked
+    to be plain CPU data (`check_tensor`). On the CPU the model keeps using the mapped file:
+    replace model.pt by renaming a new file over it, never by rewriting it in place while a
+    daemon runs (the daemon would see the new bytes or SIGBUS).
     """
     ckpt = load_checkpoint(path)
     state = ckpt
@@ -611,34 +676,52 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"{path} holds no model weights (no 'model' dict of tensors): "
                          "copy the model's model.pt again")
-    return {k.removeprefix("d2v_model."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    weights = {k.removeprefix("d2v_model."): v for k, v in state.items()
+               if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    for key, tensor in weights.items():
+        check_tensor(path, key, tensor)
+    return weights
+
+
+def check_tensor(path: Path, key: str, tensor: torch.Tensor) -> None:
+    """Refuse (ModelError naming `path` and `key`) a tensor that is not plain CPU data within its
+    storage: another layout or device (sparse, meta, quantized, nested), or more elements than
+    its storage holds (strides of 0 repeat one number 2**40 times without memory, until
+    something reads them all)."""
+    fix = "copy the model's model.pt again"
+    if tensor.layout != torch.strided or tensor.device.type != "cpu" or tensor.is_quantized \
+            or tensor.is_nested or type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+        raise ModelError(f"{path}: tensor {key} is not plain data ({type(tensor).__name__}, layout "
+                         f"{tensor.layout}, device {tensor.device}); {fix}")
+    elements = tensor.numel()
+    if elements * tensor.element_size() > tensor.untyped_storage().nbytes():
+        raise ModelError(f"{path}: tensor {key} declares {elements} elements of shape {tuple(tensor.shape)} "
+                         f"but holds {tensor.untyped_storage().nbytes()} bytes; {fix}")
 
 
 def load_checkpoint(path: Path) -> Any:
     """Unpickle checkpoint `path`, memory-mapped, without running any code from it.
 
-    Always ``torch.load(weights_only=True, mmap=True)``. A checkpoint that also pickles
-    configuration objects is loaded again with exactly the CONFIG_GLOBALS it names allowed,
-    within `torch.serialization.safe_globals` (scoped: the process-wide allow-list is untouched).
-    A checkpoint naming any other global (a function or class that unpickling would call) is
-    refused with ModelError naming the file and those globals; nothing from it has run.
+    First its zip archive and pickle are checked without running anything (`check_archive`,
+    `scan_pickle`): it may name only TENSOR_GLOBALS and CONFIG_GLOBALS, and call only some of
+    them; anything else is refused with ModelError naming the file and those globals. Then
+    ``torch.load(weights_only=True, mmap=True)`` reads it with each of CONFIG_GLOBALS it names
+    loaded as an inert `ConfigStub` (within `torch.serialization.safe_globals`: the process-wide
+    allow-list is untouched). Any failure is a ModelError naming the file.
     """
+    named = scan_pickle(path, check_archive(path))
+    configs = sorted(named & CONFIG_GLOBALS)
     try:
-        return _load_weights_only(path, [])
-    except pickle.UnpicklingError as err:
-        first_error: Exception = err
+        ckpt = _load_weights_only(path, [(stub_for(name), name) for name in configs])
+    except ModelError:
+        raise
     except Exception as err:  # noqa: BLE001 - zip, storage and format errors of a broken file
-        raise ModelError(f"{path} is not a readable PyTorch checkpoint ({err}); the file is "
-                         "truncated or corrupt: copy the model's model.pt again") from err
-    named = _globals_in_checkpoint(path, first_error)
-    refused = sorted(named - CONFIG_GLOBALS)
-    if refused:
-        raise ModelError(_refusal(path, refused))
-    try:
-        ckpt = _load_weights_only(path, [(_import_global(name), name) for name in sorted(named)])
-    except pickle.UnpicklingError as err:
-        raise ModelError(_refusal(path, [_unpickler_reason(err)])) from None
-    log.info("%s pickles configuration objects (%s): loaded them as data", path, ", ".join(sorted(named)))
+        raise ModelError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: "
+                         f"{str(err)[:300]}); the file is truncated or corrupt: copy the model's "
+                         "model.pt again") from None
+    if configs:
+        log.info("%s pickles configuration objects (%s): skipped them, keeping only the tensors",
+                 path, ", ".join(configs))
     return ckpt
 
 
@@ -649,38 +732,111 @@ def _load_weights_only(path: Path, allowed: list[tuple[Any, str]]) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
-def _globals_in_checkpoint(path: Path, refusal: Exception) -> set[str]:
-    """The "module.name" globals of `path` that torch's weights_only allow-list lacks, found by
-    disassembling the pickle (nothing is executed). Raises ModelError when `refusal` (torch's
-    UnpicklingError) was about something else than a global, e.g. a damaged pickle."""
+def check_archive(path: Path) -> bytes:
+    """The pickle (data.pkl) of checkpoint `path`, once its zip archive is known to be what
+    torch.save writes: at most MAX_ARCHIVE_ENTRIES entries, each stored uncompressed (a
+    compressed entry would be inflated into memory whatever its size: a zip bomb; mmap needs
+    the bytes as they are) and lying wholly within the file, data.pkl at most MAX_PICKLE_BYTES.
+    ModelError naming the file otherwise."""
+    fix = "the file is truncated, corrupt or not written by torch.save: copy the model's model.pt again"
     try:
-        named = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception as err:  # noqa: BLE001 - the pickle cannot even be disassembled
-        raise ModelError(f"{path} is not a readable PyTorch checkpoint ({err}); the file is "
-                         "truncated or corrupt: copy the model's model.pt again") from err
-    if not named:
-        raise ModelError(f"{path} cannot be loaded safely ({_unpickler_reason(refusal)}); the file is "
-                         "damaged or was not written by torch.save: copy the model's model.pt "
-                         "again") from None
+        size = os.path.getsize(path)
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+            if len(entries) > MAX_ARCHIVE_ENTRIES:
+                raise ModelError(f"{path} holds {len(entries)} zip entries, more than a checkpoint's "
+                                 f"{MAX_ARCHIVE_ENTRIES}; {fix}")
+            for entry in entries:
+                if entry.compress_type != zipfile.ZIP_STORED or entry.file_size != entry.compress_size:
+                    raise ModelError(f"{path}: zip entry {entry.filename[:100]!r} is compressed; {fix}")
+                if entry.header_offset + entry.file_size > size:
+                    raise ModelError(f"{path}: zip entry {entry.filename[:100]!r} claims {entry.file_size} "
+                                     f"bytes beyond the file's end ({size} bytes); {fix}")
+            pickles = [e for e in entries if e.filename.endswith("/data.pkl") and e.filename.count("/") == 1]
+            if len(pickles) != 1:
+                raise ModelError(f"{path} is not a PyTorch checkpoint (no single data.pkl); {fix}")
+            if pickles[0].file_size > MAX_PICKLE_BYTES:
+                raise ModelError(f"{path}: data.pkl is {pickles[0].file_size} bytes, more than a model's "
+                                 f"{MAX_PICKLE_BYTES}; {fix}")
+            return archive.read(pickles[0])
+    except ModelError:
+        raise
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError, NotImplementedError) as err:
+        raise ModelError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: "
+                         f"{str(err)[:200]}); {fix}") from None
+
+
+def scan_pickle(path: Path, data: bytes) -> set[str]:
+    """The "module.name" globals that pickle `data` (checkpoint `path`'s data.pkl) names, once it
+    is known, without running it, to name only TENSOR_GLOBALS and CONFIG_GLOBALS and to call
+    only those in _CALLABLE the way they allow (OrderedDict with no arguments).
+
+    Follows the pickle's stack and memo by kind of object (a global's name, the empty tuple, or
+    any other value), opcode by opcode as torch's weights_only unpickler runs them; a call of
+    anything else, or of something that is not a global, is refused with ModelError."""
+    stack: list[str] = []
+    marks: list[int] = []
+    memo: dict[Any, str] = {}
+    named: set[str] = set()
+    refused: list[str] = []
+    allowed = TENSOR_GLOBALS | CONFIG_GLOBALS
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            name = op.name
+            if name == "GLOBAL":
+                full = _global_name(*str(arg).split(" ", 1))
+                named.add(full)
+                if full not in allowed:
+                    refused.append(full)
+                stack.append("g:" + full)
+            elif name in ("REDUCE", "NEWOBJ"):
+                args, fn = stack.pop(), stack.pop()
+                rule = _CALLABLE.get(fn[2:], "-") if fn.startswith("g:") else "-"
+                if name == "NEWOBJ" and fn[2:] not in CONFIG_GLOBALS:
+                    rule = "-"
+                if rule == "-" or (rule == "()" and args != "()"):
+                    refused.append(f"a call of {fn[2:] if fn.startswith('g:') else 'an object'}"
+                                   + (" with arguments" if rule == "()" else ""))
+                stack.append("v")
+            elif name == "EMPTY_TUPLE":
+                stack.append("()")
+            elif name == "MARK":
+                marks.append(len(stack))
+            elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                memo[arg] = stack[-1]
+            elif name == "MEMOIZE":
+                memo[len(memo)] = stack[-1]
+            elif name in ("BINGET", "LONG_BINGET", "GET"):
+                stack.append(memo.get(arg, "v"))
+            elif name == "DUP":
+                stack.append(stack[-1])
+            elif name in ("STACK_GLOBAL", "NEWOBJ_EX", "INST", "OBJ", "EXT1", "EXT2", "EXT4"):
+                refused.append(f"the {name} opcode")
+                break
+            else:
+                before = op.stack_before
+                if pickletools.markobject in before:
+                    del stack[marks.pop():]
+                    before = before[: before.index(pickletools.markobject)]
+                if before:
+                    del stack[len(stack) - len(before):]
+                stack.extend("v" for _ in op.stack_after)
+    except (ValueError, IndexError, KeyError) as err:
+        raise ModelError(f"{path}: its pickle (data.pkl) is damaged ({str(err)[:200]}); the file is "
+                         "truncated or corrupt: copy the model's model.pt again") from None
+    if refused:
+        raise ModelError(_refusal(path, sorted(set(refused))))
     return named
 
 
-def _import_global(name: str) -> Any:
-    """The object called `name` ("module.name", one of CONFIG_GLOBALS), importing its module."""
-    module, _, attr = name.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as err:
-        raise ModelError(f"the checkpoint pickles {name}, but {module} cannot be imported here "
-                         f"({err}): install it (pip install {module.split('.')[0]}), or re-save the "
-                         "checkpoint without it") from err
-
-
-def _unpickler_reason(err: Exception) -> str:
-    """The line of torch's weights_only error that names the problem, without its advice."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    specific = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
-    return (specific or lines or [type(err).__name__])[0]
+def _global_name(module: str, name: str = "") -> str:
+    """"module.name" of a pickle's GLOBAL, with Python 2's names mapped to Python 3's as torch's
+    weights_only unpickler maps them (protocol 2 writes "__builtin__ long" for builtins.int)."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+    elif module in _compat_pickle.IMPORT_MAPPING:
+        module = _compat_pickle.IMPORT_MAPPING[module]
+    return f"{module}.{name}"
 
 
 def _refusal(path: Path, names: Sequence[str]) -> str:
@@ -688,7 +844,8 @@ def _refusal(path: Path, names: Sequence[str]) -> str:
     return (
         f"{path} was refused: it names code that unpickling would call ({', '.join(names)}), "
         f"but a model file may hold only tensors and configuration data (such code could run "
-        f"commands as this service's user). Nothing from it has run. Replace it with the model's original model.pt (for a "
+        f"commands as this service's user, or exhaust its memory). Nothing from it has run. Replace "
+        f"it with the model's original model.pt (for a "
         f"model e2vd pulled, delete {path.parent} and run `sudo e2vd pull` again; otherwise copy "
         f"model.pt from a trusted source such as ModelScope's {DEFAULT_MODEL}). If you trust this "
         f"file, keep only its weights on a machine where "
@@ -701,8 +858,9 @@ def build_model(config: dict[str, Any], weights: dict[str, torch.Tensor], num_la
                 weights_path: Path) -> torch.nn.Module:
     """Build `Emotion2vec` on the meta device and assign `weights` to it (no copy, no random init).
 
-    Every tensor the model uses must be in `weights` with the right shape (else ModelError);
-    extra tensors (the pre-training decoder, EMA copies) are ignored.
+    Every tensor the model uses must be in `weights` with the right shape, a floating-point dtype
+    and finite values (else ModelError); extra tensors (the pre-training decoder, EMA copies) are
+    ignored.
     """
     return assign_weights(construct_model(config, num_labels, weights_path.parent / "config.yaml"),
                           weights, weights_path)
@@ -710,27 +868,34 @@ def build_model(config: dict[str, Any], weights: dict[str, torch.Tensor], num_la
 
 def load_model(config: dict[str, Any], weights_path: Path, num_labels: int) -> torch.nn.Module:
     """`build_model` with the checkpoint `weights_path` read meanwhile: a thread memory-maps it
-    (`load_weights`) and pages its tensors in (`page_in`) while this thread builds the model on
-    the meta device; then the weights are assigned. Raises what either side raises (ModelError
-    for the checkpoint first). On the 2-core CPU this takes the page faults of the first forward
-    pass (~0.04 s for the large model) off the cold start."""
-    reader = _Background(lambda: page_in(load_weights(weights_path)), name="e2vd-weights")
+    (`load_weights`) and reads its tensors (`page_in`, which also finds non-finite ones) while
+    this thread builds the model on the meta device; then the weights are assigned. Raises what
+    either side raises (ModelError for the checkpoint first). On the 2-core CPU this takes the
+    page faults of the first forward pass (~0.04 s for the large model) off the cold start."""
+    def read() -> tuple[dict[str, torch.Tensor], frozenset[str]]:
+        weights = load_weights(weights_path)
+        return weights, page_in(weights)
+
+    reader = _Background(read, name="e2vd-weights")
     try:
         model = construct_model(config, num_labels, weights_path.parent / "config.yaml")
     finally:
-        weights = reader.result()
-    return assign_weights(model, weights, weights_path)
+        weights, nonfinite = reader.result()
+    return assign_weights(model, weights, weights_path, nonfinite)
 
 
-def page_in(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Read one element of every 4 KiB of each CPU tensor in `weights` and return `weights`: the
-    pages of a memory-mapped checkpoint are then mapped (from the page cache, or read from disk)
-    before the first forward pass needs them. torch releases the GIL while it reads."""
-    for tensor in weights.values():
-        if tensor.device.type == "cpu" and tensor.numel() > 0:
-            step = max(1, 4096 // tensor.element_size())
-            tensor.detach().reshape(-1)[::step].sum()
-    return weights
+def page_in(weights: dict[str, torch.Tensor]) -> frozenset[str]:
+    """Read every element of each floating-point CPU tensor in `weights` (summing it): the pages
+    of a memory-mapped checkpoint are then mapped (from the page cache, or read from disk) before
+    the first forward pass needs them. Returns the names of the tensors whose sum is not finite:
+    they hold NaN or infinity, or values so large that they overflow (a damaged file). torch
+    releases the GIL while it reads."""
+    bad = set()
+    for name, tensor in weights.items():
+        if tensor.device.type == "cpu" and tensor.numel() > 0 and tensor.is_floating_point():
+            if not bool(torch.isfinite(tensor.detach().sum())):
+                bad.add(name)
+    return frozenset(bad)
 
 
 class _Background:
@@ -779,10 +944,17 @@ def construct_model(config: dict[str, Any], num_labels: int, config_path: Path |
     return model
 
 
-def assign_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor],
-                   weights_path: Path) -> torch.nn.Module:
+#: The dtypes a checkpoint's weights may have; any but float32 is converted to float32 (a copy).
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def assign_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], weights_path: Path,
+                   nonfinite: frozenset[str] | None = None) -> torch.nn.Module:
     """Assign `weights` (no copy) to `model` built on meta; return it in eval mode. Every tensor the
-    model uses must be in `weights` with the right shape (else ModelError naming `weights_path`)."""
+    model uses must be in `weights` with the right shape, one of WEIGHT_DTYPES (converted to the
+    model's float32) and finite values (`nonfinite`: the names `page_in` found not finite; None:
+    checked here), else ModelError naming `weights_path`: funasr would keep random weights for
+    missing ones, and NaN would make every answer NaN."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in weights]
     if missing:
@@ -794,7 +966,20 @@ def assign_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor],
         raise ModelError(f"{weights_path}: tensor {k} has shape {tuple(weights[k].shape)} but "
                          f"config.yaml needs {tuple(expected[k].shape)}; model.pt and config.yaml "
                          "come from different models")
-    model.load_state_dict({k: weights[k] for k in expected}, strict=True, assign=True)
+    odd = [k for k in expected if weights[k].dtype not in WEIGHT_DTYPES]
+    if odd:
+        raise ModelError(f"{weights_path}: tensor {odd[0]} holds {weights[odd[0]].dtype}, not floating-point "
+                         "weights: the file is damaged or not this model's; copy the model's model.pt again")
+    if nonfinite is None:
+        nonfinite = page_in({k: weights[k] for k in expected})
+    bad = [k for k in expected if k in nonfinite]
+    if bad:
+        raise ModelError(f"{weights_path}: tensor {bad[0]} (and {len(bad) - 1} more) holds NaN, infinite or "
+                         "overflowing values: every answer would be NaN; the file is damaged, copy the "
+                         "model's model.pt again")
+    state = {k: weights[k] if weights[k].dtype == v.dtype else weights[k].to(v.dtype)
+             for k, v in expected.items()}
+    model.load_state_dict(state, strict=True, assign=True)
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         if tensor.is_meta:
             raise ModelError(f"internal: {name} of Emotion2vec was not loaded from {weights_path}")
@@ -1104,6 +1289,12 @@ class Engine:
                 raise
             torch.cuda.empty_cache()   # hand back what the failed attempt cached, for the retry
             raise GpuOutOfMemory(_inference_out_of_memory(self.device, clips)) from None
+        if not np.isfinite(probs).all() or (embedding and not all(np.isfinite(f).all() for f in frames)):
+            raise NonFiniteResult(
+                f"the model computed NaN or infinite values for this audio ({len(clips)} clip(s)): the weights "
+                f"in {self.model_dir / 'model.pt'} overflow on it, so there is no answer to give; the "
+                "model file is damaged or not a trained emotion2vec+ model: the operator should copy the "
+                "model's model.pt again")
         results = []
         for i, clip in enumerate(clips):
             emb = None

@@ -480,9 +480,11 @@ def test_checkpoint_with_pickled_omegaconf_config_loads(engine: Engine, tiny_mod
     unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(model / "model.pt"))
     assert {"omegaconf.dictconfig.DictConfig", "omegaconf.listconfig.ListConfig"} <= unsafe
     back = engine_mod.load_checkpoint(model / "model.pt")
-    assert isinstance(back["cfg"], omegaconf.DictConfig) and back["cfg"].model.depth == 8
-    assert back["cfg"].optimization.name == "data2vec_multi" and back["cfg"].optimization.note is None
-    assert back["lcfg"][2].three == 3.0 and list(back["cfg"].optimization.lr) == [5e-5]
+    # loaded as inert stand-ins, never rebuilt (tests/test_hostile_model.py: what rebuilding allows)
+    assert isinstance(back["cfg"], engine_mod.ConfigStub) and not isinstance(back["cfg"], omegaconf.DictConfig)
+    assert back["cfg"].pickled_name == "omegaconf.dictconfig.DictConfig"
+    assert back["lcfg"].pickled_name == "omegaconf.listconfig.ListConfig"
+    assert torch.equal(back["model"]["proj.weight"], ckpt["model"]["proj.weight"])
     loaded = Engine.load(str(model), device="cpu")
     audio = clip(1.0)
     assert loaded.recognize(audio).scores == engine.recognize(audio).scores

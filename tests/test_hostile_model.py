@@ -8,7 +8,10 @@ a child process (`load_in_child`) with a generous time limit, which only guards 
 """
 from __future__ import annotations
 
+import argparse
 import collections
+import copyreg
+import functools
 import json
 import os
 import pickle
@@ -429,3 +432,313 @@ def test_config_with_a_bom_loads(tiny_model: Path, tmp_path: Path) -> None:
     model = copy_model(tiny_model, tmp_path / "m")
     (model / "config.yaml").write_bytes(b"\xef\xbb\xbf" + (tiny_model / "config.yaml").read_bytes())
     Engine.load(str(model), device="cpu")
+
+
+# -- model.pt -----------------------------------------------------------------------------------
+
+class Call:
+    """Unpickles as fn(*args): how a crafted checkpoint calls a global."""
+
+    def __init__(self, fn: Any, *args: Any) -> None:
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+def checkpoint_of(tiny_model: Path) -> dict[str, Any]:
+    return torch.load(tiny_model / "model.pt", weights_only=True)
+
+
+def with_checkpoint(tiny_model: Path, dest: Path, ckpt: Any) -> Path:
+    """A copy of the tiny model whose model.pt is torch.save(ckpt)."""
+    model = copy_model(tiny_model, dest)
+    torch.save(ckpt, model / "model.pt")
+    return model
+
+
+def with_extra(tiny_model: Path, dest: Path, extra: Any) -> Path:
+    """A copy of the tiny model whose checkpoint also holds `extra` (under "extra")."""
+    ckpt = checkpoint_of(tiny_model)
+    ckpt["extra"] = extra
+    return with_checkpoint(tiny_model, dest, ckpt)
+
+
+def shared_tree(depth: int) -> list:
+    """Lists of two references to the list below, `depth` deep: a few hundred bytes pickled,
+    2**depth leaves when anything walks it as a tree (str(), a DictConfig's copy)."""
+    node: list = ["x" * 8]
+    for _ in range(depth):
+        node = [node, node]
+    return node
+
+
+def dict_tree(depth: int) -> dict:
+    node: dict = {"leaf": "x" * 8}
+    for i in range(depth):
+        node = {"a": node, "b": node}
+    return node
+
+
+@pytest.mark.parametrize("fn,args", [
+    (os.system, ("touch /tmp/e2vd-hostile-pt",)),
+    (eval, ("__import__('os').system('touch /tmp/e2vd-hostile-pt')",)),
+    (exec, ("open('/tmp/e2vd-hostile-pt', 'w')",)),
+    (getattr, ("x", "upper")),
+    (subprocess.Popen, (["touch", "/tmp/e2vd-hostile-pt"],)),
+    (torch.full, ((1 << 40,), 1.0)),
+    (torch.load, ("/tmp/e2vd-hostile-pt",)),
+    (torch.serialization.add_safe_globals, ([os.system],)),
+    (functools.partial, (os.system, "touch /tmp/e2vd-hostile-pt")),
+    (bytearray, (1 << 34,)),
+    (collections.Counter, ("abc",)),
+    (set, ([1, 2],)),
+    (complex, (1, 2)),
+    (collections.OrderedDict, ([("a", 1)],)),
+    (torch._utils._rebuild_device_tensor_from_cpu_tensor, (torch.zeros(2), torch.float64, "cpu", False)),
+])
+def test_checkpoint_calling_anything_else_is_refused(tiny_model: Path, tmp_path: Path, fn: Any, args: tuple) -> None:
+    """Code, torch functions, memory bombs (bytearray of 16 GiB of zeros, which torch's own
+    weights_only allow-list lets a pickle call) and calls with arguments of what may only be
+    named: refused before anything runs, naming what."""
+    model = with_extra(tiny_model, tmp_path / "m", Call(fn, *args))
+    message = child_error(model)
+    assert str(model / "model.pt") in message and "refused" in message and "Nothing from it has run" in message
+    assert not Path("/tmp/e2vd-hostile-pt").exists()
+
+
+def test_omegaconf_internals_are_refused(tiny_model: Path, tmp_path: Path) -> None:
+    omegaconf = pytest.importorskip("omegaconf")
+    model = with_extra(tiny_model, tmp_path / "m", Call(omegaconf.OmegaConf.create, {"a": 1}))
+    message = load_error(model)
+    assert "omegaconf.omegaconf.OmegaConf" in message and "refused" in message
+
+
+@pytest.mark.parametrize("fn", [str, int, dict, list, argparse.Namespace, "DictConfig", "ListConfig", "AnyNode",
+                                collections.defaultdict])
+def test_allowed_config_globals_called_with_bombs_load_as_inert_stubs(tiny_model: Path, tmp_path: Path,
+                                                                     fn: Any) -> None:
+    """torch lets a pickle call every allowed global with arguments of its choosing: str() of a
+    tree of shared lists spells out 2**60 leaves, DictConfig copies one node by node, int()
+    refuses 5000 digits (ValueError). The configuration globals load as inert stubs instead:
+    the model loads with its weights, nothing is expanded."""
+    if isinstance(fn, str):
+        omegaconf = pytest.importorskip("omegaconf")
+        fn = {"DictConfig": omegaconf.DictConfig, "ListConfig": omegaconf.ListConfig,
+              "AnyNode": omegaconf.nodes.AnyNode}[fn]
+    arg = {int: "9" * 5000, dict: dict_tree(60), argparse.Namespace: shared_tree(60)}.get(fn, shared_tree(60))
+    if fn is getattr(pytest.importorskip("omegaconf"), "DictConfig"):
+        arg = dict_tree(60)
+    model = with_extra(tiny_model, tmp_path / "m", Call(fn, arg))
+    out = load_in_child(model)
+    assert out["outcome"] == "loaded", out
+
+
+def test_config_objects_with_broken_state_load_as_inert_stubs(tiny_model: Path, tmp_path: Path) -> None:
+    """A DictConfig whose pickled state lacks what its __setstate__ reads (KeyError when rebuilt)."""
+    omegaconf = pytest.importorskip("omegaconf")
+
+    class Broken:
+        @property
+        def __class__(self):   # what pickle checks NEWOBJ's class against
+            return omegaconf.DictConfig
+
+        def __reduce__(self):
+            return copyreg.__newobj__, (omegaconf.DictConfig,), {"junk": shared_tree(60)}
+
+    model = with_extra(tiny_model, tmp_path / "m", Broken())
+    out = load_in_child(model)
+    assert out["outcome"] == "loaded", out
+
+
+def test_deeply_nested_containers_are_data(tiny_model: Path, tmp_path: Path) -> None:
+    """A pickle of 1,000,000 nested lists (2 MB): torch's unpickler is iterative and the scan
+    too, so it is data (here: no weights, a ModelError), never a RecursionError or a crash."""
+    model = copy_model(tiny_model, tmp_path / "m")
+    depth = 1_000_000
+    rewrite_zip(model / "model.pt", pickle_bytes=b"\x80\x02" + b"]" * depth + b"a" * (depth - 1) + b".")
+    message = child_error(model)
+    assert str(model / "model.pt") in message and "no model weights" in message
+
+
+def rebuilt(storage_of: torch.Tensor, size: tuple, stride: tuple, offset: int = 0) -> Call:
+    """A tensor torch rebuilds from `storage_of`'s storage with the declared size and stride."""
+    return Call(torch._utils._rebuild_tensor_v2, storage_of.untyped_storage(), offset, size, stride, False,
+                collections.OrderedDict())
+
+
+@pytest.mark.parametrize("size,stride", [
+    ((1 << 40,), (1,)),         # far beyond its 16-byte storage
+    ((1 << 50,), (0,)),         # 2**50 elements repeating one number: no memory until read
+    ((1 << 20, 1 << 20), (0, 1)),
+    ((4,), (1 << 40,)),
+])
+def test_tensor_larger_than_its_storage_is_refused(tiny_model: Path, tmp_path: Path, size: tuple,
+                                                   stride: tuple) -> None:
+    """Among the extras (never used by the model): reading it whole (page_in) would run forever."""
+    ckpt = checkpoint_of(tiny_model)
+    ckpt["model"]["d2v_model.junk"] = rebuilt(torch.zeros(4), size, stride)
+    model = with_checkpoint(tiny_model, tmp_path / "m", ckpt)
+    message = child_error(model)
+    assert str(model / "model.pt") in message
+
+
+def rewrite_zip(path: Path, compress: int | None = None, pickle_bytes: bytes | None = None) -> None:
+    """Rewrite checkpoint `path`'s zip: every entry with `compress`, data.pkl replaced by `pickle_bytes`."""
+    with zipfile.ZipFile(path) as z:
+        entries = [(i, z.read(i)) for i in z.infolist()]
+    with zipfile.ZipFile(path, "w") as out:
+        for info, data in entries:
+            if pickle_bytes is not None and info.filename.endswith("/data.pkl"):
+                data = pickle_bytes
+            out.writestr(info.filename, data, compress_type=zipfile.ZIP_STORED if compress is None else compress)
+
+
+def test_compressed_zip_bomb_is_refused(tiny_model: Path, tmp_path: Path) -> None:
+    """A deflated data.pkl of 4 GiB would be inflated into memory whole."""
+    model = copy_model(tiny_model, tmp_path / "m")
+    path = model / "model.pt"
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as out:
+        for name in names:
+            if name.endswith("/data.pkl"):
+                with out.open(zipfile.ZipInfo(name), "w", force_zip64=True) as fh:
+                    chunk = b"\x00" * (1 << 24)
+                    for _ in range(256):
+                        fh.write(chunk)
+    message = child_error(model)
+    assert str(path) in message and ("compressed" in message or "data.pkl" in message)
+
+
+def test_compressed_entries_are_refused(tiny_model: Path, tmp_path: Path) -> None:
+    model = copy_model(tiny_model, tmp_path / "m")
+    rewrite_zip(model / "model.pt", compress=zipfile.ZIP_DEFLATED)
+    message = load_error(model)
+    assert str(model / "model.pt") in message and "compressed" in message
+
+
+def test_huge_declared_entry_is_refused(tiny_model: Path, tmp_path: Path) -> None:
+    """A central directory declaring an entry of 2**40 bytes in a small file."""
+    model = copy_model(tiny_model, tmp_path / "m")
+    path = model / "model.pt"
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("/data/0"))
+    central = data.rfind(b"PK\x01\x02" + bytes(data[data.rfind(b"PK\x01\x02"):][4:8]), 0)
+    # find this entry's central directory record by its name and patch both sizes to 0xFFFFFFF0
+    at = data.find(b"PK\x01\x02", data.find(b"PK\x05\x06") - 100000 if central < 0 else 0)
+    while at >= 0:
+        name_len = int.from_bytes(data[at + 28:at + 30], "little")
+        if data[at + 46:at + 46 + name_len].decode() == info.filename:
+            data[at + 20:at + 24] = data[at + 24:at + 28] = (0xFFFFFFF0).to_bytes(4, "little")
+            break
+        at = data.find(b"PK\x01\x02", at + 4)
+    assert at >= 0
+    path.write_bytes(bytes(data))
+    message = child_error(model)
+    assert str(path) in message
+
+
+def test_not_a_zip_is_refused(tiny_model: Path, tmp_path: Path) -> None:
+    model = copy_model(tiny_model, tmp_path / "m")
+    (model / "model.pt").write_bytes(pickle.dumps({"model": {}}))
+    message = load_error(model)
+    assert str(model / "model.pt") in message
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.complex64, torch.bool, torch.uint8])
+def test_weights_of_a_non_float_dtype_are_refused(tiny_model: Path, tmp_path: Path, dtype: torch.dtype) -> None:
+    ckpt = checkpoint_of(tiny_model)
+    ckpt["model"]["proj.weight"] = ckpt["model"]["proj.weight"].to(dtype)
+    model = with_checkpoint(tiny_model, tmp_path / "m", ckpt)
+    message = load_error(model)
+    assert str(model / "model.pt") in message and "proj.weight" in message and str(dtype) in message
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_weights_of_another_float_dtype_load_as_fp32(tiny_model: Path, tmp_path: Path, dtype: torch.dtype) -> None:
+    ckpt = checkpoint_of(tiny_model)
+    ckpt["model"] = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    model = with_checkpoint(tiny_model, tmp_path / "m", ckpt)
+    engine = Engine.load(str(model), device="cpu")
+    expected = Engine.load(str(tiny_model), device="cpu")
+    audio = from_samples(speechlike(1.0)[:, 0], 16000)
+    got, want = engine.recognize(audio).scores, expected.recognize(audio).scores
+    assert all(abs(a - b) < (1e-6 if dtype == torch.float64 else 5e-2) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 3e38])
+def test_non_finite_weights_are_refused_at_load(tiny_model: Path, tmp_path: Path, value: float) -> None:
+    ckpt = checkpoint_of(tiny_model)
+    key = next(k for k in ckpt["model"] if k.endswith("blocks.0.attn.qkv.weight"))
+    ckpt["model"][key][0, :] = value
+    model = with_checkpoint(tiny_model, tmp_path / "m", ckpt)
+    message = load_error(model)
+    assert str(model / "model.pt") in message and key.removeprefix("d2v_model.") in message and "NaN" in message
+
+
+def test_non_finite_values_in_unused_tensors_load(tiny_model: Path, tmp_path: Path) -> None:
+    ckpt = checkpoint_of(tiny_model)
+    ckpt["model"]["d2v_model.ema_junk"] = torch.full((4,), float("nan"))
+    model = with_checkpoint(tiny_model, tmp_path / "m", ckpt)
+    Engine.load(str(model), device="cpu")
+
+
+def test_weights_that_overflow_on_audio_answer_a_clear_error(tiny_model: Path, tmp_path: Path) -> None:
+    """Finite weights can still overflow to infinity on some audio: that request fails with
+    NonFiniteResult saying so, never a NaN result (which JSON cannot carry)."""
+    ckpt = checkpoint_of(tiny_model)
+    key = "d2v_model.modality_encoders.AUDIO.project_features.2.weight"
+    weight = torch.full_like(ckpt["model"][key], 1e33)
+    weight[:, 1::2] = -1e33   # finite sums in the file; a layer norm's variance overflows on audio
+    ckpt["model"][key] = weight
+    model = with_checkpoint(tiny_model, tmp_path / "m", ckpt)
+    engine = Engine.load(str(model), device="cpu")
+    with pytest.raises(engine_mod.NonFiniteResult, match="NaN or infinite"):
+        engine.recognize(from_samples(speechlike(1.0)[:, 0], 16000))
+
+
+def test_meta_and_sparse_tensors_are_refused(tiny_model: Path, tmp_path: Path) -> None:
+    ckpt = checkpoint_of(tiny_model)
+    ckpt["model"]["proj.weight"] = ckpt["model"]["proj.weight"].to_sparse()
+    model = with_checkpoint(tiny_model, tmp_path / "m", ckpt)
+    message = load_error(model)
+    assert str(model / "model.pt") in message and "_rebuild_sparse_tensor" in message
+    ckpt["model"]["proj.weight"] = torch.empty(9, 64, device="meta")
+    model = with_checkpoint(tiny_model, tmp_path / "m2", ckpt)
+    message = load_error(model)
+    assert str(model / "model.pt") in message and "_rebuild_meta_tensor_no_storage" in message
+
+
+def test_missing_and_wrong_shaped_keys_are_refused_extra_keys_ignored(tiny_model: Path, tmp_path: Path) -> None:
+    ckpt = checkpoint_of(tiny_model)
+    del ckpt["model"]["proj.bias"]
+    message = load_error(with_checkpoint(tiny_model, tmp_path / "a", ckpt))
+    assert "lacks 1" in message and "proj.bias" in message
+    ckpt = checkpoint_of(tiny_model)
+    ckpt["model"]["proj.bias"] = torch.zeros(10)
+    message = load_error(with_checkpoint(tiny_model, tmp_path / "b", ckpt))
+    assert "proj.bias" in message and "shape" in message
+    ckpt = checkpoint_of(tiny_model)
+    ckpt["model"]["d2v_model.something_else.weight"] = torch.zeros(3)
+    Engine.load(str(with_checkpoint(tiny_model, tmp_path / "c", ckpt)), device="cpu")
+
+
+@pytest.mark.parametrize("layout", ["flat", "state_dict", "module", "list", "weights_elsewhere", "tensor"])
+def test_state_dict_under_odd_names(tiny_model: Path, tmp_path: Path, layout: str) -> None:
+    weights = checkpoint_of(tiny_model)["model"]
+    ckpt: Any = {
+        "flat": weights,
+        "state_dict": {"state_dict": weights},
+        "module": {"module": weights},
+        "list": {"model": list(weights.values())},
+        "weights_elsewhere": {"model": {"note": "elsewhere"}, "ema": weights},
+        "tensor": weights["proj.weight"],
+    }[layout]
+    model = with_checkpoint(tiny_model, tmp_path / "m", ckpt)
+    if layout in ("flat", "state_dict"):
+        Engine.load(str(model), device="cpu")
+    else:
+        message = load_error(model)
+        assert str(model / "model.pt") in message
