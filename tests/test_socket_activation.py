@@ -141,7 +141,10 @@ def test_unusable_settings_answer_503_until_fixed_then_the_next_daemon_serves(ti
     listener.listen(16)
     env = {"E2VD_CONFIG": str(config)}
     try:
-        bad = start_with_fd(listener, tiny_model, tmp_path, "bad", env=env)
+        # PYTHONFAULTHANDLER: if it ever hangs again (CI saw it twice under load: an exit 2 after the
+        # grace, and no exit within 60 s of the fix), SIGABRT below writes every thread's stack to its log
+        bad = start_with_fd(listener, tiny_model, tmp_path, "bad", env={**env, "PYTHONFAULTHANDLER": "1"})
+        started = time.monotonic()
         for method, url, body in [("GET", "/v1/health", None), ("POST", "/v1/recognize", clip)] * 3:
             status, headers, doc = http_request(path, method, url, body, timeout=60)
             assert status == 503 and doc["error"]["code"] == "config_invalid", doc
@@ -152,8 +155,14 @@ def test_unusable_settings_answer_503_until_fixed_then_the_next_daemon_serves(ti
         client.settimeout(120)
         client.connect(str(path))
         client.sendall(b"GET /v1/health HTTP/1.1\r\nHost: e2vd\r\n\r\n")
-        code = bad.wait(60)                                   # hands over, leaving the connection queued
-        assert code == 0, f"exit {code}:\n" + (tmp_path / "bad.log").read_text()[-3000:]
+        fixed = time.monotonic()
+        try:
+            code = bad.wait(60)                               # hands over, leaving the connection queued
+        except subprocess.TimeoutExpired:
+            bad.send_signal(signal.SIGABRT)
+            code = bad.wait(30)
+        assert code == 0, (f"exit {code}; the fix came {fixed - started:.1f} s after the start, the exit "
+                           f"{time.monotonic() - fixed:.1f} s after the fix:\n" + (tmp_path / "bad.log").read_text()[-6000:])
         good = start_with_fd(listener, tiny_model, tmp_path, "good", env=env)
         status, _, doc = read_response(client)
         client.close()
