@@ -87,10 +87,20 @@ class BadAudio(SchedulerError):
 
 
 class InferenceFailed(SchedulerError):
-    """The engine failed unexpectedly on this job; the traceback is in the log."""
+    """The engine failed on this job: unexpectedly (the traceback is in the log), or through a
+    fault of the model that its message states (`model_fault`: NaN results, no traceback)."""
 
-    def __init__(self, exc: Exception) -> None:
-        super().__init__(f"inference failed ({type(exc).__name__}: {exc}); the journal has the traceback")
+    def __init__(self, exc: Exception, model_fault: bool = False) -> None:
+        super().__init__(f"inference failed: {exc}" if model_fault else
+                         f"inference failed ({type(exc).__name__}: {exc}); the journal has the traceback")
+
+
+def model_fault(exc: BaseException) -> bool:
+    """Whether `exc` is e2vd.engine's NonFiniteResult: the model computed NaN or infinity (broken
+    weights), which its message explains; not a bug, so logged without a traceback. Looked up in
+    sys.modules: importing the scheduler stays light, and without the engine there is no such error."""
+    engine = sys.modules.get("e2vd.engine")
+    return engine is not None and isinstance(exc, getattr(engine, "NonFiniteResult", ()))
 
 
 def auto_batch(device: str) -> int:
@@ -427,8 +437,11 @@ class Scheduler:
                 job.batch_size = len(jobs)
             try:
                 results = self._infer(jobs, granularity, embedding)
-            except Exception:
-                log.exception("batch of %d failed; retrying one by one", len(jobs))
+            except Exception as exc:
+                if model_fault(exc):
+                    log.warning("batch of %d failed: %s; retrying one by one", len(jobs), exc)
+                else:
+                    log.exception("batch of %d failed; retrying one by one", len(jobs))
                 results = None
             infer_ms = (time.monotonic() - start) * 1000.0
             if results is not None:
@@ -494,8 +507,11 @@ class Scheduler:
             log.warning("%s", exc)
             job.error = OutOfGpuMemory(str(exc))
         except Exception as exc:
-            log.exception("inference failed")
-            job.error = InferenceFailed(exc)
+            if model_fault(exc):
+                log.error("inference failed: %s", exc)
+            else:
+                log.exception("inference failed")
+            job.error = InferenceFailed(exc, model_fault(exc))
         job.infer_ms = (time.monotonic() - start) * 1000.0
         job.batch_size = 1
         self._finish(job)

@@ -378,3 +378,34 @@ def test_readers_of_state_wait_while_the_observer_hears_of_a_new_one(engine):
     finally:
         gate.set()
         sch.stop(timeout=10)
+
+
+def test_a_model_that_computes_nan_fails_the_request_with_its_reason_and_no_traceback(tiny_model, tmp_path,
+                                                                                     caplog):
+    """Weights that overflow on real audio (finite in the file, so the load accepts them): the
+    job fails with InferenceFailed saying what is wrong with which file (500 internal), and the
+    journal gets that one line, not a traceback; the scheduler keeps serving."""
+    import torch
+    from test_hostile_model import checkpoint_of, with_checkpoint
+
+    from e2vd.engine import Engine
+
+    ckpt = checkpoint_of(tiny_model)
+    key = "d2v_model.modality_encoders.AUDIO.project_features.2.weight"
+    weight = torch.full_like(ckpt["model"][key], 1e33)
+    weight[:, 1::2] = -1e33
+    ckpt["model"][key] = weight
+    broken = Engine.load(str(with_checkpoint(tiny_model, tmp_path / "m", ckpt)), device="cpu")
+    sch = Scheduler(lambda: broken, queue_size=4, max_batch=2)
+    sch.start()
+    try:
+        with caplog.at_level("INFO", logger="e2vd"):
+            jobs = [sch.submit(clip(1.0, seed)) for seed in range(3)]
+            for job in jobs:
+                assert job.wait(60) and isinstance(job.error, InferenceFailed), job.error
+                assert job.error.message.startswith("inference failed: the model computed NaN or infinite values")
+                assert "model.pt" in job.error.message and "traceback" not in job.error.message
+        assert not [r for r in caplog.records if r.exc_info], "a model fault is not a bug: no traceback"
+        assert sch.state == State.READY
+    finally:
+        sch.stop(10)
