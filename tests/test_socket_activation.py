@@ -157,7 +157,7 @@ def test_unusable_settings_answer_503_until_fixed_then_the_next_daemon_serves(ti
         client.sendall(b"GET /v1/health HTTP/1.1\r\nHost: e2vd\r\n\r\n")
         fixed = time.monotonic()
         try:
-            code = bad.wait(60)                               # hands over, leaving the connection queued
+            code = bad.wait(120)                              # hands over, leaving the connection queued
         except subprocess.TimeoutExpired:
             bad.send_signal(signal.SIGABRT)
             code = bad.wait(30)
