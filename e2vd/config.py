@@ -74,8 +74,10 @@ import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from e2vd.durations import parse_duration
+from e2vd.model_files import MODEL_FILES, ModelError, check_model_files
 from e2vd.vocabulary import DTYPES, FALSE_WORDS, TRUE_WORDS, ExitCode, parse_bool_word
 
 DEFAULT_CONFIG_PATH = "/etc/e2vd/e2vd.toml"
@@ -274,22 +276,24 @@ def _config_text(path: str) -> str:
     return data.decode("utf-8")
 
 
-MODEL_FILES = ("config.yaml", "model.pt", "tokens.txt")
-
-
 def model_problem(model: str) -> str | None:
     """Why the `model` setting `model` cannot work on this machine, or None when it can.
 
-    A path (absolute, or starting with ./ or ../) must be a directory holding MODEL_FILES; anything
-    else must be a ModelScope id "owner/name", which `sudo e2vd pull` fetches (the daemon never downloads)
-    and not checked here."""
+    A path (absolute, or starting with ./ or ../) must be a directory holding MODEL_FILES, each a
+    readable, non-empty regular file (`e2vd.model_files.model_file`, as the daemon checks them:
+    the message names a FIFO, a device, a dangling link ...); anything else must be a ModelScope
+    id "owner/name", which `sudo e2vd pull` fetches (the daemon never downloads), not checked here."""
     expanded = os.path.expanduser(model)
     if os.path.isabs(expanded) or model.startswith(("./", "../")):
         if not os.path.isdir(expanded):
             return _not_a_directory(model, expanded)
-        missing = [name for name in MODEL_FILES if not os.path.isfile(os.path.join(expanded, name))]
+        missing = [name for name in MODEL_FILES if not os.path.lexists(os.path.join(expanded, name))]
         if missing:
             return f"the model directory {model} lacks {', '.join(missing)} (it must hold {', '.join(MODEL_FILES)})"
+        try:
+            check_model_files(Path(expanded))
+        except ModelError as err:
+            return str(err)
         return None
     if not MODEL_ID_PATTERN.fullmatch(model):
         return f"{model!r} is neither an absolute model directory nor a ModelScope id 'owner/name'"

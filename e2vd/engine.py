@@ -40,7 +40,6 @@ import _compat_pickle
 import ast
 import contextlib
 import copy
-import errno
 import gc
 import importlib
 import importlib.util
@@ -66,8 +65,9 @@ from e2vd.audio import Audio, check_duration, decode
 from e2vd.config import MODEL_ID_PATTERN, Settings
 from e2vd.gpu import GpuOutOfMemory, choose_device, cpu_instead, device_memory
 from e2vd.gpu_lock import GpuLock, GpuLockTimeout
+from e2vd.model_files import ModelError, check_model_files
 from e2vd.result import Recognition
-from e2vd.vocabulary import DTYPES, LABELS, ExitCode, Granularity
+from e2vd.vocabulary import DTYPES, LABELS, Granularity
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +82,6 @@ FRAME_RATE_HZ = 50
 _TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16,
                                          "bf16": torch.bfloat16}
 _IMPORT_LOCK = threading.Lock()
-
-
-class ModelError(RuntimeError):
-    """The model cannot be resolved, validated or loaded; the message names the file and the fix."""
-
-    exit_code = ExitCode.SERVER
 
 
 class NonFiniteResult(RuntimeError):
@@ -272,12 +266,8 @@ def read_tokens(model_dir: Path) -> list[str]:
 
     Raises ModelError naming the file when config.yaml, model.pt or tokens.txt is missing or odd.
     """
-    config = model_dir / "config.yaml"
-    weights = model_dir / "model.pt"
     tokens = model_dir / "tokens.txt"
-    for path, what in ((config, "the model's config"), (weights, "the weights"),
-                       (tokens, "the label list")):
-        model_file(path, what)
+    check_model_files(model_dir)
     try:
         lines = _small_text(tokens, "the model's tokens.txt").splitlines()
     except UnicodeDecodeError as err:
@@ -299,58 +289,6 @@ def read_tokens(model_dir: Path) -> list[str]:
 
 #: The longest label tokens.txt may hold (the real ones: up to 12 characters, "吃惊/surprised").
 MAX_LABEL_CHARS = 64
-#: Where a symbolic link in a model directory must not lead: kernel interfaces whose "files" are
-#: no model's (procfs and sysfs files claim a size of 0 or 4096 whatever they hold; /proc/self/mem
-#: reads fail; /dev holds devices).
-_KERNEL_TREES = ("/proc/", "/sys/", "/dev/")
-
-
-def model_file(path: Path, what: str) -> os.stat_result:
-    """The `os.stat` of `path`, a file of the model directory holding `what`, once it is known to be
-    a readable, non-empty regular file (a symbolic link to one is fine: hub caches link to blobs).
-
-    Anything else is a ModelError saying what `path` is and what to do: missing, a dangling
-    symbolic link or a loop, a directory, a FIFO (opening it would wait forever), a device
-    (/dev/zero never ends), a socket, a file in /proc, /sys or /dev, unreadable, or empty."""
-    directory = path.parent
-    fix = "copy the model's files again (config.yaml, model.pt, tokens.txt are plain files)"
-    if not os.access(directory, os.X_OK) and directory.exists():
-        raise _unreadable(path, directory)
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        if os.path.islink(path):
-            raise ModelError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist: "
-                             f"it should hold {what}; {fix}") from None
-        extra = " (funasr would silently run with random weights)" if path.name == "model.pt" else ""
-        raise ModelError(f"{path} is missing: it holds {what}{extra}. Point E2VD_MODEL at a "
-                         "complete emotion2vec+ directory (config.yaml, model.pt, tokens.txt)") from None
-    except PermissionError:
-        raise _unreadable(path, directory) from None
-    except OSError as err:
-        kind = "a symbolic link loop" if err.errno == errno.ELOOP else f"not usable ({err.strerror})"
-        raise ModelError(f"{path} is {kind}: it should hold {what}; {fix}") from None
-    mode = info.st_mode
-    if not stat.S_ISREG(mode):
-        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
-                else "a socket" if stat.S_ISSOCK(mode) else "a device")
-        target = f" (it leads to {os.path.realpath(path)})" if os.path.islink(path) else ""
-        raise ModelError(f"{path} is {kind}{target}, not a file: it should hold {what}; {fix}")
-    real = os.path.realpath(path)
-    if real.startswith(_KERNEL_TREES):
-        raise ModelError(f"{path} leads to {real}, a kernel interface, not a file: it should hold {what}; {fix}")
-    if not os.access(path, os.R_OK):
-        raise _unreadable(path, directory)
-    if info.st_size == 0:
-        raise ModelError(f"{path} is empty: the download or copy was interrupted; {fix}")
-    return info
-
-
-def _unreadable(path: Path, directory: Path) -> ModelError:
-    """The error for a model file this process may not read."""
-    return ModelError(f"{path} cannot be read by uid {os.geteuid()} (permission denied): the service "
-                      f"runs as its own user; make the model readable by everyone, e.g. "
-                      f"`sudo chmod -R a+rX {directory}`")
 
 
 def english_label(token: str) -> str:
