@@ -13,7 +13,9 @@ so a day has 23 or 25 hours where daylight saving time begins or ends.
 A run is one daemon process: held from its `start` event to its exit event (`idle_exit`,
 `stopped`, `exit_unavailable`); that is the time the daemon reports as `alive_seconds`. Its device
 is the one `model_loaded` names, else `device_chosen`'s, else the one `start` asked for when that
-was `cpu` or `cuda:N`, else "unknown"; a run on `cuda:N` holds a GPU, one on `cpu` does not.
+was `cpu` or `cuda:N`, else "unknown"; a run on `cuda:N` holds a GPU, one on `cpu` does not. The
+fallback model's own `device_chosen` (after `model_loaded`) changes that only when it puts a CPU
+run on a GPU (the whole run then counts as held on it).
 A run without an exit event (SIGKILL, OOM kill, power loss) "ended abnormally" and is closed by
 the first of these that exists:
 1. systemd's own record that the unit's process exited, or the unit was deactivated, failed or
@@ -288,7 +290,10 @@ def build_runs(records: Records) -> list[Run]:
 
 def _apply(run: Run, e: Event) -> None:
     if e.name in ("device_chosen", "model_loaded") and e.device:
-        run.device = e.device
+        # the main model's device (its device_chosen, then its model_loaded); a choice after the
+        # model loaded is the fallback model's, which counts only when it puts a CPU run on a GPU
+        if run.ready is None or (e.device.startswith("cuda") and not (run.device or "").startswith("cuda")):
+            run.device = e.device
         if e.name == "model_loaded":
             run.ready = e.ts
     elif e.name == "keep_warm" and e.hold_s:

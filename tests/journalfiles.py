@@ -225,13 +225,15 @@ class Machine:
     def run(self, connect: float, requests: Sequence[Req] = (), *, warmup_hold: float | None = None,
             device: str = "cuda:0", idle_timeout: float = 300.0, start_delay: float = 0.5, load: float = 3.5,
             end: str = "idle", end_at: float | None = None, grace: float = 60.0,
-            systemd_records: bool = True) -> SimRun:
+            systemd_records: bool = True, fallback_device: str | None = None) -> SimRun:
         """One activation: asked for at `connect` (systemd's "Starting"), e2vd's start event
         `start_delay` later, the model ready `load` after that. `warmup_hold`: the activation is
         a warmup asking to stay warm that many seconds. `end`: "idle" (idle_exit when the rules
         say), "stopped" (SIGTERM just before end_at, the stopped event at end_at), "killed" (SIGKILL at end_at: only systemd's records),
         "lost" (nothing more: power loss), "unavailable" (the model fails; exit after `grace`).
-        `systemd_records=False` leaves out PID 1's records (e.g. a journal that lost them)."""
+        `systemd_records=False` leaves out PID 1's records (e.g. a journal that lost them).
+        `fallback_device`: the fallback model is loaded there right after the main one (its own
+        device_chosen event, then fallback_loaded)."""
         assert self.current is not None, "boot() first"
         self._pid += 17
         pid, inv = self._pid, uuid.uuid4().hex
@@ -259,6 +261,11 @@ class Machine:
         self.e2vd(ready, pid, inv, "model_loaded", f"model loaded on {device}", model="iic/emotion2vec_plus_large",
                   device=device, dtype="fp32", load_seconds=load, memory_bytes=1_450_000_000)
         sd(ready + 0.0005, "started", "Started e2vd.service - e2vd speech emotion recognition daemon.", inv)
+        if fallback_device is not None:
+            self.e2vd(ready + 0.1, pid, inv, "device_chosen", f"Using {fallback_device}", device=fallback_device,
+                      reason="fallback_device", min_free_mb=2048)
+            self.e2vd(ready + 0.2, pid, inv, "fallback_loaded", f"fallback model loaded on {fallback_device}",
+                      model="/srv/models/base", device=fallback_device, load_seconds=0.1)
         busy = -1.0
         reqs = sorted(([warmup(connect, warmup_hold)] if warmup_hold is not None else []) + list(requests),
                       key=lambda r: r.at)

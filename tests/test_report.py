@@ -379,6 +379,23 @@ def test_cpu_runs_are_not_gpu_held_and_instances_are_reported_apart_and_together
     assert rc == 0 and re.search(r"^e2vd@big\s+3\.50 h\s+1\s+1\s+85\.4 %$", text, re.M), text
 
 
+def test_the_fallback_models_device_does_not_move_a_gpu_run_to_the_cpu(tz, tmp_path, capsys) -> None:
+    """The fallback (fallback_device = cpu by default) logs its own device_chosen after the main
+    model loaded: the run still holds the main model's GPU; a CPU run whose fallback takes a GPU
+    counts as held on that GPU."""
+    tz("UTC")
+    day = dt.date(2026, 9, 7)
+    journal = journalfiles.Journal()
+    a = Machine(journal)
+    a.boot(at(day, 6))
+    a.run(at(day, 10), [Req(at(day, 10, 0, 10), 2.0)], device="cuda:0", fallback_device="cpu",
+          end="stopped", end_at=at(day, 11))
+    a.run(at(day, 12), [Req(at(day, 12, 0, 10), 2.0)], device="cpu", fallback_device="cuda:1",
+          end="stopped", end_at=at(day, 12, 30))
+    doc = report_json(capsys, journal.write(tmp_path / "fb.journal"), "--since", "2026-09-07", "--until", "2026-09-08")
+    assert doc["held_seconds"] == {"cuda:0": 3599.5, "cuda:1": 1799.5}, doc["held_seconds"]
+
+
 def test_what_if_idle_timeouts_and_warmup_windows_equal_a_hand_computation(tz, tmp_path, capsys) -> None:
     """Mon 2026-09-07: recognitions at 10:00, 10:03 and 10:20, 2 s each; recorded idle timeout 300 s."""
     tz("UTC")
