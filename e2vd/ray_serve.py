@@ -478,6 +478,9 @@ class Replica:
             raise
         if answer.body is None:
             return Response(status_code=answer.status)
+        if request.method == "HEAD":   # GET's status and headers, Content-Length included, no body
+            return Response(b"", answer.status, {**answer.headers, "Content-Length": str(len(answer.body))},
+                            media_type="application/json")
         return Response(answer.body, answer.status, answer.headers, media_type="application/json")
 
     def answer(self, request: StarletteRequest, source: PieceSource, gone: threading.Event) -> Answer:

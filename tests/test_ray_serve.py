@@ -349,6 +349,10 @@ def test_same_openapi_document(ray_app: tuple[RayApp, dict[str, Any]], daemon: D
     r_status, _, ours = target.request("GET", "/v1/openapi.json")
     d_status, _, theirs = daemon.request("GET", "/v1/openapi.json")
     assert (r_status, d_status) == (200, 200) and ours == theirs and "/v1/recognize" in ours["paths"]
+    r_status, r_headers, r_body = target.request("HEAD", "/v1/openapi.json")   # GET's head, no body
+    d_status, d_headers, d_body = daemon.request("HEAD", "/v1/openapi.json")
+    assert (r_status, r_body) == (d_status, d_body) == (200, b"")
+    assert r_headers["content-length"] == d_headers["content-length"] != "0"
 
 
 @pytest.mark.slow
