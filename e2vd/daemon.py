@@ -50,6 +50,7 @@ import functools
 import logging
 import math
 import os
+import select
 import selectors
 import signal
 import socket
@@ -147,6 +148,10 @@ class Listener:
                 return
             conn.setblocking(True)
             yield conn
+
+    def pending(self) -> bool:
+        """Whether a connection waits in the backlog now (never blocks)."""
+        return bool(select.select([self.sock], [], [], 0)[0])
 
     def last_call(self) -> list[socket.socket]:
         """Before an idle exit: the connections that came at the last moment, which must be served

@@ -11,9 +11,10 @@ fixing the file is not enough to recover. Instead, `Misconfigured.run` (called b
   serves, so `systemctl start e2vd` fails, as it should);
 - answers every connection with one 503 `config_invalid` whose message is the ConfigError's
   (the file, the key, the accepted values) and the fix, then closes it (`refuse`);
-- before it accepts anything, reads the settings again: once they load, it leaves the waiting
-  connections in the backlog and exits 0 (`config_fixed`), and systemd starts a fresh daemon for
-  them with the fixed file. No `systemctl` step is needed;
+- before it accepts each connection, reads the settings again (after seeing the connection
+  wait, so a client that fixed the file and then connected finds the fix read): once they load,
+  it leaves the waiting connections in the backlog and exits 0 (`config_fixed`), and systemd
+  starts a fresh daemon for them with the fixed file. No `systemctl` step is needed;
 - after `grace` seconds (unavailable_grace's default: the file's own value cannot be trusted) it
   exits 2 (`exit_config_invalid`); SIGTERM/SIGINT end it at once with 0 (`stopped`). Either way
   it closes its fd of the socket and sends STOPPING=1 first; the socket stays with systemd.
@@ -167,16 +168,28 @@ class Misconfigured:
                 return Reason.SIGNAL
             if now >= self.started + self.grace:
                 return Reason.CONFIG_INVALID
-            if self._waiter.wait(min(LOOK_EVERY_S, self.started + self.grace - now)):
-                try:
-                    self.settings_now()
-                except Exception as exc:   # still unusable (maybe for another reason now)
-                    self.error = exc
-                else:
-                    return Reason.CONFIG_FIXED   # the waiting connections go to a fresh daemon
-                err = config_invalid_error(self.error, self.grace)
-                for conn in self.listener.accept_waiting():
-                    self._answer(conn, err)
+            if self._waiter.wait(min(LOOK_EVERY_S, self.started + self.grace - now)) and self._refuse_waiting():
+                return Reason.CONFIG_FIXED   # the waiting connections go to a fresh daemon
+
+    def _refuse_waiting(self) -> bool:
+        """Answer the waiting connections one by one, reading the settings again before each
+        accept; True, accepting nothing more, once they load. A connection is accepted only if it
+        was already waiting when the settings were read, so one made after the file was fixed
+        is never answered with the old error (under load, a client that read the previous
+        answer, fixed the file and connected could otherwise be accepted in the same round)."""
+        waiting = self.listener.accept_waiting()
+        while self.listener.pending():         # seen before the read below, so it came before it
+            try:
+                self.settings_now()
+            except Exception as exc:   # still unusable (maybe for another reason now)
+                self.error = exc
+            else:
+                return True
+            conn = next(waiting, None)         # the oldest waiting connection: the one seen above
+            if conn is None:
+                return False
+            self._answer(conn, config_invalid_error(self.error, self.grace))
+        return False
 
     def _answer(self, conn: socket.socket, err: ApiError) -> None:
         self.refused += 1

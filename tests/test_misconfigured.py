@@ -160,6 +160,48 @@ def test_once_the_file_is_fixed_the_waiting_connection_is_left_for_a_fresh_daemo
     assert b.notify.wait_for("STOPPING=1")[-1] == "STOPPING=1\nSTATUS=Settings fixed: a fresh daemon takes over"
 
 
+def test_a_client_that_fixes_the_file_and_connects_right_after_a_read_is_not_refused(box, caplog):
+    """The race CI hit under load: the daemon reads the (bad) file for one waiting connection, then
+    a client fixes the file and connects before the daemon accepts. That connection must wait
+    for the fresh daemon, not get the old error: the file is read again before each accept."""
+    b = box()
+    late: list[socket.socket] = []
+    reads = 0
+
+    def read_then_fix():
+        nonlocal reads
+        reads += 1
+        try:
+            return b.settings_now()           # the first read sees the typo ...
+        finally:
+            if reads == 1:                    # ... and right after it the client fixes it and connects
+                b.config.write_text("idle_timeout = 30\n")
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(b.path)
+                s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: e2vd\r\n\r\n")
+                late.append(s)
+
+    b.m.settings_now = read_then_fix
+    first: list = []
+
+    def body(b: Box) -> None:
+        first.append(raw_request(b.path, b"GET /v1/health HTTP/1.1\r\nHost: e2vd\r\n\r\n"))
+        b.notify.wait_for("STATUS=Settings fixed", timeout=30)   # it hands over (it waited for ever before)
+
+    try:
+        assert b.run(body) == 0
+        assert first[0][0] == 503 and first[0][2]["error"]["code"] == "config_invalid"
+        b.systemd_copy.settimeout(10)
+        conn, _ = b.systemd_copy.accept()                    # the late one waits for the fresh daemon
+        with conn:
+            assert conn.recv(100).startswith(b"GET /v1/health")
+    finally:
+        for s in late:
+            s.close()
+    assert [name for name, _ in events(caplog)] == ["config_invalid", "config_fixed"]
+    assert events(caplog)[1][1]["refused"] == 1
+
+
 def test_a_different_error_after_an_edit_is_the_one_answered(box):
     b = box()
 
