@@ -274,6 +274,41 @@ class Waiter:
 
 # --- the daemon ---------------------------------------------------------------------------------
 
+class Loading:
+    """The main loop's duties while the model loads: keep systemd's start timeout from ending a
+    load that is still allowed to run (EXTEND_TIMEOUT_USEC every EXTEND_EVERY_S), and give up on
+    one that has run load_timeout seconds (`e2vd.lifecycle.LifecycleClock.load_overdue` decides;
+    `Scheduler.give_up_loading` makes the model unavailable, so the grace and the exit follow)."""
+
+    def __init__(self, settings: "Settings", lifecycle: LifecycleClock, scheduler: Scheduler) -> None:
+        self.settings, self.lifecycle, self.scheduler = settings, lifecycle, scheduler
+        self._next_extend = -math.inf
+
+    def look(self, now: float) -> None:
+        """One look of the main loop at `now` (does nothing once the load has ended)."""
+        if self.lifecycle.load_overdue(now):   # a hung disk or filesystem: unavailable from now on
+            self.scheduler.give_up_loading(f"the model did not finish loading within load_timeout = "
+                                           f"{self.settings.load_timeout:g} s (a hung disk or network "
+                                           "filesystem?); raise load_timeout if it really takes that long")
+        elif self.lifecycle.phase is State.LOADING and now >= self._next_extend:
+            self._next_extend = now + EXTEND_EVERY_S
+            systemd.extend_timeout(EXTEND_BY_S)
+
+    def next_look(self) -> float:
+        """When `look` has something to do next (math.inf once the load has ended)."""
+        if self.lifecycle.phase is not State.LOADING:
+            return math.inf
+        overdue_at = self.lifecycle.load_deadline()
+        return min(self._next_extend, math.inf if overdue_at is None else overdue_at)
+
+    def failed(self) -> None:
+        """The model became unavailable; if it was still loading (the load failed or was given up
+        on), the unit is still `activating`: extend the start timeout past the unavailable grace
+        and the drain, which must not be cut short. Call it before the lifecycle clock hears of it."""
+        if self.lifecycle.phase is State.LOADING:
+            systemd.extend_timeout(self.settings.unavailable_grace + self.settings.drain_timeout + EXTEND_BY_S)
+
+
 def load_engine(settings: "Settings") -> "Engine":
     """The model as the settings ask for it (runs on the worker thread), its device chosen and
     its weights placed while holding the machine's GPU lock (e2vd.gpu_lock: gpu_lock,
@@ -305,10 +340,10 @@ class Daemon:
         self.stuck: Running | None = None    # the model call found stuck, once it is
         self._signals: list[int] = []
         self._waiter = Waiter(listener.sock)
-        self._next_extend = -math.inf
         self.scheduler = Scheduler(load or functools.partial(load_engine, settings), queue_size=settings.queue_size,
                                    max_batch=settings.max_batch, on_state=self._on_state, on_running=self.wake,
                                    clock=clock)
+        self.loading = Loading(settings, self.lifecycle, self.scheduler)
         # the low-confidence fallback (e2vd.fallback): nothing is loaded until a request needs it
         self.deciding = Deciding(self.scheduler, Fallback.from_settings(settings, clock=clock))
         self.server = Server(self.deciding, self, max_body_bytes=settings.max_body_bytes,
@@ -349,11 +384,9 @@ class Daemon:
             self.events.model_loaded()
             systemd.ready(self.report.new_line(now, always=True))
         elif state == State.UNAVAILABLE:
-            loading = self.lifecycle.phase is State.LOADING
-            self.events.model_unavailable(loading=loading)
+            self.events.model_unavailable(loading=self.lifecycle.phase is State.LOADING)
+            self.loading.failed()   # before the clock hears of it (it acts only on a failed load)
             self.lifecycle.failed(now)
-            if loading:   # still `activating`: systemd's start timeout must not cut the grace short
-                systemd.extend_timeout(self.settings.unavailable_grace + self.settings.drain_timeout + EXTEND_BY_S)
         self.wake()   # the main loop sends the STATUS= line and runs the grace clock
 
     def _on_signal(self, signum: int, frame: object) -> None:
@@ -380,10 +413,8 @@ class Daemon:
         now = self.clock()
         at = self.lifecycle.deadline(now)
         look = self.watchdog.next_look(now, getattr(self.deciding.running, "started", None))
-        wait = min(STATUS_EVERY_S, math.inf if at is None else at - now, math.inf if look is None else look - now)
-        if self.lifecycle.phase is State.LOADING:
-            overdue_at = self.lifecycle.load_deadline()
-            wait = min(wait, self._next_extend - now, math.inf if overdue_at is None else overdue_at - now)
+        wait = min(STATUS_EVERY_S, math.inf if at is None else at - now, math.inf if look is None else look - now,
+                   self.loading.next_look() - now)
         return max(0.0, wait)
 
     def _look(self) -> Reason | None:
@@ -401,13 +432,7 @@ class Daemon:
             if self.watchdog.ping(now, getattr(running, "started", None)):
                 systemd.watchdog_ping()
             self.lifecycle.observe(now, self.scheduler.pending > 0, self.server.holding(now).until)
-            if self.lifecycle.load_overdue(now):   # a hung disk or filesystem: unavailable from now on
-                self.scheduler.give_up_loading(f"the model did not finish loading within load_timeout = "
-                                               f"{self.settings.load_timeout:g} s (a hung disk or network "
-                                               "filesystem?); raise load_timeout if it really takes that long")
-            elif self.lifecycle.phase is State.LOADING and now >= self._next_extend:
-                self._next_extend = now + EXTEND_EVERY_S
-                systemd.extend_timeout(EXTEND_BY_S)
+            self.loading.look(now)
             reason = self.lifecycle.expired(now)
             if reason is Reason.IDLE and (late := self.listener.last_call()):
                 for conn in late:   # connections that came at the last moment: not idle after all
