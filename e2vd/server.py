@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 from urllib.parse import urlsplit
 
-from e2vd.handler import Handler
+from e2vd.handler import Handler, peer_hung_up
 from e2vd.http_wire import response_head
 from e2vd.protocol import BUSY_RETRY_AFTER_S, ApiError
 from e2vd.routes import App, Control
@@ -89,6 +89,15 @@ class Connection:
     timed_out: bool = False
     opened: float = field(default_factory=time.monotonic)
     last_active: float = -math.inf  # Server.clock time it opened or last finished a KEEPS_AWAKE_PATHS request
+
+
+def open_count(conns: set[Connection], uid: int | None = None) -> int:
+    """How many of `conns` (of peer `uid`, or all) their clients still hold open. One its client
+    has closed is not counted, though its thread may still be finishing (the answer leaves before
+    the book-keeping, and the end is read after): a client that reads an answer, closes and
+    connects again at once is not refused as over a cap. What such a thread still does ends
+    soon: a request whose client has gone is not run."""
+    return sum(1 for c in conns if (uid is None or c.peer.uid == uid) and not peer_hung_up(c.sock))
 
 
 @dataclass(frozen=True)
@@ -174,8 +183,10 @@ class Server:
         at once and close."""
         conn = Connection(sock, peer_credentials(sock), last_active=self.clock())
         with self._lock:
-            mine = sum(1 for c in self._conns if c.peer.uid == conn.peer.uid)
-            if len(self._conns) >= MAX_CONNECTIONS:
+            total, mine = len(self._conns), sum(1 for c in self._conns if c.peer.uid == conn.peer.uid)
+            if total >= MAX_CONNECTIONS or mine >= self.max_connections_per_uid:   # at a cap: count again
+                total, mine = open_count(self._conns), open_count(self._conns, conn.peer.uid)
+            if total >= MAX_CONNECTIONS:
                 refusal = f"the daemon has {MAX_CONNECTIONS} connections open; close idle ones or retry later"
             elif mine >= self.max_connections_per_uid:
                 refusal = (f"uid {conn.peer.uid} already has {mine} connections open, the most one uid may "

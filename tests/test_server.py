@@ -430,3 +430,36 @@ def test_a_refused_client_that_writes_first_still_reads_the_503(tiny_model, tmp_
                 extra.sendall(post(GOOD))   # EPIPE here when the daemon closed it at once
                 status, _, body = read_response(extra)
             assert status == 503 and "max_connections_per_uid = 1" in body["error"]["message"]
+
+
+def test_a_connection_its_client_closed_no_longer_counts_at_the_caps():
+    """open_count: a connection whose client has closed it is not counted, idle or in a request
+    (its thread may not have read the end yet); one still open is."""
+    from e2vd.server import Connection, Peer, open_count
+
+    pairs = [socket.socketpair() for _ in range(4)]
+    conns = {Connection(ours, Peer(1, uid, uid)) for (ours, _), uid in zip(pairs, (1000, 1000, 1000, 2000))}
+    by_sock = {c.sock: c for c in conns}
+    try:
+        pairs[0][1].close()                                  # uid 1000: closed by its client, idle
+        pairs[1][1].close()
+        by_sock[pairs[1][0]].in_request = True               # closed while its answer was leaving
+        by_sock[pairs[2][0]].in_request = True               # open, in a request
+        assert open_count(conns, 1000) == 1 and open_count(conns, 2000) == 1 and open_count(conns) == 2
+    finally:
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
+
+
+def test_closing_a_connection_and_opening_the_next_at_once_is_never_refused(tiny_model, tmp_path):
+    """max_connections_per_uid = 1: a client that closes its connection and connects again at once
+    is served every time (the cap counted the closed one until its thread had read the end: under
+    load CI saw 503 busy here)."""
+    with DaemonProcess(tmp_path / "s.sock", tiny_model, wait_ready=True, idle_timeout=600,
+                       max_connections_per_uid=1) as d:
+        only_connection(d.socket).close()                    # the start-up probe no longer counts
+        for _ in range(30):
+            with connect_unix(str(d.socket), 30) as s:
+                s.sendall(head("GET", "/v1/health"))
+                assert read_response(s)[0] == 200
