@@ -229,8 +229,6 @@ def read_config_file(path: str, required: bool = False) -> dict[str, object]:
     except PermissionError:
         raise ConfigError(f"Config file {path} cannot be read by uid {os.getuid()} (permission "
                           f"denied). Make it readable: chmod 644 {path}.") from None
-    except IsADirectoryError:
-        raise ConfigError(f"Config file {path} is a directory; give the path of a TOML file.") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"Config file {path} is not valid TOML: {err}. Fix the syntax "
                           f"(flat `key = value` lines; strings in double quotes).") from None
@@ -260,16 +258,20 @@ def _config_text(path: str) -> str:
     file of at most MAX_CONFIG_BYTES, or /dev/null (no settings). Raises FileNotFoundError, PermissionError and
     UnicodeDecodeError as reading would."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as fh:
-        mode = os.fstat(fd).st_mode
+    try:
+        info = os.fstat(fd)
+        mode = info.st_mode
         if stat.S_ISDIR(mode):
             raise ConfigError(f"Config file {path} is a directory; give the path of a TOML file.")
-        if stat.S_ISCHR(mode) and os.fstat(fd).st_rdev == DEV_NULL:   # E2VD_CONFIG=/dev/null: no settings
+        if stat.S_ISCHR(mode) and info.st_rdev == DEV_NULL:   # E2VD_CONFIG=/dev/null: no settings
             return ""
         if not stat.S_ISREG(mode):
             raise ConfigError(f"Config file {path} is not a regular file (a FIFO, socket or device); "
                               "give the path of a TOML file.")
-        data = fh.read(MAX_CONFIG_BYTES + 1)
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+    finally:
+        os.close(fd)
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(f"Config file {path} is over {MAX_CONFIG_BYTES} bytes; a config file is a few "
                           "flat `key = value` lines: check that the path names the right file.")
