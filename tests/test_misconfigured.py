@@ -75,6 +75,13 @@ class Box:
             raise failures[0]
         return code
 
+    def left_in_backlog(self) -> bytes:
+        """The first bytes of the connection waiting in the socket systemd keeps (nobody accepted it)."""
+        self.systemd_copy.settimeout(10)
+        conn, _ = self.systemd_copy.accept()
+        with conn:
+            return conn.recv(100)
+
     def close(self) -> None:
         self.systemd_copy.close()
         self.notify.close()
@@ -149,10 +156,7 @@ def test_once_the_file_is_fixed_the_waiting_connection_is_left_for_a_fresh_daemo
 
     try:
         assert b.run(body) == 0
-        b.systemd_copy.settimeout(10)
-        conn, _ = b.systemd_copy.accept()                    # still in the backlog: nobody took it
-        with conn:
-            assert conn.recv(100).startswith(b"GET /v1/health")
+        assert b.left_in_backlog().startswith(b"GET /v1/health")   # nobody took it
     finally:
         for s in late:
             s.close()
@@ -191,10 +195,7 @@ def test_a_client_that_fixes_the_file_and_connects_right_after_a_read_is_not_ref
     try:
         assert b.run(body) == 0
         assert first[0][0] == 503 and first[0][2]["error"]["code"] == "config_invalid"
-        b.systemd_copy.settimeout(10)
-        conn, _ = b.systemd_copy.accept()                    # the late one waits for the fresh daemon
-        with conn:
-            assert conn.recv(100).startswith(b"GET /v1/health")
+        assert b.left_in_backlog().startswith(b"GET /v1/health")   # the late one waits for the fresh daemon
     finally:
         for s in late:
             s.close()
