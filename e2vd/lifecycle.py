@@ -138,8 +138,8 @@ class LifecycleClock:
 
     def load_overdue(self, now: float) -> bool:
         """Whether the model is still loading at `now`, load_timeout seconds or more after it began."""
-        with self._lock:
-            return self._phase is State.LOADING and now - self._loading_since >= self.load_timeout
+        at = self.load_deadline()
+        return at is not None and now >= at
 
     def load_deadline(self) -> float | None:
         """When a load still running is overdue (None once it has ended, or with no load_timeout)."""

@@ -507,11 +507,12 @@ class Scheduler:
             log.warning("%s", exc)
             job.error = OutOfGpuMemory(str(exc))
         except Exception as exc:
-            if model_fault(exc):
+            fault = model_fault(exc)
+            if fault:
                 log.error("inference failed: %s", exc)
             else:
                 log.exception("inference failed")
-            job.error = InferenceFailed(exc, model_fault(exc))
+            job.error = InferenceFailed(exc, fault)
         job.infer_ms = (time.monotonic() - start) * 1000.0
         job.batch_size = 1
         self._finish(job)
